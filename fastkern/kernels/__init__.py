@@ -1,0 +1,1 @@
+"""Triton kernels only: no autograd, no transformers. Importing a module here imports triton."""

@@ -1,0 +1,60 @@
+"""Argument checks and layout helpers shared by the ops. Errors name the op and the argument."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT32_MAX = 2**31 - 1
+
+
+def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{op}: `{name}` has dtype {t.dtype}; supported dtypes: {allowed}")
+
+
+def check_like(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor, *, shape=True) -> None:
+    """`t` must match `ref` in device, dtype and (optionally) shape."""
+    if t.device != ref.device:
+        raise ValueError(f"{op}: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: `{name}` has dtype {t.dtype} but `{ref_name}` has dtype {ref.dtype}; cast one of them")
+    if shape and t.shape != ref.shape:
+        raise ValueError(f"{op}: `{name}` has shape {tuple(t.shape)} but `{ref_name}` has shape {tuple(ref.shape)}")
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A [rows, cols] view of `t` over its last dim, with arbitrary row and column strides.
+
+    Leading dims that cannot be merged into one stride (e.g. a permuted 3-D view) are copied; that
+    is the only case that copies, and it is correct either way.
+    """
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return t.reshape(-1, t.shape[-1])
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """Largest element offset any index of `t` reaches from its data pointer."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
+def needs_int64(*tensors: torch.Tensor, slack: int = 0) -> bool:
+    """Whether int32 offsets could overflow for any operand (`slack`: extra reach of masked lanes)."""
+    return any(max_offset(t) + slack * max(t.stride() or (1,)) >= INT32_MAX for t in tensors)
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on the tensor's device (and so on that device's current stream)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -1,0 +1,212 @@
+"""SwiGLU / GeGLU: out = act(gate) * up, differentiable in gate and up.
+
+Tiers: the Triton kernels in fastkern/kernels/glu.py, launched by ``_launch_*`` below; three custom
+ops (``fastkern::glu_forward``, ``fastkern::glu_backward``, ``fastkern::glu_backward_into_inputs``)
+with fake implementations so torch.compile(fullgraph=True) traces through them; autograd registered
+on the forward op; and the public functions :func:`swiglu` and :func:`geglu`.
+
+Each custom op dispatches per call (fastkern.runtime.path_for): compiled kernel on CUDA, the same
+kernel under Triton's interpreter on CPU when TRITON_INTERPRET=1, the PyTorch reference otherwise.
+fp64 inputs always take the reference (the kernels compute in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import runtime
+from ..reference.glu import glu_backward_reference, glu_forward_reference
+from ._common import FLOAT_DTYPES, as_rows, check_like, check_tensor, device_guard, needs_int64
+
+_ACTIVATION_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+def launch_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a row of n_cols elements.
+
+    2048 columns per program keeps 8 warps each issuing 16-byte bf16 loads, and divides the common
+    intermediate sizes (11008 = 5.375 blocks is the worst case: 11% masked lanes in the last block).
+    """
+    if n_cols >= 2048:
+        return 2048, 8
+    block = max(16, 1 << (max(n_cols, 1) - 1).bit_length())
+    return block, 4 if block >= 512 else 2
+
+
+def _path(t: Tensor) -> str:
+    return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
+
+
+def _launch_forward(gate: Tensor, up: Tensor, out: Tensor, activation: str, block=None, num_warps=None) -> None:
+    from ..kernels.glu import glu_forward_kernel
+
+    g, u, o = as_rows(gate), as_rows(up), out.view(-1, out.shape[-1])
+    rows, cols = g.shape
+    default_block, default_warps = launch_config(cols)
+    block, num_warps = block or default_block, num_warps or default_warps
+    grid = (rows, triton_cdiv(cols, block))
+    with device_guard(gate):
+        glu_forward_kernel[grid](
+            g, u, o, cols,
+            g.stride(0), g.stride(1), u.stride(0), u.stride(1), o.stride(0), o.stride(1),
+            ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block,
+            INT64_OFFSETS=needs_int64(g, u, o, slack=block), num_warps=num_warps,
+        )
+
+
+def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, block=None, num_warps=None) -> None:
+    from ..kernels.glu import glu_backward_kernel
+
+    d, g, u = as_rows(grad_out), as_rows(gate), as_rows(up)
+    dg, du = grad_gate.view(-1, grad_gate.shape[-1]), grad_up.view(-1, grad_up.shape[-1])
+    rows, cols = g.shape
+    default_block, default_warps = launch_config(cols)
+    block, num_warps = block or default_block, num_warps or default_warps
+    grid = (rows, triton_cdiv(cols, block))
+    with device_guard(gate):
+        glu_backward_kernel[grid](
+            d, g, u, dg, du, cols,
+            d.stride(0), d.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
+            dg.stride(0), dg.stride(1), du.stride(0), du.stride(1),
+            ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block,
+            INT64_OFFSETS=needs_int64(d, g, u, dg, du, slack=block), num_warps=num_warps,
+        )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _writable_rows(t: Tensor) -> Tensor | None:
+    """A [rows, cols] view sharing t's storage, or None if t's leading dims cannot be merged."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+@torch.library.custom_op("fastkern::glu_forward", mutates_args=())
+def glu_forward_op(gate: Tensor, up: Tensor, activation: str, overwrite_inputs_in_backward: bool) -> Tensor:
+    if gate.numel() == 0:
+        return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if _path(gate) == "reference":
+        return glu_forward_reference(gate, up, activation).contiguous()
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    _launch_forward(gate, up, out, activation)
+    return out
+
+
+@glu_forward_op.register_fake
+def _(gate, up, activation, overwrite_inputs_in_backward):
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+@torch.library.custom_op("fastkern::glu_backward", mutates_args=())
+def glu_backward_op(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    if gate.numel() == 0 or _path(gate) == "reference":
+        grad_gate, grad_up = glu_backward_reference(grad_out, gate, up, activation)
+        return grad_gate.contiguous(), grad_up.contiguous()
+    grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    grad_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation)
+    return grad_gate, grad_up
+
+
+@glu_backward_op.register_fake
+def _(grad_out, gate, up, activation):
+    return (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
+            torch.empty(up.shape, dtype=up.dtype, device=up.device))
+
+
+@torch.library.custom_op("fastkern::glu_backward_into_inputs", mutates_args=("gate", "up"))
+def glu_backward_into_inputs_op(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) -> None:
+    """Writes d(gate) into gate's storage and d(up) into up's storage."""
+    if gate.numel() == 0:
+        return
+    g_rows, u_rows = _writable_rows(gate), _writable_rows(up)
+    if _path(gate) == "reference" or g_rows is None or u_rows is None:
+        grad_gate, grad_up = glu_backward_reference(grad_out, gate, up, activation)
+        gate.copy_(grad_gate)
+        up.copy_(grad_up)
+        return
+    _launch_backward(grad_out, gate, up, gate, up, activation)
+
+
+@glu_backward_into_inputs_op.register_fake
+def _(grad_out, gate, up, activation):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, activation, overwrite = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.activation = activation
+    ctx.overwrite = overwrite
+
+
+def _backward(ctx, grad_out):
+    gate, up = ctx.saved_tensors
+    grad_out = grad_out.to(gate.dtype)
+    if ctx.overwrite:
+        glu_backward_into_inputs_op(grad_out, gate, up, ctx.activation)
+        return gate, up, None, None
+    grad_gate, grad_up = glu_backward_op(grad_out, gate, up, ctx.activation)
+    return (grad_gate if ctx.needs_input_grad[0] else None,
+            grad_up if ctx.needs_input_grad[1] else None, None, None)
+
+
+glu_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _can_overwrite(gate: Tensor, up: Tensor) -> bool:
+    # Reusing the inputs' storage for their gradients is only safe for intermediate activations that
+    # both need gradients (a leaf's storage is a parameter or user data), that do not share storage
+    # with each other, and whose grad_fn graph we are the only reader of (autograd's version counter
+    # turns a violation of that last rule into a loud error, not a wrong gradient).
+    if not (gate.requires_grad and up.requires_grad) or gate.is_leaf or up.is_leaf:
+        return False
+    return gate.untyped_storage().data_ptr() != up.untyped_storage().data_ptr()
+
+
+def _glu(op: str, gate: Tensor, up: Tensor, activation: str, overwrite_inputs_in_backward: bool) -> Tensor:
+    check_tensor(op, "gate", gate, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "up", up, dtypes=FLOAT_DTYPES)
+    check_like(op, "gate", gate, "up", up)
+    overwrite = bool(overwrite_inputs_in_backward) and _can_overwrite(gate, up)
+    return glu_forward_op(gate, up, activation, overwrite)
+
+
+def swiglu(gate: Tensor, up: Tensor, *, overwrite_inputs_in_backward: bool = False) -> Tensor:
+    """``silu(gate) * up`` in one pass; backward recomputes silu(gate).
+
+    gate and up: same shape, dtype (fp32, bf16, fp16; fp64 runs the reference) and device; any
+    leading shape and strides. Math is fp32; the output and gradients have the input dtype.
+
+    ``overwrite_inputs_in_backward=True`` lets backward write d(gate) and d(up) into the storage of
+    gate and up (as the patched MLP does: there they are private intermediates), so forward+backward
+    allocates nothing beyond the output. Leave it off if you read gate or up after backward.
+
+    >>> import torch, fastkern
+    >>> g, u = torch.randn(4, 8), torch.randn(4, 8)
+    >>> torch.allclose(fastkern.ops.swiglu(g, u), torch.nn.functional.silu(g) * u, atol=1e-6)
+    True
+    """
+    return _glu("fastkern.ops.swiglu", gate, up, "silu", overwrite_inputs_in_backward)
+
+
+def geglu(gate: Tensor, up: Tensor, approximate: str = "tanh", *, overwrite_inputs_in_backward: bool = False) -> Tensor:
+    """``gelu(gate, approximate=approximate) * up`` in one pass; ``approximate`` is "tanh" or "none".
+
+    Same contract as :func:`swiglu`.
+
+    >>> import torch, fastkern
+    >>> g, u = torch.randn(4, 8), torch.randn(4, 8)
+    >>> ref = torch.nn.functional.gelu(g, approximate="tanh") * u
+    >>> torch.allclose(fastkern.ops.geglu(g, u), ref, atol=1e-6)
+    True
+    """
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"fastkern.ops.geglu: `approximate` must be 'tanh' or 'none', got {approximate!r}")
+    activation = "gelu_tanh" if approximate == "tanh" else "gelu"
+    return _glu("fastkern.ops.geglu", gate, up, activation, overwrite_inputs_in_backward)

@@ -1,0 +1,152 @@
+"""patch_model / unpatch_model: per-instance, idempotent, reversible patching.
+
+Every change is made on the given model's own module instances (an instance attribute ``forward``
+bound to a fastkern function, plus ``_fastkern_*`` attributes holding what that forward needs), so
+other models in the process are untouched, ``copy.deepcopy`` carries the patch to the copy, and
+unpatching deletes those attributes. Patchers (one per option) live in sibling modules.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch.nn as nn
+
+from .report import PatchReport
+from .specs import FamilySpec, specs_for_model_type
+
+# fastkern functions installed as instance forwards, mapped to the patcher kind that owns them.
+_INSTANCE_FORWARDS: dict[Callable, str] = {}
+
+
+def instance_forward(kind: str):
+    """Register ``fn(self, *args, **kwargs)`` as a forward fastkern may bind onto module instances."""
+
+    def register(fn):
+        _INSTANCE_FORWARDS[fn] = kind
+        return fn
+
+    return register
+
+
+def fastkern_forward_kind(module: nn.Module) -> str | None:
+    """The patcher kind whose forward is bound on this instance, or None."""
+    fwd = module.__dict__.get("forward")
+    return _INSTANCE_FORWARDS.get(getattr(fwd, "__func__", None))
+
+
+class Patcher(Protocol):
+    option: str  # keyword of patch_model
+    default: Any
+
+    def apply(self, ctx: "PatchContext", value: Any) -> None: ...
+
+    def remove(self, model: nn.Module, report: PatchReport) -> None: ...
+
+
+@dataclass
+class PatchContext:
+    model: nn.Module  # what the user passed (PeftModel, TRL-wrapped model, plain HF model)
+    hf_model: nn.Module | None  # the transformers PreTrainedModel inside it
+    model_type: str | None
+    specs: list[FamilySpec]
+    report: PatchReport
+
+    def section(self, name: str) -> list[tuple[FamilySpec, dict]]:
+        return [(s, s.sections[name]) for s in self.specs if name in s.sections]
+
+    def named_modules(self):
+        return self.model.named_modules()
+
+    def replace_forward(self, module: nn.Module, name: str, fn: Callable, detail: str, state: dict) -> bool:
+        """Bind ``fn`` as ``module.forward`` with ``state`` stored as ``_fastkern_<key>`` attributes."""
+        kind = _INSTANCE_FORWARDS[fn]
+        current = fastkern_forward_kind(module)
+        if current == kind:
+            self.report.add_skipped(name, kind, "already patched")
+            return False
+        if "forward" in module.__dict__:
+            owner = getattr(module.__dict__["forward"], "__qualname__", type(module.__dict__["forward"]).__name__)
+            self.report.add_skipped(
+                name, kind, f"forward already overridden on this instance by {owner} (e.g. an accelerate hook)"
+            )
+            return False
+        for key, value in state.items():
+            module.__dict__[f"_fastkern_{key}"] = value
+        module.forward = types.MethodType(fn, module)
+        self.report.add_patched(name, kind, detail)
+        return True
+
+
+def _find_hf_model(model: nn.Module) -> nn.Module | None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    return None
+
+
+def _model_type(hf_model: nn.Module | None) -> str | None:
+    config = getattr(hf_model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def _patchers() -> list[Patcher]:
+    from .mlp import MLP_PATCHER
+
+    return [MLP_PATCHER]
+
+
+def patch_model(model: nn.Module, **options: Any) -> PatchReport:
+    """Swap fastkern kernels into ``model`` (this instance only) and report what changed.
+
+    Options (keyword, default in brackets):
+      mlp [True]: fused SwiGLU/GeGLU in the MLP of every supported family.
+
+    Works on a transformers PreTrainedModel, a PEFT model wrapping one, or the model a TRL trainer
+    holds. Calling it again patches nothing twice; :func:`unpatch_model` undoes it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastkern.patch_model: expected a torch.nn.Module, got {type(model).__name__}")
+    patchers = _patchers()
+    known = {p.option: p for p in patchers}
+    unknown = set(options) - set(known)
+    if unknown:
+        raise TypeError(f"fastkern.patch_model: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+    hf_model = _find_hf_model(model)
+    model_type = _model_type(hf_model)
+    specs = specs_for_model_type(model_type)
+    report = PatchReport(model=type(model).__name__, family=specs[0].family if specs else None)
+    report.options = {p.option: options.get(p.option, p.default) for p in patchers}
+    if hf_model is None:
+        report.notes.append("no transformers PreTrainedModel found inside the model; nothing to patch")
+    elif not specs:
+        report.notes.append(f"no patch spec for model_type {model_type!r}; nothing patched")
+    ctx = PatchContext(model, hf_model, model_type, specs, report)
+    for patcher in patchers:
+        value = report.options[patcher.option]
+        if value:
+            patcher.apply(ctx, value)
+    return report
+
+
+def unpatch_model(model: nn.Module) -> PatchReport:
+    """Restore every module of ``model`` that patch_model changed; report what was restored."""
+    hf_model = _find_hf_model(model)
+    specs = specs_for_model_type(_model_type(hf_model))
+    report = PatchReport(model=type(model).__name__, family=specs[0].family if specs else None, action="unpatch")
+    for name, module in model.named_modules():
+        kind = fastkern_forward_kind(module)
+        if kind is not None:
+            del module.__dict__["forward"]
+            report.add_patched(name, kind, "original forward restored")
+        for key in [k for k in module.__dict__ if k.startswith("_fastkern_")]:
+            del module.__dict__[key]
+    for patcher in _patchers():
+        patcher.remove(model, report)
+    return report

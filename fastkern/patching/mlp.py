@@ -1,0 +1,134 @@
+"""MLP patcher: down(act(gate(x)) * up(x)) -> down(fused_glu(gate(x), up(x))).
+
+Validation, per MLP class found in the model:
+  1. the spec's class resolves in the installed transformers (else a spec problem);
+  2. the instance has the gate/up/down/act attributes the spec names;
+  3. act_fn is probed on a grid of points and must equal silu, gelu(tanh) or gelu(erf) (the kernel
+     is chosen from what it computes, so a config with another hidden_act is handled or skipped);
+  4. the patched forward is compared with the original on a small random input; a mismatch
+     (transformers changed the MLP) skips the class with the measured error in the report.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops.glu import geglu, swiglu
+from ..reference.glu import activation_reference
+from .core import PatchContext, instance_forward
+from .report import PatchReport
+
+_REQUIRED_KEYS = ("class", "gate", "up", "down", "act", "activation")
+_KERNEL_NAMES = {"silu": "swiglu", "gelu_tanh": "geglu(tanh)", "gelu": "geglu(erf)"}
+# Relative error norm allowed between the original and the patched MLP in the probe.
+_PROBE_TOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def _fused(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    # gate and up are private intermediates of the MLP forward, so backward may reuse their storage.
+    if activation == "silu":
+        return swiglu(gate, up, overwrite_inputs_in_backward=True)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return geglu(gate, up, approximate, overwrite_inputs_in_backward=True)
+
+
+def _glu_mlp(module: nn.Module, config: tuple[str, str, str, str], x: torch.Tensor) -> torch.Tensor:
+    gate_name, up_name, down_name, activation = config
+    gate = getattr(module, gate_name)(x)
+    up = getattr(module, up_name)(x)
+    return getattr(module, down_name)(_fused(activation, gate, up))
+
+
+@instance_forward("mlp")
+def fused_glu_mlp_forward(self, x):
+    return _glu_mlp(self, self._fastkern_mlp, x)
+
+
+def detect_activation(act_fn) -> str | None:
+    """Which of silu / gelu_tanh / gelu ``act_fn`` computes, judged on a grid in fp64."""
+    grid = torch.linspace(-8.0, 8.0, 257, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            got = act_fn(grid)
+    except Exception:
+        return None
+    for name in ("silu", "gelu_tanh", "gelu"):
+        if torch.allclose(got, activation_reference(grid, name), rtol=1e-9, atol=1e-12):
+            return name
+    return None
+
+
+def _probe(module: nn.Module, config: tuple, in_features: int) -> str | None:
+    """None if the patched forward matches the class forward on a random input, else why not."""
+    param = next(module.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return "skip-probe: parameters on the meta device"
+    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+    x = torch.randn(3, in_features, dtype=dtype, device=param.device, generator=None)
+    with torch.no_grad():
+        expected = type(module).forward(module, x)
+        got = _glu_mlp(module, config, x)
+    expected, got = expected.double(), got.double()
+    err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+    tol = _PROBE_TOL.get(dtype, 1e-2)
+    if not err <= tol:  # also catches NaN
+        return f"patched forward differs from {type(module).__name__}.forward: relative error {err:.2e} > {tol:.0e}"
+    return None
+
+
+class MLPPatcher:
+    option = "mlp"
+    default = True
+
+    def apply(self, ctx: PatchContext, value) -> None:
+        sections = ctx.section("mlp")
+        classes = {}
+        for spec, section in sections:
+            missing = [k for k in _REQUIRED_KEYS if k not in section]
+            if missing:
+                ctx.report.problems.append(f"{spec.source} [mlp]: missing keys {missing}")
+                continue
+            try:
+                cls = spec.resolve(section["class"])
+            except LookupError as exc:
+                ctx.report.problems.append(f"{exc}; MLP not patched")
+                continue
+            classes[cls] = section
+        probed: dict[tuple[type, torch.dtype], str | None] = {}
+        for name, module in ctx.named_modules():
+            section = classes.get(type(module))
+            if section is None:
+                continue
+            names = (section["gate"], section["up"], section["down"])
+            absent = [n for n in (*names, section["act"]) if not hasattr(module, n)]
+            if absent:
+                ctx.report.add_skipped(name, "mlp", f"{type(module).__name__} has no attribute(s) {absent}")
+                continue
+            activation = detect_activation(getattr(module, section["act"]))
+            if activation is None:
+                ctx.report.add_skipped(
+                    name, "mlp", f"{section['act']} is not silu, gelu(tanh) or gelu(erf); no fused kernel for it"
+                )
+                continue
+            config = (*names, activation)
+            in_features = getattr(getattr(module, names[0]), "in_features", None)
+            param = next(module.parameters(), None)
+            key = (type(module), param.dtype if param is not None else None)
+            if key not in probed:
+                probed[key] = _probe(module, config, in_features) if in_features else "skip-probe: gate has no in_features"
+            verdict = probed[key]
+            if verdict is not None and not verdict.startswith("skip-probe"):
+                ctx.report.add_skipped(name, "mlp", verdict)
+                continue
+            detail = f"{type(module).__name__} -> {_KERNEL_NAMES[activation]}"
+            if verdict is not None:
+                detail += f" ({verdict.removeprefix('skip-probe: ')}; not probed)"
+            ctx.replace_forward(module, name, fused_glu_mlp_forward, detail, {"mlp": config})
+
+    def remove(self, model: nn.Module, report: PatchReport) -> None:
+        # Instance forwards and _fastkern_* attributes are removed generically by unpatch_model.
+        return None
+
+
+MLP_PATCHER = MLPPatcher()

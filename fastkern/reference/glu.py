@@ -1,0 +1,55 @@
+"""Reference gated activations: out = act(gate) * up, math in fp32 (fp64 for fp64 inputs).
+
+The same formulas as fastkern/kernels/glu.py, written with torch ops. Backward recomputes act(gate).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def activation_reference(g: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(g)
+    if activation == "gelu_tanh":
+        return F.gelu(g, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(g, approximate="none")
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def activation_derivative_reference(g: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        s = torch.sigmoid(g)
+        return s * (1 + g * (1 - s))
+    if activation == "gelu_tanh":
+        k, c = math.sqrt(2 / math.pi), 0.044715
+        gc = g.clamp(-100, 100)
+        t = torch.tanh(k * (gc + c * gc**3))
+        return 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * k * (1 + 3 * c * gc * gc)
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(g / math.sqrt(2)))
+        return cdf + g * torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def glu_forward_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    ct = _compute_dtype(gate.dtype)
+    return (activation_reference(gate.to(ct), activation) * up.to(ct)).to(gate.dtype)
+
+
+def glu_backward_reference(
+    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ct = _compute_dtype(gate.dtype)
+    g, u, dout = gate.to(ct), up.to(ct), grad_out.to(ct)
+    grad_gate = dout * u * activation_derivative_reference(g, activation)
+    grad_up = dout * activation_reference(g, activation)
+    return grad_gate.to(gate.dtype), grad_up.to(up.dtype)

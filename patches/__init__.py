@@ -1,0 +1,1 @@
+"""Per-family patch specs (TOML), shipped as package data of fastkern.patches. See docs/patches.md."""
