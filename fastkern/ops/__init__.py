@@ -2,5 +2,6 @@
 PyTorch reference (see fastkern.runtime) and is registered as a torch custom op."""
 
 from .glu import geglu, swiglu
+from .rope import rope
 
-__all__ = ["swiglu", "geglu"]
+__all__ = ["rope", "swiglu", "geglu"]

@@ -1,0 +1,113 @@
+"""Rotary position embedding of q and k in one launch: out = x * cos + rot(x) * sin.
+
+rot pairs element a with element b of each head: half-split (transformers' rotate_half) pairs
+i with i + R/2, interleaved (GPT-J) pairs 2i with 2i + 1, for i < R/2 where R = rotary_dim. Elements
+past R are not touched. With cos/sin given per element (cos[a], cos[b]) the forward is
+
+    out_a = x_a * cos_a - x_b * sin_a
+    out_b = x_b * cos_b + x_a * sin_b
+
+and backward is its transpose (TRANSPOSE=True):
+
+    dx_a = g_a * cos_a + g_b * sin_b
+    dx_b = g_b * cos_b - g_a * sin_a
+
+which is the rotation by -theta when cos_a = cos_b and sin_a = sin_b (transformers' layout), and the
+exact gradient for any cos/sin otherwise.
+
+Grid: (B * T, head blocks of q followed by head blocks of k). Each program rotates BLOCK_H heads of
+one token, so q and k share one launch and one read of the token's cos/sin row (from a [B or 1, T, R]
+tensor, or from a [max_pos, R] table row picked by position_ids[b, t]). Strides are explicit, so
+transposed views [B, H, T, D] of [B, T, H, D] projections need no copy; out may alias x (in place:
+each program loads all its elements before storing them, and programs own disjoint elements).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_head_block(
+    x_ptr, out_ptr, b, t, heads, n_heads,
+    x_sb, x_sh, x_st, x_sd, o_sb, o_sh, o_st, o_sd,
+    offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b,
+    TRANSPOSE: tl.constexpr,
+):
+    # heads: [BLOCK_H]; offs_a / offs_b / lane_mask: [BLOCK_R]; cos_* / sin_*: [BLOCK_R] fp32.
+    mask = (heads < n_heads)[:, None] & lane_mask[None, :]
+    x_row = x_ptr + b * x_sb + t * x_st + heads[:, None] * x_sh
+    o_row = out_ptr + b * o_sb + t * o_st + heads[:, None] * o_sh
+    xa = tl.load(x_row + offs_a[None, :] * x_sd, mask=mask, other=0.0).to(tl.float32)
+    xb = tl.load(x_row + offs_b[None, :] * x_sd, mask=mask, other=0.0).to(tl.float32)
+    if TRANSPOSE:
+        ya = xa * cos_a[None, :] + xb * sin_b[None, :]
+        yb = xb * cos_b[None, :] - xa * sin_a[None, :]
+    else:
+        ya = xa * cos_a[None, :] - xb * sin_a[None, :]
+        yb = xb * cos_b[None, :] + xa * sin_b[None, :]
+    tl.store(o_row + offs_a[None, :] * o_sd, ya.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_row + offs_b[None, :] * o_sd, yb.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rope_qk_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr,
+    seq_len, n_q_heads, n_k_heads, half_rotary, n_q_blocks,
+    q_sb, q_sh, q_st, q_sd,
+    k_sb, k_sh, k_st, k_sd,
+    qo_sb, qo_sh, qo_st, qo_sd,
+    ko_sb, ko_sh, ko_st, ko_sd,
+    cos_sb, cos_st, cos_sd,
+    sin_sb, sin_st, sin_sd,
+    pos_sb, pos_st,
+    INTERLEAVED: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
+):
+    token = tl.program_id(0)
+    block = tl.program_id(1)
+    b = token // seq_len
+    t = token % seq_len
+    if INT64_OFFSETS:
+        b = b.to(tl.int64)
+        t = t.to(tl.int64)
+
+    pair = tl.arange(0, BLOCK_R)
+    lane_mask = pair < half_rotary
+    if INTERLEAVED:
+        offs_a = 2 * pair
+        offs_b = 2 * pair + 1
+    else:
+        offs_a = pair
+        offs_b = pair + half_rotary
+
+    # cos/sin row of this token: per-token tensor [B or 1, T, R], or table row position_ids[b, t].
+    if HAS_POSITIONS:
+        row = tl.load(pos_ptr + b * pos_sb + t * pos_st).to(tl.int64)
+        cos_row = cos_ptr + row * cos_st
+        sin_row = sin_ptr + row * sin_st
+    else:
+        cos_row = cos_ptr + b * cos_sb + t * cos_st
+        sin_row = sin_ptr + b * sin_sb + t * sin_st
+    cos_a = tl.load(cos_row + offs_a * cos_sd, mask=lane_mask, other=0.0).to(tl.float32)
+    cos_b = tl.load(cos_row + offs_b * cos_sd, mask=lane_mask, other=0.0).to(tl.float32)
+    sin_a = tl.load(sin_row + offs_a * sin_sd, mask=lane_mask, other=0.0).to(tl.float32)
+    sin_b = tl.load(sin_row + offs_b * sin_sd, mask=lane_mask, other=0.0).to(tl.float32)
+
+    if block < n_q_blocks:
+        heads = block * BLOCK_H + tl.arange(0, BLOCK_H)
+        if INT64_OFFSETS:
+            heads = heads.to(tl.int64)
+        _rotate_head_block(q_ptr, q_out_ptr, b, t, heads, n_q_heads,
+                           q_sb, q_sh, q_st, q_sd, qo_sb, qo_sh, qo_st, qo_sd,
+                           offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b, TRANSPOSE)
+    else:
+        heads = (block - n_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        if INT64_OFFSETS:
+            heads = heads.to(tl.int64)
+        _rotate_head_block(k_ptr, k_out_ptr, b, t, heads, n_k_heads,
+                           k_sb, k_sh, k_st, k_sd, ko_sb, ko_sh, ko_st, ko_sd,
+                           offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b, TRANSPOSE)

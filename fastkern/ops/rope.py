@@ -1,0 +1,302 @@
+"""Rotary position embedding of q and k in one launch, in place (default) or out of place.
+
+Tiers: the Triton kernel in fastkern/kernels/rope.py, launched by ``_launch`` below; custom ops with
+fake implementations so torch.compile(fullgraph=True) traces through them:
+
+* ``fastkern::rope_qk_`` rotates q and k in place (mutates both), one launch;
+* ``fastkern::rope_`` rotates one tensor in place (the in-place backward, one per gradient);
+* ``fastkern::rope_qk`` returns new tensors, with autograd registered (its backward is itself
+  with ``transpose`` flipped);
+
+then autograd Functions for the in-place path and the public :func:`rope`.
+
+Why two autograd Functions for the in-place path: q and k arrive as views (transposed projection
+outputs), and autograd cannot rebase two views dirtied by one Function. So ``_RotateQInPlace`` runs
+the single launch that rotates q and k and marks q dirty, and ``_MarkKRotated`` marks k dirty right
+after (nothing can read k in between). Each backward rotates its gradient by -theta in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import runtime
+from ..reference.rope import rotate_reference
+from ._common import FLOAT_DTYPES, check_tensor, device_guard, needs_int64
+
+_OP = "fastkern.ops.rope"
+
+
+def launch_config(n_heads: int, half_rotary: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_R, num_warps): heads per program and pair lanes per head.
+
+    A program covers BLOCK_H heads of one token (at most 2048 pairs, i.e. 8 KiB of bf16 read per
+    program); BLOCK_H is the smallest power of two covering k's heads so that k needs one block and
+    q exactly Hq/Hk blocks when Hk is a power of two.
+    """
+    block_r = max(2, 1 << (max(half_rotary, 1) - 1).bit_length())
+    block_h = max(1, 1 << (max(n_heads, 1) - 1).bit_length())
+    block_h = max(1, min(block_h, 2048 // block_r))
+    num_warps = max(1, min(8, block_h * block_r // 256))
+    return block_h, block_r, num_warps
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _path(t: Tensor) -> str:
+    return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
+
+
+def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, block_h=None, num_warps=None):
+    """Rotate q (and k, if not None) into q_out (k_out); outputs may alias inputs."""
+    from ..kernels.rope import rope_qk_kernel
+
+    batch, n_q_heads, seq_len, _ = q.shape
+    n_k_heads = k.shape[1] if k is not None else 0
+    half = cos.shape[-1] // 2
+    default_h, block_r, default_warps = launch_config(n_k_heads or n_q_heads, half)
+    block_h, num_warps = block_h or default_h, num_warps or default_warps
+    n_q_blocks = _cdiv(n_q_heads, block_h)
+    grid = (batch * seq_len, n_q_blocks + _cdiv(n_k_heads, block_h))
+    if k is None:  # the kernel never reads k when it has no k blocks; q stands in for the pointer
+        k, k_out = q, q_out
+    if position_ids is not None:
+        cos_strides = (0, cos.stride(0), cos.stride(1))
+        sin_strides = (0, sin.stride(0), sin.stride(1))
+        pos = position_ids
+        pos_strides = (pos.stride(0) if pos.shape[0] > 1 else 0, pos.stride(1))
+    else:
+        cos_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), cos.stride(2))
+        sin_strides = (sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1), sin.stride(2))
+        pos, pos_strides = cos, (0, 0)
+    int64 = needs_int64(q, k, q_out, k_out, cos, sin, slack=block_h)
+    with device_guard(q):
+        rope_qk_kernel[grid](
+            q, k, q_out, k_out, cos, sin, pos,
+            seq_len, n_q_heads, n_k_heads, half, n_q_blocks,
+            *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
+            *cos_strides, *sin_strides, *pos_strides,
+            INTERLEAVED=interleaved, TRANSPOSE=transpose, HAS_POSITIONS=position_ids is not None,
+            BLOCK_H=block_h, BLOCK_R=block_r, INT64_OFFSETS=int64, num_warps=num_warps,
+        )
+
+
+def _rotate_into(x, out, cos, sin, position_ids, interleaved, transpose) -> None:
+    """Reference path: out[...] = rotation of x (out may be x)."""
+    out.copy_(rotate_reference(x, cos, sin, position_ids, interleaved, transpose))
+
+
+@torch.library.custom_op("fastkern::rope_qk_", mutates_args=("q", "k"))
+def rope_qk_inplace_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
+                       interleaved: bool, transpose: bool) -> None:
+    if q.numel() == 0 and k.numel() == 0:
+        return
+    if _path(q) == "reference":
+        _rotate_into(q, q, cos, sin, position_ids, interleaved, transpose)
+        _rotate_into(k, k, cos, sin, position_ids, interleaved, transpose)
+        return
+    _launch(q, k, q, k, cos, sin, position_ids, interleaved, transpose)
+
+
+@rope_qk_inplace_op.register_fake
+def _(q, k, cos, sin, position_ids, interleaved, transpose):
+    return None
+
+
+@torch.library.custom_op("fastkern::rope_", mutates_args=("x",))
+def rope_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
+                    interleaved: bool, transpose: bool) -> None:
+    if x.numel() == 0:
+        return
+    if _path(x) == "reference":
+        _rotate_into(x, x, cos, sin, position_ids, interleaved, transpose)
+        return
+    _launch(x, None, x, x, cos, sin, position_ids, interleaved, transpose)
+
+
+@rope_inplace_op.register_fake
+def _(x, cos, sin, position_ids, interleaved, transpose):
+    return None
+
+
+@torch.library.custom_op("fastkern::rope_qk", mutates_args=())
+def rope_qk_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
+               interleaved: bool, transpose: bool) -> tuple[Tensor, Tensor]:
+    # empty_like keeps q's strides when q is dense (a transposed view stays one), as the fake does.
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    if q.numel() == 0 and k.numel() == 0:
+        return q_out, k_out
+    if _path(q) == "reference":
+        _rotate_into(q, q_out, cos, sin, position_ids, interleaved, transpose)
+        _rotate_into(k, k_out, cos, sin, position_ids, interleaved, transpose)
+        return q_out, k_out
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < q.shape[-1]:  # the kernel writes only the rotated lanes; carry the rest over
+        q_out[..., rotary_dim:] = q[..., rotary_dim:]
+        k_out[..., rotary_dim:] = k[..., rotary_dim:]
+    _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose)
+    return q_out, k_out
+
+
+@rope_qk_op.register_fake
+def _(q, k, cos, sin, position_ids, interleaved, transpose):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, cos, sin, position_ids, interleaved, transpose = inputs
+    ctx.save_for_backward(cos, sin, position_ids)
+    ctx.interleaved, ctx.transpose = interleaved, transpose
+
+
+def _rope_qk_backward(ctx, grad_q, grad_k):
+    cos, sin, position_ids = ctx.saved_tensors
+    grad_q, grad_k = rope_qk_op(grad_q, grad_k, cos, sin, position_ids, ctx.interleaved, not ctx.transpose)
+    return grad_q, grad_k, None, None, None, None, None
+
+
+rope_qk_op.register_autograd(_rope_qk_backward, setup_context=_setup_context)
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether t's elements tile its memory exactly once (any dim order, no gaps, no overlap)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _rotate_grad_in_place(grad: Tensor, cos, sin, position_ids, interleaved) -> Tensor:
+    # Reuse the incoming gradient's storage unless it is not a plain dense tensor (an expanded
+    # gradient, e.g. from .sum(), has zero strides: writing into it would be wrong).
+    if not _dense(grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+    rope_inplace_op(grad, cos, sin, position_ids, interleaved, True)
+    return grad
+
+
+class _RotateQInPlace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_alias, cos, sin, position_ids, interleaved):
+        rope_qk_inplace_op(q, k_alias, cos, sin, position_ids, interleaved, False)
+        ctx.mark_dirty(q)
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.interleaved = interleaved
+        return q
+
+    @staticmethod
+    def backward(ctx, grad_q):
+        cos, sin, position_ids = ctx.saved_tensors
+        grad_q = _rotate_grad_in_place(grad_q, cos, sin, position_ids, ctx.interleaved)
+        return grad_q, None, None, None, None, None
+
+
+class _MarkKRotated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, cos, sin, position_ids, interleaved):
+        ctx.mark_dirty(k)
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.interleaved = interleaved
+        return k
+
+    @staticmethod
+    def backward(ctx, grad_k):
+        cos, sin, position_ids = ctx.saved_tensors
+        grad_k = _rotate_grad_in_place(grad_k, cos, sin, position_ids, ctx.interleaved)
+        return grad_k, None, None, None, None
+
+
+def _check(q, k, cos, sin, position_ids, rotary_dim, inplace) -> int:
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_tensor(_OP, name, t, dtypes=FLOAT_DTYPES)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{_OP}: `q` and `k` must be 4-D [B, H, T, D]; got {tuple(q.shape)} and {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"{_OP}: `k` has dtype {k.dtype} but `q` has dtype {q.dtype}")
+    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+        if t.device != q.device:
+            raise ValueError(f"{_OP}: `{name}` is on {t.device} but `q` is on {q.device}")
+    (batch, n_q, seq_len, head_dim), (kb, n_k, kt, kd) = q.shape, k.shape
+    if (kb, kt, kd) != (batch, seq_len, head_dim):
+        raise ValueError(f"{_OP}: `q` {tuple(q.shape)} and `k` {tuple(k.shape)} must agree in B, T and D")
+    if n_k == 0 or n_q % n_k != 0:
+        raise ValueError(f"{_OP}: q's head count {n_q} must be a multiple of k's head count {n_k} (GQA)")
+    if cos.shape != sin.shape:
+        raise ValueError(f"{_OP}: `cos` {tuple(cos.shape)} and `sin` {tuple(sin.shape)} must have the same shape")
+    rotary_dim = cos.shape[-1] if rotary_dim is None else int(rotary_dim)
+    if rotary_dim != cos.shape[-1]:
+        raise ValueError(f"{_OP}: `rotary_dim`={rotary_dim} but cos/sin have last dim {cos.shape[-1]}")
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"{_OP}: rotary_dim {rotary_dim} must be even and in (0, head_dim={head_dim}]")
+    if position_ids is None:
+        if cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len:
+            raise ValueError(
+                f"{_OP}: `cos`/`sin` must be [B or 1, T, rotary_dim] = [{batch} or 1, {seq_len}, {rotary_dim}]"
+                f" without position_ids; got {tuple(cos.shape)}")
+    else:
+        check_tensor(_OP, "position_ids", position_ids,
+                     dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8))
+        if cos.dim() != 2:
+            raise ValueError(f"{_OP}: with position_ids, `cos`/`sin` must be a table [max_position, rotary_dim];"
+                             f" got {tuple(cos.shape)}")
+        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
+            raise ValueError(f"{_OP}: `position_ids` must be [B or 1, T] = [{batch} or 1, {seq_len}];"
+                             f" got {tuple(position_ids.shape)}")
+        if position_ids.device != q.device:
+            raise ValueError(f"{_OP}: `position_ids` is on {position_ids.device} but `q` is on {q.device}")
+        # A data-dependent check: one device sync, skipped while torch.compile traces.
+        if not torch.compiler.is_compiling() and position_ids.numel():
+            lo, hi = int(position_ids.min()), int(position_ids.max())
+            if lo < 0 or hi >= cos.shape[0]:
+                raise IndexError(f"{_OP}: position_ids span [{lo}, {hi}] but the cos/sin table has"
+                                 f" {cos.shape[0]} rows")
+    if inplace and torch.is_grad_enabled():
+        for name, t in (("q", q), ("k", k)):
+            if t.is_leaf and t.requires_grad:
+                raise RuntimeError(f"{_OP}: `{name}` is a leaf that requires grad and cannot be rotated in"
+                                   f" place; pass inplace=False")
+    return rotary_dim
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Tensor | None = None,
+         interleaved: bool = False, rotary_dim: int | None = None, inplace: bool = True) -> tuple[Tensor, Tensor]:
+    """Rotary position embedding of q and k in one kernel launch; returns (q_rot, k_rot).
+
+    q: [B, Hq, T, D], k: [B, Hk, T, D], Hq a multiple of Hk, any strides (the transposed views of
+    the projection outputs that attention modules produce are used as they are, never copied).
+    cos/sin: as transformers' rotary embedding returns them, [B or 1, T, rotary_dim]; or, with
+    ``position_ids`` [B or 1, T], a table [max_position, rotary_dim] indexed per token (packed
+    documents whose positions restart need no per-token cos/sin). cos/sin receive no gradient.
+
+    The result equals transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (half-split layout,
+    cos = cat(f, f)); ``interleaved=True`` pairs elements (2i, 2i+1) (GPT-J layout, cos =
+    repeat_interleave(f, 2)). ``rotary_dim`` (default cos.shape[-1]) < D rotates only the leading
+    rotary_dim elements of each head and leaves the rest as they are. Math is fp32; fp64 runs the
+    reference.
+
+    ``inplace=True`` (default) writes into q and k, tells autograd so (q and k must not be leaves
+    that require grad), and its backward rotates the incoming gradients by -theta in their own
+    storage: if the same gradient tensor also feeds another branch of the graph (``q_rot + x``
+    with x requiring grad), use ``inplace=False``, whose backward allocates new gradients.
+
+    >>> import torch, fastkern
+    >>> q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    >>> f = torch.outer(torch.arange(5.0), 0.5 ** torch.arange(4.0))
+    >>> cos, sin = torch.cat([f, f], -1).cos()[None], torch.cat([f, f], -1).sin()[None]
+    >>> q_rot, k_rot = fastkern.ops.rope(q, k, cos, sin, inplace=False)
+    >>> half = torch.cat([-q[..., 4:], q[..., :4]], -1)
+    >>> torch.allclose(q_rot, q * cos[:, None] + half * sin[:, None], atol=1e-6)
+    True
+    """
+    _check(q, k, cos, sin, position_ids, rotary_dim, inplace)
+    interleaved = bool(interleaved)
+    if not inplace:
+        return rope_qk_op(q, k, cos, sin, position_ids, interleaved, False)
+    q_rot = _RotateQInPlace.apply(q, k.detach(), cos, sin, position_ids, interleaved)
+    k_rot = _MarkKRotated.apply(k, cos, sin, position_ids, interleaved)
+    return q_rot, k_rot
