@@ -1,0 +1,51 @@
+"""Test setup: Triton interpreter on CPU-only machines, Hypothesis profiles, poisoned allocations.
+
+Every kernel test in CI runs the real Triton kernel through Triton's interpreter. The variable must
+be set before triton is imported, which is why it is set here, before fastkern is imported.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], derandomize=False)
+# ci: bounded so the whole CPU suite stays well under 20 minutes on 2 cores (interpreter is slow).
+settings.register_profile("ci", max_examples=12, **_COMMON)
+settings.register_profile("dev", max_examples=40, **_COMMON)
+settings.register_profile("gpu", max_examples=100, **_COMMON)
+settings.load_profile("ci")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: run `pytest -m gpu` on the GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Fill every new torch.empty* allocation with NaN (floats) or a sentinel (ints), so an output
+    element a kernel forgets to write fails the comparison instead of passing by luck."""
+    def poisoned(fn):
+        def wrapper(*args, **kwargs):
+            t = fn(*args, **kwargs)
+            if t.numel():
+                if t.dtype.is_floating_point:
+                    t.fill_(float("nan"))
+                elif t.dtype != torch.bool:
+                    t.fill_(-7)
+            return t
+        return wrapper
+
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, poisoned(getattr(torch, name)))
+    yield

@@ -1,0 +1,53 @@
+"""Tiny random-init models of every family in patches/, built from configs (no downloads)."""
+
+import torch
+import transformers
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
+
+_COMMON = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=131, max_position_embeddings=256,
+)
+
+
+def tiny_config(family: str, **overrides):
+    kw = dict(_COMMON)
+    if family == "llama":
+        cls = transformers.LlamaConfig
+    elif family == "mistral":
+        cls = transformers.MistralConfig
+    elif family == "qwen2":
+        cls = transformers.Qwen2Config
+    elif family == "qwen3":
+        cls, kw["head_dim"] = transformers.Qwen3Config, 16
+    elif family == "gemma":
+        cls, kw["head_dim"] = transformers.GemmaConfig, 16
+    elif family == "gemma2":
+        cls, kw["head_dim"] = transformers.Gemma2Config, 16
+    elif family == "gemma3":
+        cls, kw["head_dim"] = transformers.Gemma3TextConfig, 16
+    else:
+        raise ValueError(family)
+    kw.update(overrides)
+    config = cls(**kw)
+    config._attn_implementation = "eager" if family.startswith("gemma2") else "sdpa"
+    return config
+
+
+def tiny_model(family: str, dtype=torch.float32, seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model_cls = transformers.Gemma3ForCausalLM if family == "gemma3" else transformers.AutoModelForCausalLM
+    if family == "gemma3":
+        model = model_cls(config)
+    else:
+        model = model_cls.from_config(config)
+    # Random init scales make every layer matter (default init leaves tiny activations).
+    return model.to(dtype).eval()
+
+
+def batch(vocab=131, b=2, t=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    return ids

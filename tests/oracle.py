@@ -1,0 +1,46 @@
+"""The test oracle (GUIDE.md section 5).
+
+A result passes when, on the positions where the float64 oracle is finite, its relative error norm
+||x - oracle|| / ||oracle|| is below the dtype's bound AND at most 2x the error of the same
+computation done by PyTorch in the input dtype, plus a small floor; and it is NaN/inf exactly where
+the oracle is. NaN never passes.
+"""
+
+import torch
+
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2e-3, torch.float16: 4e-4, torch.float64: 1e-13}
+
+
+def rel_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
+    x, oracle = x.detach().double().cpu(), oracle.detach().double().cpu()
+    finite = torch.isfinite(oracle)
+    num = (x[finite] - oracle[finite]).norm()
+    den = oracle[finite].norm()
+    if den == 0:
+        return num.item()
+    return (num / den).item()
+
+
+def assert_close(actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype, torch_same_dtype=None, name="out",
+                 model_level=False):
+    """`actual` vs the float64 `oracle`; `torch_same_dtype` is PyTorch's own result in `dtype`.
+
+    model_level: errors of a whole model compound past the per-op bound, so only the relative
+    criterion (2x PyTorch's own error in the same dtype, plus the floor) applies.
+    """
+    assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
+    a, o = actual.detach().double().cpu(), oracle.detach().double().cpu()
+    finite = torch.isfinite(o)
+    bad_nonfinite = ~torch.isfinite(a) & finite
+    assert not bad_nonfinite.any(), f"{name}: {int(bad_nonfinite.sum())} non-finite values where the oracle is finite"
+    assert torch.equal(torch.isnan(a[~finite]), torch.isnan(o[~finite])), f"{name}: NaN pattern differs from oracle"
+    assert torch.equal(a[torch.isinf(o)], o[torch.isinf(o)]), f"{name}: inf values differ from oracle"
+    err = rel_err(a, o)
+    bound = REL_TOL[dtype]
+    if torch_same_dtype is not None:
+        relative = 2 * rel_err(torch_same_dtype, o) + FLOOR[dtype]
+        bound = relative if model_level else min(bound, relative)
+    elif model_level:
+        raise ValueError("model_level comparisons need PyTorch's own same-dtype result")
+    assert err <= bound, f"{name}: relative error {err:.3e} > bound {bound:.3e} ({dtype})"
