@@ -1,0 +1,382 @@
+"""Fused linear cross-entropy: loss of ``hidden @ weight.T`` without the [N, V] logits.
+
+Tiers: the row kernel in fastkern/kernels/linear_cross_entropy.py (or its PyTorch twin in
+fastkern/reference), driven chunk by chunk by :func:`run_chunks` below; two custom ops
+(``fastkern::lce_stats``, ``fastkern::lce_grads``) with fake implementations so
+torch.compile(fullgraph=True) traces through them; an autograd Function; the public
+:func:`fused_linear_cross_entropy`. fastkern/ops/linear_logprobs.py reuses the same two ops.
+
+Per chunk of ``rows`` tokens: one cuBLAS GEMM writes the raw logits chunk [rows, V] in the input
+dtype; the row kernel turns it, in place, into d(loss)/d(logits); two more GEMMs give
+grad_hidden[chunk] (written directly, no accumulation needed) and grad_weight += chunk^T @ hidden.
+For reductions "mean" and "sum" the loss is a scalar, so all of that happens in the forward (3 GEMMs
+total, no recompute) and backward only scales by the upstream gradient. Reduction "none" and the
+log-prob op keep per-row statistics instead and recompute the logits in backward (4 GEMMs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import runtime
+from ..reference.linear_cross_entropy import lce_rows_reference
+from ._common import FLOAT_DTYPES, as_rows, check_tensor, device_guard
+
+_OP = "fastkern.ops.fused_linear_cross_entropy"
+# The logits chunk (input dtype) is sized to this many bytes unless free device memory is lower.
+CHUNK_BYTES_CAP = 512 * 2**20
+# A grad_weight accumulator this small is kept in fp32 even for bf16/fp16 weights. Larger ones are
+# accumulated by cuBLAS in the weight dtype (fp32 inside each chunk's GEMM, one rounding per chunk):
+# an fp32 copy of a 128K-vocabulary head is 2 GiB, twice the gradient itself.
+FP32_ACCUMULATOR_BYTES = 64 * 2**20
+_BLOCK = 1024
+
+
+def chunk_rows(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, chunk_size: int) -> int:
+    """Tokens per chunk: ``chunk_size`` if given (> 0), else read from free memory now (per call)."""
+    if chunk_size > 0:
+        return max(1, min(chunk_size, n_rows))
+    budget = CHUNK_BYTES_CAP
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // 4)
+    elem = torch.finfo(dtype).bits // 8
+    rows = max(1, budget // max(1, n_cols * elem))
+    if rows >= 256:
+        rows -= rows % 128  # GEMM-friendly tile multiple
+    return max(1, min(rows, n_rows))
+
+
+def _path(t: Tensor) -> str:
+    return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
+
+
+def _launch_rows(x, targets, stats, coefs, *, logit_scale, softcap, u_scale, compute_stats, has_entropy):
+    from ..kernels.linear_cross_entropy import lce_rows_kernel
+
+    dummy = stats["lse"]
+    coef = coefs or {}
+    with device_guard(x):
+        lce_rows_kernel[(x.shape[0],)](
+            x, x.stride(0), targets,
+            stats["lse"], stats["target_u"], stats["sum_u"], stats.get("sum_pu", dummy),
+            coef.get("a", dummy), coef.get("b", dummy), coef.get("c", dummy), coef.get("e", dummy),
+            x.shape[1], float(logit_scale), float(softcap or 1.0), float(u_scale),
+            HAS_SOFTCAP=softcap is not None, COMPUTE_STATS=compute_stats, WRITE_GRAD=coefs is not None,
+            HAS_ENTROPY=has_entropy, BLOCK=_BLOCK, num_warps=8,
+        )
+
+
+def _addmm_into(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """acc (+)= a @ b with fp32 accumulation inside the product."""
+    if acc.dtype == a.dtype:
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+    elif acc.device.type == "cuda":
+        torch.addmm(acc, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=0.0 if first else 1.0)
+
+
+def check_targets(op: str, labels: Tensor, n_cols: int, ignore_index: int | None) -> Tensor:
+    """Labels -> kernel targets (-1 = no target); out-of-range labels raise, naming the argument."""
+    valid = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+    bad = valid & ((labels < 0) | (labels >= n_cols))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        name = "labels" if ignore_index is not None else "targets"
+        raise ValueError(
+            f"{op}: `{name}` has {int(bad.sum())} value(s) outside [0, {n_cols}) (e.g. {first}); vocabulary size is "
+            f"weight.shape[0] = {n_cols}" + (f", ignore_index = {ignore_index}" if ignore_index is not None else "")
+        )
+    return torch.where(valid, labels, -1).to(torch.int64).contiguous()
+
+
+def run_chunks(hidden, weight, bias, targets, stats, coefs, *, logit_scale, softcap, u_scale, compute_stats,
+               has_entropy, need_gh, need_gw, need_gb, chunk_size):
+    """One pass over token chunks; returns (grad_hidden, grad_weight, grad_bias), each None if not asked
+    (all None when ``coefs`` is None: stats only)."""
+    n, v = hidden.shape[0], weight.shape[0]
+    rows = chunk_rows(n, v, hidden.dtype, hidden.device, chunk_size)
+    grads = coefs is not None
+    gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grads and need_gh else None
+    gw = gb = None
+    if grads and need_gw:
+        gw = torch.empty(weight.shape, dtype=grad_weight_dtype(weight), device=weight.device)
+    if grads and need_gb:
+        gb = torch.zeros(v, dtype=torch.float64 if bias.dtype == torch.float64 else torch.float32, device=bias.device)
+    path = _path(hidden)
+    buf = torch.empty(min(rows, n), v, dtype=hidden.dtype, device=hidden.device)
+    w_t = weight.t()
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        h, x = hidden[start:end], buf[: end - start]
+        if bias is None:
+            torch.mm(h, w_t, out=x)
+        else:
+            torch.addmm(bias, h, w_t, out=x)
+        rows_stats = {k: s[start:end] for k, s in stats.items()}
+        rows_coefs = None if coefs is None else {k: c[start:end] for k, c in coefs.items()}
+        kw = dict(logit_scale=logit_scale, softcap=softcap, u_scale=u_scale, compute_stats=compute_stats,
+                  has_entropy=has_entropy)
+        if path == "reference":
+            lce_rows_reference(x, targets[start:end], rows_stats, rows_coefs, **kw)
+        else:
+            _launch_rows(x, targets[start:end], rows_stats, rows_coefs, **kw)
+        if not grads:
+            continue
+        if gh is not None:
+            torch.mm(x, weight, out=gh[start:end])
+        if gw is not None:
+            _addmm_into(gw, x.t(), h, first=start == 0)
+        if gb is not None:
+            gb += x.sum(0, dtype=gb.dtype)
+    if n == 0 and gw is not None:
+        gw.zero_()
+    return gh, gw, gb
+
+
+def grad_weight_dtype(weight: Tensor) -> torch.dtype:
+    if weight.dtype in (torch.float32, torch.float64):
+        return weight.dtype
+    return weight.dtype if weight.numel() * 4 > FP32_ACCUMULATOR_BYTES else torch.float32
+
+
+def _new_stats(n: int, device, has_entropy: bool, dtype=torch.float32) -> dict[str, Tensor]:
+    names = ("lse", "target_u", "sum_u") + (("sum_pu",) if has_entropy else ())
+    return {k: torch.empty(n, dtype=dtype, device=device) for k in names}
+
+
+def _stats_dtype(hidden: Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastkern::lce_stats", mutates_args=())
+def lce_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int | None,
+                 logit_scale: float, softcap: float | None, u_scale: float, has_entropy: bool, chunk_size: int,
+                 op: str) -> list[Tensor]:
+    """[lse, target_u, sum_u, sum_pu] per token (sum_pu empty without entropy; target_u 0 where ignored)."""
+    targets = check_targets(op, labels, weight.shape[0], ignore_index)
+    stats = _new_stats(hidden.shape[0], hidden.device, has_entropy, _stats_dtype(hidden))
+    run_chunks(hidden, weight, bias, targets, stats, None, logit_scale=logit_scale, softcap=softcap,
+               u_scale=u_scale, compute_stats=True, has_entropy=has_entropy, need_gh=False, need_gw=False,
+               need_gb=False, chunk_size=chunk_size)
+    empty = torch.empty(0, dtype=stats["lse"].dtype, device=hidden.device)
+    return [stats["lse"], stats["target_u"], stats["sum_u"], stats.get("sum_pu", empty)]
+
+
+@lce_stats_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, u_scale, has_entropy, chunk_size, op):
+    n, dt = hidden.shape[0], _stats_dtype(hidden)
+    make = lambda k: hidden.new_empty(k, dtype=dt)  # noqa: E731
+    return [make(n), make(n), make(n), make(n if has_entropy else 0)]
+
+
+@torch.library.custom_op("fastkern::lce_grads", mutates_args=())
+def lce_grads_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int | None,
+                 coefs: list[Tensor], lse: Tensor | None, sum_pu: Tensor | None, logit_scale: float,
+                 softcap: float | None, u_scale: float, need_gh: bool, need_gw: bool, need_gb: bool,
+                 chunk_size: int, op: str) -> list[Tensor]:
+    """[grad_hidden, grad_weight, grad_bias, lse, target_u, sum_u] (a grad not asked for is empty).
+
+    coefs = [a, b, c] or [a, b, c, e] per token (see the kernel's docstring). With ``lse`` None the
+    statistics are computed in the same pass (the fused forward, which returns them); otherwise they are
+    reused (backward) and the three statistics slots are empty.
+    """
+    targets = check_targets(op, labels, weight.shape[0], ignore_index)
+    n, dt = hidden.shape[0], _stats_dtype(hidden)
+    has_entropy = len(coefs) == 4
+    compute_stats = lse is None
+    stats = _new_stats(n, hidden.device, False, dt) if compute_stats else {
+        "lse": lse, "target_u": torch.empty(0, dtype=dt, device=hidden.device),
+        "sum_u": torch.empty(0, dtype=dt, device=hidden.device)}
+    if has_entropy:
+        stats["sum_pu"] = sum_pu
+    coef_map = dict(zip("abce", coefs))
+    gh, gw, gb = run_chunks(hidden, weight, bias, targets, stats, coef_map, logit_scale=logit_scale,
+                            softcap=softcap, u_scale=u_scale, compute_stats=compute_stats,
+                            has_entropy=has_entropy, need_gh=need_gh, need_gw=need_gw, need_gb=need_gb,
+                            chunk_size=chunk_size)
+    empty = hidden.new_empty(0)
+    out = [gh if gh is not None else empty, gw if gw is not None else empty, gb if gb is not None else empty]
+    if compute_stats:
+        return out + [stats["lse"], stats["target_u"], stats["sum_u"]]
+    return out + [torch.empty(0, dtype=dt, device=hidden.device) for _ in range(3)]
+
+
+@lce_grads_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, coefs, lse, sum_pu, logit_scale, softcap, u_scale, need_gh,
+      need_gw, need_gb, chunk_size, op):
+    n, dt = hidden.shape[0], _stats_dtype(hidden)
+    gh = hidden.new_empty(hidden.shape) if need_gh else hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape, dtype=grad_weight_dtype(weight)) if need_gw else hidden.new_empty(0)
+    gb = hidden.new_empty(weight.shape[0], dtype=dt) if need_gb else hidden.new_empty(0)
+    m = n if lse is None else 0
+    return [gh, gw, gb] + [hidden.new_empty(m, dtype=dt) for _ in range(3)]
+
+
+
+def _finish(grads, dtypes, needs):
+    """Gradients in their input's dtype, None where not needed."""
+    return tuple(g.to(dt) if need else None for g, dt, need in zip(grads, dtypes, needs))
+
+
+class _ReducedLoss(torch.autograd.Function):
+    """reduction mean / sum: gradients are computed in the forward pass; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, row_weight, label_smoothing, opts, needs):
+        ignore_index, logit_scale, softcap, chunk_size = opts
+        v, eps = weight.shape[0], label_smoothing
+        coefs = [row_weight, row_weight * (1.0 - eps), row_weight * (eps / v)]
+        if any(needs):
+            gh, gw, gb, lse, target_u, sum_u = lce_grads_op(
+                hidden, weight, bias, labels, ignore_index, coefs, None, None, logit_scale, softcap, 1.0,
+                needs[0], needs[1], needs[2], chunk_size, _OP)
+        else:  # inference: statistics only
+            lse, target_u, sum_u, _ = lce_stats_op(hidden, weight, bias, labels, ignore_index, logit_scale,
+                                                   softcap, 1.0, False, chunk_size, _OP)
+            gh = gw = gb = hidden.new_empty(0)
+        loss = ((lse - (1.0 - eps) * target_u - (eps / v) * sum_u) * row_weight).sum()
+        ctx.needs = needs
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        if torch.compiler.is_compiling():
+            ctx.save_for_backward(gh, gw, gb)
+        else:
+            # Held outside save_for_backward so backward can scale them in place and hand them to
+            # autograd as their only reference (no copy of a 1 GiB weight gradient).
+            ctx.grads = (gh, gw, gb)
+            ctx.recompute = (hidden, weight, bias, labels, coefs, opts)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.compiler.is_compiling():
+            grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        elif ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            for g in grads:
+                if g.numel():
+                    g.mul_(grad_loss.to(g.dtype))
+        else:  # a second backward through a retained graph: recompute
+            hidden, weight, bias, labels, coefs, (ignore_index, logit_scale, softcap, chunk_size) = ctx.recompute
+            grads = lce_grads_op(
+                hidden, weight, bias, labels, ignore_index, [c * grad_loss for c in coefs], None, None,
+                logit_scale, softcap, 1.0, *ctx.needs, chunk_size, _OP)[:3]
+        return (*_finish(grads, ctx.dtypes, ctx.needs), None, None, None, None, None)
+
+
+class _PerTokenLoss(torch.autograd.Function):
+    """reduction none: statistics in forward; backward recomputes the logits chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, label_smoothing, opts, needs):
+        ignore_index, logit_scale, softcap, chunk_size = opts
+        v, eps = weight.shape[0], label_smoothing
+        lse, target_u, sum_u, _ = lce_stats_op(hidden, weight, bias, labels, ignore_index, logit_scale, softcap,
+                                               1.0, False, chunk_size, _OP)
+        valid = labels != ignore_index
+        loss = torch.where(valid, lse - (1.0 - eps) * target_u - (eps / v) * sum_u, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.opts, ctx.eps, ctx.needs = opts, eps, needs
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        ignore_index, logit_scale, softcap, chunk_size = ctx.opts
+        eps, v = ctx.eps, weight.shape[0]
+        g = torch.where(labels != ignore_index, grad_loss.to(lse.dtype), 0.0)
+        grads = lce_grads_op(hidden, weight, bias, labels, ignore_index, [g, g * (1.0 - eps), g * (eps / v)], lse,
+                             None, logit_scale, softcap, 1.0, *ctx.needs, chunk_size, _OP)[:3]
+        return (*_finish(grads, ctx.dtypes, ctx.needs), None, None, None, None)
+
+
+def needs_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    on = torch.is_grad_enabled()
+    return (on and hidden.requires_grad, on and weight.requires_grad, on and bias is not None and bias.requires_grad)
+
+
+def check_head(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size) -> None:
+    check_tensor(op, "hidden", hidden)
+    check_tensor(op, "weight", weight)
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: `weight` must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(op, name, t)
+        if t.device != hidden.device or t.dtype != hidden.dtype:
+            raise TypeError(f"{op}: `{name}` is {t.dtype} on {t.device} but `hidden` is {hidden.dtype} on "
+                            f"{hidden.device}; cast one of them")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: `bias` must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: `chunk_size` must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
+
+
+def check_index_tensor(op: str, name: str, t, hidden: Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: `{name}` must be an int64 or int32 tensor, got "
+                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if tuple(t.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{op}: `{name}` has shape {tuple(t.shape)} but hidden has leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if t.device != hidden.device:
+        raise ValueError(f"{op}: `{name}` is on {t.device} but `hidden` is on {hidden.device}")
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, ignore_index: int = -100,
+    reduction: str = "mean", label_smoothing: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
+    num_items_in_batch=None, chunk_size: int | None = None,
+) -> Tensor:
+    """Cross-entropy of ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (no tanh
+    when softcap is None) against ``labels``, without building the [N, V] logits.
+
+    hidden [..., H] (fp32 / bf16 / fp16, fp64 runs the reference), weight [V, H] and bias [V] in the same
+    dtype, labels [...] int64 (already shifted). Equals ``F.cross_entropy(z.float(), labels,
+    ignore_index=..., reduction=..., label_smoothing=...)``, except that a "mean" over no valid label is 0
+    (with zero gradients), not NaN. ``num_items_in_batch`` (int or tensor; gradient accumulation) makes
+    the result the summed loss divided by it, for reduction "mean" or "sum". The loss is fp32; gradients
+    come back in the inputs' dtype, and are not computed for tensors that do not require grad (a frozen
+    LoRA head costs two GEMMs, not three). ``chunk_size``: tokens per chunk; None picks it from free
+    device memory at each call. Labels outside [0, V) (other than ignore_index) raise ValueError.
+
+    >>> import torch, torch.nn.functional as F, fastkern
+    >>> h, w, y = torch.randn(5, 8), torch.randn(11, 8), torch.tensor([1, 0, -100, 10, 3])
+    >>> loss = fastkern.ops.fused_linear_cross_entropy(h, w, y)
+    >>> torch.allclose(loss, F.cross_entropy(h @ w.T, y), atol=1e-5)
+    True
+    """
+    op = _OP
+    check_head(op, hidden, weight, bias, chunk_size)
+    check_index_tensor(op, "labels", labels, hidden)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: `reduction` must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"{op}: `label_smoothing` must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"{op}: `softcap` must be > 0 or None, got {softcap}")
+    if num_items_in_batch is not None and reduction == "none":
+        raise ValueError(f"{op}: `num_items_in_batch` divides a summed loss; it needs reduction 'mean' or 'sum'")
+    h2, y = as_rows(hidden), labels.reshape(-1)
+    opts = (int(ignore_index), float(logit_scale), None if softcap is None else float(softcap), chunk_size or 0)
+    needs = needs_grads(hidden, weight, bias)
+    if reduction == "none":
+        out = _PerTokenLoss.apply(h2, weight, bias, y, float(label_smoothing), opts, needs)
+        return out.view(labels.shape)
+    stats_dtype = _stats_dtype(hidden)
+    valid = (y != ignore_index).to(stats_dtype)
+    if num_items_in_batch is not None:
+        denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(stats_dtype)
+    elif reduction == "mean":
+        denom = valid.sum().clamp(min=1.0)
+    else:
+        denom = torch.ones((), dtype=stats_dtype, device=hidden.device)
+    return _ReducedLoss.apply(h2, weight, bias, y, valid / denom, float(label_smoothing), opts, needs)
