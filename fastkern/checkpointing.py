@@ -1,0 +1,378 @@
+"""Gradient checkpointing whose saved inputs wait in CPU memory, copied on a side stream.
+
+Non-reentrant ``torch.utils.checkpoint`` keeps only the tensor arguments of a checkpointed call and
+recomputes everything else in backward. It saves those arguments through autograd's saved-tensor
+mechanism *before* it installs its own hooks, so a ``saved_tensors_hooks`` context put around the call
+sees exactly them (one hidden state per decoder layer) and nothing computed inside the function.
+
+:class:`ActivationOffloader` is that context plus the memory behind it:
+
+* pack (forward): a side stream waits for the current stream, copies the tensor into a pinned host
+  buffer and records an event; ``record_stream`` stops the caching allocator from handing the device
+  memory to anyone before that copy has read it; the device tensor is then dropped.
+* unpack (backward): the current stream waits on the event of the copy back, which had usually been
+  started already: unpacking item k starts the copy of item k-1, the input of the layer whose backward
+  comes next. Copies never block the compute stream or the CPU thread (with pinned memory).
+* host buffers come from a pool owned by the offloader (one per patched model), go back to it when
+  autograd frees the saved tensor, and a copy into a reused buffer first waits for the last copy that
+  touched it, so no buffer is overwritten while a copy reads it.
+
+Streams are looked up when each copy is issued (the current stream of the tensor's device at that
+moment), never captured earlier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import warnings
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+# Saved tensors smaller than this stay where they are: the copy would cost more than the memory is worth.
+DEFAULT_MIN_BYTES = 1 << 20
+
+
+def _round_capacity(nbytes: int) -> int:
+    """Round up to an eighth of the next power of two (<= 12.5 % slack) so nearby sizes share buffers."""
+    granule = max(1 << 16, (1 << max(nbytes - 1, 1).bit_length()) >> 3)
+    return -(-nbytes // granule) * granule
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers exactly ``numel`` storage elements (some permutation of a contiguous layout),
+    so its bytes can be copied as they are and the restored tensor keeps the same strides."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclasses.dataclass
+class OffloadStats:
+    calls: int = 0  # checkpointed calls made through this offloader
+    offloaded: int = 0  # saved tensors copied to host memory
+    kept: int = 0  # saved tensors left in place (small, parameters, not on a CUDA device, no host memory)
+    bytes_offloaded: int = 0
+    prefetched: int = 0  # unpacks whose copy back had been started ahead of time
+    fetched_on_demand: int = 0  # unpacks that had to start their copy back themselves
+
+
+class _HostBuffer:
+    __slots__ = ("data", "last_copy")
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data  # 1-D uint8, pinned when possible
+        self.last_copy: torch.cuda.Event | None = None  # the latest copy issued into or out of it
+
+    @property
+    def capacity(self) -> int:
+        return self.data.numel()
+
+
+class HostBufferPool:
+    """Host buffers reused across layers and steps; thread-safe (autograd runs backward in its own thread).
+
+    A request takes the smallest free buffer that fits. When none fits, the free ones are all too small
+    for the workload as it is now, so they are released before a new buffer is allocated: the pool holds
+    at most (tensors alive at once) buffers of the largest size seen, whatever the sequence lengths do.
+    """
+
+    def __init__(self, pin_memory: bool = True):
+        self.pin_memory = pin_memory
+        self._pin_failed = False
+        self._free: list[_HostBuffer] = []
+        # Reentrant: a saved tensor freed while the lock is held runs its finalizer (release) right there.
+        self._lock = threading.RLock()
+        self.bytes_held = 0  # free and in use
+        self.buffers_held = 0
+        self.allocations = 0
+
+    def acquire(self, nbytes: int, pinned: bool) -> _HostBuffer | None:
+        """A buffer of at least ``nbytes``, or None if host memory cannot be had at all."""
+        with self._lock:
+            fits = [b for b in self._free if b.capacity >= nbytes]
+            if fits:
+                best = min(fits, key=lambda b: b.capacity)
+                self._free.remove(best)
+                return best
+            self._drop(self._free)
+            self._free = []
+            data = self._allocate(_round_capacity(nbytes), pinned)
+            if data is None:
+                return None
+            self.bytes_held += data.numel()
+            self.buffers_held += 1
+            self.allocations += 1
+            return _HostBuffer(data)
+
+    def release(self, buffer: _HostBuffer) -> None:
+        with self._lock:
+            self._free.append(buffer)
+
+    def empty_cache(self) -> None:
+        """Release the free buffers (PyTorch's host allocator delays their reuse until pending copies end)."""
+        with self._lock:
+            self._drop(self._free)
+            self._free = []
+
+    def _drop(self, buffers: list[_HostBuffer]) -> None:
+        for b in buffers:
+            self.bytes_held -= b.capacity
+            self.buffers_held -= 1
+
+    def _allocate(self, capacity: int, pinned: bool) -> torch.Tensor | None:
+        if pinned and self.pin_memory and not self._pin_failed:
+            try:
+                return torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as exc:
+                self._pin_failed = True
+                warnings.warn(
+                    f"fastkern offload_checkpoint: pinned host memory is unavailable ({exc}); falling back to "
+                    "pageable memory, where every copy blocks the CPU thread until the GPU has caught up",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        try:
+            return torch.empty(capacity, dtype=torch.uint8)
+        except (RuntimeError, MemoryError):
+            return None
+
+
+class _Offloaded:
+    """What autograd holds instead of a saved tensor that went to host memory."""
+
+    __slots__ = ("seq", "size", "stride", "dtype", "device", "dense", "buffer", "host", "source", "version",
+                 "prefetched", "consumed", "__weakref__")
+
+    def __init__(self, seq: int, t: torch.Tensor, buffer: _HostBuffer, host: torch.Tensor, dense: bool):
+        self.seq = seq
+        self.size, self.stride, self.dtype, self.device = t.shape, t.stride(), t.dtype, t.device
+        self.dense = dense
+        self.buffer = buffer
+        self.host = host
+        # The device tensor is not kept alive, but if it still is at unpack time, an in-place change made
+        # after the checkpointed call is detected (autograd would have raised for a plainly saved tensor).
+        self.source = weakref.ref(t)
+        self.version = t._version
+        self.prefetched: tuple[torch.Tensor, Any] | None = None
+        self.consumed = False
+
+
+# Marks an item whose prefetch copy is being issued by another thread.
+_CLAIMED = (None, None)
+
+
+def _forget(live: dict, lock: threading.RLock, pool: HostBufferPool, seq: int, buffer: _HostBuffer) -> None:
+    with lock:
+        live.pop(seq, None)
+    pool.release(buffer)
+
+
+class ActivationOffloader:
+    """Owns the side streams, host buffer pool and bookkeeping of offloaded checkpoint inputs.
+
+    One offloader per model (patch_model creates one); :meth:`checkpoint` is the drop-in for
+    ``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)``.
+
+    Args:
+        min_bytes: saved tensors smaller than this stay on the device.
+        pin_memory: use pinned host memory (falls back to pageable memory with a warning).
+        offload_cpu_tensors: also copy CPU tensors into the pool. Only useful to exercise the bookkeeping
+            on a machine without a GPU; normally CPU tensors are left as they are.
+    """
+
+    def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, pin_memory: bool = True, offload_cpu_tensors: bool = False):
+        if min_bytes < 0:
+            raise ValueError(f"ActivationOffloader: min_bytes must be >= 0, got {min_bytes}")
+        self.min_bytes = min_bytes
+        self.offload_cpu_tensors = offload_cpu_tensors
+        self.pool = HostBufferPool(pin_memory)
+        self.stats = OffloadStats()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._live: dict[int, weakref.ref] = {}  # seq -> offloaded item, in pack order
+        self._seq = 0
+        self._lock = threading.RLock()  # see HostBufferPool._lock
+
+    def __deepcopy__(self, memo):
+        # A copied model gets its own pool and streams; buffers and events are never shared.
+        return ActivationOffloader(self.min_bytes, self.pool.pin_memory, self.offload_cpu_tensors)
+
+    def __repr__(self) -> str:
+        return (f"ActivationOffloader(min_bytes={self.min_bytes}, host_bytes={self.pool.bytes_held}, "
+                f"live={len(self._live)}, stats={self.stats})")
+
+    def checkpoint(self, function: Callable, *args, **kwargs):
+        """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)`` with the
+        tensor arguments kept in host memory until the recompute needs them."""
+        if kwargs.pop("use_reentrant", False):
+            raise ValueError(
+                "offload_checkpoint: use_reentrant=True is not supported; offloading relies on non-reentrant "
+                "checkpointing (pass use_reentrant=False or leave it out)"
+            )
+        self.stats.calls += 1
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    def empty_cache(self) -> None:
+        """Release the host buffers not in use now."""
+        self.pool.empty_cache()
+
+    @property
+    def live_tensors(self) -> int:
+        """Offloaded tensors autograd still holds (waiting for their backward)."""
+        return len(self._live)
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        with self._lock:
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device=device)
+            return stream
+
+    def _worth_moving(self, t: torch.Tensor) -> bool:
+        if type(t) is not torch.Tensor or t.layout != torch.strided or t.numel() == 0:
+            return False  # parameters, subclasses (DTensor, fake tensors), sparse: not ours to move
+        if t.device.type != "cuda" and not (t.device.type == "cpu" and self.offload_cpu_tensors):
+            return False
+        return t.numel() * t.element_size() >= self.min_bytes
+
+    def _pack(self, t: torch.Tensor):
+        if not self._worth_moving(t):
+            self.stats.kept += 1
+            return t
+        nbytes = t.numel() * t.element_size()
+        buffer = self.pool.acquire(nbytes, pinned=t.is_cuda)
+        if buffer is None:  # no host memory at all: keeping it on the device beats failing
+            self.stats.kept += 1
+            return t
+        dense = _is_dense(t)
+        flat = buffer.data[:nbytes].view(t.dtype)
+        host = flat.as_strided(t.shape, t.stride()) if dense else flat.view(t.shape)
+        if t.is_cuda:
+            compute = torch.cuda.current_stream(t.device)
+            side = self._side_stream(t.device)
+            side.wait_stream(compute)  # t is produced by work queued on the compute stream
+            if buffer.last_copy is not None:
+                side.wait_event(buffer.last_copy)  # a reused buffer may still be read by a copy back
+            with torch.cuda.stream(side):
+                host.copy_(t, non_blocking=True)
+                buffer.last_copy = side.record_event()
+            t.record_stream(side)
+        else:
+            host.copy_(t)
+        with self._lock:
+            seq = self._seq
+            self._seq += 1
+        item = _Offloaded(seq, t, buffer, host, dense)
+        with self._lock:
+            self._live[seq] = weakref.ref(item)
+        weakref.finalize(item, _forget, self._live, self._lock, self.pool, seq, buffer)
+        self.stats.offloaded += 1
+        self.stats.bytes_offloaded += nbytes
+        return item
+
+    def _unpack(self, item):
+        if not isinstance(item, _Offloaded):
+            return item
+        source = item.source()
+        if source is not None and source._version != item.version:
+            raise RuntimeError(
+                "offload_checkpoint: a tensor argument of a checkpointed call was modified in place after the "
+                f"call (version {item.version} -> {source._version}); the recompute would see other values"
+            )
+        with self._lock:
+            ready, item.prefetched, item.consumed = item.prefetched, None, True
+        if ready is None or ready is _CLAIMED:
+            self.stats.fetched_on_demand += 1
+            ready = self._copy_to_device(item)
+        else:
+            self.stats.prefetched += 1
+        tensor, event = ready
+        if event is not None:
+            torch.cuda.current_stream(item.device).wait_event(event)
+        self._prefetch_before(item)
+        return tensor
+
+    def _copy_to_device(self, item: _Offloaded) -> tuple[torch.Tensor, Any]:
+        if item.dense:
+            out = torch.empty_strided(item.size, item.stride, dtype=item.dtype, device=item.device)
+        else:
+            out = torch.empty(item.size, dtype=item.dtype, device=item.device)
+        if item.device.type != "cuda":
+            out.copy_(item.host)
+            return out, None
+        compute = torch.cuda.current_stream(item.device)
+        side = self._side_stream(item.device)
+        side.wait_stream(compute)  # `out` was allocated on the compute stream; earlier work there may own it
+        with torch.cuda.stream(side):
+            side.wait_event(item.buffer.last_copy)  # the copy out (same stream today; explicit all the same)
+            out.copy_(item.host, non_blocking=True)
+            event = side.record_event()
+        item.buffer.last_copy = event
+        # If `out` is dropped unused (a prefetch whose graph is freed), its memory waits for this copy.
+        out.record_stream(side)
+        return out, event
+
+    def _prefetch_before(self, item: _Offloaded) -> None:
+        """Start copying back the latest item packed before ``item``: in backward, the next one needed."""
+        with self._lock:
+            order = list(self._live.items())
+        target = None
+        for seq, ref in reversed(order):
+            candidate = ref() if seq < item.seq else None
+            if candidate is not None and not candidate.consumed and candidate.device == item.device:
+                target = candidate
+                break
+        if target is None:
+            return
+        with self._lock:
+            if target.prefetched is not None or target.consumed:
+                return
+            target.prefetched = _CLAIMED  # another thread will not start a second copy
+        copied = self._copy_to_device(target)
+        with self._lock:
+            if not target.consumed:
+                target.prefetched = copied
+
+
+_DEFAULT_OFFLOADER: ActivationOffloader | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_offloader() -> ActivationOffloader:
+    """The offloader :func:`offload_checkpoint` uses when none is given (created on first use).
+
+    Code that checkpoints more than one model should give each its own :class:`ActivationOffloader`
+    (patch_model does), so pools, statistics and prefetch order stay per model.
+    """
+    global _DEFAULT_OFFLOADER
+    with _DEFAULT_LOCK:
+        if _DEFAULT_OFFLOADER is None:
+            _DEFAULT_OFFLOADER = ActivationOffloader()
+        return _DEFAULT_OFFLOADER
+
+
+def offload_checkpoint(function: Callable, *args, offloader: ActivationOffloader | None = None, **kwargs):
+    """Drop-in for ``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)``
+    whose saved tensor arguments wait in pinned CPU memory between forward and backward.
+
+    Copies run on a side stream ordered by events against the current stream; the input of the next
+    checkpointed call in backward order is copied back while the current one recomputes. Tensors under
+    ``offloader.min_bytes`` (1 MiB by default), parameters and CPU tensors are left in place; recompute,
+    RNG state (dropout) and autocast behave exactly as in torch's checkpoint. Only positional tensor
+    arguments are offloaded (keyword arguments stay referenced by ``function`` as usual).
+
+    Example::
+
+        offloader = fastkern.checkpointing.ActivationOffloader()   # one per model
+        for layer in layers:
+            h = fastkern.offload_checkpoint(layer, h, offloader=offloader)
+        loss_fn(h).backward()
+    """
+    return (offloader or default_offloader()).checkpoint(function, *args, **kwargs)
