@@ -55,7 +55,7 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--sweep", action="store_true", help="also sweep BLOCK/num_warps of the fastkern kernels")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the BLOCK/num_warps sweep")
     args = parser.parse_args()
     results = []
     for act in ("silu", "gelu_tanh"):

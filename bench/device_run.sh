@@ -29,5 +29,9 @@ for n in "${names[@]}"; do
   [ -f "bench/bench_${n}.py" ] || continue
   echo "=== bench ${n}"
   timeout 300 python3 "bench/bench_${n}.py" --out "$OUT" 2>&1 | tee "$OUT/bench_${n}.log" | tail -40 || status=1
+  if [ -f "bench/test_bench_${n}.py" ]; then
+    timeout 200 python3 -m pytest -q -p no:cacheprovider "bench/test_bench_${n}.py" --benchmark-json="$OUT/pytest_bench_${n}.json" \
+      --benchmark-columns=median,iqr,rounds 2>&1 | tail -15 || status=1
+  fi
 done
 exit $status
