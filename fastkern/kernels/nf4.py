@@ -1,0 +1,75 @@
+"""NF4 dequantization (bitsandbytes layout) into a 16/32-bit row-major buffer.
+
+Memory-bound: per weight element 0.5 byte of codes read, 2 bytes written (bf16), plus 1/blocksize
+of a scale. Each program owns BLOCK consecutive weight elements = BLOCK // 2 packed bytes; it splits
+every byte into its high nibble (even element) and low nibble (odd element), looks both up in the
+16-entry code table, multiplies by the block's scale, and interleaves the two halves back into
+element order so the store is one contiguous vector.
+
+The scale of an element is absmax[e // blocksize]; with double quantization it is rebuilt on the
+fly as fp32(code2[q] * absmax2[b // 256]) + offset. The launcher turns off FMA contraction so both
+roundings happen exactly as in bitsandbytes (bit-exact results).
+
+The output may have a row stride larger than the weight's column count (OUT_ROW_STRIDE != n_cols):
+the LoRA layer dequantizes straight into a [N, K + r] buffer whose last r columns hold lora_B.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_to_bf16(x):
+    # fp32 -> bf16 round-to-nearest-even done on the bits. The GPU's own conversion does the same,
+    # but Triton's interpreter truncates, and bit-exactness is checked on CPU through the interpreter.
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def nf4_dequantize_kernel(
+    packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
+    n_elements, n_cols, out_row_stride,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    OUT_CONTIGUOUS: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCK // 2
+    pid = tl.program_id(0)
+    if INT64_OFFSETS:
+        pid = pid.to(tl.int64)
+    byte = pid * HALF + tl.arange(0, HALF)  # [HALF] packed byte indices
+    even = byte * 2  # element index of the high nibble
+    byte_mask = even < n_elements
+    packed = tl.load(packed_ptr + byte, mask=byte_mask, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (packed >> 4))
+    lo = tl.load(code_ptr + (packed & 15))
+
+    # Both nibbles of a byte share one scale block because every allowed blocksize is even.
+    block = even // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=byte_mask, other=0).to(tl.int32)
+        absmax2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=byte_mask, other=0.0)
+        scale = tl.load(code2_ptr + q) * absmax2
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=byte_mask, other=0.0)
+
+    values = tl.interleave(hi * scale, lo * scale)  # [BLOCK] fp32, element order
+    if ROUND_BF16:
+        values = _round_to_bf16(values)
+    else:
+        values = values.to(out_ptr.dtype.element_ty)
+    elem = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = elem < n_elements
+    if OUT_CONTIGUOUS:
+        tl.store(out_ptr + elem, values, mask=mask)
+    else:
+        row = elem // n_cols
+        col = elem - row * n_cols
+        tl.store(out_ptr + row * out_row_stride + col, values, mask=mask)

@@ -1,0 +1,145 @@
+"""nf4_dequantize / nf4_quantize against bitsandbytes' own CPU (de)quantization, bit for bit."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from fastkern.ops import NF4State, nf4_dequantize, nf4_quantize
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def _bnb(weight, blocksize, double_quant, quant_storage=torch.uint8):
+    return bnbf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4",
+                              quant_storage=quant_storage)
+
+
+def _bnb_dequant(packed, state):
+    return bnbf.dequantize_4bit(packed, state, quant_type="nf4")
+
+
+def _assert_bitexact(got, ref):
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    # Compare bits, so -0.0 vs 0.0 and NaN patterns count too.
+    assert torch.equal(got.contiguous().view(torch.uint8), ref.contiguous().view(torch.uint8))
+
+
+@settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 70), cols=st.integers(1, 300), blocksize=st.sampled_from(BLOCKSIZES),
+    double_quant=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
+)
+def test_dequantize_bitexact_vs_bitsandbytes(rows, cols, blocksize, double_quant, dtype, seed, poison_empty):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 3).to(dtype)
+    packed, state = _bnb(w, blocksize, double_quant)
+    _assert_bitexact(nf4_dequantize(packed, state), _bnb_dequant(packed, state))
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.int8])
+def test_quant_storage_views_same_bytes(storage):
+    w = torch.randn(24, 40, dtype=torch.bfloat16)
+    packed, state = _bnb(w, 64, True, quant_storage=storage)
+    assert packed.dtype == storage
+    _assert_bitexact(nf4_dequantize(packed, state), _bnb_dequant(packed, state))
+
+
+def test_transposed_packed_view_matches_bitsandbytes():
+    w = torch.randn(16, 72, dtype=torch.float16)
+    packed, state = _bnb(w, 128, False)
+    got = nf4_dequantize(packed.t(), state)
+    _assert_bitexact(got, _bnb_dequant(packed.t(), state))
+    assert got.shape == (72, 16)
+
+
+def test_output_dtype_override():
+    w = torch.randn(9, 64, dtype=torch.bfloat16)
+    packed, state = _bnb(w, 64, True)
+    state.dtype = torch.float32
+    ref = _bnb_dequant(packed, state)
+    got = nf4_dequantize(packed, _bnb(w, 64, True)[1], dtype=torch.float32)
+    _assert_bitexact(got, ref)
+
+
+@settings(max_examples=8)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 200), blocksize=st.sampled_from(BLOCKSIZES),
+       double_quant=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_quantize_round_trip_vs_bitsandbytes(rows, cols, blocksize, double_quant, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    packed, state = nf4_quantize(w, blocksize=blocksize, double_quant=double_quant)
+    ref_packed, ref_state = _bnb(w, blocksize, double_quant)
+    # The 4-bit codes and the fp32 absmax are the same bytes bitsandbytes produces.
+    assert torch.equal(packed, ref_packed)
+    if double_quant:
+        assert torch.equal(state.offset, ref_state.offset)
+        assert torch.equal(state.state2.absmax, ref_state.state2.absmax)
+        assert torch.equal(state.state2.code, ref_state.state2.code)
+        # bitsandbytes' CPU C kernel searches the 8-bit map with its own thresholds and picks the
+        # neighbouring level in near-ties; fastkern rounds to nearest (as bitsandbytes' PyTorch backend).
+        # A group whose absmax2 is 0 (all blocks equal the offset) decodes to the offset whatever code.
+        live = (state.state2.absmax > 0).repeat_interleave(256)[: state.absmax.numel()]
+        assert (state.absmax.int() - ref_state.absmax.int())[live].abs().le(1).all()
+    else:
+        assert torch.equal(state.absmax, ref_state.absmax)
+    # bitsandbytes reads fastkern's state and bytes and gets what fastkern's dequantizer gets.
+    bnb_state = bnbf.QuantState(absmax=state.absmax, shape=state.shape, code=state.code, dtype=state.dtype,
+                                blocksize=state.blocksize, quant_type="nf4", offset=state.offset,
+                                state2=None if state.state2 is None else bnbf.QuantState(
+                                    absmax=state.state2.absmax, code=state.state2.code, blocksize=256,
+                                    dtype=torch.float32))
+    got = nf4_dequantize(packed, state)
+    _assert_bitexact(got, _bnb_dequant(packed, bnb_state))
+    # Dequantization error is what 4-bit NF4 gives: well below the block's absmax.
+    assert ((got.float() - w.float()).abs() <= w.float().abs().max() * 0.2 + 1e-6).all()
+
+
+def test_fp4_state_rejected():
+    w = torch.randn(8, 64)
+    packed, state = bnbf.quantize_4bit(w, quant_type="fp4")
+    with pytest.raises(ValueError, match="quant_type.*fp4"):
+        nf4_dequantize(packed, state)
+
+
+def test_bad_inputs_named():
+    w = torch.randn(8, 64)
+    packed, state = nf4_quantize(w)
+    bad_shape = NF4State(state.absmax, (8, 66), state.code, state.dtype, 64, state2=state.state2, offset=state.offset)
+    with pytest.raises(ValueError, match="packed"):
+        nf4_dequantize(packed, bad_shape)
+    with pytest.raises(TypeError, match="packed"):
+        nf4_dequantize(packed.to(torch.int32), state)
+    with pytest.raises(TypeError, match="dtype"):
+        nf4_dequantize(packed, state, dtype=torch.int8)
+    wrong_absmax = NF4State(state.absmax.float(), (8, 64), state.code, state.dtype, 64, state2=state.state2,
+                            offset=state.offset)
+    with pytest.raises(TypeError, match="quant_state.absmax"):
+        nf4_dequantize(packed, wrong_absmax)
+    with pytest.raises(ValueError, match="blocksize"):
+        nf4_dequantize(packed, NF4State(state.absmax, (8, 64), state.code, state.dtype, 48))
+    with pytest.raises(TypeError, match="quant_state"):
+        nf4_dequantize(packed, object())
+    with pytest.raises(ValueError, match="blocksize"):
+        nf4_quantize(w, blocksize=100)
+    with pytest.raises(TypeError, match="weight"):
+        nf4_quantize(w.double())
+
+
+def test_compile_fullgraph():
+    w = torch.randn(6, 64, dtype=torch.bfloat16)
+    packed, state = nf4_quantize(w)
+    fn = torch.compile(lambda p: nf4_dequantize(p, state) * 2, fullgraph=True, backend="aot_eager")
+    _assert_bitexact(fn(packed), nf4_dequantize(packed, state) * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantize_bitexact_gpu_real_size(double_quant):
+    w = torch.randn(14336, 4096, dtype=torch.bfloat16, device="cuda")
+    packed, state = _bnb(w, 64, double_quant)
+    _assert_bitexact(nf4_dequantize(packed, state), _bnb_dequant(packed, state))
+    packed, state = _bnb(w[:1000, :1002].contiguous(), 256, double_quant, quant_storage=torch.bfloat16)
+    _assert_bitexact(nf4_dequantize(packed, state), _bnb_dequant(packed, state))
