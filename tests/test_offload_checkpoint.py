@@ -1,0 +1,397 @@
+"""offload_checkpoint: gradients equal plain checkpointing and no checkpointing; host buffers pooled.
+
+CPU tests run twice where it matters: with the default offloader (CPU tensors are left in place, so
+only the recompute is exercised) and with ``offload_cpu_tensors=True``, which sends CPU tensors
+through the whole pack / pool / prefetch / unpack path (streams and events are the only CUDA-only part).
+GPU tests (marked gpu) check the same parity on the device, that saved inputs really leave device
+memory, and that 100 steps of varying length grow neither the host pool nor device memory.
+"""
+
+import copy
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+import fastkern
+from fastkern.checkpointing import ActivationOffloader, HostBufferPool, offload_checkpoint
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, p: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 2 * width)
+        self.drop = nn.Dropout(p)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x, scale=1.0):
+        return x + scale * self.down(self.drop(torch.nn.functional.gelu(self.up(self.norm(x)))))
+
+
+class Stack(nn.Module):
+    def __init__(self, width=24, depth=4, p=0.0, mode="none", offloader=None):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, p) for _ in range(depth))
+        self.mode, self.offloader = mode, offloader
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.mode == "plain":
+                x = checkpoint(block, x, 0.5, use_reentrant=False)
+            elif self.mode == "offload":
+                x = offload_checkpoint(block, x, 0.5, offloader=self.offloader)
+            else:
+                x = block(x, 0.5)
+        return x
+
+
+def _models(p, device="cpu", dtype=torch.float32, offloader=None, width=24, depth=4):
+    torch.manual_seed(0)
+    base = Stack(width, depth, p).to(device, dtype)
+    out = {}
+    for mode in ("none", "plain", "offload"):
+        m = copy.deepcopy(base)
+        m.mode = mode
+        m.offloader = offloader
+        out[mode] = m
+    return out
+
+
+def _train(model, batches, accumulate_then_backward=False, autocast_dtype=None):
+    """Gradient accumulation over ``batches``; returns (losses, input grads, parameter grads)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)  # dropout masks come from this stream in every variant
+    losses, inputs, pending = [], [], []
+    for x in batches:
+        x = x.clone().requires_grad_(True)
+        inputs.append(x)
+        ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+        with ctx:
+            loss = model(x).float().square().mean()
+        losses.append(loss.detach())
+        if accumulate_then_backward:
+            pending.append(loss)
+        else:
+            loss.backward()
+    if pending:
+        torch.stack(pending).sum().backward()
+    return losses, [x.grad for x in inputs], [p.grad.clone() for p in model.parameters()]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, list):
+            _assert_same(x, y)
+        else:
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("offload_cpu", [False, True])
+@pytest.mark.parametrize("together", [False, True])
+def test_gradients_match_plain_and_no_checkpointing(p, offload_cpu, together):
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=offload_cpu)
+    models = _models(p, offloader=offloader)
+    batches = [torch.randn(3, 7, 24), torch.randn(2, 11, 24), torch.randn(3, 7, 24)]
+    ref = _train(models["none"], batches, together)
+    plain = _train(models["plain"], batches, together)
+    got = _train(models["offload"], batches, together)
+    _assert_same(got, plain)
+    _assert_same(got, ref)
+    if p > 0:  # dropout really is on: a different seed gives different gradients
+        models["none"].zero_grad()
+        torch.manual_seed(999)
+        other = [t for t in torch.autograd.grad(models["none"](batches[0]).square().mean(), models["none"].parameters())]
+        assert not all(torch.equal(a, b) for a, b in zip(other, ref[2]))
+    stats = offloader.stats
+    assert stats.calls == 4 * len(batches)
+    if offload_cpu:
+        assert stats.offloaded == 4 * len(batches) and stats.bytes_offloaded > 0
+        # In backward every input but the first one needed was copied back ahead of time; with one
+        # backward over all micro-batches, prefetching carries on from one micro-batch into the previous.
+        on_demand = 1 if together else len(batches)
+        assert (stats.fetched_on_demand, stats.prefetched) == (on_demand, 4 * len(batches) - on_demand)
+    else:
+        assert stats.offloaded == 0 and stats.kept >= 4 * len(batches)
+    assert offloader.live_tensors == 0
+
+
+def test_autocast_bf16_matches_plain():
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    models = _models(0.2, offloader=offloader)
+    batches = [torch.randn(2, 9, 24)]
+    plain = _train(models["plain"], batches, autocast_dtype=torch.bfloat16)
+    got = _train(models["offload"], batches, autocast_dtype=torch.bfloat16)
+    _assert_same(got, plain)
+    assert offloader.stats.offloaded == 4
+
+
+def test_no_grad_outside_and_inside():
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    block = Block(16, 0.0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch.no_grad():
+        y = offload_checkpoint(block, x, offloader=offloader)
+    assert y.grad_fn is None and offloader.stats.offloaded == 0 and offloader.live_tensors == 0
+    torch.testing.assert_close(y, block(x), rtol=0, atol=0)
+
+    def partly_frozen(h):
+        with torch.no_grad():
+            shift = block.up(h).mean()  # constant for autograd
+        return block(h) * 2 + shift
+
+    g_ref = torch.autograd.grad(partly_frozen(x).sum(), [x, *block.parameters()])
+    g = torch.autograd.grad(offload_checkpoint(partly_frozen, x, offloader=offloader).sum(), [x, *block.parameters()])
+    _assert_same(list(g), list(g_ref))
+    assert offloader.stats.offloaded == 1
+
+
+def test_inputs_not_requiring_grad_and_non_tensor_args():
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    block = Block(16, 0.0)
+    x = torch.randn(4, 16)  # no grad: still saved and needed by the recompute
+    fn = lambda h, k, *, bias: block(h, scale=k) + bias  # noqa: E731
+    ref = torch.autograd.grad(fn(x, 0.25, bias=1.0).sum(), list(block.parameters()))
+    out = offload_checkpoint(fn, x, 0.25, offloader=offloader, bias=1.0)
+    got = torch.autograd.grad(out.sum(), list(block.parameters()))
+    _assert_same(list(got), list(ref))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided_slice", "expanded"])
+def test_non_contiguous_inputs(layout):
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    base = torch.randn(6, 8, 16)
+    x = {"transposed": base.transpose(0, 1), "strided_slice": base[:, ::2], "expanded": base[:1].expand(6, 8, 16)}[layout]
+    x = x.detach().requires_grad_(True) if layout != "expanded" else x
+    seen = []
+
+    def fn(h):
+        seen.append(h.stride())
+        return (h.sin() * h).sum(dim=-1)
+
+    out = offload_checkpoint(fn, x, offloader=offloader)
+    ref_out = (x.sin() * x).sum(dim=-1)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    if x.requires_grad:
+        (g,) = torch.autograd.grad(out.sum(), [x])
+        (g_ref,) = torch.autograd.grad(ref_out.sum(), [x])
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+        if layout == "transposed":  # dense layouts come back with their strides
+            assert seen[-1] == x.stride()
+
+
+def test_retain_graph_backward_twice():
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    models = _models(0.3, offloader=offloader)
+    x = torch.randn(2, 5, 24)
+    torch.manual_seed(5)
+    loss = models["offload"](x).square().mean()
+    g1 = torch.autograd.grad(loss, list(models["offload"].parameters()), retain_graph=True)
+    g2 = torch.autograd.grad(loss, list(models["offload"].parameters()))
+    _assert_same(list(g1), list(g2))
+    del loss
+    assert offloader.live_tensors == 0
+
+
+def test_pool_reused_across_steps_and_bounded_with_varying_lengths():
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    model = _models(0.0, offloader=offloader, width=32, depth=5)["offload"]
+    lengths = [64] + [random.Random(i).randint(8, 64) for i in range(30)]  # the largest first
+    held = []
+    for t in lengths:
+        model(torch.randn(2, t, 32)).square().mean().backward()
+        assert offloader.live_tensors == 0
+        held.append((offloader.pool.bytes_held, offloader.pool.buffers_held, offloader.pool.allocations))
+    assert held[0][1] == 5  # one buffer per layer alive at once
+    assert all(h == held[0] for h in held), held  # nothing allocated after the largest step
+    offloader.empty_cache()
+    assert offloader.pool.bytes_held == 0 and offloader.pool.buffers_held == 0
+
+
+def test_graph_dropped_without_backward_returns_buffers():
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    model = _models(0.0, offloader=offloader)["offload"]
+    out = model(torch.randn(2, 5, 24))
+    assert offloader.live_tensors == 4
+    del out
+    assert offloader.live_tensors == 0
+    assert len(offloader.pool._free) == offloader.pool.buffers_held == 4
+
+
+def test_in_place_change_after_call_is_an_error():
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    x = torch.randn(8, 8, requires_grad=True)
+    h = x * 1.0
+    out = offload_checkpoint(lambda t: t.sin(), h, offloader=offloader)
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+def test_small_tensors_parameters_and_argument_errors():
+    offloader = ActivationOffloader(min_bytes=4096, offload_cpu_tensors=True)
+    small = torch.randn(4, 4, requires_grad=True)
+    weight = nn.Parameter(torch.randn(4, 4))
+    offload_checkpoint(lambda a, w: a @ w, small, weight, offloader=offloader).sum().backward()
+    assert offloader.stats.offloaded == 0 and offloader.stats.kept == 2
+    with pytest.raises(ValueError, match="use_reentrant"):
+        offload_checkpoint(torch.sin, small, use_reentrant=True, offloader=offloader)
+    with pytest.raises(ValueError, match="min_bytes"):
+        ActivationOffloader(min_bytes=-1)
+
+
+def test_checkpoint_kwargs_pass_through():
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    x = torch.randn(5, 5, requires_grad=True)
+    out = offload_checkpoint(torch.sin, x, offloader=offloader, preserve_rng_state=False, determinism_check="none")
+    (g,) = torch.autograd.grad(out.sum(), [x])
+    torch.testing.assert_close(g, x.cos(), rtol=0, atol=0)
+
+
+def test_pinned_memory_failure_falls_back_with_warning(monkeypatch):
+    real_empty = torch.empty
+
+    def no_pinning(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("pinned allocation failed (simulated)")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_pinning)
+    pool = HostBufferPool(pin_memory=True)
+    with pytest.warns(RuntimeWarning, match="pageable"):
+        buf = pool.acquire(1000, pinned=True)
+    assert buf is not None and buf.capacity >= 1000 and not buf.data.is_pinned()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not per buffer
+        assert pool.acquire(5000, pinned=True) is not None
+
+
+def test_no_host_memory_keeps_tensor_in_place(monkeypatch):
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    monkeypatch.setattr(offloader.pool, "_allocate", lambda capacity, pinned: None)
+    x = torch.randn(6, 6, requires_grad=True)
+    (g,) = torch.autograd.grad(offload_checkpoint(torch.sin, x, offloader=offloader).sum(), [x])
+    torch.testing.assert_close(g, x.cos(), rtol=0, atol=0)
+    assert offloader.stats.offloaded == 0 and offloader.stats.kept == 1
+
+
+def test_deepcopy_gets_a_fresh_offloader_and_default_is_exported():
+    offloader = ActivationOffloader(min_bytes=123, offload_cpu_tensors=True)
+    offloader.pool.acquire(10, pinned=False)
+    clone = copy.deepcopy(offloader)
+    assert clone is not offloader and clone.min_bytes == 123 and clone.pool.bytes_held == 0
+    assert fastkern.offload_checkpoint is offload_checkpoint
+    x = torch.randn(3, requires_grad=True)  # default offloader, CPU tensor: recompute only
+    (g,) = torch.autograd.grad(fastkern.offload_checkpoint(torch.exp, x).sum(), [x])
+    torch.testing.assert_close(g, x.exp(), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_gpu_parity(dtype, p):
+    offloader = ActivationOffloader()
+    models = _models(p, device="cuda", dtype=dtype, offloader=offloader, width=512, depth=4)
+    batches = [torch.randn(2, 1024, 512, device="cuda", dtype=dtype) for _ in range(3)]
+    for together in (False, True):
+        ref = _train(models["none"], batches, together)
+        plain = _train(models["plain"], batches, together)
+        got = _train(models["offload"], batches, together)
+        _assert_same(got, plain)  # same kernels, same RNG, exact copies: bit-identical
+        for a, b in zip(got[2], ref[2]):
+            torch.testing.assert_close(a, b)
+    assert offloader.stats.offloaded == 4 * 3 * 2 and offloader.live_tensors == 0
+    assert offloader.pool.allocations == 4  # reused across steps and gradient-accumulation micro-batches
+
+
+@gpu
+def test_gpu_autocast_and_side_compute_stream():
+    offloader = ActivationOffloader()
+    models = _models(0.2, device="cuda", offloader=offloader, width=512, depth=4)
+    batches = [torch.randn(2, 1024, 512, device="cuda")]
+    plain = _train(models["plain"], batches, autocast_dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # the current stream at call time is the one to order against
+        got = _train(models["offload"], batches, autocast_dtype=torch.bfloat16)
+    torch.cuda.current_stream().wait_stream(stream)
+    _assert_same(got, plain)
+    assert offloader.stats.offloaded == 4
+
+
+def _settled_allocated() -> int:
+    torch.cuda.synchronize()
+    torch.empty(1, device="cuda")  # lets the allocator process the frees that waited on side-stream events
+    return torch.cuda.memory_allocated()
+
+
+@gpu
+def test_gpu_saved_inputs_leave_the_device():
+    width, tokens, depth = 2048, 8192, 8
+    layer_bytes = tokens * width * 2
+    results = {}
+    for mode in ("plain", "offload"):
+        torch.manual_seed(0)
+        layers = [nn.Linear(width, width, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(depth)]
+        offloader = ActivationOffloader()
+        x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        before = _settled_allocated()
+        h = x
+        for layer in layers:
+            fn = lambda t, layer=layer: torch.nn.functional.silu(layer(t))  # noqa: E731
+            h = checkpoint(fn, h, use_reentrant=False) if mode == "plain" else offload_checkpoint(fn, h, offloader=offloader)
+        loss = h.float().square().mean()
+        results[mode] = _settled_allocated() - before
+        loss.backward()
+        grads = [layer.weight.grad.float() for layer in layers]
+        results[mode + "_grads"] = grads
+        del loss, h
+    saved = results["plain"] - results["offload"]
+    assert saved >= (depth - 2) * layer_bytes, (results["plain"], results["offload"], layer_bytes)
+    for a, b in zip(results["plain_grads"], results["offload_grads"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@gpu
+def test_gpu_stress_varying_lengths_no_memory_growth():
+    width, depth = 1024, 8
+    offloader = ActivationOffloader()
+    torch.manual_seed(0)
+    model = Stack(width, depth, 0.1, mode="offload", offloader=offloader).to("cuda", torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    rng = random.Random(0)
+    lengths = [4096] + [rng.randint(256, 4096) for _ in range(99)]
+    history = []
+    for step, t in enumerate(lengths):
+        x = torch.randn(2, t, width, device="cuda", dtype=torch.bfloat16)
+        loss = model(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss, x
+        assert torch.isfinite(next(model.parameters())).all()
+        if step == 1 or step == len(lengths) - 1:
+            history.append((offloader.pool.bytes_held, offloader.pool.buffers_held, offloader.pool.allocations,
+                            _settled_allocated()))
+        assert offloader.live_tensors == 0
+    assert history[0] == history[-1], history
+    assert offloader.stats.offloaded == depth * len(lengths)
+    assert offloader.stats.prefetched >= (depth - 1) * len(lengths)
