@@ -2,6 +2,8 @@
 PyTorch reference (see fastkern.runtime) and is registered as a torch custom op."""
 
 from .glu import geglu, swiglu
+from .lora_linear import lora_linear
+from .nf4 import NF4State, nf4_dequantize, nf4_quantize
 from .rope import rope
 
-__all__ = ["rope", "swiglu", "geglu"]
+__all__ = ["rope", "swiglu", "geglu", "lora_linear", "nf4_dequantize", "nf4_quantize", "NF4State"]

@@ -1,0 +1,129 @@
+"""lora_linear vs a float64 oracle: output and gradients of x, lora_A, lora_B (and bias), dense and NF4."""
+
+import pytest
+import torch
+
+from fastkern.ops import lora_linear, nf4_quantize
+from fastkern.ops.nf4 import flatten_state
+from fastkern.reference.lora_linear import dense_weight_reference, lora_linear_reference
+from tests.oracle import assert_close
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(m, n, k, r, dtype, nf4, bias, seed, blocksize=64, double_quant=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    a = (torch.randn(r, k, generator=g) / k**0.5).to(dtype)
+    b = (torch.randn(n, r, generator=g) / r**0.5).to(dtype)
+    bias_t = torch.randn(n, generator=g).to(dtype) if bias else None
+    state = None
+    if nf4:
+        w, state = nf4_quantize(w, blocksize=blocksize, double_quant=double_quant)
+    return x, w, a, b, bias_t, state
+
+
+def _check(x, w, a, b, scaling, bias, state, dtype, x_view=None):
+    quant = None if state is None else flatten_state("test", w, state, dtype)
+    w_dense = dense_weight_reference(w, quant, dtype)  # the exact weight the op multiplies with
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    bias_leaf = None if bias is None else bias.detach().clone().requires_grad_()
+    xin = leaves[0] if x_view is None else x_view(leaves[0])
+    out = lora_linear(xin, w, leaves[1], leaves[2], scaling, bias=bias_leaf, quant_state=state)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out.backward(grad_out)
+
+    def run(cast):
+        ls = [t.detach().to(cast).requires_grad_() for t in (x, a, b)]
+        bl = None if bias is None else bias.detach().to(cast).requires_grad_()
+        xi = ls[0] if x_view is None else x_view(ls[0])
+        o = lora_linear_reference(xi, w_dense.to(cast), ls[1], ls[2], scaling, bias=bl)
+        o.backward(grad_out.to(cast))
+        return o, [t.grad for t in ls] + ([bl.grad] if bl is not None else [])
+
+    oracle, oracle_grads = run(torch.float64)
+    same, same_grads = run(dtype)
+    assert_close(out, oracle, dtype, same, name="out")
+    grads = [t.grad for t in leaves] + ([bias_leaf.grad] if bias_leaf is not None else [])
+    for name, got, o, s in zip(("x", "lora_A", "lora_B", "bias"), grads, oracle_grads, same_grads):
+        assert_close(got, o, dtype, s, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k,r,bias,scaling", [
+    (5, 33, 19, 1, True, 2.0),      # odd everything, M < K: accumulate path for dense
+    (37, 24, 16, 8, False, 0.5),    # M >= K: concatenated path for dense
+    (9, 40, 64, 16, True, 0.0),     # scaling 0: LoRA contributes nothing, grads of B are zero
+    (70, 17, 63, 64, False, 1.7),
+    (3, 130, 129, 128, True, 0.25),
+])
+def test_matches_float64_oracle(m, n, k, r, bias, scaling, dtype, nf4, poison_empty):
+    x, w, a, b, bias_t, state = _inputs(m, n, k, r, dtype, nf4, bias, seed=m * 7 + r)
+    _check(x, w, a, b, scaling, bias_t, state, dtype)
+
+
+@pytest.mark.parametrize("double_quant,blocksize", [(False, 32), (True, 256)])
+def test_nf4_variants_and_3d_noncontiguous_input(double_quant, blocksize):
+    dtype = torch.bfloat16
+    x, w, a, b, bias_t, state = _inputs(24, 20, 48, 4, dtype, True, True, seed=3, blocksize=blocksize,
+                                        double_quant=double_quant)
+    # x as a transposed 3-D view [2, 12, 48] built from a [12, 2, 48] buffer.
+    _check(x, w, a, b, 1.5, bias_t, state, dtype, x_view=lambda t: t.view(12, 2, 48).transpose(0, 1))
+
+
+def test_bitsandbytes_params_and_quant_storage():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    dtype = torch.bfloat16
+    x, w, a, b, _, _ = _inputs(10, 24, 32, 8, dtype, False, False, seed=5)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                       quant_storage=torch.bfloat16)
+    _check(x, packed, a, b, 2.0, None, state, dtype)
+
+
+def test_bad_inputs_named():
+    x, w, a, b, _, _ = _inputs(4, 8, 16, 2, torch.float32, False, False, seed=0)
+    with pytest.raises(TypeError, match="lora_A"):
+        lora_linear(x, w, a.half(), b, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        lora_linear(x, w, a, b.T, 1.0)
+    with pytest.raises(ValueError, match="weight"):
+        lora_linear(x, w[:, :15], a, b, 1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(x, w.clone().requires_grad_(), a, b, 1.0)
+    with pytest.raises(TypeError, match="scaling"):
+        lora_linear(x, w, a, b, torch.tensor(1.0))
+    packed, state = nf4_quantize(torch.randn(8, 32))
+    with pytest.raises(ValueError, match="quant_state.shape"):
+        lora_linear(x, packed, a, b, 1.0, quant_state=state)
+
+
+def test_compile_fullgraph():
+    dtype = torch.float32
+    x, w, a, b, bias_t, state = _inputs(6, 12, 32, 4, dtype, True, True, seed=9)
+    a.requires_grad_()
+    fn = torch.compile(lambda x, a: lora_linear(x, w, a, b, 0.5, bias=bias_t, quant_state=state), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(x, a)
+    out.sum().backward()
+    a2 = a.detach().clone().requires_grad_()
+    ref = lora_linear(x, w, a2, b, 0.5, bias=bias_t, quant_state=state)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(a.grad, a2.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("m", [512, 2048])
+def test_real_size_gpu(nf4, m):
+    dtype = torch.bfloat16
+    x, w, a, b, bias_t, state = _inputs(m, 14336, 4096, 16, dtype, nf4, False, seed=m)
+    if nf4:
+        w = w.cuda()
+        state.absmax, state.code, state.offset = state.absmax.cuda(), state.code.cuda(), state.offset.cuda()
+        state.state2.absmax, state.state2.code = state.state2.absmax.cuda(), state.state2.code.cuda()
+    else:
+        w = w.cuda()
+    _check(x.cuda(), w, a.cuda(), b.cuda(), 2.0, None, state, dtype)
