@@ -1,0 +1,218 @@
+"""Checkpointing patcher: decoder layers recompute in backward, their saved inputs wait in CPU memory.
+
+How transformers 5 checkpoints (5.17 and 5.23 agree on what matters here): decoder layers are
+``GradientCheckpointingLayer`` instances; while a layer's ``gradient_checkpointing`` flag is on and the
+model is training, the layer calls ``self._gradient_checkpointing_func(partial(<layer call>, **kwargs),
+*args)`` (5.17 wraps ``__call__``, 5.23 wraps ``forward``; both read the attribute at call time).
+``PreTrainedModel._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)``
+sets the flag and that attribute on every module; ``gradient_checkpointing_enable`` (5.17; a deprecated
+alias in 5.23), ``activation_checkpointing_enable`` (5.23), transformers' Trainer and TRL all end there.
+
+So, per model instance, ``patch_model(model, checkpointing="offload")``:
+
+1. gives each PreTrainedModel inside ``model`` an instance-level ``_set_gradient_checkpointing`` that
+   swaps the function it is handed for an :class:`OffloadCheckpointFunction` over the model's own
+   :class:`~fastkern.checkpointing.ActivationOffloader`, keeping the checkpoint keyword arguments
+   (``context_fn`` from TRL's selective checkpointing, ``preserve_rng_state``, ...). Checkpointing
+   turned on later by the user, by the Trainer (TRL turns it on by default) or re-enabled by TRL around
+   generation therefore offloads too;
+2. turns checkpointing on now if no layer has it (through that setter, non-reentrant), or swaps the
+   function of the layers that already checkpoint.
+
+unpatch_model puts the setters and every layer's function back, and if patch_model was the one that
+turned checkpointing on (and nobody enabled it since), restores the flags as they were.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from ..checkpointing import ActivationOffloader
+from .core import PatchContext
+from .report import PatchReport
+
+_KIND = "checkpointing"
+_VALUES = (None, "offload")
+
+
+class OffloadCheckpointFunction:
+    """What a decoder layer calls as ``_gradient_checkpointing_func`` once offloading is on."""
+
+    def __init__(self, offloader: ActivationOffloader, checkpoint_kwargs: dict, replaces):
+        self.offloader = offloader
+        self.checkpoint_kwargs = checkpoint_kwargs
+        self.replaces = replaces  # the function that was asked for; unpatch_model puts it back
+
+    def __call__(self, function, *args, **kwargs):
+        return self.offloader.checkpoint(function, *args, **{**self.checkpoint_kwargs, **kwargs})
+
+    def __repr__(self) -> str:
+        return f"OffloadCheckpointFunction({self.checkpoint_kwargs}, offloader={self.offloader!r})"
+
+
+def _checkpoint_kwargs(func) -> dict | None:
+    """Keyword arguments ``func`` gives torch's checkpoint, or None if offloading cannot stand in for it."""
+    base, kwargs = (func.func, dict(func.keywords)) if isinstance(func, functools.partial) else (func, {})
+    # transformers' offload=True wraps torch's checkpoint in save_on_cpu; ours replaces both.
+    is_transformers_offload = getattr(base, "__module__", "") == "transformers.modeling_utils" and getattr(
+        base, "__name__", "") == "checkpoint_func"
+    if base is not torch_checkpoint and not is_transformers_offload:
+        return None
+    if kwargs.pop("use_reentrant", False):
+        return None
+    return kwargs
+
+
+def _offloading(offloader: ActivationOffloader, func):
+    if isinstance(func, OffloadCheckpointFunction):
+        if func.offloader is offloader:
+            return func
+        func = func.replaces
+    kwargs = _checkpoint_kwargs(func)
+    if kwargs is None:
+        warnings.warn(
+            f"fastkern checkpointing='offload': the requested checkpoint function {func!r} is reentrant or not "
+            "torch.utils.checkpoint; it is kept as is and saved inputs stay on the device",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return func
+    return OffloadCheckpointFunction(offloader, kwargs, replaces=func)
+
+
+class _PatchState:
+    def __init__(self):
+        self.offloader = ActivationOffloader()
+        self.enabled_by_patch = False
+        self.enabled_since_patch = False
+        self.saved_flags: dict[nn.Module, dict] = {}  # module -> the two attributes as they were
+
+
+class _OffloadingSetter:
+    """Instance-level stand-in for ``PreTrainedModel._set_gradient_checkpointing``."""
+
+    def __init__(self, model: nn.Module, state: _PatchState, previous):
+        self.model, self.state, self.previous = model, state, previous
+
+    def __call__(self, enable: bool = True, gradient_checkpointing_func=torch_checkpoint, **kwargs):
+        if enable:
+            gradient_checkpointing_func = _offloading(self.state.offloader, gradient_checkpointing_func)
+            self.state.enabled_since_patch = True
+        setter = self.previous or type(self.model)._set_gradient_checkpointing.__get__(self.model)
+        return setter(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs)
+
+
+def _pretrained_models(model: nn.Module) -> list[nn.Module]:
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+
+def _patch_state(model: nn.Module) -> _PatchState | None:
+    for m in _pretrained_models(model):
+        setter = m.__dict__.get("_set_gradient_checkpointing")
+        if isinstance(setter, _OffloadingSetter):
+            return setter.state
+    return None
+
+
+def model_offloader(model: nn.Module) -> ActivationOffloader | None:
+    """The ActivationOffloader patch_model gave ``model`` (its pool and ``stats``), or None if unpatched."""
+    state = _patch_state(model)
+    return state.offloader if state is not None else None
+
+
+def _snapshot(module: nn.Module) -> dict:
+    return {k: module.__dict__[k] for k in ("gradient_checkpointing", "_gradient_checkpointing_func") if k in module.__dict__}
+
+
+class CheckpointingPatcher:
+    option = "checkpointing"
+    default = None
+
+    def apply(self, ctx: PatchContext, value) -> None:
+        if value not in _VALUES:
+            raise ValueError(f"fastkern.patch_model: checkpointing must be one of {_VALUES}, got {value!r}")
+        hf = ctx.hf_model
+        if hf is None:
+            return
+        if not getattr(hf, "supports_gradient_checkpointing", False):
+            ctx.report.add_skipped("", _KIND, f"{type(hf).__name__} does not support gradient checkpointing")
+            return
+        if _patch_state(ctx.model) is not None:
+            ctx.report.add_skipped("", _KIND, "already patched")
+            return
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        owners = _pretrained_models(ctx.model)
+        old_format = [type(m).__name__ for m in owners
+                      if "value" in inspect.signature(type(m)._set_gradient_checkpointing).parameters]
+        if old_format:
+            ctx.report.add_skipped("", _KIND, f"{old_format} use the pre-4.35 checkpointing format; not patched")
+            return
+        names = {m: n for n, m in ctx.model.named_modules()}
+        layers = [m for m in ctx.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not layers:
+            ctx.report.add_skipped("", _KIND, "no GradientCheckpointingLayer in the model")
+            return
+        state = _PatchState()
+        for m in owners:
+            m._set_gradient_checkpointing = _OffloadingSetter(m, state, m.__dict__.get("_set_gradient_checkpointing"))
+        if any(layer.gradient_checkpointing for layer in layers):
+            for m in ctx.model.modules():
+                if hasattr(m, "gradient_checkpointing") and hasattr(m, "_gradient_checkpointing_func"):
+                    m._gradient_checkpointing_func = _offloading(state.offloader, m._gradient_checkpointing_func)
+            how = "checkpointing was on; its function now offloads"
+        else:
+            state.saved_flags = {m: _snapshot(m) for m in ctx.model.modules() if hasattr(m, "gradient_checkpointing")}
+            hf._set_gradient_checkpointing(
+                enable=True, gradient_checkpointing_func=functools.partial(torch_checkpoint, use_reentrant=False)
+            )
+            state.enabled_by_patch = True
+            how = "checkpointing turned on (non-reentrant)"
+        state.enabled_since_patch = False
+        for layer in layers:
+            if layer.gradient_checkpointing:
+                ctx.report.add_patched(names[layer], _KIND, f"{type(layer).__name__}: inputs offloaded to CPU memory; {how}")
+            else:
+                ctx.report.add_skipped(names[layer], _KIND, "not checkpointed (every_n_layers)")
+        ctx.report.notes.append(
+            "checkpointing: gradient_checkpointing_enable()/activation_checkpointing_enable() on this model "
+            "(by you, the Trainer or TRL) keep offloading until unpatch_model"
+        )
+
+    def remove(self, model: nn.Module, report: PatchReport) -> None:
+        state = _patch_state(model)
+        if state is None:
+            return
+        for m in _pretrained_models(model):
+            setter = m.__dict__.get("_set_gradient_checkpointing")
+            if isinstance(setter, _OffloadingSetter) and setter.state is state:
+                if setter.previous is None:
+                    del m.__dict__["_set_gradient_checkpointing"]
+                else:
+                    m.__dict__["_set_gradient_checkpointing"] = setter.previous
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        turn_off = state.enabled_by_patch and not state.enabled_since_patch
+        for name, m in model.named_modules():
+            func = m.__dict__.get("_gradient_checkpointing_func")
+            if turn_off and m in state.saved_flags:
+                for key in ("gradient_checkpointing", "_gradient_checkpointing_func"):
+                    m.__dict__.pop(key, None)
+                m.__dict__.update(state.saved_flags[m])
+            elif isinstance(func, OffloadCheckpointFunction) and func.offloader is state.offloader:
+                m._gradient_checkpointing_func = func.replaces
+            else:
+                continue
+            if isinstance(m, GradientCheckpointingLayer):
+                report.add_patched(name, _KIND, "checkpointing turned back off" if turn_off else "original checkpoint function restored")
+        state.offloader.empty_cache()
+
+
+CHECKPOINTING_PATCHER = CheckpointingPatcher()

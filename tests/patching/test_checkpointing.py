@@ -1,0 +1,212 @@
+"""patch_model(model, checkpointing="offload"): decoder layers checkpoint through the model's own
+offloader, also when checkpointing is (re-)enabled later by the user, the Trainer or TRL; per instance;
+reversible. On CPU the offloader is told to move CPU tensors too, so the whole path really runs."""
+
+import copy
+import functools
+import tempfile
+import warnings
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+import fastkern
+from fastkern.patching.checkpointing import OffloadCheckpointFunction, model_offloader
+from tests.models import batch, tiny_model
+
+
+def layers(model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable(model, **kwargs):
+    """The model's own enable method: activation_checkpointing_enable on 5.23, gradient_... on 5.17."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        method = getattr(model, "activation_checkpointing_enable", None)
+        if method is not None:
+            method(activation_checkpointing_kwargs=kwargs.pop("gc_kwargs", None), **kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs.pop("gc_kwargs", None), **kwargs)
+
+
+def disable(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def move_everything(model):
+    offloader = model_offloader(model)
+    offloader.min_bytes, offloader.offload_cpu_tensors = 0, True
+    return offloader
+
+
+def grads(model, ids, seed=7):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b):
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_offload_matches_plain_and_no_checkpointing(dropout):
+    ids = batch()
+    model = tiny_model("llama", attention_dropout=dropout)
+    ref = grads(model, ids)
+    enable(model, gc_kwargs={"use_reentrant": False})
+    plain = grads(model, ids)
+    disable(model)
+    report = fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    assert len(report.patched_names("checkpointing")) == 2, report
+    offloader = move_everything(model)
+    got = grads(model, ids)
+    assert_same(got, plain)
+    assert_same(got, ref)
+    got_accumulated = grads(model, ids)  # second step: buffers reused, no new allocation
+    assert_same(got_accumulated, got)
+    assert offloader.stats.calls == 4 and offloader.stats.offloaded == 4 and offloader.live_tensors == 0
+    assert offloader.pool.allocations == 2
+
+
+def test_patch_turns_checkpointing_on_and_unpatch_turns_it_off():
+    model = tiny_model("llama")
+    before = [dict(m.__dict__) for m in layers(model)]
+    assert not any(m.gradient_checkpointing for m in layers(model))
+    report = fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    assert all(m.gradient_checkpointing for m in layers(model))
+    assert all(isinstance(m._gradient_checkpointing_func, OffloadCheckpointFunction) for m in layers(model))
+    assert "turned on" in str(report)
+    restored = fastkern.unpatch_model(model)
+    assert len(restored.patched_names("checkpointing")) == 2, restored
+    assert [dict(m.__dict__) for m in layers(model)] == before
+    assert "_set_gradient_checkpointing" not in model.__dict__ and model_offloader(model) is None
+
+
+@pytest.mark.parametrize("offload_flag", [False, True])
+def test_enable_after_patch_keeps_offloading(offload_flag):
+    ids = batch()
+    model = tiny_model("llama")
+    fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    offloader = move_everything(model)
+    disable(model)  # what TRL does around generation ...
+    assert not any(m.gradient_checkpointing for m in layers(model))
+    enable(model, gc_kwargs={"use_reentrant": False}, offload=offload_flag)  # ... and after it
+    funcs = [m._gradient_checkpointing_func for m in layers(model)]
+    assert all(isinstance(f, OffloadCheckpointFunction) and f.offloader is offloader for f in funcs)
+    assert funcs[0].checkpoint_kwargs == {}
+    grads(model, ids)
+    assert offloader.stats.calls == 2 and offloader.stats.offloaded == 2
+    fastkern.unpatch_model(model)
+    # Enabled by the user after patching: stays on, with the function the user asked for.
+    assert all(m.gradient_checkpointing for m in layers(model))
+    restored = layers(model)[0]._gradient_checkpointing_func
+    assert isinstance(restored, functools.partial) and restored.keywords == {"use_reentrant": False}
+
+
+def test_patch_when_already_enabled_restores_the_same_function():
+    model = tiny_model("llama")
+    enable(model, gc_kwargs={"use_reentrant": False, "preserve_rng_state": True})
+    original = layers(model)[0]._gradient_checkpointing_func
+    report = fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    assert "was on" in str(report)
+    func = layers(model)[0]._gradient_checkpointing_func
+    assert isinstance(func, OffloadCheckpointFunction) and func.checkpoint_kwargs == {"preserve_rng_state": True}
+    again = fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    assert again.skipped and "already patched" in again.skipped[0].detail
+    fastkern.unpatch_model(model)
+    assert all(m._gradient_checkpointing_func is original and m.gradient_checkpointing for m in layers(model))
+
+
+def test_per_instance_and_deepcopy():
+    ids = batch()
+    patched, other = tiny_model("llama"), tiny_model("llama")
+    fastkern.patch_model(patched, mlp=False, checkpointing="offload")
+    enable(other, gc_kwargs={"use_reentrant": False})
+    assert isinstance(layers(other)[0]._gradient_checkpointing_func, functools.partial)
+    clone = copy.deepcopy(patched)
+    assert model_offloader(clone) is not model_offloader(patched)
+    assert layers(clone)[0]._gradient_checkpointing_func.offloader is model_offloader(clone)
+    move_everything(clone)
+    grads(clone, ids)
+    assert model_offloader(clone).stats.offloaded == 2 and model_offloader(patched).stats.calls == 0
+
+
+def test_reentrant_request_is_kept_with_a_warning_and_bad_value_rejected():
+    model = tiny_model("llama")
+    fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    with pytest.warns(RuntimeWarning, match="reentrant"):
+        enable(model, gc_kwargs={"use_reentrant": True})
+    func = layers(model)[0]._gradient_checkpointing_func
+    assert isinstance(func, functools.partial) and func.func is torch_checkpoint
+    with pytest.raises(ValueError, match="checkpointing"):
+        fastkern.patch_model(tiny_model("llama"), checkpointing="cpu")
+
+
+def test_peft_model():
+    peft = pytest.importorskip("peft")
+    ids = batch()
+
+    def lora(model):
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+
+    plain = lora(tiny_model("llama"))
+    enable(plain, gc_kwargs={"use_reentrant": False})
+    ref = grads(plain, ids)
+    model = lora(tiny_model("llama"))
+    report = fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    assert len(report.patched_names("checkpointing")) == 2, report
+    offloader = move_everything(model)
+    assert_same(grads(model, ids), ref)
+    assert offloader.stats.offloaded == 2
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(40)]
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.mark.slow
+def test_trl_sft_trainer_gradient_checkpointing_runs_offloaded():
+    """The documented TRL opt-in: patch the model, then hand it to SFTTrainer (gradient_checkpointing=True,
+    TRL's default). Trainer.train enables checkpointing through the patched setter."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    rows = [" ".join(f"w{(s + 3 * i) % 40}" for i in range(20)) for s in range(16)]
+    model = tiny_model("llama", vocab_size=43)
+    fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    offloader = move_everything(model)
+    disable(model)  # let the Trainer be the one that turns it on
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = trl.SFTConfig(
+            output_dir=out_dir, max_steps=2, per_device_train_batch_size=2, gradient_checkpointing=True,
+            max_length=24, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, bf16=False,
+            disable_tqdm=True, dataloader_num_workers=0,
+        )
+        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_dict({"text": rows}),
+                                 processing_class=_tokenizer())
+        assert not any(m.gradient_checkpointing for m in layers(trainer.model))
+        trainer.train()  # Trainer.train enables checkpointing (transformers 5.17 and 5.23)
+    assert all(isinstance(m._gradient_checkpointing_func, OffloadCheckpointFunction) for m in layers(model))
+    n_layers = len(layers(model))
+    assert offloader.stats.calls == 2 * n_layers, offloader.stats
+    assert offloader.stats.offloaded == 2 * n_layers and offloader.stats.prefetched == 2 * (n_layers - 1)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
