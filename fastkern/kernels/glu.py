@@ -16,11 +16,13 @@ ACT_SILU = 0
 ACT_GELU_TANH = 1
 ACT_GELU_ERF = 2
 
-# sqrt(2 / pi) and the cubic coefficient of the tanh approximation of GELU.
-_GELU_TANH_K = 0.7978845608028654
-_GELU_TANH_C = 0.044715
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Globals read inside @triton.jit must be tl.constexpr (the interpreter does not enforce this; the
+# compiler does). sqrt(2/pi) and the cubic coefficient of the tanh approximation of GELU, 1/sqrt(2),
+# 1/sqrt(2 pi).
+_GELU_TANH_K = tl.constexpr(0.7978845608028654)
+_GELU_TANH_C = tl.constexpr(0.044715)
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

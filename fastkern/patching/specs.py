@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.resources
+import pathlib
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,11 +59,19 @@ def parse_spec(text: str, source: str) -> FamilySpec:
     )
 
 
+def _spec_dir():
+    """fastkern.patches when installed; the repository's patches/ when run from a source tree."""
+    try:
+        return importlib.resources.files("fastkern.patches")
+    except ModuleNotFoundError:
+        return pathlib.Path(__file__).resolve().parents[2] / "patches"
+
+
 @functools.cache
 def load_specs() -> tuple[FamilySpec, ...]:
     """Every spec shipped in fastkern.patches, sorted by family."""
     specs = []
-    for entry in importlib.resources.files("fastkern.patches").iterdir():
+    for entry in _spec_dir().iterdir():
         if entry.name.endswith(".toml"):
             specs.append(parse_spec(entry.read_text(encoding="utf-8"), f"patches/{entry.name}"))
     return tuple(sorted(specs, key=lambda s: s.family))
