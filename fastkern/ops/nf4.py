@@ -127,8 +127,11 @@ def _path(t: Tensor) -> str:
 
 
 def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, blocksize: int,
-                    nested_blocksize: int) -> None:
-    """Write the [rows, cols] dequantized weight into ``out`` (unit column stride, any row stride)."""
+                    nested_blocksize: int, block: int = _DEQUANT_BLOCK, num_warps: int = 4) -> None:
+    """Write the [rows, cols] dequantized weight into ``out`` (unit column stride, any row stride).
+
+    ``block`` (weight elements per program, a power of two) and ``num_warps`` exist for the bench's sweep.
+    """
     rows, cols = out.shape
     if out.numel() == 0:
         return
@@ -141,16 +144,16 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
     assert out.stride(1) == 1, "dequantize_into needs a unit column stride"
     n = rows * cols
     nested = absmax2 is not None
-    grid = (triton_cdiv(n, _DEQUANT_BLOCK),)
-    int64 = (rows - 1) * out.stride(0) + cols + 2 * _DEQUANT_BLOCK >= INT32_MAX or n + 2 * _DEQUANT_BLOCK >= INT32_MAX
+    grid = (triton_cdiv(n, block),)
+    int64 = (rows - 1) * out.stride(0) + cols + 2 * block >= INT32_MAX or n + 2 * block >= INT32_MAX
     with device_guard(packed):
         nf4_dequantize_kernel[grid](
             packed, code, absmax, absmax2 if nested else absmax, code2 if nested else code,
             offset if nested else code, out,
             n, cols, out.stride(0),
             BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=max(nested_blocksize, 1),
-            OUT_CONTIGUOUS=out.stride(0) == cols, ROUND_BF16=out.dtype == torch.bfloat16, BLOCK=_DEQUANT_BLOCK, INT64_OFFSETS=int64,
-            num_warps=4, enable_fp_fusion=False,
+            OUT_CONTIGUOUS=out.stride(0) == cols, ROUND_BF16=out.dtype == torch.bfloat16, BLOCK=block, INT64_OFFSETS=int64,
+            num_warps=num_warps, enable_fp_fusion=False,
         )
 
 

@@ -1,0 +1,170 @@
+"""LoRA layer forward+backward side by side: fastkern (16-bit and NF4 base) vs PEFT vs PEFT+bitsandbytes.
+
+    python3 bench/bench_lora_linear.py --out DIR
+
+Layer 4096 -> 14336, r 16, alpha 32, bf16, no bias, base frozen; x requires grad (as inside a model),
+M = 512, 2048, 8192 tokens. One step = forward + backward (dX, dA, dB). Each implementation is checked
+first against an fp32 computation with the same (dequantized) base weight: output and all three
+gradients within 2e-2 relative error norm, else the row is not timed. Peak memory is measured beyond
+the inputs, the layer and grad_out.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+K, N, R, ALPHA = 4096, 14336, 16, 32
+MS = (512, 2048, 8192)
+DT = torch.bfloat16
+
+
+class _Holder(nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+
+def _peft_layer(base):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0, init_lora_weights=False)
+    model = get_peft_model(_Holder(base), cfg)
+    layer = model.base_model.model.proj
+    for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+        p.data = p.data.to(DT)
+    return model, layer
+
+
+def build():
+    """name -> (callable x -> y, lora_A param, lora_B param, dense fp32 weight for the check)."""
+    torch.manual_seed(0)
+    w = (torch.randn(N, K, device="cuda") / K**0.5).to(DT)
+    a = nn.Parameter((torch.randn(R, K, device="cuda") / K**0.5).to(DT))
+    b = nn.Parameter((torch.randn(N, R, device="cuda") / R**0.5).to(DT))
+    s = ALPHA / R
+    impls = {}
+    from fastkern.ops import lora_linear
+
+    impls["fastkern 16-bit"] = (lambda x: lora_linear(x, w, a, b, s), a, b, w.float())
+
+    def formula(x, w_, a_, b_):
+        return x @ w_.T + s * ((x @ a_.T) @ b_.T)
+
+    impls["torch eager 16-bit"] = (lambda x: formula(x, w, a, b), a, b, w.float())
+    compiled = torch.compile(formula)
+    impls["torch.compile 16-bit"] = (lambda x: compiled(x, w, a, b), a, b, w.float())
+    try:
+        import peft  # noqa: F401
+
+        base = nn.Linear(K, N, bias=False, device="cuda", dtype=DT)
+        base.weight.data.copy_(w)
+        base.weight.requires_grad_(False)
+        _, layer = _peft_layer(base)
+        layer.lora_A["default"].weight.data.copy_(a.data)
+        layer.lora_B["default"].weight.data.copy_(b.data)
+        impls["peft 16-bit"] = (layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight, w.float())
+    except ImportError:
+        print("peft: not installed")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        print("bitsandbytes: not installed; fastkern NF4 uses nf4_quantize")
+        from fastkern.ops import nf4_dequantize, nf4_quantize
+
+        packed, state = nf4_quantize(w)
+        impls["fastkern nf4"] = (lambda x: lora_linear(x, packed, a, b, s, quant_state=state), a, b,
+                                 nf4_dequantize(packed, state).float())
+        return impls
+    q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=DT, compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4")
+    q = q.cuda()
+    packed, state = q.weight.data, q.weight.quant_state
+    dense = bnb.functional.dequantize_4bit(packed, state, quant_type="nf4").float()
+    impls["fastkern nf4"] = (lambda x: lora_linear(x, packed, a, b, s, quant_state=state), a, b, dense)
+    try:
+        _, qlayer = _peft_layer(q)
+        qlayer.lora_A["default"].weight.data.copy_(a.data)
+        qlayer.lora_B["default"].weight.data.copy_(b.data)
+        impls["peft+bnb nf4"] = (qlayer, qlayer.lora_A["default"].weight, qlayer.lora_B["default"].weight, dense)
+    except ImportError:
+        pass
+    return impls
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def check(fn, a, b, dense, m):
+    x = torch.randn(m, K, device="cuda", dtype=DT, requires_grad=True)
+    dy = torch.randn(m, N, device="cuda", dtype=DT)
+    a.grad = b.grad = None
+    y = fn(x)
+    y.backward(dy)
+    x32 = x.detach().float().requires_grad_()
+    a32, b32 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    y32 = x32 @ dense.T + (ALPHA / R) * ((x32 @ a32.T) @ b32.T)
+    y32.backward(dy.float())
+    errs = [rel(y, y32), rel(x.grad, x32.grad), rel(a.grad, a32.grad), rel(b.grad, b32.grad)]
+    a.grad = b.grad = None
+    return max(errs)
+
+
+def main():
+    from triton.testing import do_bench
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    impls = build()
+    results = []
+    for m in MS:
+        x = torch.randn(m, K, device="cuda", dtype=DT, requires_grad=True)
+        dy = torch.randn(m, N, device="cuda", dtype=DT)
+        for name, (fn, a, b, dense) in impls.items():
+            row = dict(m=m, impl=name)
+            err = check(fn, a, b, dense, m)
+            row["rel_err"] = err
+            if not err < 2e-2:
+                row["error"] = f"wrong result: relative error {err:.2e}"
+                results.append(row)
+                print(row, flush=True)
+                continue
+
+            def step():
+                x.grad = a.grad = b.grad = None
+                fn(x).backward(dy)
+
+            ms = do_bench(step, warmup=10, rep=100, return_mode="median")
+            with torch.no_grad():
+                fwd_ms = do_bench(lambda: fn(x), warmup=10, rep=100, return_mode="median")
+            torch.cuda.synchronize()
+            x.grad = a.grad = b.grad = None
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            row.update(fwd_ms=fwd_ms, fwd_bwd_ms=ms, tflops=2 * 2 * m * N * K / ms / 1e9,
+                       peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
+            x.grad = a.grad = b.grad = None
+            results.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_lora_linear.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results), f, indent=1)
+    print("\n| M | impl | fwd ms | fwd+bwd ms | base-GEMM TFLOP/s | peak extra MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        if "fwd_bwd_ms" in r:
+            print(f"| {r['m']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['tflops']:.0f} | "
+                  f"{r['peak_extra_mib']:.0f} |")
+        else:
+            print(f"| {r['m']} | {r['impl']} | {r['error']} | | | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""NF4 dequantization side by side on one GPU: fastkern vs bitsandbytes vs torch eager / torch.compile.
+
+    python3 bench/bench_nf4.py --out DIR
+
+Weight 14336x4096 (Llama-3-8B MLP), bf16 out, blocksize 64, double quant on and off. Every
+implementation is checked bit-exact against bitsandbytes (or against fastkern's PyTorch reference
+when bitsandbytes is not installed) before it is timed. The packed weight (29 MiB) fits in the
+H100's L2, so timing rotates over 4 copies. Bandwidth counts the fewest bytes: codes read + absmax
+read + output written.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+ROWS, COLS, BLOCKSIZE = 14336, 4096, 64
+ROTATE = 4
+
+
+def quantize(w, double_quant):
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        from fastkern.ops import nf4_quantize
+
+        return nf4_quantize(w, blocksize=BLOCKSIZE, double_quant=double_quant), None
+    packed, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type="nf4")
+    return (packed, state), bnbf
+
+
+def implementations(state, bnbf):
+    from fastkern.ops import nf4_dequantize
+    from fastkern.ops.nf4 import flatten_state
+    from fastkern.reference.nf4 import block_scales_reference, nf4_dequantize_reference
+
+    def eager(packed):
+        s = flatten_state("bench", packed, state)
+        scales = block_scales_reference(s.absmax, s.nested_blocksize, s.code2, s.absmax2, s.offset)
+        return nf4_dequantize_reference(s.packed, s.code, scales, s.blocksize, ROWS, COLS, s.dtype)
+
+    impls = {"fastkern": lambda p: nf4_dequantize(p, state), "torch eager": eager,
+             "torch.compile": torch.compile(eager)}
+    if bnbf is not None:
+        impls["bitsandbytes"] = lambda p: bnbf.dequantize_4bit(p, state, quant_type="nf4")
+    else:
+        print("bitsandbytes: not installed")
+    return impls
+
+
+def moved_bytes(state_double):
+    n = ROWS * COLS
+    blocks = n // BLOCKSIZE
+    absmax = blocks * (1 if state_double else 4) + (blocks // 256) * 4
+    return n // 2 + absmax + n * 2
+
+
+def main():
+    from triton.testing import do_bench
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    results = []
+    for double_quant in (True, False):
+        w = torch.randn(ROWS, COLS, device="cuda", dtype=torch.bfloat16)
+        (packed, state), bnbf = quantize(w, double_quant)
+        copies = [packed.clone() for _ in range(ROTATE)]
+        impls = implementations(state, bnbf)
+        truth = impls["bitsandbytes" if bnbf is not None else "torch eager"](packed)
+        nbytes = moved_bytes(double_quant)
+        for name, fn in impls.items():
+            row = dict(double_quant=double_quant, impl=name, shape=f"{ROWS}x{COLS}")
+            got = fn(packed)
+            if not (got.shape == truth.shape and torch.equal(got.view(torch.int16), truth.view(torch.int16))):
+                row["error"] = "not bit-exact vs " + ("bitsandbytes" if bnbf is not None else "reference")
+                results.append(row)
+                print(row, flush=True)
+                continue
+            i = [0]
+
+            def step():
+                i[0] = (i[0] + 1) % ROTATE
+                return fn(copies[i[0]])
+
+            ms = do_bench(step, warmup=25, rep=200, return_mode="median")
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out = fn(packed)
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            del out
+            row.update(ms=ms, tbps=nbytes / ms / 1e9, peak_extra_mib=peak)
+            results.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        results += sweep(packed, state, double_quant, nbytes)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_nf4.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results), f, indent=1)
+    print("\n| double quant | impl | ms | TB/s | peak extra MiB |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        if "ms" in r:
+            print(f"| {r['double_quant']} | {r['impl']} | {r['ms']:.4f} | {r['tbps']:.2f} | "
+                  f"{r.get('peak_extra_mib', float('nan')):.0f} |")
+        else:
+            print(f"| {r['double_quant']} | {r['impl']} | {r['error']} | | |")
+
+
+def sweep(packed, state, double_quant, nbytes):
+    """Launch-config sweep of the fastkern kernel (block elements per program x warps)."""
+    from triton.testing import do_bench
+
+    from fastkern.ops.nf4 import dequantize_into, flatten_state
+
+    s = flatten_state("bench", packed, state)
+    out = torch.empty(ROWS, COLS, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (2, 4, 8):
+            ms = do_bench(lambda: dequantize_into(out, s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset,
+                                                  s.blocksize, s.nested_blocksize, block, warps),
+                          warmup=10, rep=50, return_mode="median")
+            rows.append(dict(double_quant=double_quant, impl=f"fastkern BLOCK={block} warps={warps}", ms=ms,
+                             tbps=nbytes / ms / 1e9))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""patch_model(lora=True) on tiny PEFT LoRA models (dense and bitsandbytes NF4 bases): same logits,
+loss and LoRA gradients as PEFT, call-time fallbacks, disable_adapter(), several adapters, unpatch."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastkern
+from fastkern.patching.lora import fused_lora_forward
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _tiny(family: str, dtype):
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common)
+    else:
+        cfg = transformers.Qwen3Config(head_dim=16, **common)
+    return transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+
+
+def _quantize_linears(model, quant_type="nf4"):
+    bnb = pytest.importorskip("bitsandbytes")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in TARGETS and type(child) is nn.Linear:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=child.weight.dtype, compress_statistics=True, quant_type=quant_type)
+                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False,
+                                             compress_statistics=True, quant_type=quant_type)
+                q = q.to("cpu")
+                setattr(module, child_name, q)
+    return model
+
+
+def _peft(model, **kw):
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=kw.pop("dropout", 0.0),
+                          init_lora_weights=False, **kw)
+    return peft.get_peft_model(model, cfg)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _run(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _compare(model, dtype, ids, monkeypatch):
+    ref_logits, ref_loss, ref_grads = _run(model, ids)
+    report = fastkern.patch_model(model)
+    calls = []
+    original = fastkern.patching.lora.lora_linear
+    monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    got_logits, got_loss, got_grads = _run(model, ids)
+    assert len(calls) == 14, "every LoRA layer must take the fused path"
+    tol = TOL[dtype]
+    assert _rel(got_logits, ref_logits) < tol
+    assert abs(got_loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item())
+    assert ref_grads.keys() == got_grads.keys() and len(ref_grads) == 2 * 7 * 2
+    for name in ref_grads:
+        assert _rel(got_grads[name], ref_grads[name]) < 5 * tol, name
+    return report
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dense_lora_matches_peft(family, dtype, monkeypatch):
+    model = _peft(_tiny(family, dtype))
+    ids = torch.randint(0, 128, (2, 11))
+    report = _compare(model, dtype, ids, monkeypatch)
+    assert len(report.patched_names("lora")) == 14, str(report)
+    fastkern.unpatch_model(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nf4_lora_matches_peft_bnb(dtype, monkeypatch):
+    model = _peft(_quantize_linears(_tiny("llama", dtype)))
+    model.train()  # bitsandbytes repacks CPU weights for its own eval kernel; training keeps the format
+    report = _compare(model, dtype, torch.randint(0, 128, (2, 9)), monkeypatch)
+    assert len(report.patched_names("lora")) == 14, str(report)
+    assert "nf4" in str(report)
+
+
+def test_calls_take_fused_path():
+    model = _peft(_tiny("llama", torch.float32))
+    fastkern.patch_model(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.forward.__func__ is fused_lora_forward
+    x = torch.randn(3, 64)
+    calls = []
+    original = fastkern.patching.lora.lora_linear
+    try:
+        fastkern.patching.lora.lora_linear = lambda *a, **k: calls.append(1) or original(*a, **k)
+        layer(x)
+        assert calls, "the patched layer did not call lora_linear"
+        calls.clear()
+        layer(x, adapter_names=["default"] * 3)  # PEFT's mixed-batch path: must fall back
+        assert not calls
+    finally:
+        fastkern.patching.lora.lora_linear = original
+
+
+def test_disable_adapter_scale_and_several_adapters():
+    model = _peft(_tiny("llama", torch.float32))
+    ids = torch.randint(0, 128, (1, 10))
+    base = copy.deepcopy(model.base_model.model)
+    for m in base.modules():  # the base model without LoRA: PEFT layers, adapters disabled
+        if hasattr(m, "disable_adapters"):
+            m._disable_adapters = True
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    fastkern.patch_model(model)
+    with torch.no_grad():
+        lora_logits = model(input_ids=ids).logits
+        with model.disable_adapter():
+            disabled = model(input_ids=ids).logits
+    assert _rel(disabled, base_logits) < 1e-6
+    assert _rel(lora_logits, base_logits) > 1e-3  # the adapter changes the output
+    # set_scale, and a second active adapter, are read at call time: compare with PEFT's own forward.
+    model.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    for m in model.modules():
+        if hasattr(m, "set_scale") and "default" in getattr(m, "scaling", {}):
+            m.set_scale("default", 0.5)
+    with torch.no_grad():
+        patched = model(input_ids=ids).logits
+        fastkern.unpatch_model(model)
+        reference = model(input_ids=ids).logits
+    assert _rel(patched, reference) < 2e-5
+
+
+def test_dropout_falls_back_while_training():
+    model = _peft(_tiny("llama", torch.float32), dropout=0.1)
+    model.train()
+    ids = torch.randint(0, 128, (1, 8))
+    torch.manual_seed(3)
+    ref = model(input_ids=ids).logits
+    fastkern.patch_model(model)
+    torch.manual_seed(3)
+    got = model(input_ids=ids).logits
+    assert torch.equal(got, ref)  # PEFT's own forward ran (same dropout masks)
+
+
+def test_fp4_and_dora_skipped_with_reason():
+    model = _peft(_quantize_linears(_tiny("llama", torch.float32), quant_type="fp4"))
+    report = fastkern.patch_model(model)
+    assert not report.patched_names("lora")
+    assert "fp4" in str(report)
+    dora = _peft(_tiny("llama", torch.float32), use_dora=True)
+    report = fastkern.patch_model(dora)
+    assert not report.patched_names("lora") and "variant" in str(report)
