@@ -4,6 +4,8 @@ PyTorch reference (see fastkern.runtime) and is registered as a torch custom op.
 from .glu import geglu, swiglu
 from .lora_linear import lora_linear
 from .nf4 import NF4State, nf4_dequantize, nf4_quantize
+from .linear_cross_entropy import fused_linear_cross_entropy
+from .linear_logprobs import fused_linear_logprobs
 from .rope import rope
 
-__all__ = ["rope", "swiglu", "geglu", "lora_linear", "nf4_dequantize", "nf4_quantize", "NF4State"]
+__all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "rope", "swiglu", "geglu", "lora_linear", "nf4_dequantize", "nf4_quantize", "NF4State"]

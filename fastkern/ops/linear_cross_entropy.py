@@ -200,8 +200,8 @@ def lce_grads_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
                             softcap=softcap, u_scale=u_scale, compute_stats=compute_stats,
                             has_entropy=has_entropy, need_gh=need_gh, need_gw=need_gw, need_gb=need_gb,
                             chunk_size=chunk_size)
-    empty = hidden.new_empty(0)
-    out = [gh if gh is not None else empty, gw if gw is not None else empty, gb if gb is not None else empty]
+    # Custom-op outputs may not alias each other: one fresh empty tensor per missing gradient.
+    out = [g if g is not None else hidden.new_empty(0) for g in (gh, gw, gb)]
     if compute_stats:
         return out + [stats["lse"], stats["target_u"], stats["sum_u"]]
     return out + [torch.empty(0, dtype=dt, device=hidden.device) for _ in range(3)]

@@ -1,0 +1,155 @@
+"""fused_linear_logprobs (+ entropy): Triton row kernel (interpreter on CPU) and reference vs float64."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastkern
+from fastkern import runtime
+from fastkern.reference.linear_cross_entropy import linear_logprobs_reference
+from tests.oracle import assert_close
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+flp = fastkern.ops.fused_linear_logprobs
+
+
+def torch_eager(hidden, weight, targets, bias=None, temperature=1.0, softcap=None, logit_scale=1.0):
+    """Logits in the input dtype, then fp32 math (the same-dtype baseline)."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z.float() * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z / temperature, -1)
+    return logp.gather(1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+def run_case(n, h, v, dtype, *, use_bias=False, temperature=1.0, softcap=None, logit_scale=1.0, chunk_size=None,
+             frozen=False, grads=("logp", "entropy"), device="cpu", scale=1.0):
+    hidden0 = (torch.randn(n, h, device=device) * scale).to(dtype)
+    weight0 = (torch.randn(v, h, device=device) / math.sqrt(h)).to(dtype)
+    bias0 = torch.randn(v, device=device).to(dtype) if use_bias else None
+    targets = torch.randint(0, v, (n,), device=device)
+    up_lp, up_ent = torch.randn(n, device=device), torch.randn(n, device=device)
+    kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+
+    def run(fn, cast):
+        hd = cast(hidden0).requires_grad_()
+        wd = cast(weight0).requires_grad_(not frozen)
+        bd = cast(bias0).requires_grad_() if use_bias else None
+        lp, ent = fn(hd, wd, bd)
+        obj = sum((lp * up_lp.to(lp.dtype)).sum() if g == "logp" else (ent * up_ent.to(ent.dtype)).sum()
+                  for g in grads)
+        obj.backward()
+        return lp, ent, hd, wd, bd
+
+    mine = run(lambda a, b, c: flp(a, b, targets, bias=c, return_entropy=True, chunk_size=chunk_size, **kw),
+               lambda t: t.detach().clone())
+    oracle = run(lambda a, b, c: linear_logprobs_reference(a, b, targets, bias=c, **kw), lambda t: t.detach().double())
+    same = run(lambda a, b, c: torch_eager(a, b, targets, bias=c, **kw), lambda t: t.detach().clone())
+    tol_dtype = torch.float32 if dtype == torch.float32 else dtype
+    assert mine[0].dtype == torch.float32 and mine[1].dtype == torch.float32
+    assert_close(mine[0], oracle[0], tol_dtype, same[0], "logprobs")
+    assert_close(mine[1], oracle[1], tol_dtype, same[1], "entropy")
+    for i, name, wanted in ((2, "grad_hidden", True), (3, "grad_weight", not frozen), (4, "grad_bias", use_bias)):
+        if not wanted:
+            assert mine[i] is None or mine[i].grad is None, name
+            continue
+        assert mine[i].grad.dtype == dtype
+        assert_close(mine[i].grad, oracle[i].grad, dtype, same[i].grad, name)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@settings(max_examples=8)
+@given(
+    n=st.sampled_from([1, 3, 17]),
+    h=st.sampled_from([1, 7]),
+    v=st.sampled_from([1, 5, 97, 1030]),
+    dtype=st.sampled_from(DTYPES),
+    use_bias=st.booleans(),
+    temperature=st.sampled_from([1.0, 0.7]),
+    softcap=st.sampled_from([None, 3.0]),
+    logit_scale=st.sampled_from([1.0, 1.3]),
+    chunk_size=st.sampled_from([None, 2]),
+    frozen=st.booleans(),
+    grads=st.sampled_from([("logp",), ("entropy",), ("logp", "entropy")]),
+)
+def test_matches_float64_oracle(n, h, v, dtype, use_bias, temperature, softcap, logit_scale, chunk_size, frozen,
+                                grads):
+    run_case(n, h, v, dtype, use_bias=use_bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+             chunk_size=chunk_size, frozen=frozen, grads=grads)
+
+
+def test_without_entropy_returns_one_tensor():
+    h, w, t = torch.randn(4, 6, requires_grad=True), torch.randn(9, 6), torch.tensor([0, 8, 3, 3])
+    lp = flp(h, w, t)
+    assert isinstance(lp, torch.Tensor) and lp.shape == (4,)
+    torch.testing.assert_close(lp, torch.log_softmax(h @ w.T, -1).gather(1, t[:, None])[:, 0])
+    lp.sum().backward()
+    assert h.grad is not None
+
+
+def test_entropy_alone_is_differentiable():
+    run_case(5, 4, 11, torch.float32, grads=("entropy",), softcap=2.0)
+
+
+@pytest.mark.parametrize("bad", [9, -1, -100])
+def test_targets_out_of_range_raise(bad):
+    with pytest.raises(ValueError, match=r"`targets` has 1 value\(s\) outside \[0, 9\)"):
+        flp(torch.randn(3, 4), torch.randn(9, 4), torch.tensor([0, bad, 3]))
+
+
+def test_bad_temperature():
+    with pytest.raises(ValueError, match="`temperature`"):
+        flp(torch.randn(3, 4), torch.randn(9, 4), torch.tensor([0, 1, 3]), temperature=0.0)
+
+
+def test_reference_path_matches_the_kernel_path():
+    h, w, t = torch.randn(6, 5), torch.randn(40, 5), torch.randint(0, 40, (6,))
+    kernel = flp(h, w, t, return_entropy=True, softcap=2.0, temperature=0.9, chunk_size=4)
+    with runtime.force_reference():
+        reference = flp(h, w, t, return_entropy=True, softcap=2.0, temperature=0.9, chunk_size=4)
+    torch.testing.assert_close(kernel, reference)
+
+
+def test_torch_compile_fullgraph():
+    h, w = torch.randn(5, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    t = torch.randint(0, 9, (5,))
+
+    def f(h, w):
+        lp, ent = flp(h, w, t, return_entropy=True, temperature=0.8)
+        return (lp * 2 + ent).sum()
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(h, w)
+    out.backward()
+    grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = f(h, w)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grads[0], h.grad)
+    torch.testing.assert_close(grads[1], w.grad)
+
+
+def test_float64_gradcheck():
+    h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 6, 2])
+    assert torch.autograd.gradcheck(lambda h, w: flp(h, w, t, return_entropy=True, softcap=1.5, chunk_size=2), (h, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gpu_real_size(frozen):
+    run_case(2048, 2048, 151936, torch.bfloat16, frozen=frozen, temperature=0.9, device="cuda")
+
+
+@pytest.mark.gpu
+@settings(max_examples=4)
+@given(n=st.integers(1, 2000), v=st.integers(65537, 70000), softcap=st.sampled_from([None, 30.0]))
+def test_gpu_vocab_above_65536(n, v, softcap):
+    run_case(n, 64, v, torch.bfloat16, softcap=softcap, device="cuda", use_bias=True)
