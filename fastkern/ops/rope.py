@@ -10,10 +10,19 @@ fake implementations so torch.compile(fullgraph=True) traces through them:
 
 then autograd Functions for the in-place path and the public :func:`rope`.
 
-Why two autograd Functions for the in-place path: q and k arrive as views (transposed projection
-outputs), and autograd cannot rebase two views dirtied by one Function. So ``_RotateQInPlace`` runs
-the single launch that rotates q and k and marks q dirty, and ``_MarkKRotated`` marks k dirty right
-after (nothing can read k in between). Each backward rotates its gradient by -theta in place.
+The in-place path has to tell autograd that q and k changed (``ctx.mark_dirty``), and q and k
+arrive as views (transposed projection outputs). Autograd handles a dirtied view by rebasing it
+(a CopySlices node), whose backward costs four extra passes over the gradient, and it cannot
+rebase two views dirtied by one Function. So:
+
+* fast path: when q and k are each a dense permuted view covering all of a contiguous base (the
+  ``proj(x).view(B, T, H, D).transpose(1, 2)`` of every attention module), ``_RotateBasesInPlace``
+  marks the two *bases* dirty (they are not views, so one Function may dirty both) and q_rot, k_rot
+  are rebuilt as view+permute of them, whose backward is free. Forward and backward are one launch
+  each, and backward rotates the incoming gradient in its own storage.
+* general path (any other layout, and while torch.compile traces, which functionalizes mutation
+  anyway): ``_RotateQInPlace`` runs the single launch that rotates q and k and marks q dirty, and
+  ``_MarkKRotated`` marks k dirty right after (nothing can read k in between).
 """
 
 from __future__ import annotations
@@ -215,6 +224,61 @@ class _MarkKRotated(torch.autograd.Function):
         return grad_k, None, None, None, None
 
 
+def _base_and_rebuild(x: Tensor):
+    """(base, rebuild) with rebuild(base) == x as view+permute ops, or None when x is not such a view."""
+    base = x._base if x._base is not None else x
+    if not (base.is_contiguous() and base.numel() == x.numel() and base.storage_offset() == x.storage_offset()
+            and _dense(x)):
+        return None
+    perm = sorted(range(x.dim()), key=lambda i: (-x.stride(i), i))
+    inverse = [perm.index(i) for i in range(x.dim())]
+    mem_shape = [x.shape[i] for i in perm]
+
+    def rebuild(t: Tensor) -> Tensor:
+        return t.view(mem_shape).permute(inverse)
+
+    rebuilt = rebuild(base)
+    if any(a != b for a, b, n in zip(rebuilt.stride(), x.stride(), x.shape) if n > 1):
+        return None
+    return base, rebuild
+
+
+class _RotateBasesInPlace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_base, k_base, q_view, k_view, cos, sin, position_ids, interleaved, rebuild_q, rebuild_k):
+        # q_view/k_view are detached aliases of the bases with the layout the kernel addresses.
+        rope_qk_inplace_op(q_view, k_view, cos, sin, position_ids, interleaved, False)
+        ctx.mark_dirty(q_base, k_base)
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.interleaved, ctx.rebuild = interleaved, (rebuild_q, rebuild_k)
+        return q_base, k_base
+
+    @staticmethod
+    def backward(ctx, grad_q_base, grad_k_base):
+        cos, sin, position_ids = ctx.saved_tensors
+        grad_q_base, grad_k_base = grad_q_base.contiguous(), grad_k_base.contiguous()
+        rebuild_q, rebuild_k = ctx.rebuild
+        rope_qk_inplace_op(rebuild_q(grad_q_base), rebuild_k(grad_k_base), cos, sin, position_ids,
+                           ctx.interleaved, True)
+        return grad_q_base, grad_k_base, None, None, None, None, None, None, None, None
+
+
+def _rope_inplace(q, k, cos, sin, position_ids, interleaved):
+    fast = None
+    if not torch.compiler.is_compiling():
+        fq, fk = _base_and_rebuild(q), _base_and_rebuild(k)
+        if fq is not None and fk is not None and fq[0].data_ptr() != fk[0].data_ptr():
+            fast = fq, fk
+    if fast is None:
+        q_rot = _RotateQInPlace.apply(q, k.detach(), cos, sin, position_ids, interleaved)
+        k_rot = _MarkKRotated.apply(k, cos, sin, position_ids, interleaved)
+        return q_rot, k_rot
+    (q_base, rebuild_q), (k_base, rebuild_k) = fast
+    q_base, k_base = _RotateBasesInPlace.apply(q_base, k_base, q.detach(), k.detach(), cos, sin, position_ids,
+                                               interleaved, rebuild_q, rebuild_k)
+    return rebuild_q(q_base), rebuild_k(k_base)
+
+
 def _check(q, k, cos, sin, position_ids, rotary_dim, inplace) -> int:
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_tensor(_OP, name, t, dtypes=FLOAT_DTYPES)
@@ -261,8 +325,9 @@ def _check(q, k, cos, sin, position_ids, rotary_dim, inplace) -> int:
                                  f" {cos.shape[0]} rows")
     if inplace and torch.is_grad_enabled():
         for name, t in (("q", q), ("k", k)):
-            if t.is_leaf and t.requires_grad:
-                raise RuntimeError(f"{_OP}: `{name}` is a leaf that requires grad and cannot be rotated in"
+            base = t._base if t._base is not None else t
+            if t.requires_grad and base.is_leaf:
+                raise RuntimeError(f"{_OP}: `{name}` is (a view of) a leaf that requires grad and cannot be rotated in"
                                    f" place; pass inplace=False")
     return rotary_dim
 
@@ -301,6 +366,4 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Tensor
     interleaved = bool(interleaved)
     if not inplace:
         return rope_qk_op(q, k, cos, sin, position_ids, interleaved, False)
-    q_rot = _RotateQInPlace.apply(q, k.detach(), cos, sin, position_ids, interleaved)
-    k_rot = _MarkKRotated.apply(k, cos, sin, position_ids, interleaved)
-    return q_rot, k_rot
+    return _rope_inplace(q, k, cos, sin, position_ids, interleaved)
