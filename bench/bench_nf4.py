@@ -84,7 +84,7 @@ def main():
                 i[0] = (i[0] + 1) % ROTATE
                 return fn(copies[i[0]])
 
-            ms = do_bench(step, warmup=25, rep=200, return_mode="median")
+            ms = do_bench(step, warmup=25, rep=100, return_mode="median")
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -122,7 +122,7 @@ def sweep(packed, state, double_quant, nbytes):
         for warps in (2, 4, 8):
             ms = do_bench(lambda: dequantize_into(out, s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset,
                                                   s.blocksize, s.nested_blocksize, block, warps),
-                          warmup=10, rep=50, return_mode="median")
+                          warmup=5, rep=30, return_mode="median")
             rows.append(dict(double_quant=double_quant, impl=f"fastkern BLOCK={block} warps={warps}", ms=ms,
                              tbps=nbytes / ms / 1e9))
     return rows

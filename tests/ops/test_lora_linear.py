@@ -11,13 +11,13 @@ from tests.oracle import assert_close
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _inputs(m, n, k, r, dtype, nf4, bias, seed, blocksize=64, double_quant=True):
+def _inputs(m, n, k, r, dtype, nf4, bias, seed, blocksize=64, double_quant=True, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
-    a = (torch.randn(r, k, generator=g) / k**0.5).to(dtype)
-    b = (torch.randn(n, r, generator=g) / r**0.5).to(dtype)
-    bias_t = torch.randn(n, generator=g).to(dtype) if bias else None
+    x = torch.randn(m, k, generator=g).to(device, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+    a = (torch.randn(r, k, generator=g) / k**0.5).to(device, dtype)
+    b = (torch.randn(n, r, generator=g) / r**0.5).to(device, dtype)
+    bias_t = torch.randn(n, generator=g).to(device, dtype) if bias else None
     state = None
     if nf4:
         w, state = nf4_quantize(w, blocksize=blocksize, double_quant=double_quant)
@@ -118,12 +118,5 @@ def test_compile_fullgraph():
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("m", [512, 2048])
 def test_real_size_gpu(nf4, m):
-    dtype = torch.bfloat16
-    x, w, a, b, bias_t, state = _inputs(m, 14336, 4096, 16, dtype, nf4, False, seed=m)
-    if nf4:
-        w = w.cuda()
-        state.absmax, state.code, state.offset = state.absmax.cuda(), state.code.cuda(), state.offset.cuda()
-        state.state2.absmax, state.state2.code = state.state2.absmax.cuda(), state.state2.code.cuda()
-    else:
-        w = w.cuda()
-    _check(x.cuda(), w, a.cuda(), b.cuda(), 2.0, None, state, dtype)
+    x, w, a, b, bias_t, state = _inputs(m, 14336, 4096, 16, torch.bfloat16, nf4, True, seed=m, device="cuda")
+    _check(x, w, a, b, 2.0, bias_t, state, torch.bfloat16)
