@@ -80,9 +80,9 @@ def _grad_x_buffer(x: Tensor, r: int, concat: bool) -> Tensor:
 def lora_linear_backward_op(
     grad_out: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
-    offset: Tensor | None, scaling: float, blocksize: int, nested_blocksize: int,
+    offset: Tensor | None, scaling: float, blocksize: int, nested_blocksize: int, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dX [M, K], dA [r, K], dB [N, r], dbias [N])."""
+    """Returns (dX [M, K], dA [r, K], dB [N, r], dbias [N]; zeros unless ``bias_grad``: a pass over dY)."""
     m, k = x.shape
     r = lora_a.shape[0]
     dy = grad_out.contiguous()
@@ -98,12 +98,13 @@ def lora_linear_backward_op(
     grad_x.addmm_(g, lora_a)
     grad_a = g.T @ x
     grad_b = dy.T @ (xa * scaling)
-    return grad_x, grad_a, grad_b, dy.sum(0)
+    grad_bias = dy.sum(0) if bias_grad else dy.new_zeros(dy.shape[1])
+    return grad_x, grad_a, grad_b, grad_bias
 
 
 @lora_linear_backward_op.register_fake
 def _(grad_out, x, xa, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, scaling, blocksize,
-      nested_blocksize):
+      nested_blocksize, bias_grad):
     concat = _concat_path(x.shape[0], x.shape[1], code is not None)
     return (_grad_x_buffer(x, lora_a.shape[0], concat), lora_a.new_empty(lora_a.shape),
             lora_b.new_empty(lora_b.shape), grad_out.new_empty((grad_out.shape[1],)))
@@ -113,18 +114,18 @@ def _setup_context(ctx, inputs, output):
     x, weight, lora_a, lora_b, bias, code, absmax, absmax2, code2, offset, scaling, blocksize, nested = inputs
     ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, code, absmax, absmax2, code2, offset)
     ctx.scaling, ctx.blocksize, ctx.nested_blocksize = scaling, blocksize, nested
-    ctx.has_bias = bias is not None
+    ctx.bias_grad = bias is not None and bias.requires_grad
 
 
 def _backward(ctx, grad_out, grad_xa):
     x, xa, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset = ctx.saved_tensors
     grad_x, grad_a, grad_b, grad_bias = lora_linear_backward_op(
         grad_out, x, xa, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset,
-        ctx.scaling, ctx.blocksize, ctx.nested_blocksize,
+        ctx.scaling, ctx.blocksize, ctx.nested_blocksize, ctx.bias_grad and ctx.needs_input_grad[4],
     )
     needs = ctx.needs_input_grad
     return (grad_x if needs[0] else None, None, grad_a if needs[2] else None, grad_b if needs[3] else None,
-            grad_bias if ctx.has_bias and needs[4] else None, None, None, None, None, None, None, None, None)
+            grad_bias if ctx.bias_grad and needs[4] else None, None, None, None, None, None, None, None, None)
 
 
 lora_linear_forward_op.register_autograd(_backward, setup_context=_setup_context)
