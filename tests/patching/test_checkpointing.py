@@ -16,6 +16,13 @@ from fastkern.patching.checkpointing import OffloadCheckpointFunction, model_off
 from tests.models import batch, tiny_model
 
 
+def offload_only(model):
+    """patch_model with every other patcher off, so gradients compare checkpointing alone."""
+    from fastkern.patching.core import _patchers
+
+    return fastkern.patch_model(model, **({p.option: None for p in _patchers()} | {"checkpointing": "offload"}))
+
+
 def layers(model):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -69,7 +76,7 @@ def test_offload_matches_plain_and_no_checkpointing(dropout):
     enable(model, gc_kwargs={"use_reentrant": False})
     plain = grads(model, ids)
     disable(model)
-    report = fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    report = offload_only(model)
     assert len(report.patched_names("checkpointing")) == 2, report
     offloader = move_everything(model)
     got = grads(model, ids)
@@ -85,7 +92,7 @@ def test_patch_turns_checkpointing_on_and_unpatch_turns_it_off():
     model = tiny_model("llama")
     before = [dict(m.__dict__) for m in layers(model)]
     assert not any(m.gradient_checkpointing for m in layers(model))
-    report = fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    report = offload_only(model)
     assert all(m.gradient_checkpointing for m in layers(model))
     assert all(isinstance(m._gradient_checkpointing_func, OffloadCheckpointFunction) for m in layers(model))
     assert "turned on" in str(report)
@@ -99,7 +106,7 @@ def test_patch_turns_checkpointing_on_and_unpatch_turns_it_off():
 def test_enable_after_patch_keeps_offloading(offload_flag):
     ids = batch()
     model = tiny_model("llama")
-    fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    offload_only(model)
     offloader = move_everything(model)
     disable(model)  # what TRL does around generation ...
     assert not any(m.gradient_checkpointing for m in layers(model))
@@ -120,11 +127,11 @@ def test_patch_when_already_enabled_restores_the_same_function():
     model = tiny_model("llama")
     enable(model, gc_kwargs={"use_reentrant": False, "preserve_rng_state": True})
     original = layers(model)[0]._gradient_checkpointing_func
-    report = fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    report = offload_only(model)
     assert "was on" in str(report)
     func = layers(model)[0]._gradient_checkpointing_func
     assert isinstance(func, OffloadCheckpointFunction) and func.checkpoint_kwargs == {"preserve_rng_state": True}
-    again = fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    again = offload_only(model)
     assert again.skipped and "already patched" in again.skipped[0].detail
     fastkern.unpatch_model(model)
     assert all(m._gradient_checkpointing_func is original and m.gradient_checkpointing for m in layers(model))
@@ -133,7 +140,7 @@ def test_patch_when_already_enabled_restores_the_same_function():
 def test_per_instance_and_deepcopy():
     ids = batch()
     patched, other = tiny_model("llama"), tiny_model("llama")
-    fastkern.patch_model(patched, mlp=False, checkpointing="offload")
+    offload_only(patched)
     enable(other, gc_kwargs={"use_reentrant": False})
     assert isinstance(layers(other)[0]._gradient_checkpointing_func, functools.partial)
     clone = copy.deepcopy(patched)
@@ -146,7 +153,7 @@ def test_per_instance_and_deepcopy():
 
 def test_reentrant_request_is_kept_with_a_warning_and_bad_value_rejected():
     model = tiny_model("llama")
-    fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    offload_only(model)
     with pytest.warns(RuntimeWarning, match="reentrant"):
         enable(model, gc_kwargs={"use_reentrant": True})
     func = layers(model)[0]._gradient_checkpointing_func
@@ -166,7 +173,7 @@ def test_peft_model():
     enable(plain, gc_kwargs={"use_reentrant": False})
     ref = grads(plain, ids)
     model = lora(tiny_model("llama"))
-    report = fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    report = offload_only(model)
     assert len(report.patched_names("checkpointing")) == 2, report
     offloader = move_everything(model)
     assert_same(grads(model, ids), ref)
@@ -191,7 +198,7 @@ def test_trl_sft_trainer_gradient_checkpointing_runs_offloaded():
     datasets = pytest.importorskip("datasets")
     rows = [" ".join(f"w{(s + 3 * i) % 40}" for i in range(20)) for s in range(16)]
     model = tiny_model("llama", vocab_size=43)
-    fastkern.patch_model(model, mlp=False, checkpointing="offload")
+    offload_only(model)
     offloader = move_everything(model)
     disable(model)  # let the Trainer be the one that turns it on
     with tempfile.TemporaryDirectory() as out_dir:
