@@ -16,13 +16,10 @@ ACT_SILU = 0
 ACT_GELU_TANH = 1
 ACT_GELU_ERF = 2
 
-# Globals read inside @triton.jit must be tl.constexpr (the interpreter does not enforce this; the
-# compiler does). sqrt(2/pi) and the cubic coefficient of the tanh approximation of GELU, 1/sqrt(2),
-# 1/sqrt(2 pi).
-_GELU_TANH_K = tl.constexpr(0.7978845608028654)
-_GELU_TANH_C = tl.constexpr(0.044715)
-_INV_SQRT2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+# Constants are written as literals inside the kernels: the compiler rejects plain-float globals,
+# and the interpreter mishandles tl.constexpr globals on the left of an arithmetic operator.
+#   k = sqrt(2/pi) = 0.7978845608028654, c = 0.044715 (tanh approximation of GELU)
+#   1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327
 
 
 @triton.jit
@@ -37,7 +34,7 @@ def _gelu_tanh_inner(g):
     # Past |g| = 100 tanh is exactly +-1 in fp32; clamping keeps g**3 finite so the derivative below
     # computes 0 * finite rather than 0 * inf. NaN still propagates through the outer factor g.
     gc = tl.minimum(tl.maximum(g, -100.0), 100.0)
-    t = _tanh(_GELU_TANH_K * (gc + _GELU_TANH_C * gc * gc * gc))
+    t = _tanh(0.7978845608028654 * (gc + 0.044715 * gc * gc * gc))
     return gc, t
 
 
@@ -49,7 +46,7 @@ def _activation(g, ACTIVATION: tl.constexpr):
         gc, t = _gelu_tanh_inner(g)
         a = 0.5 * g * (1.0 + t)
     else:
-        a = 0.5 * g * (1.0 + tl.math.erf(g * _INV_SQRT2))
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     return a
 
 
@@ -65,12 +62,13 @@ def _activation_and_derivative(g, ACTIVATION: tl.constexpr):
         # gelu'(g) = (1 + t)/2 + g/2 (1 - t^2) k (1 + 3 c g^2)
         gc, t = _gelu_tanh_inner(g)
         a = 0.5 * g * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _GELU_TANH_K * (1.0 + 3.0 * _GELU_TANH_C * gc * gc)
+        # 0.134145 = 3c
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * gc * gc)
     else:
         # gelu(g) = g Phi(g);  gelu'(g) = Phi(g) + g phi(g)
-        cdf = 0.5 * (1.0 + tl.math.erf(g * _INV_SQRT2))
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         a = g * cdf
-        da = cdf + g * _INV_SQRT_2PI * tl.exp(-0.5 * g * g)
+        da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
     return a, da
 
 

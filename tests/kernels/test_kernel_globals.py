@@ -53,7 +53,7 @@ def test_kernel_globals_are_compiler_safe(module, fn):
                 bad.append(f"{name} = {vars(module)[name]!r}")
         elif not hasattr(builtins, name):
             pass  # attribute names (tl.load -> 'load') also land in co_names
-    assert not bad, f"{fn.fn.__qualname__} reads non-constexpr globals: {bad}; wrap them in tl.constexpr(...)"
+    assert not bad, f"{fn.fn.__qualname__} reads non-constexpr globals: {bad}; write them as literals in the kernel"
 
 
 def test_the_check_catches_a_plain_float_global():
