@@ -90,13 +90,13 @@ def main():
     print("\n| act | shape | impl | fwd ms | fwd TB/s | fwd+bwd ms | fwd+bwd TB/s | peak extra MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        if "fwd_ms" in r:
+        if "fwd_bwd_ms" in r:
             print(f"| {r['act']} | {r['rows']}x{r['cols']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_tbps']:.2f} | "
                   f"{r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tbps']:.2f} | {r['peak_extra_mib']:.0f} |")
         elif "sweep" in r:
-            print(f"| {r['act']} | sweep BLOCK={r['block']} warps={r['warps']} | fastkern | {r['fwd_ms']:.3f} | "
+            print(f"| {r['act']} | sweep flat={r['flat']} BLOCK={r['block']} warps={r['warps']} | fastkern | {r['fwd_ms']:.3f} | "
                   f"{r['fwd_tbps']:.2f} | {r['bwd_ms']:.3f} (bwd only) | {r['bwd_tbps']:.2f} | |")
-        else:
+        elif "error" in r:
             print(f"| {r['act']} | {r['rows']}x{r['cols']} | {r['impl']} | {r['error']} |")
 
 
@@ -114,12 +114,13 @@ def sweep():
     out = torch.empty_like(g)
     dg, du = torch.empty_like(g), torch.empty_like(g)
     rows_out = []
-    for block in (1024, 2048, 4096):
-        for warps in (4, 8, 16):
-            f = do_bench(lambda: _launch_forward(g, u, out, "silu", block, warps), return_mode="median")
-            b = do_bench(lambda: _launch_backward(d, g, u, dg, du, "silu", block, warps), return_mode="median")
-            rows_out.append(dict(sweep=True, act="silu", block=block, warps=warps, fwd_ms=f, fwd_tbps=3 * n * 2 / f / 1e9,
-                                 bwd_ms=b, bwd_tbps=5 * n * 2 / b / 1e9))
+    for flat in (False, True):
+        for block in (1024, 2048, 4096):
+            for warps in (4, 8):
+                f = do_bench(lambda: _launch_forward(g, u, out, "silu", block, warps, flat), return_mode="median")
+                b = do_bench(lambda: _launch_backward(d, g, u, dg, du, "silu", block, warps, flat), return_mode="median")
+                rows_out.append(dict(sweep=True, act="silu", block=block, warps=warps, flat=flat, fwd_ms=f,
+                                     fwd_tbps=3 * n * 2 / f / 1e9, bwd_ms=b, bwd_tbps=5 * n * 2 / b / 1e9))
     return rows_out
 
 

@@ -2,7 +2,8 @@
 
 Memory-bound elementwise kernels (0.375 FLOP/byte in bf16). Each program handles one row of a
 [rows, cols] view and a BLOCK-wide slice of its columns; strides are explicit so transposed or
-sliced inputs need no copy. Offsets are int32 unless the launcher says the largest offset of any
+sliced inputs need no copy. When every operand is contiguous the launcher passes one flat row
+(FLAT), which drops the per-row index math. Offsets are int32 unless the launcher says the largest offset of any
 operand passes 2**31 - 1 (INT64_OFFSETS), which keeps the common case's address math cheap.
 
 Backward recomputes act(gate) instead of saving it, and may write its two gradients into the
@@ -82,10 +83,16 @@ def glu_forward_kernel(
     ACTIVATION: tl.constexpr,
     BLOCK: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
-    # grid: (rows, cdiv(n_cols, BLOCK)); rows go on axis 0, whose limit is 2**31 - 1.
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    # grid: (rows, cdiv(n_cols, BLOCK)); rows go on axis 0, whose limit is 2**31 - 1. FLAT: all
+    # operands are one contiguous row of n_cols elements and the grid is (cdiv(n_cols, BLOCK),).
+    if FLAT:
+        row = 0
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     if INT64_OFFSETS:
         row = row.to(tl.int64)
         cols = cols.to(tl.int64)
@@ -108,11 +115,16 @@ def glu_backward_kernel(
     ACTIVATION: tl.constexpr,
     BLOCK: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # grad_gate/grad_up may alias gate/up: every element is loaded before it is stored by the same
     # program, and programs own disjoint elements, so the in-place case is race free.
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if FLAT:
+        row = 0
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     if INT64_OFFSETS:
         row = row.to(tl.int64)
         cols = cols.to(tl.int64)

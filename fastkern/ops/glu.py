@@ -38,39 +38,45 @@ def _path(t: Tensor) -> str:
     return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
 
 
-def _launch_forward(gate: Tensor, up: Tensor, out: Tensor, activation: str, block=None, num_warps=None) -> None:
-    from ..kernels.glu import glu_forward_kernel
-
-    g, u, o = as_rows(gate), as_rows(up), out.view(-1, out.shape[-1])
-    rows, cols = g.shape
+def _layout(tensors: list[Tensor], block, num_warps, flat):
+    """[rows, cols] views (one flat row when every operand is contiguous), grid, block, warps."""
+    if flat is None:
+        flat = all(t.is_contiguous() for t in tensors)
+    views = [t.view(1, -1) if flat else as_rows(t) for t in tensors]
+    rows, cols = views[0].shape
     default_block, default_warps = launch_config(cols)
     block, num_warps = block or default_block, num_warps or default_warps
-    grid = (rows, triton_cdiv(cols, block))
+    grid = (triton_cdiv(cols, block),) if flat else (rows, triton_cdiv(cols, block))
+    return views, cols, grid, block, num_warps, flat
+
+
+def _launch_forward(gate: Tensor, up: Tensor, out: Tensor, activation: str, block=None, num_warps=None,
+                    flat=None) -> None:
+    from ..kernels.glu import glu_forward_kernel
+
+    (g, u, o), cols, grid, block, num_warps, flat = _layout([gate, up, out], block, num_warps, flat)
     with device_guard(gate):
         glu_forward_kernel[grid](
             g, u, o, cols,
             g.stride(0), g.stride(1), u.stride(0), u.stride(1), o.stride(0), o.stride(1),
             ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block,
-            INT64_OFFSETS=needs_int64(g, u, o, slack=block), num_warps=num_warps,
+            INT64_OFFSETS=needs_int64(g, u, o, slack=block), FLAT=flat, num_warps=num_warps,
         )
 
 
-def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, block=None, num_warps=None) -> None:
+def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, block=None, num_warps=None,
+                     flat=None) -> None:
     from ..kernels.glu import glu_backward_kernel
 
-    d, g, u = as_rows(grad_out), as_rows(gate), as_rows(up)
-    dg, du = grad_gate.view(-1, grad_gate.shape[-1]), grad_up.view(-1, grad_up.shape[-1])
-    rows, cols = g.shape
-    default_block, default_warps = launch_config(cols)
-    block, num_warps = block or default_block, num_warps or default_warps
-    grid = (rows, triton_cdiv(cols, block))
+    (d, g, u, dg, du), cols, grid, block, num_warps, flat = _layout(
+        [grad_out, gate, up, grad_gate, grad_up], block, num_warps, flat)
     with device_guard(gate):
         glu_backward_kernel[grid](
             d, g, u, dg, du, cols,
             d.stride(0), d.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
             dg.stride(0), dg.stride(1), du.stride(0), du.stride(1),
             ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block,
-            INT64_OFFSETS=needs_int64(d, g, u, dg, du, slack=block), num_warps=num_warps,
+            INT64_OFFSETS=needs_int64(d, g, u, dg, du, slack=block), FLAT=flat, num_warps=num_warps,
         )
 
 
