@@ -37,7 +37,14 @@ def main():
     parser.add_argument("--size", default="1b")
     parser.add_argument("--lora", type=int, default=16)
     parser.add_argument("--options", default="", help="patch_model options, e.g. mlp=1,loss=1")
+    parser.add_argument("--only", default="", help="comma-separated options to enable; every other option off")
     args = parser.parse_args()
+    options = parse_options(args.options)
+    if args.only:
+        from fastkern.patching.core import _patchers
+
+        wanted = set(args.only.split(","))
+        options = {p.option: (p.option in wanted) for p in _patchers()} | options
     tokenizer = build_tokenizer()
     dataset = build_dataset(args.steps * args.batch, args.length)
     base = build_model(args.size, 128256, torch.bfloat16)
@@ -46,7 +53,7 @@ def main():
         model = copy.deepcopy(base).cuda()
         results.append(run_sft(label, model, tokenizer, dataset, steps=args.steps, batch=args.batch, length=args.length,
                                lr=1e-4, bf16=True, gradient_checkpointing=True, patch=patch, lora=args.lora,
-                               patch_options=parse_options(args.options)))
+                               patch_options=options))
         del model
         torch.cuda.empty_cache()
     table = format_table(results)
