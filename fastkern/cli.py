@@ -19,7 +19,10 @@ def env_main() -> int:
     print("  ops (path for cpu / cuda tensors):")
     cpu = runtime.path_for(torch.empty(0))
     cuda = runtime.path_for(torch.empty(0, device="cuda")) if torch.cuda.is_available() else "no cuda device"
-    for op in sorted(__import__("fastkern.ops", fromlist=["__all__"]).__all__):
+    import inspect
+
+    ops = __import__("fastkern.ops", fromlist=["__all__"])
+    for op in sorted(n for n in ops.__all__ if inspect.isfunction(getattr(ops, n))):
         print(f"    {op:<28} {cpu} / {cuda}")
     if not runtime.triton_available():
         print("  triton is not installed: every op runs its PyTorch reference")
