@@ -97,11 +97,12 @@ def _model_type(hf_model: nn.Module | None) -> str | None:
 
 
 def _patchers() -> list[Patcher]:
+    from .attention import ATTENTION_PATCHER
     from .checkpointing import CHECKPOINTING_PATCHER
     from .lora import LORA_PATCHER
     from .mlp import MLP_PATCHER
 
-    return [MLP_PATCHER, CHECKPOINTING_PATCHER, LORA_PATCHER]
+    return [MLP_PATCHER, CHECKPOINTING_PATCHER, LORA_PATCHER, ATTENTION_PATCHER]
 
 
 def patch_model(model: nn.Module, **options: Any) -> PatchReport:
@@ -109,6 +110,8 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
 
     Options (keyword, default in brackets):
       mlp [True]: fused SwiGLU/GeGLU in the MLP of every supported family.
+      rope [False]: attention modules rotate q and k with the fused in-place fastkern.ops.rope (one
+        launch for q and k) instead of transformers' apply_rotary_pos_emb. See docs/rope.md.
       lora [True]: PEFT LoRA layers over nn.Linear or bitsandbytes nf4 Linear4bit run fastkern's
         lora_linear when exactly equivalent (else PEFT's own forward). See docs/nf4_lora.md.
       checkpointing [None]: "offload" turns gradient checkpointing on for the decoder layers with their
