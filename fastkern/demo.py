@@ -146,7 +146,7 @@ def format_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="fastkern demo", description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["sft"], default="sft")
@@ -160,10 +160,18 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--lora", type=int, default=None, help="LoRA rank on all linear layers (default: full fine-tuning)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    run_demo(parse_args(argv))
+    return 0
+
+
+def run_demo(args) -> list[RunResult]:
     import fastkern
 
+    cuda = torch.cuda.is_available()
     tokenizer = build_tokenizer()
     dataset = build_dataset(args.steps * args.batch, args.length)
     base = build_model(args.size, args.vocab, torch.float32)
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
     print(results[1].report)
     first, last = results[1].losses[0], results[1].final_loss
     print(f"\nloss fell from {first:.3f} to {last:.3f} (patched); unpatched ended at {results[0].final_loss:.3f}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":
