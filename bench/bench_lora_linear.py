@@ -153,6 +153,7 @@ def main():
             x.grad = a.grad = b.grad = None
             results.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    profile(impls, 512)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_lora_linear.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results), f, indent=1)
@@ -164,6 +165,35 @@ def main():
                   f"{r['peak_extra_mib']:.0f} |")
         else:
             print(f"| {r['m']} | {r['impl']} | {r['error']} | | | |")
+
+
+def profile(impls, m):
+    """Where one fwd+bwd step spends GPU time, and the host time per step (to spot launch-bound rows)."""
+    import time
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    x = torch.randn(m, K, device="cuda", dtype=DT, requires_grad=True)
+    dy = torch.randn(m, N, device="cuda", dtype=DT)
+    for name in ("fastkern 16-bit", "peft 16-bit", "fastkern nf4", "peft+bnb nf4"):
+        if name not in impls:
+            continue
+        fn = impls[name][0]
+        for _ in range(3):
+            fn(x).backward(dy)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn(x).backward(dy)
+        host_ms = (time.perf_counter() - t0) / 20 * 1e3  # enqueue time (GPU keeps running)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn(x).backward(dy)
+            torch.cuda.synchronize()
+        print(f"\n### profile M={m} {name}: host enqueue {host_ms:.3f} ms/step (5 steps below)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
 
 
 if __name__ == "__main__":

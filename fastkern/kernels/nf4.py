@@ -1,10 +1,10 @@
 """NF4 dequantization (bitsandbytes layout) into a 16/32-bit row-major buffer.
 
 Memory-bound: per weight element 0.5 byte of codes read, 2 bytes written (bf16), plus 1/blocksize
-of a scale. Each program owns BLOCK consecutive weight elements = BLOCK // 2 packed bytes; it splits
-every byte into its high nibble (even element) and low nibble (odd element), looks both up in the
-16-entry code table, multiplies by the block's scale, and interleaves the two halves back into
-element order so the store is one contiguous vector.
+of a scale. Each program owns BLOCK consecutive weight elements (a whole number of scale blocks);
+it splits every byte into its high nibble (even element) and low nibble (odd element), looks both
+up in the 16-entry code table, multiplies by the block's scale, and interleaves the two halves back
+into element order so the store is one contiguous vector.
 
 The scale of an element is absmax[e // blocksize]; with double quantization it is rebuilt on the
 fly as fp32(code2[q] * absmax2[b // 256]) + offset. The launcher turns off FMA contraction so both
@@ -34,42 +34,49 @@ def nf4_dequantize_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
-    OUT_CONTIGUOUS: tl.constexpr,
+    OUT_MODE: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
 ):
-    HALF: tl.constexpr = BLOCK // 2
+    # The program's BLOCK elements are NB whole scale blocks: a [NB, BLOCKSIZE // 2] tile of bytes,
+    # so each scale is computed once per block (not once per byte) and broadcast along the row.
+    NB: tl.constexpr = BLOCK // BLOCKSIZE
+    HB: tl.constexpr = BLOCKSIZE // 2
     pid = tl.program_id(0)
     if INT64_OFFSETS:
         pid = pid.to(tl.int64)
-    byte = pid * HALF + tl.arange(0, HALF)  # [HALF] packed byte indices
-    even = byte * 2  # element index of the high nibble
-    byte_mask = even < n_elements
-    packed = tl.load(packed_ptr + byte, mask=byte_mask, other=0).to(tl.int32)
-    hi = tl.load(code_ptr + (packed >> 4))
-    lo = tl.load(code_ptr + (packed & 15))
+    blk = pid * NB + tl.arange(0, NB)  # [NB] scale-block indices
+    byte = blk[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] packed byte indices
+    packed = tl.load(packed_ptr + byte, mask=byte * 2 < n_elements, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (packed >> 4))  # even elements
+    lo = tl.load(code_ptr + (packed & 15))  # odd elements
 
-    # Both nibbles of a byte share one scale block because every allowed blocksize is even.
-    block = even // BLOCKSIZE
+    blk_mask = blk * BLOCKSIZE < n_elements
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=byte_mask, other=0).to(tl.int32)
-        absmax2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=byte_mask, other=0.0)
+        q = tl.load(absmax_ptr + blk, mask=blk_mask, other=0).to(tl.int32)
+        absmax2 = tl.load(absmax2_ptr + blk // NESTED_BLOCKSIZE, mask=blk_mask, other=0.0)
         scale = tl.load(code2_ptr + q) * absmax2
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=byte_mask, other=0.0)
+        scale = tl.load(absmax_ptr + blk, mask=blk_mask, other=0.0)
+    scale = scale[:, None]
 
-    values = tl.interleave(hi * scale, lo * scale)  # [BLOCK] fp32, element order
+    values = tl.reshape(tl.interleave(hi * scale, lo * scale), (BLOCK,))  # fp32, element order
     if ROUND_BF16:
         values = _round_to_bf16(values)
     else:
         values = values.to(out_ptr.dtype.element_ty)
-    elem = pid * BLOCK + tl.arange(0, BLOCK)
+    start = pid * BLOCK
+    elem = start + tl.arange(0, BLOCK)
     mask = elem < n_elements
-    if OUT_CONTIGUOUS:
+    if OUT_MODE == 0:  # contiguous output
         tl.store(out_ptr + elem, values, mask=mask)
-    else:
+    elif OUT_MODE == 1:  # strided rows, n_cols a multiple of BLOCK: the program stays inside one row
+        row = start // n_cols
+        col = start - row * n_cols + tl.arange(0, BLOCK)
+        tl.store(out_ptr + row * out_row_stride + col, values, mask=mask)
+    else:  # strided rows, general: per-element row and column
         row = elem // n_cols
         col = elem - row * n_cols
         tl.store(out_ptr + row * out_row_stride + col, values, mask=mask)

@@ -144,6 +144,13 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
     assert out.stride(1) == 1, "dequantize_into needs a unit column stride"
     n = rows * cols
     nested = absmax2 is not None
+    block = max(block, blocksize)  # a program covers whole scale blocks
+    if out.stride(0) == cols:
+        out_mode = 0
+    elif cols % block == 0:
+        out_mode = 1
+    else:
+        out_mode = 2
     grid = (triton_cdiv(n, block),)
     int64 = (rows - 1) * out.stride(0) + cols + 2 * block >= INT32_MAX or n + 2 * block >= INT32_MAX
     with device_guard(packed):
@@ -152,7 +159,7 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
             offset if nested else code, out,
             n, cols, out.stride(0),
             BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=max(nested_blocksize, 1),
-            OUT_CONTIGUOUS=out.stride(0) == cols, ROUND_BF16=out.dtype == torch.bfloat16, BLOCK=block, INT64_OFFSETS=int64,
+            OUT_MODE=out_mode, ROUND_BF16=out.dtype == torch.bfloat16, BLOCK=block, INT64_OFFSETS=int64,
             num_warps=num_warps, enable_fp_fusion=False,
         )
 

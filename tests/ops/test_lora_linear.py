@@ -31,7 +31,7 @@ def _check(x, w, a, b, scaling, bias, state, dtype, x_view=None):
     bias_leaf = None if bias is None else bias.detach().clone().requires_grad_()
     xin = leaves[0] if x_view is None else x_view(leaves[0])
     out = lora_linear(xin, w, leaves[1], leaves[2], scaling, bias=bias_leaf, quant_state=state)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, dtype)
     out.backward(grad_out)
 
     def run(cast):

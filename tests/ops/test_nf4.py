@@ -97,6 +97,23 @@ def test_quantize_round_trip_vs_bitsandbytes(rows, cols, blocksize, double_quant
     assert ((got.float() - w.float()).abs() <= w.float().abs().max() * 0.2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("cols,block", [(128, 64), (128, 128), (96, 64), (40, 2048)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_strided_output_modes(cols, block, double_quant, poison_empty):
+    """dequantize_into a [rows, cols] slice of a wider buffer (the LoRA layer's [W | B] operand):
+    rows inside one program (cols % block == 0) and rows split across programs."""
+    from fastkern.ops.nf4 import dequantize_into, flatten_state
+
+    w = torch.randn(7, cols, dtype=torch.bfloat16)
+    packed, state = nf4_quantize(w, blocksize=32, double_quant=double_quant)
+    s = flatten_state("test", packed, state)
+    buf = torch.full((7, cols + 5), 3.0, dtype=torch.bfloat16)
+    dequantize_into(buf[:, :cols], s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset, s.blocksize,
+                    s.nested_blocksize, block, 2)
+    _assert_bitexact(buf[:, :cols], nf4_dequantize(packed, state))
+    assert (buf[:, cols:] == 3.0).all()  # nothing written past the slice
+
+
 def test_fp4_state_rejected():
     w = torch.randn(8, 64)
     packed, state = bnbf.quantize_4bit(w, quant_type="fp4")
