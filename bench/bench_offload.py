@@ -1,6 +1,6 @@
 """Offloaded checkpointing on a Llama-1B-shape model: step time, peak memory, longest trainable context.
 
-    python3 bench/bench_offload.py --out DIR [--steps 6] [--cap-gib 14] [--budget-s 200]
+    python3 bench/bench_offload.py --out DIR [--steps 6] [--cap-gib 16] [--budget-s 170]
 
 Model: hidden 2048, intermediate 8192, 16 layers, 32/8 heads, vocab 128256, random init, bf16, SDPA;
 LoRA r16 on all linear layers when peft imports (else full fine-tuning). Variants, one model
@@ -9,7 +9,8 @@ offload=True (save_on_cpu on the compute stream), TRL's activation-offloading co
 checkpointing, and fastkern.patch_model(checkpointing="offload").
 
 1. Correctness: one batch, same weights, every variant's loss and trainable gradients against plain
-   checkpointing (bf16 relative error norm < 1e-2); a wrong variant is not timed.
+   checkpointing under SDPA's math backend (deterministic; see correctness()); relative error norm
+   must stay below TOLERANCE; a wrong variant is not timed.
 2. B2 x T4096 training steps (forward with labels through transformers' loss, backward, AdamW step):
    median of synchronized per-step wall times after warm-up, and peak allocated memory.
 3. Longest context at batch 1 under a per-process cap of --cap-gib (so that the limit is reached in
@@ -41,6 +42,8 @@ DEVICE = "cuda"
 CHUNK = 1024  # tokens per lm_head chunk in the long-context loss
 LONG_START = 8192
 GIB = 2**30
+# Relative error allowed vs plain checkpointing under deterministic kernels (copies are exact).
+TOLERANCE = 5e-3
 # Every other patch_model option off: this bench measures checkpointing alone.
 CHECKPOINTING_ONLY = {p.option: None for p in _patchers()} | {"checkpointing": "offload"}
 
@@ -165,22 +168,55 @@ def rel_err(a, b):
 
 
 def correctness(model, hf, variants, ids):
-    out = {}
-    ref = None
-    for v in variants:
+    """Each variant's loss and trainable gradients vs plain checkpointing, relative error norm.
+
+    Run under SDPA's math backend so that the comparison is between deterministic kernels: in a first
+    H100 run under the default (flash) backend every variant, no checkpointing included, differed from
+    the first plain-checkpointing run by 1.3e-2 in bf16 gradients of this random-init model (see
+    flash_noise(), which measures plain against itself). Offloading only copies bytes and recomputes
+    with the same kernels, so every checkpointing variant must reproduce plain checkpointing. No
+    checkpointing keeps every layer's attention probabilities under the math backend, so it is
+    checked on the first 1024 tokens. Plain checkpointing is also compared with its own earlier run.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    plain = next(v for v in variants if v.name == "plain checkpointing")
+
+    def run(v, batch):
         model.zero_grad(set_to_none=True)
+        with sdpa_kernel(SDPBackend.MATH), v:
+            return _loss_and_grads(model, batch, v)
+
+    refs, out = {}, {}
+    for v in variants:
+        batch = ids[:, :1024] if v.name == "no checkpointing" else ids
         try:
-            with v:
-                loss = hf_loss_step(model, ids, v.context())
+            if batch.shape not in refs:
+                refs[batch.shape] = run(plain, batch)
+            result = run(v, batch)
         except Exception as exc:  # a peer failing on this model is a result, not a crash of the bench
             v.available, v.why = False, f"failed: {type(exc).__name__}: {str(exc)[:120]}"
             continue
-        grads = torch.cat([p.grad.float().flatten() for p in trainable(model) if p.grad is not None])
-        if ref is None:
-            ref = (loss, grads)
-        out[v.name] = max(rel_err(loss, ref[0]), rel_err(grads, ref[1]))
+        ref = refs[batch.shape]
+        out[v.name] = max(rel_err(result[0], ref[0]), rel_err(result[1], ref[1]))
     model.zero_grad(set_to_none=True)
     return out
+
+
+def flash_noise(model, plain, ids):
+    """Relative error between two plain-checkpointing runs on the default SDPA backend."""
+    runs = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with plain:
+            runs.append(_loss_and_grads(model, ids, plain))
+    model.zero_grad(set_to_none=True)
+    return max(rel_err(runs[1][0], runs[0][0]), rel_err(runs[1][1], runs[0][1]))
+
+
+def _loss_and_grads(model, ids, v):
+    loss = hf_loss_step(model, ids, v.context())
+    return loss, torch.cat([p.grad.float().flatten() for p in trainable(model) if p.grad is not None])
 
 
 def time_steps(model, v, ids, opt, steps):
@@ -247,18 +283,18 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--lora", type=int, default=16)
-    parser.add_argument("--cap-gib", type=float, default=10.0)
-    parser.add_argument("--budget-s", type=float, default=150.0, help="stop the long-context search this long after start")
+    parser.add_argument("--cap-gib", type=float, default=16.0)
+    parser.add_argument("--budget-s", type=float, default=170.0, help="stop the long-context search this long after start")
     args = parser.parse_args()
     start = time.perf_counter()
     model, hf, training = build(args.lora)
     variants = [Variant(name, model, hf) for name in VARIANTS]
     runnable = [v for v in variants if v.available]
-    # Plain checkpointing is the reference: put it first.
-    runnable.sort(key=lambda v: v.name != "plain checkpointing")
     g = torch.Generator(device=DEVICE).manual_seed(0)
     ids = torch.randint(0, VOCAB, (args.batch, args.length), device=DEVICE, generator=g)
     errors = correctness(model, hf, runnable, ids)
+    noise = flash_noise(model, next(v for v in variants if v.name == "plain checkpointing"), ids)
+    print(f"correctness (math SDPA, rel err vs plain checkpointing): {errors}; flash run-to-run noise {noise:.1e}")
     opt = torch.optim.AdamW(trainable(model), lr=1e-5)
     layer_bytes = args.batch * args.length * HIDDEN * 2
     rows = []
@@ -266,7 +302,7 @@ def main():
         row = dict(variant=v.name)
         if not v.available:
             row["status"] = v.why
-        elif not errors.get(v.name, float("nan")) < 1e-2:
+        elif not errors.get(v.name, float("nan")) < TOLERANCE:
             row["status"] = f"WRONG: relative error {errors[v.name]:.2e} vs plain checkpointing; not timed"
         else:
             try:
@@ -298,7 +334,7 @@ def main():
     for v in sorted(variants, key=lambda v: order.index(v.name) if v.name in order else len(order)):
         if not v.available or v.name == "no checkpointing":
             continue
-        if v.name != "plain checkpointing" and not errors.get(v.name, 1.0) < 1e-2:
+        if v.name != "plain checkpointing" and not errors.get(v.name, 1.0) < TOLERANCE:
             continue
         t0 = time.perf_counter()
         length, why = longest_context(model, hf, v, deadline)
@@ -309,7 +345,9 @@ def main():
     target_mib = (LAYERS - 2) * args.length * HIDDEN * 2 / 2**20
     print(f"\nLlama-1B shape, {training}, bf16, B{args.batch} x T{args.length}; {torch.cuda.get_device_name()}")
     print(f"one layer input = {layer_bytes / 2**20:.0f} MiB; memory target (layers-2) x T x hidden x 2 B = "
-          f"{target_mib:.0f} MiB (x batch {args.batch}: {target_mib * args.batch:.0f} MiB); time target +2 %\n")
+          f"{target_mib:.0f} MiB (x batch {args.batch}: {target_mib * args.batch:.0f} MiB); time target +2 %")
+    print(f"check: math-SDPA rel err vs plain checkpointing (no checkpointing: first 1024 tokens); plain vs "
+          f"plain on flash SDPA: {noise:.1e}\n")
     print("| variant | step (s) | vs plain | peak alloc (GiB) | saved vs plain (MiB) | check |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -326,7 +364,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, args=vars(args),
-                       training=training, steps=rows, longest=longest, target_saved_mib=target_mib,
+                       training=training, flash_noise=noise, steps=rows, longest=longest, target_saved_mib=target_mib,
                        wall_s=time.perf_counter() - start), f, indent=1)
 
 
