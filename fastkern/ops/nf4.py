@@ -168,14 +168,19 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _dequantize_new(packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize, rows, cols, dtype):
+    out = torch.empty((rows, cols), dtype=dtype, device=packed.device)
+    dequantize_into(out, packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
+    return out
+
+
 @torch.library.custom_op("fastkern::nf4_dequantize", mutates_args=())
 def nf4_dequantize_op(
     packed: Tensor, code: Tensor, absmax: Tensor, absmax2: Tensor | None, code2: Tensor | None,
     offset: Tensor | None, blocksize: int, nested_blocksize: int, rows: int, cols: int, dtype: torch.dtype,
 ) -> Tensor:
-    out = torch.empty((rows, cols), dtype=dtype, device=packed.device)
-    dequantize_into(out, packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
-    return out
+    return _dequantize_new(packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize, rows, cols,
+                           dtype)
 
 
 @nf4_dequantize_op.register_fake
@@ -185,8 +190,13 @@ def _(packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize,
 
 def dequantize_flat(s: FlatNF4) -> Tensor:
     rows, cols = s.rows_cols
-    return nf4_dequantize_op(s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset, s.blocksize,
-                             s.nested_blocksize, rows, cols, s.dtype)
+    args = (s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset, s.blocksize, s.nested_blocksize, rows, cols,
+            s.dtype)
+    if torch.compiler.is_compiling():
+        return nf4_dequantize_op(*args)
+    # Eager: call the implementation directly. The custom op's Python dispatch costs tens of
+    # microseconds, as much as the kernel itself (0.06 ms for a 14336x4096 weight).
+    return _dequantize_new(*args)
 
 
 def nf4_dequantize(packed: Tensor, quant_state, *, dtype: torch.dtype | None = None) -> Tensor:
