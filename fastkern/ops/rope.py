@@ -40,14 +40,14 @@ _OP = "fastkern.ops.rope"
 def launch_config(n_heads: int, half_rotary: int) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_R, num_warps): heads per program and pair lanes per head.
 
-    A program covers BLOCK_H heads of one token (at most 2048 pairs, i.e. 8 KiB of bf16 read per
-    program); BLOCK_H is the smallest power of two covering k's heads so that k needs one block and
-    q exactly Hq/Hk blocks when Hk is a power of two.
+    About 1024 pairs per program (16 heads of D=128: 8 KiB of bf16 read and written per program)
+    with 4 warps: the best setting of a BLOCK_H x num_warps sweep on an H100 at both bench shapes
+    (docs/rope.md). Blocks of k past its last head are masked lanes, which move no memory.
     """
     block_r = max(2, 1 << (max(half_rotary, 1) - 1).bit_length())
     block_h = max(1, 1 << (max(n_heads, 1) - 1).bit_length())
-    block_h = max(1, min(block_h, 2048 // block_r))
-    num_warps = max(1, min(8, block_h * block_r // 256))
+    block_h = max(1, min(block_h, 1024 // block_r))
+    num_warps = 4 if block_h * block_r >= 512 else 2
     return block_h, block_r, num_warps
 
 
@@ -66,10 +66,8 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, 
     batch, n_q_heads, seq_len, _ = q.shape
     n_k_heads = k.shape[1] if k is not None else 0
     half = cos.shape[-1] // 2
-    # The interpreter pays per program, not per lane: one block of all q heads keeps CI fast.
-    interpreted = runtime.path_for(q) == "interpreter"
-    default_h, block_r, default_warps = launch_config(n_q_heads if interpreted else (n_k_heads or n_q_heads), half)
-    if interpreted:
+    default_h, block_r, default_warps = launch_config(max(n_q_heads, n_k_heads), half)
+    if runtime.path_for(q) == "interpreter":  # it pays per program, not per lane: one block of all q heads
         default_h = max(1, 1 << (n_q_heads - 1).bit_length())
     block_h, num_warps = block_h or default_h, num_warps or default_warps
     n_q_blocks = _cdiv(n_q_heads, block_h)
@@ -102,9 +100,7 @@ def _rotate_into(x, out, cos, sin, position_ids, interleaved, transpose) -> None
     out.copy_(rotate_reference(x, cos, sin, position_ids, interleaved, transpose))
 
 
-@torch.library.custom_op("fastkern::rope_qk_", mutates_args=("q", "k"))
-def rope_qk_inplace_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
-                       interleaved: bool, transpose: bool) -> None:
+def _rotate_qk_in_place(q, k, cos, sin, position_ids, interleaved, transpose) -> None:
     if q.numel() == 0 and k.numel() == 0:
         return
     if _path(q) == "reference":
@@ -112,6 +108,12 @@ def rope_qk_inplace_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_
         _rotate_into(k, k, cos, sin, position_ids, interleaved, transpose)
         return
     _launch(q, k, q, k, cos, sin, position_ids, interleaved, transpose)
+
+
+@torch.library.custom_op("fastkern::rope_qk_", mutates_args=("q", "k"))
+def rope_qk_inplace_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
+                       interleaved: bool, transpose: bool) -> None:
+    _rotate_qk_in_place(q, k, cos, sin, position_ids, interleaved, transpose)
 
 
 @rope_qk_inplace_op.register_fake
@@ -246,8 +248,10 @@ def _base_and_rebuild(x: Tensor):
 class _RotateBasesInPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_base, k_base, q_view, k_view, cos, sin, position_ids, interleaved, rebuild_q, rebuild_k):
-        # q_view/k_view are detached aliases of the bases with the layout the kernel addresses.
-        rope_qk_inplace_op(q_view, k_view, cos, sin, position_ids, interleaved, False)
+        # q_view/k_view are detached aliases of the bases with the layout the kernel addresses. This
+        # Function only runs eagerly (not under torch.compile), so it launches directly instead of
+        # through the custom op, whose dispatch costs more host time than the kernel at T=4096.
+        _rotate_qk_in_place(q_view, k_view, cos, sin, position_ids, interleaved, False)
         ctx.mark_dirty(q_base, k_base)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.interleaved, ctx.rebuild = interleaved, (rebuild_q, rebuild_k)
@@ -258,8 +262,8 @@ class _RotateBasesInPlace(torch.autograd.Function):
         cos, sin, position_ids = ctx.saved_tensors
         grad_q_base, grad_k_base = grad_q_base.contiguous(), grad_k_base.contiguous()
         rebuild_q, rebuild_k = ctx.rebuild
-        rope_qk_inplace_op(rebuild_q(grad_q_base), rebuild_k(grad_k_base), cos, sin, position_ids,
-                           ctx.interleaved, True)
+        _rotate_qk_in_place(rebuild_q(grad_q_base), rebuild_k(grad_k_base), cos, sin, position_ids,
+                            ctx.interleaved, True)
         return grad_q_base, grad_k_base, None, None, None, None, None, None, None, None
 
 
