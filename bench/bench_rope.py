@@ -24,6 +24,7 @@ twice that. Copy bandwidth of the H100 used for the percentage: 3.0 TB/s (GUIDE.
 """
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -183,8 +184,6 @@ def bench_shape(shape, impls):
 
 def sweep(shape):
     """Kernel-only launch-config sweep (in-place forward launch, no autograd)."""
-    import importlib
-
     from triton.testing import do_bench
 
     rope_ops = importlib.import_module("fastkern.ops.rope")
@@ -193,13 +192,34 @@ def sweep(shape):
     fwd_bytes = 2 * (qp.numel() + kp.numel()) * 2 + 2 * cos.numel() * 2
     rows = []
     default = rope_ops.launch_config(shape["hq"], shape["d"] // 2)
-    for block_h in (4, 8, 16, 32):
-        for warps in (2, 4, 8):
-            ms = do_bench(lambda: rope_ops._launch(q, k, q, k, cos, sin, None, False, False, block_h, warps),
-                          warmup=10, rep=50, return_mode="median")
-            rows.append(dict(sweep=True, shape=shape, block_h=block_h, warps=warps, fwd_ms=ms,
-                             fwd_tbps=fwd_bytes / ms / 1e9, default=(block_h, warps) == (default[0], default[2])))
+    for block_t in (1, 2, 4):
+        for block_h in (8, 16, 32):
+            for warps in (4, 8):
+                ms = do_bench(lambda: rope_ops._launch(q, k, q, k, cos, sin, None, False, False, block_h, warps, block_t),
+                              warmup=10, rep=40, return_mode="median")
+                rows.append(dict(sweep=True, shape=shape, block_t=block_t, block_h=block_h, warps=warps, fwd_ms=ms,
+                                 fwd_tbps=fwd_bytes / ms / 1e9,
+                                 default=(block_t, block_h, warps) == (default[0], default[1], default[3])))
     return rows
+
+
+def best_config_rows(shape, sweep_rows, impls):
+    """fwd and fwd+bwd of the in-place op with the sweep's best config for this shape (a tuning
+    experiment: launch_config is replaced for these rows only)."""
+    rope_ops = importlib.import_module("fastkern.ops.rope")
+    best = min((r for r in sweep_rows if r["shape"] == shape), key=lambda r: r["fwd_ms"])
+    original = rope_ops.launch_config
+
+    def tuned(n_heads, half_rotary):
+        _, _, block_r, _ = original(n_heads, half_rotary)
+        return best["block_t"], best["block_h"], block_r, best["warps"]
+
+    rope_ops.launch_config = tuned
+    try:
+        name = f"fastkern (in place, BLOCK_T={best['block_t']} BLOCK_H={best['block_h']} warps={best['warps']})"
+        return bench_shape(shape, {name: impls["fastkern (in place)"]})
+    finally:
+        rope_ops.launch_config = original
 
 
 def main():
@@ -214,7 +234,9 @@ def main():
         torch.cuda.empty_cache()
     if args.sweep:
         for shape in SHAPES:
-            results += sweep(shape)
+            rows = sweep(shape)
+            results += rows + best_config_rows(shape, rows, impls)
+            torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_rope.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_tbps=COPY_TBPS,
@@ -237,9 +259,9 @@ def main():
     sweeps = [r for r in results if r.get("sweep")]
     if sweeps:
         print("\nkernel-only fwd sweep (ms): shape, BLOCK_H, warps")
-        for r in sorted(sweeps, key=lambda r: (r["shape"]["t"], r["fwd_ms"]))[:50]:
-            print(f"  T{r['shape']['t']} BLOCK_H={r['block_h']:<2} warps={r['warps']} {r['fwd_ms']:.4f} ms"
-                  f" {r['fwd_tbps']:.2f} TB/s{'  (default)' if r['default'] else ''}")
+        for r in sorted(sweeps, key=lambda r: (r["shape"]["t"], r["fwd_ms"])):
+            print(f"  T{r['shape']['t']} BLOCK_T={r['block_t']} BLOCK_H={r['block_h']:<2} warps={r['warps']}"
+                  f" {r['fwd_ms']:.4f} ms {r['fwd_tbps']:.2f} TB/s{'  (default)' if r['default'] else ''}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ and backward is its transpose (TRANSPOSE=True):
 which is the rotation by -theta when cos_a = cos_b and sin_a = sin_b (transformers' layout), and the
 exact gradient for any cos/sin otherwise.
 
-Grid: (B * T, head blocks of q followed by head blocks of k). Each program rotates BLOCK_H heads of
-one token, so q and k share one launch and one read of the token's cos/sin row (from a [B or 1, T, R]
-tensor, or from a [max_pos, R] table row picked by position_ids[b, t]). Strides are explicit, so
+Grid: (B * cdiv(T, BLOCK_T), head blocks of q followed by head blocks of k). Each program rotates
+BLOCK_H heads of BLOCK_T consecutive tokens, so q and k share one launch and the tokens' cos/sin rows
+(from a [B or 1, T, R] tensor, or [max_pos, R] table rows picked by position_ids[b, t]) are read once
+per program. Strides are explicit, so
 transposed views [B, H, T, D] of [B, T, H, D] projections need no copy; out may alias x (in place:
 each program loads all its elements before storing them, and programs own disjoint elements).
 """
@@ -28,31 +29,32 @@ import triton.language as tl
 
 @triton.jit
 def _rotate_head_block(
-    x_ptr, out_ptr, b, t, heads, n_heads,
+    x_ptr, out_ptr, b, ts, heads, n_heads, t_mask,
     x_sb, x_sh, x_st, x_sd, o_sb, o_sh, o_st, o_sd,
     offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b,
     TRANSPOSE: tl.constexpr,
 ):
-    # heads: [BLOCK_H]; offs_a / offs_b / lane_mask: [BLOCK_R]; cos_* / sin_*: [BLOCK_R] fp32.
-    mask = (heads < n_heads)[:, None] & lane_mask[None, :]
-    x_row = x_ptr + b * x_sb + t * x_st + heads[:, None] * x_sh
-    o_row = out_ptr + b * o_sb + t * o_st + heads[:, None] * o_sh
-    xa = tl.load(x_row + offs_a[None, :] * x_sd, mask=mask, other=0.0).to(tl.float32)
-    xb = tl.load(x_row + offs_b[None, :] * x_sd, mask=mask, other=0.0).to(tl.float32)
+    # ts: [BLOCK_T]; heads: [BLOCK_H]; offs_a / offs_b / lane_mask: [BLOCK_R];
+    # cos_* / sin_*: [BLOCK_T, 1, BLOCK_R] fp32; x tiles: [BLOCK_T, BLOCK_H, BLOCK_R].
+    mask = t_mask[:, None, None] & (heads < n_heads)[None, :, None] & lane_mask[None, None, :]
+    x_row = x_ptr + b * x_sb + ts[:, None, None] * x_st + heads[None, :, None] * x_sh
+    o_row = out_ptr + b * o_sb + ts[:, None, None] * o_st + heads[None, :, None] * o_sh
+    xa = tl.load(x_row + offs_a[None, None, :] * x_sd, mask=mask, other=0.0).to(tl.float32)
+    xb = tl.load(x_row + offs_b[None, None, :] * x_sd, mask=mask, other=0.0).to(tl.float32)
     if TRANSPOSE:
-        ya = xa * cos_a[None, :] + xb * sin_b[None, :]
-        yb = xb * cos_b[None, :] - xa * sin_a[None, :]
+        ya = xa * cos_a + xb * sin_b
+        yb = xb * cos_b - xa * sin_a
     else:
-        ya = xa * cos_a[None, :] - xb * sin_a[None, :]
-        yb = xb * cos_b[None, :] + xa * sin_b[None, :]
-    tl.store(o_row + offs_a[None, :] * o_sd, ya.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_row + offs_b[None, :] * o_sd, yb.to(out_ptr.dtype.element_ty), mask=mask)
+        ya = xa * cos_a - xb * sin_a
+        yb = xb * cos_b + xa * sin_b
+    tl.store(o_row + offs_a[None, None, :] * o_sd, ya.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_row + offs_b[None, None, :] * o_sd, yb.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def rope_qk_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr,
-    seq_len, n_q_heads, n_k_heads, half_rotary, n_q_blocks,
+    seq_len, n_t_blocks, n_q_heads, n_k_heads, half_rotary, n_q_blocks,
     q_sb, q_sh, q_st, q_sd,
     k_sb, k_sh, k_st, k_sd,
     qo_sb, qo_sh, qo_st, qo_sd,
@@ -63,17 +65,20 @@ def rope_qk_kernel(
     INTERLEAVED: tl.constexpr,
     TRANSPOSE: tl.constexpr,
     HAS_POSITIONS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    # grid: (B * n_t_blocks, head blocks of q then of k); a program covers BLOCK_T tokens of one row.
+    tile = tl.program_id(0)
     block = tl.program_id(1)
-    b = token // seq_len
-    t = token % seq_len
+    b = tile // n_t_blocks
+    ts = (tile % n_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = ts < seq_len
     if INT64_OFFSETS:
         b = b.to(tl.int64)
-        t = t.to(tl.int64)
+        ts = ts.to(tl.int64)
 
     pair = tl.arange(0, BLOCK_R)
     lane_mask = pair < half_rotary
@@ -84,30 +89,31 @@ def rope_qk_kernel(
         offs_a = pair
         offs_b = pair + half_rotary
 
-    # cos/sin row of this token: per-token tensor [B or 1, T, R], or table row position_ids[b, t].
+    # cos/sin rows of these tokens: per-token tensor [B or 1, T, R], or table rows position_ids[b, t].
     if HAS_POSITIONS:
-        row = tl.load(pos_ptr + b * pos_sb + t * pos_st).to(tl.int64)
-        cos_row = cos_ptr + row * cos_st
-        sin_row = sin_ptr + row * sin_st
+        rows = tl.load(pos_ptr + b * pos_sb + ts * pos_st, mask=t_mask, other=0).to(tl.int64)
+        cos_rows = cos_ptr + rows * cos_st
+        sin_rows = sin_ptr + rows * sin_st
     else:
-        cos_row = cos_ptr + b * cos_sb + t * cos_st
-        sin_row = sin_ptr + b * sin_sb + t * sin_st
-    cos_a = tl.load(cos_row + offs_a * cos_sd, mask=lane_mask, other=0.0).to(tl.float32)
-    cos_b = tl.load(cos_row + offs_b * cos_sd, mask=lane_mask, other=0.0).to(tl.float32)
-    sin_a = tl.load(sin_row + offs_a * sin_sd, mask=lane_mask, other=0.0).to(tl.float32)
-    sin_b = tl.load(sin_row + offs_b * sin_sd, mask=lane_mask, other=0.0).to(tl.float32)
+        cos_rows = cos_ptr + b * cos_sb + ts * cos_st
+        sin_rows = sin_ptr + b * sin_sb + ts * sin_st
+    cs_mask = t_mask[:, None, None] & lane_mask[None, None, :]
+    cos_a = tl.load(cos_rows[:, None, None] + offs_a[None, None, :] * cos_sd, mask=cs_mask, other=0.0).to(tl.float32)
+    cos_b = tl.load(cos_rows[:, None, None] + offs_b[None, None, :] * cos_sd, mask=cs_mask, other=0.0).to(tl.float32)
+    sin_a = tl.load(sin_rows[:, None, None] + offs_a[None, None, :] * sin_sd, mask=cs_mask, other=0.0).to(tl.float32)
+    sin_b = tl.load(sin_rows[:, None, None] + offs_b[None, None, :] * sin_sd, mask=cs_mask, other=0.0).to(tl.float32)
 
     if block < n_q_blocks:
         heads = block * BLOCK_H + tl.arange(0, BLOCK_H)
         if INT64_OFFSETS:
             heads = heads.to(tl.int64)
-        _rotate_head_block(q_ptr, q_out_ptr, b, t, heads, n_q_heads,
+        _rotate_head_block(q_ptr, q_out_ptr, b, ts, heads, n_q_heads, t_mask,
                            q_sb, q_sh, q_st, q_sd, qo_sb, qo_sh, qo_st, qo_sd,
                            offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b, TRANSPOSE)
     else:
         heads = (block - n_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
         if INT64_OFFSETS:
             heads = heads.to(tl.int64)
-        _rotate_head_block(k_ptr, k_out_ptr, b, t, heads, n_k_heads,
+        _rotate_head_block(k_ptr, k_out_ptr, b, ts, heads, n_k_heads, t_mask,
                            k_sb, k_sh, k_st, k_sd, ko_sb, ko_sh, ko_st, ko_sd,
                            offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b, TRANSPOSE)

@@ -37,18 +37,18 @@ from ._common import FLOAT_DTYPES, check_tensor, device_guard, needs_int64
 _OP = "fastkern.ops.rope"
 
 
-def launch_config(n_heads: int, half_rotary: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_R, num_warps): heads per program and pair lanes per head.
+def launch_config(n_heads: int, half_rotary: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_H, BLOCK_R, num_warps): tokens and heads per program, pair lanes per head.
 
     About 1024 pairs per program (16 heads of D=128: 8 KiB of bf16 read and written per program)
-    with 4 warps: the best setting of a BLOCK_H x num_warps sweep on an H100 at both bench shapes
+    with 4 warps: the best BLOCK_H x num_warps setting of a sweep on an H100 at both bench shapes
     (docs/rope.md). Blocks of k past its last head are masked lanes, which move no memory.
     """
     block_r = max(2, 1 << (max(half_rotary, 1) - 1).bit_length())
     block_h = max(1, 1 << (max(n_heads, 1) - 1).bit_length())
     block_h = max(1, min(block_h, 1024 // block_r))
     num_warps = 4 if block_h * block_r >= 512 else 2
-    return block_h, block_r, num_warps
+    return 1, block_h, block_r, num_warps
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -59,19 +59,21 @@ def _path(t: Tensor) -> str:
     return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
 
 
-def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, block_h=None, num_warps=None):
+def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, block_h=None, num_warps=None,
+            block_t=None):
     """Rotate q (and k, if not None) into q_out (k_out); outputs may alias inputs."""
     from ..kernels.rope import rope_qk_kernel
 
     batch, n_q_heads, seq_len, _ = q.shape
     n_k_heads = k.shape[1] if k is not None else 0
     half = cos.shape[-1] // 2
-    default_h, block_r, default_warps = launch_config(max(n_q_heads, n_k_heads), half)
+    default_t, default_h, block_r, default_warps = launch_config(max(n_q_heads, n_k_heads), half)
     if runtime.path_for(q) == "interpreter":  # it pays per program, not per lane: one block of all q heads
         default_h = max(1, 1 << (n_q_heads - 1).bit_length())
-    block_h, num_warps = block_h or default_h, num_warps or default_warps
+    block_t, block_h, num_warps = block_t or default_t, block_h or default_h, num_warps or default_warps
     n_q_blocks = _cdiv(n_q_heads, block_h)
-    grid = (batch * seq_len, n_q_blocks + _cdiv(n_k_heads, block_h))
+    n_t_blocks = _cdiv(seq_len, block_t)
+    grid = (batch * n_t_blocks, n_q_blocks + _cdiv(n_k_heads, block_h))
     if k is None:  # the kernel never reads k when it has no k blocks; q stands in for the pointer
         k, k_out = q, q_out
     if position_ids is not None:
@@ -83,15 +85,15 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, 
         cos_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), cos.stride(2))
         sin_strides = (sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1), sin.stride(2))
         pos, pos_strides = cos, (0, 0)
-    int64 = needs_int64(q, k, q_out, k_out, cos, sin, slack=block_h)
+    int64 = needs_int64(q, k, q_out, k_out, cos, sin, slack=block_h * block_t)
     with device_guard(q):
         rope_qk_kernel[grid](
             q, k, q_out, k_out, cos, sin, pos,
-            seq_len, n_q_heads, n_k_heads, half, n_q_blocks,
+            seq_len, n_t_blocks, n_q_heads, n_k_heads, half, n_q_blocks,
             *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
             *cos_strides, *sin_strides, *pos_strides,
             INTERLEAVED=interleaved, TRANSPOSE=transpose, HAS_POSITIONS=position_ids is not None,
-            BLOCK_H=block_h, BLOCK_R=block_r, INT64_OFFSETS=int64, num_warps=num_warps,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, INT64_OFFSETS=int64, num_warps=num_warps,
         )
 
 

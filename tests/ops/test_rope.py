@@ -343,16 +343,23 @@ def test_rope_gpu_more_than_2_31_elements_in_q():
         assert_close(got.transpose(1, 2), want, torch.bfloat16, name="tail rows")
 
 
-@pytest.mark.parametrize("block_h", [1, 2, 4])
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_head_blocks_as_launched_on_gpu(poison_empty, block_h, interleaved):
-    """Several head blocks per token (the GPU launch config), partially masked blocks, q then k."""
+@pytest.mark.parametrize("block_h,block_t", [(1, 1), (2, 2), (4, 4), (2, 8)])
+@pytest.mark.parametrize("interleaved,table", [(False, False), (True, True)])
+def test_head_and_token_blocks_as_launched_on_gpu(poison_empty, block_h, block_t, interleaved, table):
+    """Several head blocks per token (the GPU launch config), several tokens per program, partially
+    masked blocks of heads and of tokens, q then k."""
     qp, kp = make_qk(2, 6, 3, 5, 24, torch.bfloat16)
     q, k = qp.transpose(1, 2), kp.transpose(1, 2)
-    cos, sin = frequencies(torch.arange(5)[None], 20, interleaved)
+    positions = torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
+    cos, sin = frequencies(positions, 20, interleaved)
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     q_out[..., 20:], k_out[..., 20:] = q[..., 20:], k[..., 20:]
-    rope_module._launch(q, k, q_out, k_out, cos, sin, None, interleaved, False, block_h=block_h)
+    if table:
+        table_cos, table_sin = frequencies(torch.arange(5), 20, interleaved)
+        rope_module._launch(q, k, q_out, k_out, table_cos, table_sin, positions, interleaved, False,
+                            block_h=block_h, block_t=block_t)
+    else:
+        rope_module._launch(q, k, q_out, k_out, cos, sin, None, interleaved, False, block_h=block_h, block_t=block_t)
     for got, x in ((q_out, q), (k_out, k)):
         assert_close(got, oracle(x, cos, sin, interleaved), torch.bfloat16, torch_same_dtype(x, cos, sin, interleaved))
 
