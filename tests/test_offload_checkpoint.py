@@ -397,3 +397,31 @@ def test_gpu_stress_varying_lengths_no_memory_growth():
     assert history[0] == history[-1], history
     assert offloader.stats.offloaded == depth * len(lengths)
     assert offloader.stats.prefetched >= (depth - 1) * len(lengths)
+
+
+@gpu
+def test_gpu_peak_lower_while_the_cpu_runs_ahead():
+    """Peak memory measured without synchronizing: the CPU queues layers faster than the GPU runs them,
+    so device memory of offloaded inputs must be reusable in stream order (not only once an event is
+    seen complete), or the loss-time allocation lands on top of inputs whose copies have not run yet."""
+    width, tokens, depth = 4096, 8192, 12
+    layer_bytes = tokens * width * 2
+    peaks = {}
+    for mode in ("plain", "offload"):
+        torch.manual_seed(0)
+        weights = [torch.randn(width, width, device="cuda", dtype=torch.bfloat16) / width**0.5 for _ in range(depth)]
+        x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        offloader = ActivationOffloader()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        h = x
+        for w in weights:
+            fn = lambda t, w=w: torch.tanh(t @ w) @ w  # noqa: E731
+            h = checkpoint(fn, h, use_reentrant=False) if mode == "plain" else offload_checkpoint(fn, h, offloader=offloader)
+        logits = torch.empty(4 * layer_bytes, dtype=torch.uint8, device="cuda")  # stands for the loss's buffers
+        peaks[mode] = torch.cuda.max_memory_allocated() - base
+        h.float().mean().backward()
+        del logits, h
+        torch.cuda.synchronize()
+    assert peaks["plain"] - peaks["offload"] >= (depth - 2) * layer_bytes, (peaks, layer_bytes)
