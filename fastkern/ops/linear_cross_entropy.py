@@ -191,11 +191,12 @@ def lce_grads_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
     has_entropy = len(coefs) == 4
     compute_stats = lse is None
     stats = _new_stats(n, hidden.device, False, dt) if compute_stats else {
-        "lse": lse, "target_u": torch.empty(0, dtype=dt, device=hidden.device),
+        "lse": lse.contiguous(), "target_u": torch.empty(0, dtype=dt, device=hidden.device),
         "sum_u": torch.empty(0, dtype=dt, device=hidden.device)}
+    # The kernel indexes per-row vectors with stride 1; upstream gradients can be expanded (stride 0).
+    coef_map = {k: c.to(dt).contiguous() for k, c in zip("abce", coefs)}
     if has_entropy:
-        stats["sum_pu"] = sum_pu
-    coef_map = dict(zip("abce", coefs))
+        stats["sum_pu"] = sum_pu.contiguous()
     gh, gw, gb = run_chunks(hidden, weight, bias, targets, stats, coef_map, logit_scale=logit_scale,
                             softcap=softcap, u_scale=u_scale, compute_stats=compute_stats,
                             has_entropy=has_entropy, need_gh=need_gh, need_gw=need_gw, need_gb=need_gb,
