@@ -41,6 +41,11 @@ from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 DEFAULT_MIN_BYTES = 1 << 20
 
 
+def _streamed(device: torch.device) -> bool:
+    """Whether copies for tensors on ``device`` go through side streams and events (CUDA only)."""
+    return device.type == "cuda"
+
+
 def _round_capacity(nbytes: int) -> int:
     """Round up to an eighth of the next power of two (<= 12.5 % slack) so nearby sizes share buffers."""
     granule = max(1 << 16, (1 << max(nbytes - 1, 1).bit_length()) >> 3)
@@ -260,7 +265,7 @@ class ActivationOffloader:
     def _worth_moving(self, t: torch.Tensor) -> bool:
         if type(t) is not torch.Tensor or t.layout != torch.strided or t.numel() == 0:
             return False  # parameters, subclasses (DTensor, fake tensors), sparse: not ours to move
-        if t.device.type != "cuda" and not (t.device.type == "cpu" and self.offload_cpu_tensors):
+        if not _streamed(t.device) and not (t.device.type == "cpu" and self.offload_cpu_tensors):
             return False
         return t.numel() * t.element_size() >= self.min_bytes
 
@@ -269,14 +274,14 @@ class ActivationOffloader:
             self.stats.kept += 1
             return t
         nbytes = t.numel() * t.element_size()
-        buffer = self.pool.acquire(nbytes, pinned=t.is_cuda)
+        buffer = self.pool.acquire(nbytes, pinned=_streamed(t.device))
         if buffer is None:  # no host memory at all: keeping it on the device beats failing
             self.stats.kept += 1
             return t
         dense = _is_dense(t)
         flat = buffer.data[:nbytes].view(t.dtype)
         host = flat.as_strided(t.shape, t.stride()) if dense else flat.view(t.shape)
-        if t.is_cuda:
+        if _streamed(t.device):
             compute = torch.cuda.current_stream(t.device)
             side = self._side_stream(t.device)
             side.wait_stream(compute)  # t is produced by work queued on the compute stream
@@ -329,7 +334,7 @@ class ActivationOffloader:
             out = torch.empty_strided(item.size, item.stride, dtype=item.dtype, device=item.device)
         else:
             out = torch.empty(item.size, dtype=item.dtype, device=item.device)
-        if item.device.type != "cuda":
+        if not _streamed(item.device):
             out.copy_(item.host)
             return out, None, None, None
         compute = torch.cuda.current_stream(item.device)

@@ -299,6 +299,90 @@ def test_deepcopy_gets_a_fresh_offloader_and_default_is_exported():
     torch.testing.assert_close(g, x.exp(), rtol=0, atol=0)
 
 
+class _FakeEvent:
+    def __init__(self, n):
+        self.n = n
+
+
+class _FakeStream:
+    """Records the stream protocol instead of running it (CPU stand-in for torch.cuda.Stream)."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append((self.name, "wait_stream", other.name))
+
+    def wait_event(self, event):
+        self.log.append((self.name, "wait_event", event.n))
+
+    def record_event(self):
+        event = _FakeEvent(sum(1 for entry in self.log if entry[1] == "record"))
+        self.log.append((self.name, "record", event.n))
+        return event
+
+
+@pytest.fixture
+def fake_streams(monkeypatch):
+    """Run the CUDA branch of the offloader on CPU tensors with recording streams and events."""
+    import contextlib
+
+    import fastkern.checkpointing as module
+
+    log = []
+    compute = _FakeStream("compute", log)
+    monkeypatch.setattr(module, "_streamed", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream("side", log))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: log.append((stream.name, "record_stream")),
+                        raising=False)
+    return log
+
+
+def test_stream_protocol(fake_streams):
+    """Copies out: side waits for compute, copies, records; compute waits on the copy when the call returns
+    (stream-ordered release, no record_stream). Backward: the first copy back is on demand, each unpack
+    waits on its own copy back and starts the previous item's; nothing needs record_stream."""
+    log = fake_streams
+    offloader = ActivationOffloader(min_bytes=0, pin_memory=False)
+    models = _models(0.0, offloader=offloader, depth=3)
+    model, x = models["offload"], torch.randn(2, 5, 24)
+    out = model(x)
+    forward = list(log)
+    per_call = [("side", "wait_stream"), ("side", "record"), ("compute", "wait_event")]
+    assert [e[:2] for e in forward] == per_call * 3
+    d2h = [e[2] for e in forward if e[1] == "record"]
+    assert [e[2] for e in forward if e[0] == "compute"] == d2h  # each call waits on its own copy out
+    log.clear()
+    out.square().mean().backward()
+    waits = [e[2] for e in log if e[:2] == ("compute", "wait_event")]
+    side_waits = [e[2] for e in log if e[:2] == ("side", "wait_event")]
+    h2d = [e[2] for e in log if e[1] == "record"]
+    assert len(h2d) == 3 and waits == h2d  # every copy back waited on by compute before use, in order
+    assert side_waits == d2h[::-1]  # each copy back ordered after that buffer's copy out
+    assert not any(e[1] == "record_stream" for e in log)
+    assert (offloader.stats.prefetched, offloader.stats.fetched_on_demand) == (2, 1)
+    assert offloader.live_tensors == 0
+    models["plain"](x).square().mean().backward()
+    for a, b in zip(model.parameters(), models["plain"].parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_unused_prefetch_is_protected_by_record_stream(fake_streams):
+    log = fake_streams
+    offloader = ActivationOffloader(min_bytes=0, pin_memory=False)
+    block = Block(24, 0.0)
+    x = torch.randn(3, 24, requires_grad=True)
+    first = offload_checkpoint(block, x, offloader=offloader)  # its graph will be dropped
+    second = offload_checkpoint(block, torch.randn(3, 24, requires_grad=True), offloader=offloader)
+    second.sum().backward()  # unpacking `second` prefetches `first`'s input
+    assert offloader.stats.prefetched == 0 and offloader.stats.fetched_on_demand == 1
+    assert not any(e[1] == "record_stream" for e in log)
+    del first  # the prefetched copy was never consumed: its memory must wait for the side stream
+    assert log[-1] == ("side", "record_stream") and offloader.live_tensors == 0
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu
