@@ -299,6 +299,23 @@ def test_deepcopy_gets_a_fresh_offloader_and_default_is_exported():
     torch.testing.assert_close(g, x.exp(), rtol=0, atol=0)
 
 
+def test_compiled_function_inside_fullgraph():
+    """A layer compiled with fullgraph=True runs under offload_checkpoint (hooks stay outside the graph);
+    aot_eager keeps CI free of a C++ toolchain while still tracing forward and backward graphs."""
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    torch.manual_seed(0)
+    block = Block(24, 0.2)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    torch.manual_seed(1)
+    out = offload_checkpoint(compiled, x, offloader=offloader)
+    got = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+    torch.manual_seed(1)
+    ref = torch.autograd.grad(checkpoint(compiled, x, use_reentrant=False).square().sum(), [x, *block.parameters()])
+    _assert_same(list(got), list(ref))
+    assert offloader.stats.offloaded == 1
+
+
 class _FakeEvent:
     def __init__(self, n):
         self.n = n
