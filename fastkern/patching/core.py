@@ -100,9 +100,10 @@ def _patchers() -> list[Patcher]:
     from .attention import ATTENTION_PATCHER
     from .checkpointing import CHECKPOINTING_PATCHER
     from .lora import LORA_PATCHER
+    from .loss import LOSS_PATCHER
     from .mlp import MLP_PATCHER
 
-    return [MLP_PATCHER, CHECKPOINTING_PATCHER, LORA_PATCHER, ATTENTION_PATCHER]
+    return [MLP_PATCHER, CHECKPOINTING_PATCHER, LORA_PATCHER, ATTENTION_PATCHER, LOSS_PATCHER]
 
 
 def patch_model(model: nn.Module, **options: Any) -> PatchReport:
@@ -117,6 +118,9 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
       checkpointing [None]: "offload" turns gradient checkpointing on for the decoder layers with their
         saved inputs offloaded to CPU memory on a side stream; gradient_checkpointing_enable() called
         later (by you, the Trainer or TRL) keeps offloading. See docs/offload_checkpointing.md.
+      loss [False]: the *ForCausalLM forward computes its loss with fastkern.ops.fused_linear_cross_entropy
+        when given labels, without building logits (logits None unless return_logits=True), and TRL
+        1.16's fused LM head uses fastkern.ops.fused_linear_logprobs for it. See docs/linear_cross_entropy.md.
 
     Works on a transformers PreTrainedModel, a PEFT model wrapping one, or the model a TRL trainer
     holds. Calling it again patches nothing twice; :func:`unpatch_model` undoes it.

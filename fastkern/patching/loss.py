@@ -1,0 +1,145 @@
+"""Loss patcher (option ``loss=True``): the *ForCausalLM forward computes its loss with
+:func:`fastkern.ops.fused_linear_cross_entropy` and never builds the [B, T, V] logits.
+
+Driven by the ``[causal_lm]`` section of a family's spec (class, backbone attribute, head
+attribute). The patched forward is bound on the model instance. When it gets ``labels`` (or
+``shift_labels``) it runs the backbone, keeps the positions ``logits_to_keep`` selects, shifts the
+labels as transformers' ForCausalLMLoss does (pad with -100, drop the first), and returns the fused
+loss with ``logits=None``; pass ``return_logits=True`` to get logits as well (computed by the head,
+as the original would). Without labels it is the original forward. Honoured: ``num_items_in_batch``
+(gradient accumulation), ``logits_to_keep``, ``config.final_logit_softcapping`` (Gemma 2/3) and a
+logit scale from the config (``logit_scale``, or 1 / ``logits_scaling``). A head that is not a plain
+nn.Linear at call time (e.g. a PEFT-wrapped lm_head) falls back to the original forward.
+
+The same patch registers the model's head with fastkern.integrations.trl, so TRL's fused LM head
+uses fastkern's log-prob kernel for this model (see that module for the TRL versions supported).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.linear_cross_entropy import fused_linear_cross_entropy
+from .core import PatchContext, instance_forward
+from .report import PatchReport
+
+_REQUIRED_KEYS = ("class", "backbone", "head")
+_IGNORE_INDEX = -100
+
+
+def config_softcap_and_scale(config) -> tuple[float | None, float]:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = 1.0 / text.logits_scaling
+    return (float(softcap) if softcap else None), (1.0 if scale is None else float(scale))
+
+
+def _keep(t: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The positions (dim 1) transformers' slice_logits_to_keep would keep."""
+    if isinstance(logits_to_keep, int):
+        return t if logits_to_keep == 0 else t[:, -logits_to_keep:]
+    return t[:, logits_to_keep]
+
+
+def _original(self, kwargs):
+    return type(self).forward(self, **kwargs)
+
+
+@instance_forward("loss")
+def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                                 return_logits=False, **kwargs):
+    # Positional order of the *ForCausalLM forwards in transformers 5 (input_ids, attention_mask, ...).
+    kwargs.update(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                  inputs_embeds=inputs_embeds, use_cache=use_cache)
+    backbone_name, head_name = self._fastkern_loss
+    head = getattr(self, head_name)
+    shift_labels = kwargs.pop("shift_labels", None)
+    if (labels is None and shift_labels is None) or type(head) is not nn.Linear:
+        if shift_labels is not None:
+            kwargs["shift_labels"] = shift_labels
+        return _original(self, dict(kwargs, input_ids=input_ids, labels=labels, logits_to_keep=logits_to_keep))
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.get("num_items_in_batch")
+    return_dict = kwargs.pop("return_dict", None)
+    outputs = getattr(self, backbone_name)(input_ids=input_ids, **kwargs)
+    hidden = _keep(outputs.last_hidden_state, logits_to_keep)
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=_IGNORE_INDEX)[..., 1:]
+    shift_labels = _keep(shift_labels.to(hidden.device), logits_to_keep)
+    weight, bias = head.weight, head.bias
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
+    softcap, scale = config_softcap_and_scale(self.config)
+    loss = fused_linear_cross_entropy(
+        hidden.to(dtype).reshape(-1, hidden.shape[-1]), weight.to(dtype), shift_labels.reshape(-1),
+        bias=None if bias is None else bias.to(dtype), ignore_index=_IGNORE_INDEX, softcap=softcap,
+        logit_scale=scale, num_items_in_batch=num_items,
+    )
+    logits = None
+    if return_logits:
+        logits = head(hidden) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+    out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=getattr(outputs, "past_key_values", None),
+                                 hidden_states=getattr(outputs, "hidden_states", None),
+                                 attentions=getattr(outputs, "attentions", None))
+    return out.to_tuple() if return_dict is False else out
+
+
+class LossPatcher:
+    option = "loss"
+    default = False
+
+    def apply(self, ctx: PatchContext, value) -> None:
+        classes = {}
+        for spec, section in ctx.section("causal_lm"):
+            missing = [k for k in _REQUIRED_KEYS if k not in section]
+            if missing:
+                ctx.report.problems.append(f"{spec.source} [causal_lm]: missing keys {missing}")
+                continue
+            for cls_name in (section["class"] if isinstance(section["class"], list) else [section["class"]]):
+                try:
+                    classes[spec.resolve(cls_name)] = section
+                except LookupError as exc:
+                    ctx.report.problems.append(f"{exc}; loss not patched")
+        for name, module in ctx.named_modules():
+            section = classes.get(type(module))
+            if section is None:
+                continue
+            backbone, head_name = section["backbone"], section["head"]
+            head = getattr(module, head_name, None)
+            if not hasattr(module, backbone) or head is None:
+                ctx.report.add_skipped(name, "loss", f"{type(module).__name__} has no {backbone!r} or {head_name!r}")
+                continue
+            if type(head) is not nn.Linear:
+                ctx.report.add_skipped(name, "loss", f"{head_name} is {type(head).__name__}, not nn.Linear")
+                continue
+            softcap, scale = config_softcap_and_scale(module.config)
+            detail = f"{type(module).__name__} loss -> fused_linear_cross_entropy (logits not built"
+            detail += f"; softcap {softcap:g}" if softcap else ""
+            detail += f"; logit scale {scale:g}" if scale != 1.0 else ""
+            detail += ")"
+            if ctx.replace_forward(module, name, fused_loss_causal_lm_forward, detail, {"loss": (backbone, head_name)}):
+                self._register_trl(ctx, module, name)
+
+    @staticmethod
+    def _register_trl(ctx: PatchContext, module: nn.Module, name: str) -> None:
+        from ..integrations import trl as trl_hook
+
+        note = trl_hook.register(module)
+        if note:
+            ctx.report.notes.append(note)
+
+    def remove(self, model: nn.Module, report: PatchReport) -> None:
+        from ..integrations import trl as trl_hook
+
+        for _, module in model.named_modules():
+            trl_hook.unregister(module)
+
+
+LOSS_PATCHER = LossPatcher()
