@@ -34,7 +34,7 @@ def test_family_fp32_same_logits_loss_grads(family):
     report = fastkern.patch_model(model)
     names = report.patched_names("mlp")
     assert len(names) == 2 and all(n.endswith(".mlp") for n in names), report
-    assert all(EXPECTED[family] in e.detail for e in report.patched), report
+    assert all(EXPECTED[family] in e.detail for e in report.patched if e.kind == "mlp"), report
     assert report.family == family and not report.problems
     assert all(fastkern_forward_kind(m) == "mlp" for m in mlp_modules(model))
     logits1, loss1, grads1 = run(model, ids)
@@ -44,7 +44,7 @@ def test_family_fp32_same_logits_loss_grads(family):
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
     restored = fastkern.unpatch_model(model)
-    assert len(restored.patched) == 2
+    assert len([e for e in restored.patched if e.kind == "mlp"]) == 2
     assert all("forward" not in m.__dict__ for m in mlp_modules(model))
     assert all(not any(k.startswith("_fastkern") for k in m.__dict__) for m in mlp_modules(model))
     logits2, _, _ = run(model, ids)
@@ -71,7 +71,8 @@ def test_other_instances_untouched_and_idempotent():
     fastkern.patch_model(a)
     assert all(fastkern_forward_kind(m) is None for m in mlp_modules(b))
     again = fastkern.patch_model(a)
-    assert not again.patched and {e.detail for e in again.skipped} == {"already patched"}
+    assert not again.patched_names("mlp")
+    assert {e.detail for e in again.skipped if e.kind == "mlp"} == {"already patched"}
     # A deep copy (TRL builds reference models this way) carries the patch bound to the copy's modules.
     c = copy.deepcopy(a)
     for m in mlp_modules(c):
@@ -93,7 +94,7 @@ def test_unknown_option_is_an_error():
 def test_option_off_patches_nothing():
     model = tiny_model("llama")
     report = fastkern.patch_model(model, mlp=False)
-    assert not report.patched_names("mlp")
+    assert not report.patched_names("mlp") and report.options["mlp"] is False
 
 
 def test_other_activation_is_detected_or_skipped():
@@ -103,7 +104,8 @@ def test_other_activation_is_detected_or_skipped():
     relu_llama = tiny_model("llama", hidden_act="relu")
     report = fastkern.patch_model(relu_llama)
     assert not report.patched_names("mlp")
-    assert len(report.skipped) == 2 and "not silu" in report.skipped[0].detail
+    mlp_skips = [e for e in report.skipped if e.kind == "mlp"]
+    assert len(mlp_skips) == 2 and "not silu" in mlp_skips[0].detail
 
 
 def test_symbol_that_moved_is_reported_not_raised(monkeypatch):
@@ -116,7 +118,7 @@ def test_symbol_that_moved_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(spec_module, "load_specs", lambda: (broken,))
     model = tiny_model("llama")
     report = fastkern.patch_model(model)
-    assert not report.patched
+    assert not report.patched_names("mlp")
     assert any("LlamaMLPRenamed not found in the installed transformers" in p for p in report.problems), report
 
 
@@ -129,7 +131,7 @@ def test_drifted_forward_is_caught_by_the_probe(monkeypatch):
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", changed_forward)
     report = fastkern.patch_model(tiny_model("llama"))
     assert not report.patched_names("mlp")
-    assert "differs from LlamaMLP.forward" in report.skipped[0].detail
+    assert "differs from LlamaMLP.forward" in [e for e in report.skipped if e.kind == "mlp"][0].detail
 
 
 def test_instance_forward_owned_by_someone_else_is_skipped():
@@ -138,7 +140,7 @@ def test_instance_forward_owned_by_someone_else_is_skipped():
     mlp.forward = lambda x: type(mlp).forward(mlp, x)
     report = fastkern.patch_model(model)
     assert report.patched_names("mlp") == ["model.layers.1.mlp"]
-    assert "already overridden" in report.skipped[0].detail
+    assert "already overridden" in [e for e in report.skipped if e.kind == "mlp"][0].detail
 
 
 def test_every_shipped_spec_resolves_in_installed_transformers():
