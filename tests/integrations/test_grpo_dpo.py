@@ -1,0 +1,280 @@
+"""TRL 1.16 GRPO and DPO with fastkern patched in train exactly like plain TRL, and their log-probs
+come from fastkern.
+
+Two kinds of checks:
+- model level: TRL's fused head (``add_fused_lm_head``) on a patched tiny model of every family returns
+  ``log_softmax(logits / T)`` gathered at the labels, and the entropy of that distribution, with
+  gradients, against a float64 run of the unpatched model (tests/oracle.py, model-level criterion);
+- trainer level: a few GRPOTrainer / DPOTrainer steps on a patched model give the same losses,
+  metrics and parameter updates as on an unpatched copy. Both runs are seeded identically; a
+  generation only diverges if a sampling draw lands within float noise of a boundary, which the
+  comparison of completion tokens would report. The optimizer is SGD so that parameter updates are
+  proportional to the gradients (Adam's normalisation turns float noise in near-zero gradients into
+  lr-sized steps).
+
+Each trainer configuration runs once per module (cached) and several tests read its results. The
+"routed" tests count calls into TRL's own ChunkedLogProbFunction: with every model patched there must
+be none, i.e. fastkern computed every policy, old-policy and reference log-prob.
+"""
+
+import copy
+import functools
+import importlib.util
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+
+import fastkern  # noqa: E402
+from tests.models import FAMILIES, tiny_model  # noqa: E402
+from tests.oracle import assert_close  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+PATCH = dict(loss=True)  # the fused loss/log-prob option (default off at the time of writing)
+
+
+def _example(name):
+    spec = importlib.util.spec_from_file_location(f"fastkern_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TRLKernelCalls:
+    """Counts calls into TRL's own chunked log-prob function (wherever the trainer reaches it from)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self):
+        from trl.kernels import ChunkedLogProbFunction as cls
+
+        # `apply` is inherited from torch.autograd.Function: shadow it on the class, delete on exit.
+        self.cls, self.had_own = cls, "apply" in cls.__dict__
+        self.original = cls.__dict__.get("apply")
+        bound = cls.apply
+
+        def counting_apply(*args):
+            self.count += 1
+            return bound(*args)
+
+        cls.apply = staticmethod(counting_apply)
+        return self
+
+    def __exit__(self, *exc):
+        if self.had_own:
+            self.cls.apply = self.original
+        else:
+            del self.cls.apply
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model level: per-token log-probs and entropy of the patched model, every family
+
+
+def _reference_logprobs(model, ids, labels, temperature):
+    """float64 log_softmax(logits / T) at the next-token labels, and the entropy, from the HF forward."""
+    logits = model(ids).logits[:, :-1] / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logp = logp_all.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
+    return logp, entropy
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_head_logprobs_match_log_softmax(family):
+    from trl.trainer.utils import add_fused_lm_head
+
+    temperature = 0.7
+    base = tiny_model(family).train()  # dropout is 0 in these configs; train() as under a trainer
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (2, 13), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompt positions, as GRPO and DPO mask them
+    labels[1, -2:] = -100  # right padding
+    w_lp, w_ent = torch.randn(2, 12, generator=g), torch.randn(2, 12, generator=g)
+
+    oracle_model = copy.deepcopy(base).double()
+    lp64, ent64 = _reference_logprobs(oracle_model, ids, labels, temperature)
+    ((lp64 * w_lp.double()).sum() + (ent64 * w_ent.double()).sum()).backward()
+
+    plain = copy.deepcopy(base)
+    lp32, ent32 = _reference_logprobs(plain, ids, labels, temperature)
+    ((lp32 * w_lp).sum() + (ent32 * w_ent).sum()).backward()
+
+    patched = copy.deepcopy(base)
+    fastkern.patch_model(patched, **PATCH)
+    add_fused_lm_head(patched, temperature=temperature, outputs=("log_probs", "entropy"))
+    with TRLKernelCalls() as calls:
+        out = patched(ids, labels=labels, fused_lm_head=True)
+    ((out.log_probs * w_lp).sum() + (out.entropy * w_ent).sum()).backward()
+    fastkern.unpatch_model(patched)
+
+    assert calls.count == 0, "TRL's own ChunkedLogProbFunction ran: fastkern did not compute these log-probs"
+    assert_close(out.log_probs, lp64, torch.float32, lp32, name=f"{family} log_probs", model_level=True)
+    assert_close(out.entropy, ent64, torch.float32, ent32, name=f"{family} entropy", model_level=True)
+    params64 = dict(oracle_model.named_parameters())
+    params32 = dict(plain.named_parameters())
+    for name, p in patched.named_parameters():
+        assert_close(p.grad, params64[name].grad, torch.float32, params32[name].grad, name=f"{family} grad {name}",
+                     model_level=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainer level
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                                            init_lora_weights=False))
+
+
+@functools.lru_cache(maxsize=None)
+def grpo_run(patch, lora, loss_type, beta, num_iterations, level, steps=2):
+    from trl import GRPOConfig, GRPOTrainer
+
+    ex = _example("grpo")
+    tokenizer = ex.build_tokenizer()
+    dataset = ex.build_dataset(8, seed=1)
+    model = tiny_model("llama", seed=0).train()
+    if lora:
+        model = _lora(model)
+    if patch:
+        fastkern.patch_model(model, **PATCH)
+    before = _trainable(model)
+    sampled = []
+
+    def even_token_reward(prompts, completions, completion_ids, **kw):
+        """Fraction of even token ids: dense signal from an untrained model over the whole vocabulary."""
+        sampled.extend(tuple(c) for c in completion_ids)
+        return [sum(t % 2 == 0 for t in c) / max(len(c), 1) for c in completion_ids]
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = GRPOConfig(
+            output_dir=out_dir, max_steps=steps, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+            per_device_train_batch_size=4, num_generations=4, max_completion_length=6, temperature=0.9,
+            beta=beta, loss_type=loss_type, num_iterations=num_iterations, importance_sampling_level=level,
+            entropy_coef=0.01 if lora else 0.0, logging_steps=1, save_strategy="no", report_to="none", seed=0,
+            data_seed=0, use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=even_token_reward, args=args, train_dataset=dataset,
+                              processing_class=tokenizer)
+        with TRLKernelCalls() as calls:
+            trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    after = _trainable(model)
+    if patch:
+        fastkern.unpatch_model(model)
+    return dict(logs=logs, updates={n: after[n] - before[n] for n in before}, completions=sampled,
+                trl_calls=calls.count)
+
+
+@functools.lru_cache(maxsize=None)
+def dpo_run(patch, lora, steps=3):
+    from trl import DPOConfig, DPOTrainer
+
+    ex = _example("dpo")
+    tokenizer = ex.build_tokenizer()
+    dataset = ex.build_dataset(steps * 2, seed=1)
+    model = tiny_model("qwen3", seed=0).train()
+    ref_model = None
+    if lora:
+        model = _lora(model)  # reference: the same model under disable_adapter()
+    else:
+        ref_model = tiny_model("qwen3", seed=0).eval()
+        if patch:
+            fastkern.patch_model(ref_model, **PATCH)
+    if patch:
+        fastkern.patch_model(model, **PATCH)
+    before = _trainable(model)
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = DPOConfig(
+            output_dir=out_dir, max_steps=steps, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+            per_device_train_batch_size=2, beta=0.1, loss_type=["sigmoid"], max_length=32, logging_steps=1,
+            save_strategy="no", report_to="none", seed=0, data_seed=0, use_cpu=True, bf16=False,
+            gradient_checkpointing=False, disable_tqdm=True,
+        )
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer)
+        with TRLKernelCalls() as calls:
+            trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    after = _trainable(model)
+    if patch:
+        fastkern.unpatch_model(model)
+        if ref_model is not None:
+            fastkern.unpatch_model(ref_model)
+    return dict(logs=logs, updates={n: after[n] - before[n] for n in before}, trl_calls=calls.count)
+
+
+def _assert_same_training(plain, patched, keys, rel=1e-4, abs_=1e-6):
+    assert len(plain["logs"]) == len(patched["logs"]) > 0
+    for step, (u, p) in enumerate(zip(plain["logs"], patched["logs"]), 1):
+        assert set(keys) & set(u) == set(keys) & set(p)  # e.g. rewards are logged on generation steps only
+        for key in set(keys) & set(u):
+            assert math.isfinite(p[key]), (step, key, p[key])
+            assert p[key] == pytest.approx(u[key], rel=rel, abs=abs_), f"step {step} {key}: {p[key]} vs {u[key]}"
+    du = torch.cat([d.flatten() for d in plain["updates"].values()])
+    dp = torch.cat([patched["updates"][n].flatten() for n in plain["updates"]])
+    assert du.norm() > 0, "training did not change the parameters: the comparison would be empty"
+    err = ((dp - du).norm() / du.norm()).item()
+    assert err < rel, f"parameter updates differ: relative error {err:.2e}"
+
+
+GRPO_CASES = {
+    # (lora, loss_type, beta, num_iterations, importance_sampling_level)
+    "full-dapo-beta0-iter1-token": (False, "dapo", 0.0, 1, "token"),
+    "full-grpo-beta0-iter2-token": (False, "grpo", 0.0, 2, "token"),
+    # reference = the same PEFT model under disable_adapter(); old policy recomputed; entropy bonus
+    "lora-grpo-beta0.04-iter2-sequence": (True, "grpo", 0.04, 2, "sequence"),
+}
+GRPO_KEYS = ["loss", "grad_norm", "entropy", "reward", "reward_std"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_patched_trains_like_trl(case):
+    plain, patched = grpo_run(False, *GRPO_CASES[case]), grpo_run(True, *GRPO_CASES[case])
+    assert len(plain["completions"]) >= 4 and patched["completions"] == plain["completions"], "generations diverged"
+    keys = GRPO_KEYS + (["kl"] if GRPO_CASES[case][2] > 0 else [])
+    _assert_same_training(plain, patched, keys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_logprobs_routed_to_fastkern(case):
+    assert grpo_run(False, *GRPO_CASES[case])["trl_calls"] > 0  # the counter sees TRL's kernel
+    assert grpo_run(True, *GRPO_CASES[case])["trl_calls"] == 0, "TRL's own log-prob kernel ran for a patched model"
+
+
+DPO_KEYS = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+            "logps/rejected"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full-separate-ref", "lora-disable-adapter-ref"])
+def test_dpo_patched_trains_like_trl(lora):
+    plain, patched = dpo_run(False, lora), dpo_run(True, lora)
+    assert plain["logs"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
+    _assert_same_training(plain, patched, DPO_KEYS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full-separate-ref", "lora-disable-adapter-ref"])
+def test_dpo_logprobs_routed_to_fastkern(lora):
+    assert dpo_run(False, lora)["trl_calls"] > 0
+    assert dpo_run(True, lora)["trl_calls"] == 0, "TRL's own log-prob kernel ran for a patched model"
