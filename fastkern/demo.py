@@ -146,21 +146,43 @@ def format_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+# Per-task defaults (CPU, CUDA) for the options left unset on the command line.
+TASK_DEFAULTS = {
+    "sft": dict(steps=(30, 60), batch=(4, 8), length=(64, 512), vocab=(256, 32000), lr=(2e-3, 2e-3)),
+    # batch: completions per step; length: max completion tokens (generation on CPU must stay short)
+    "grpo": dict(steps=(8, 40), batch=(4, 16), length=(8, 128), vocab=(32, 32000), lr=(1e-3, 1e-4)),
+    # batch: preference pairs per step; length: max prompt + completion tokens
+    "dpo": dict(steps=(10, 60), batch=(4, 8), length=(64, 512), vocab=(256, 32000), lr=(1e-3, 1e-4)),
+}
+
+
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="fastkern demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["sft"], default="sft")
+    parser.add_argument("--task", choices=list(TASK_DEFAULTS), default="sft",
+                        help="sft: SFTTrainer; grpo: GRPOTrainer with a programmatic reward; dpo: DPOTrainer")
     parser.add_argument("--size", choices=list(SIZES), default="small" if cuda else "tiny")
-    parser.add_argument("--steps", type=int, default=60 if cuda else 30)
-    parser.add_argument("--batch", type=int, default=8 if cuda else 4)
-    parser.add_argument("--length", type=int, default=512 if cuda else 64)
-    parser.add_argument("--vocab", type=int, default=32000 if cuda else 256,
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--length", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=None,
                         help="model vocabulary (the data uses 14 tokens; a larger vocab makes the head realistic)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--lora", type=int, default=None, help="LoRA rank on all linear layers (default: full fine-tuning)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    return parser.parse_args(argv)
+    parser.add_argument("--generations", type=int, default=None, help="grpo: completions per prompt (4 CPU, 8 GPU)")
+    parser.add_argument("--beta", type=float, default=None, help="grpo: KL coefficient (0); dpo: beta (0.1)")
+    parser.add_argument("--loss-type", default="dapo", help="grpo: TRL loss_type")
+    args = parser.parse_args(argv)
+    for key, (cpu_value, cuda_value) in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, cuda_value if cuda else cpu_value)
+    if args.generations is None:
+        args.generations = 8 if cuda else 4
+    if args.beta is None:
+        args.beta = 0.1 if args.task == "dpo" else 0.0
+    return args
 
 
 def main(argv=None) -> int:
@@ -169,6 +191,14 @@ def main(argv=None) -> int:
 
 
 def run_demo(args) -> list[RunResult]:
+    if args.task == "grpo":
+        from .demo_grpo import run_grpo_demo
+
+        return run_grpo_demo(args)
+    if args.task == "dpo":
+        from .demo_dpo import run_dpo_demo
+
+        return run_dpo_demo(args)
     import fastkern
 
     cuda = torch.cuda.is_available()
