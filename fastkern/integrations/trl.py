@@ -7,8 +7,8 @@ bias, targets, temperature, chunk_size, softcap, logit_scale, outputs)`` at call
 the only hook TRL offers (the wrapper is a closure over it), so it is module level: fastkern swaps
 in :class:`FastkernChunkedLogProb`, which dispatches **per model**: a call whose ``weight`` is the
 head of a model registered by patch_model(loss=True), and whose ``outputs`` fastkern computes
-(log_probs, entropy), runs :func:`fastkern.ops.fused_linear_logprobs`; every other call (other
-models, or outputs such as ``is_top1`` / ``mean_logits`` / ``log_sum_sq_probs``) goes to TRL's own
+(log_probs, entropy, is_top1), runs fastkern's log-prob op (fastkern/ops/linear_logprobs.py); every
+other call (other models, or the outputs ``mean_logits`` / ``log_sum_sq_probs``) goes to TRL's own
 function unchanged. The swap is undone when the last registered model is unpatched.
 
 On any other TRL version nothing is installed, patch_model's report says so, and TRL's own kernel
@@ -22,7 +22,7 @@ import weakref
 import torch
 
 SUPPORTED_TRL = ("1.16.",)
-_FASTKERN_OUTPUTS = {"entropy"}
+_FASTKERN_OUTPUTS = {"log_probs", "entropy", "is_top1"}
 
 # id(weight parameter) -> weak reference to the model that owns it as its LM head.
 _REGISTERED: dict[int, weakref.ref] = {}
@@ -55,18 +55,16 @@ class FastkernChunkedLogProb:
         if hidden.dtype != weight.dtype:  # TRL's cast_lm_head_to_fp32 hands an fp32 hidden to a bf16 head
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
-        want_entropy = "entropy" in outputs
-        result = fused_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale,
-                                want_entropy)
-        logp, entropy = result if want_entropy else (result, None)
-        return logp, entropy, None, None, None
+        logp, entropy, is_top1 = fused_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcapping,
+                                                logit_scale, "entropy" in outputs)
+        return logp, entropy, None, None, is_top1 if "is_top1" in outputs else None
 
 
 def fused_logprobs(hidden, weight, bias, targets, temperature, softcap, logit_scale, want_entropy):
-    from ..ops.linear_logprobs import fused_linear_logprobs
+    from ..ops.linear_logprobs import logprobs_entropy_top1
 
-    return fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=float(temperature),
-                                 softcap=softcap, logit_scale=float(logit_scale), return_entropy=want_entropy)
+    return logprobs_entropy_top1(hidden, weight, targets, bias=bias, temperature=float(temperature), softcap=softcap,
+                                 logit_scale=float(logit_scale), return_entropy=want_entropy)
 
 
 def _install() -> None:

@@ -7,6 +7,7 @@ owns one row of that buffer and makes up to two passes over it:
 * stats pass: u = transform(x) (logit scale, optional softcap, 1/temperature), then online
   max / sum(exp) / sum(exp * u) in fp32, the target's u and sum(u) (label smoothing). Padded lanes
   of the last block are set to -inf *after* the softcap, so tanh never gives them probability mass.
+  Optionally (HAS_TOP1) the row max and the max over columns before the target (TRL's is_top1).
 * gradient pass: overwrites the row in place with d(objective)/dx, where per row
       d/du_j = A p_j - B [j == t] - C + E p_j (S - u_j),   p = softmax(u), S = sum_j p_j u_j
   (A, B, C, E are per-row coefficients the launcher chose: cross-entropy with label smoothing,
@@ -50,7 +51,7 @@ def _round_fp32_to_bf16_rtne(v):
 def lce_rows_kernel(
     x_ptr, x_stride_row,
     targets_ptr,
-    lse_ptr, target_u_ptr, sum_u_ptr, sum_pu_ptr,
+    lse_ptr, target_u_ptr, sum_u_ptr, sum_pu_ptr, max_u_ptr, max_before_target_ptr,
     coef_a_ptr, coef_b_ptr, coef_c_ptr, coef_e_ptr,
     n_cols,
     logit_scale, softcap, u_scale,
@@ -58,6 +59,7 @@ def lce_rows_kernel(
     COMPUTE_STATS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_TOP1: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # x: [rows, n_cols] (any float dtype, column stride 1); per-row vectors: [rows] fp32.
@@ -76,6 +78,7 @@ def lce_rows_kernel(
         sum_exp_u = tl.zeros((), tl.float32)
         sum_u = tl.zeros((), tl.float32)
         target_u = tl.zeros((), tl.float32)
+        max_before_target = tl.full((), float("-inf"), tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + cols0
             mask = cols < n_cols
@@ -91,6 +94,10 @@ def lce_rows_kernel(
                 sum_exp_u = sum_exp_u * rescale + tl.sum(e * u_valid, axis=0)
             sum_u += tl.sum(u_valid, axis=0)
             target_u += tl.sum(tl.where(cols == target, u_valid, 0.0), axis=0)
+            if HAS_TOP1:
+                # is the target the first argmax: u_t >= max and u_t > max over earlier columns
+                max_before_target = tl.maximum(
+                    max_before_target, tl.max(tl.where(cols < target, u_masked, float("-inf")), axis=0))
             m = m_new
         lse = m + tl.log(sum_exp)
         sum_pu = sum_exp_u / sum_exp
@@ -99,6 +106,9 @@ def lce_rows_kernel(
         tl.store(sum_u_ptr + row, sum_u)
         if HAS_ENTROPY:
             tl.store(sum_pu_ptr + row, sum_pu)
+        if HAS_TOP1:
+            tl.store(max_u_ptr + row, m)
+            tl.store(max_before_target_ptr + row, max_before_target)
     else:
         lse = tl.load(lse_ptr + row)
         if HAS_ENTROPY:

@@ -61,10 +61,11 @@ def _launch_rows(x, targets, stats, coefs, *, logit_scale, softcap, u_scale, com
         lce_rows_kernel[(x.shape[0],)](
             x, x.stride(0), targets,
             stats["lse"], stats["target_u"], stats["sum_u"], stats.get("sum_pu", dummy),
+            stats.get("max_u", dummy), stats.get("max_before_target", dummy),
             coef.get("a", dummy), coef.get("b", dummy), coef.get("c", dummy), coef.get("e", dummy),
             x.shape[1], float(logit_scale), float(softcap or 1.0), float(u_scale),
             HAS_SOFTCAP=softcap is not None, COMPUTE_STATS=compute_stats, WRITE_GRAD=coefs is not None,
-            HAS_ENTROPY=has_entropy, BLOCK=_BLOCK, num_warps=8,
+            HAS_ENTROPY=has_entropy, HAS_TOP1="max_u" in stats and compute_stats, BLOCK=_BLOCK, num_warps=8,
         )
 
 
@@ -157,22 +158,28 @@ def _stats_dtype(hidden: Tensor) -> torch.dtype:
 @torch.library.custom_op("fastkern::lce_stats", mutates_args=())
 def lce_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int | None,
                  logit_scale: float, softcap: float | None, u_scale: float, has_entropy: bool, chunk_size: int,
-                 op: str) -> list[Tensor]:
-    """[lse, target_u, sum_u, sum_pu] per token (sum_pu empty without entropy; target_u 0 where ignored)."""
+                 op: str, has_top1: bool = False) -> list[Tensor]:
+    """[lse, target_u, sum_u, sum_pu, max_u, max_before_target] per token (target_u 0 where ignored;
+    sum_pu empty without entropy, the last two empty without has_top1)."""
     targets = check_targets(op, labels, weight.shape[0], ignore_index)
     stats = _new_stats(hidden.shape[0], hidden.device, has_entropy, _stats_dtype(hidden))
+    if has_top1:
+        stats["max_u"] = torch.empty_like(stats["lse"])
+        stats["max_before_target"] = torch.empty_like(stats["lse"])
     run_chunks(hidden, weight, bias, targets, stats, None, logit_scale=logit_scale, softcap=softcap,
                u_scale=u_scale, compute_stats=True, has_entropy=has_entropy, need_gh=False, need_gw=False,
                need_gb=False, chunk_size=chunk_size)
-    empty = torch.empty(0, dtype=stats["lse"].dtype, device=hidden.device)
-    return [stats["lse"], stats["target_u"], stats["sum_u"], stats.get("sum_pu", empty)]
+    names = ("lse", "target_u", "sum_u", "sum_pu", "max_u", "max_before_target")
+    return [stats[k] if k in stats else torch.empty(0, dtype=stats["lse"].dtype, device=hidden.device) for k in names]
 
 
 @lce_stats_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, u_scale, has_entropy, chunk_size, op):
+def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, u_scale, has_entropy, chunk_size, op,
+      has_top1=False):
     n, dt = hidden.shape[0], _stats_dtype(hidden)
     make = lambda k: hidden.new_empty(k, dtype=dt)  # noqa: E731
-    return [make(n), make(n), make(n), make(n if has_entropy else 0)]
+    m = n if has_top1 else 0
+    return [make(n), make(n), make(n), make(n if has_entropy else 0), make(m), make(m)]
 
 
 @torch.library.custom_op("fastkern::lce_grads", mutates_args=())
@@ -238,8 +245,8 @@ class _ReducedLoss(torch.autograd.Function):
                 hidden, weight, bias, labels, ignore_index, coefs, None, None, logit_scale, softcap, 1.0,
                 needs[0], needs[1], needs[2], chunk_size, _OP)
         else:  # inference: statistics only
-            lse, target_u, sum_u, _ = lce_stats_op(hidden, weight, bias, labels, ignore_index, logit_scale,
-                                                   softcap, 1.0, False, chunk_size, _OP)
+            lse, target_u, sum_u = lce_stats_op(hidden, weight, bias, labels, ignore_index, logit_scale,
+                                                softcap, 1.0, False, chunk_size, _OP)[:3]
             gh = gw = gb = hidden.new_empty(0)
         loss = ((lse - (1.0 - eps) * target_u - (eps / v) * sum_u) * row_weight).sum()
         ctx.needs = needs
@@ -277,8 +284,8 @@ class _PerTokenLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, label_smoothing, opts, needs):
         ignore_index, logit_scale, softcap, chunk_size = opts
         v, eps = weight.shape[0], label_smoothing
-        lse, target_u, sum_u, _ = lce_stats_op(hidden, weight, bias, labels, ignore_index, logit_scale, softcap,
-                                               1.0, False, chunk_size, _OP)
+        lse, target_u, sum_u = lce_stats_op(hidden, weight, bias, labels, ignore_index, logit_scale, softcap,
+                                            1.0, False, chunk_size, _OP)[:3]
         valid = labels != ignore_index
         loss = torch.where(valid, lse - (1.0 - eps) * target_u - (eps / v) * sum_u, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)

@@ -52,6 +52,11 @@ def lce_rows_reference(
         if has_entropy:
             p = torch.exp(u - lse.unsqueeze(1))
             stats["sum_pu"].copy_((p * u).sum(1))
+        if "max_u" in stats:
+            stats["max_u"].copy_(u.max(1).values)
+            cols = torch.arange(u.shape[1], device=u.device)
+            before = torch.where(cols.unsqueeze(0) < targets.unsqueeze(1), u, float("-inf"))
+            stats["max_before_target"].copy_(before.max(1).values if u.shape[1] else before.sum(1))
     if coefs is None:
         return
     lse = stats["lse"].to(ct).unsqueeze(1)

@@ -320,7 +320,7 @@ def test_torch_compile_fullgraph(reduction):
 
 def test_custom_ops_are_registered():
     h, w, y = torch.randn(3, 4), torch.randn(9, 4), torch.tensor([0, 8, -100])
-    torch.library.opcheck(lce_mod.lce_stats_op, (h, w, None, y, -100, 1.0, 2.0, 1.0, True, 2, "t"))
+    torch.library.opcheck(lce_mod.lce_stats_op, (h, w, None, y, -100, 1.0, 2.0, 1.0, True, 2, "t", True))
     coefs = [torch.rand(3), torch.rand(3), torch.rand(3)]
     torch.library.opcheck(lce_mod.lce_grads_op, (h, w, None, y, -100, coefs, None, None, 1.0, None, 1.0,
                                                  True, True, False, 2, "t"))
