@@ -1,0 +1,275 @@
+"""GRPO and DPO steps in stock TRL, unpatched vs fastkern.patch_model(loss=True): peak memory and time.
+
+    python3 bench/bench_grpo_dpo.py --out DIR [--config qwen3-0.6b|tiny] [--budget-s 200]
+
+Model: Qwen3-0.6B shape (hidden 1024, intermediate 3072, 28 layers, 16/8 heads, head_dim 128, vocab
+151936, tied embeddings), random init, bf16 weights, SDPA, LoRA r16 on all linear layers, TRL's
+default gradient checkpointing. Each variant builds its own model (same seed) and its own trainer,
+because fastkern must be patched in before TRL wraps the forward (``add_fused_lm_head``).
+
+GRPO (TRL 1.16 GRPOTrainer, loss_type dapo, beta 0.04): 8 completions x 1024 tokens after a 128-token
+prompt, with fixed random completion ids: generation is excluded. The timed part is what TRL runs
+per optimizer step besides generation and the optimizer: the reference log-probs (no grad, adapters
+disabled, ``_get_per_token_logps_and_entropies`` as in ``_generate_and_score_completions``), then
+``compute_loss`` (policy log-probs + entropy + loss) and ``backward``.
+
+DPO (TRL 1.16 DPOTrainer, sigmoid loss): one pair, 2 x (prompt 512 + completion 512) tokens; the
+timed part is ``compute_loss`` (policy forward, reference forward under disable_adapter, loss) and
+``backward``.
+
+Correctness first: the patched loss and LoRA gradients are compared with the unpatched ones on the
+same inputs (relative error norm below TOLERANCE, bf16 end to end); a wrong row is not timed.
+Timing: triton.testing.do_bench (median); memory: peak allocated during one step minus what was
+allocated before it (model, adapters' gradients freed as an optimizer's zero_grad would). The
+``TRL kernel calls`` column counts calls into TRL's own ChunkedLogProbFunction during one step: 0
+means fastkern computed every log-prob.
+"""
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+import fastkern
+from fastkern.demo import build_tokenizer
+
+CONFIGS = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936),
+    # CPU smoke test of this script (interpreter): same code path, toy sizes.
+    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=1031),
+}
+SHAPES = {  # (generations, prompt, completion) for GRPO; (prompt, completion) for DPO
+    "qwen3-0.6b": dict(grpo=(8, 128, 1024), dpo=(512, 512)),
+    "tiny": dict(grpo=(4, 8, 16), dpo=(8, 8)),
+}
+LORA_RANK = 16
+TOLERANCE = 3e-2  # bf16 through 28 layers, two implementations of every fused op
+
+
+class TRLKernelCalls:
+    def __enter__(self):
+        from trl.kernels import ChunkedLogProbFunction as cls
+
+        self.cls, self.count, bound = cls, 0, cls.apply
+
+        def counting(*args):
+            self.count += 1
+            return bound(*args)
+
+        cls.apply = staticmethod(counting)
+        return self
+
+    def __exit__(self, *exc):
+        del self.cls.apply
+
+
+def build_model(name, device, dtype, patch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(max_position_embeddings=4096, tie_word_embeddings=True, **CONFIGS[name])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(dtype)
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear",
+                                             lora_dropout=0.0, init_lora_weights=False))
+    report = fastkern.patch_model(model, loss=True) if patch else None
+    return model, report
+
+
+def make_grpo(name, device, dtype, patch, out_dir):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    gens, prompt_len, completion_len = SHAPES[name]["grpo"]
+    model, report = build_model(name, device, dtype, patch)
+    args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=gens, num_generations=gens,
+                      max_completion_length=completion_len, beta=0.04, loss_type="dapo", bf16=dtype == torch.bfloat16,
+                      report_to="none", save_strategy="no", use_cpu=device == "cpu", disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["1 2 3"] * gens}),
+                          processing_class=build_tokenizer())
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); compute_loss reads it
+    g = torch.Generator().manual_seed(2)
+    vocab = CONFIGS[name]["vocab_size"]
+    completion_mask = torch.ones(gens, completion_len, dtype=torch.long)
+    completion_mask[1::2, completion_len * 3 // 4:] = 0  # half the completions end early (padding)
+    inputs = dict(
+        prompt_ids=torch.randint(0, vocab, (gens, prompt_len), generator=g),
+        prompt_mask=torch.ones(gens, prompt_len, dtype=torch.long),
+        completion_ids=torch.randint(0, vocab, (gens, completion_len), generator=g),
+        completion_mask=completion_mask,
+        advantages=torch.randn(gens, generator=g),
+    )
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["num_items_in_batch"] = completion_mask.sum().to(device)
+
+    def step():
+        from trl.trainer.utils import use_adapter
+
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        with torch.no_grad(), use_adapter(trainer.model, adapter_name=None):
+            ref, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, completion_len,
+                                                                   batch_size=gens)
+        loss = trainer.compute_loss(trainer.model, dict(inputs, ref_per_token_logps=ref))
+        loss.backward()
+        return loss
+
+    return trainer, step, report
+
+
+def make_dpo(name, device, dtype, patch, out_dir):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    prompt_len, completion_len = SHAPES[name]["dpo"]
+    model, report = build_model(name, device, dtype, patch)
+    args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=1, beta=0.1, loss_type=["sigmoid"],
+                     max_length=prompt_len + completion_len, bf16=dtype == torch.bfloat16, report_to="none",
+                     save_strategy="no", use_cpu=device == "cpu", disable_tqdm=True)
+    trainer = DPOTrainer(model=model, args=args, processing_class=build_tokenizer(),
+                         train_dataset=Dataset.from_dict({"prompt": ["1 2"], "chosen": [" 3"], "rejected": [" 4"]}))
+    g = torch.Generator().manual_seed(3)
+    vocab = CONFIGS[name]["vocab_size"]
+    total = prompt_len + completion_len
+    completion_mask = torch.zeros(2, total, dtype=torch.long)
+    completion_mask[:, prompt_len:] = 1
+    inputs = dict(input_ids=torch.randint(0, vocab, (2, total), generator=g),
+                  attention_mask=torch.ones(2, total, dtype=torch.long), completion_mask=completion_mask)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+
+    def step():
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        return loss
+
+    return trainer, step, report
+
+
+def lora_grads(model):
+    return torch.cat([p.grad.float().flatten().cpu() for n, p in model.named_parameters() if p.requires_grad])
+
+
+def zero_grads(model):
+    for p in model.parameters():
+        p.grad = None
+
+
+def measure(task, name, device, dtype, patch, reference, do_bench):
+    make = make_grpo if task == "grpo" else make_dpo
+    label = "fastkern.patch_model(loss=True)" if patch else "TRL 1.16 (unpatched)"
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer, step, report = make(name, device, dtype, patch, out_dir)
+        model = trainer.model
+        model.train()
+        zero_grads(model)
+        with TRLKernelCalls() as calls:
+            loss = step()
+        row = dict(task=task, variant=label, loss=loss.item(), trl_kernel_calls=calls.count,
+                   report=str(report) if report is not None else "")
+        grads = lora_grads(model)
+        if reference is not None:
+            loss_err = abs(row["loss"] - reference["loss"]) / max(abs(reference["loss"]), 1e-6)
+            grad_err = ((grads - reference["grads"]).norm() / reference["grads"].norm()).item()
+            row.update(loss_rel_err=loss_err, grad_rel_err=grad_err)
+            if not (loss_err < TOLERANCE and grad_err < TOLERANCE):
+                row["error"] = f"mismatch vs unpatched: loss {loss_err:.2e}, LoRA grads {grad_err:.2e}; not timed"
+                return row, None
+        if device == "cuda":
+            zero_grads(model)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            row["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+
+            def timed():
+                zero_grads(model)
+                step()
+
+            row["ms"] = do_bench(timed, warmup=200, rep=1500, return_mode="median")
+        else:
+            t0 = time.perf_counter()
+            zero_grads(model)
+            step()
+            row["ms"] = (time.perf_counter() - t0) * 1e3
+        result = dict(loss=row["loss"], grads=grads)
+    del trainer, step, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row, result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--config", choices=list(CONFIGS), default=None,
+                        help="default: qwen3-0.6b on CUDA, tiny on CPU (a smoke test, not a measurement)")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new rows after this")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    name = args.config or ("qwen3-0.6b" if cuda else "tiny")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda:
+        from triton.testing import do_bench
+    else:
+        do_bench = None
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    rows = []
+    for task in ("grpo", "dpo"):
+        reference = None
+        for patch in (False, True):
+            if time.perf_counter() - start > args.budget_s:
+                rows.append(dict(task=task, variant="patched" if patch else "unpatched", error="time budget spent"))
+                continue
+            try:
+                row, result = measure(task, name, device, dtype, patch, reference, do_bench)
+            except Exception as exc:  # one failing variant must not lose the others' numbers
+                row, result = dict(task=task, variant="patched" if patch else "unpatched",
+                                   error=f"{type(exc).__name__}: {exc}"), None
+            if not patch:
+                reference = result
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "report"}, flush=True)
+    gens, p, c = SHAPES[name]["grpo"]
+    dp, dc = SHAPES[name]["dpo"]
+    print(f"\n{torch.cuda.get_device_name() if cuda else 'CPU (smoke test, not a measurement)'}; {name}, LoRA r"
+          f"{LORA_RANK}, {dtype}; GRPO: {gens} x ({p} prompt + {c} completion), ref log-probs + compute_loss + "
+          f"backward; DPO: 2 x ({dp} + {dc}), compute_loss (policy + reference) + backward\n")
+    print("| task | variant | time (median) | peak extra memory | loss | rel. err loss / LoRA grads | TRL kernel calls |")
+    print("|---|---|---|---|---|---|---|")
+    base = {}
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['task']} | {r['variant']} | {r['error']} | | | | |")
+            continue
+        ref = base.setdefault(r["task"], r)
+        ratio = "" if ref is r else f" ({r['ms'] / ref['ms']:.2f}x)"
+        mem = f"{r['peak_extra_gib']:.2f} GiB" if "peak_extra_gib" in r else "n/a (CPU)"
+        if ref is not r and "peak_extra_gib" in r:
+            mem += f" ({r['peak_extra_gib'] / ref['peak_extra_gib']:.2f}x)"
+        errs = f"{r['loss_rel_err']:.1e} / {r['grad_rel_err']:.1e}" if "loss_rel_err" in r else "reference"
+        print(f"| {r['task']} | {r['variant']} | {r['ms']:.1f} ms{ratio} | {mem} | {r['loss']:.4f} | {errs} | "
+              f"{r['trl_kernel_calls']} |")
+    patched_report = next((r["report"] for r in rows if r.get("report")), "")
+    print("\n" + patched_report)
+    with open(os.path.join(args.out, "bench_grpo_dpo.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                       config=name, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
