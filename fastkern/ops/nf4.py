@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,11 +29,14 @@ from ._common import KERNEL_DTYPES, INT32_MAX, check_tensor, device_guard
 _DEQUANT_BLOCK = 2048  # weight elements per program: 1 KiB of codes in, 4 KiB of bf16 out
 
 
-@dataclass(frozen=True)
-class FlatNF4:
-    """A validated quant state as plain tensors and ints (what the custom ops take)."""
+class FlatNF4(NamedTuple):
+    """A validated quant state as plain tensors and ints (what the custom ops take).
 
-    packed: Tensor  # flat uint8 bytes
+    A NamedTuple rather than a dataclass: one is built per call (only ``packed`` changes), and
+    ``_replace`` on a NamedTuple costs about a microsecond.
+    """
+
+    packed: Tensor | None  # flat uint8 bytes (None in the per-state cache entry)
     code: Tensor
     absmax: Tensor
     absmax2: Tensor | None
@@ -57,8 +61,23 @@ def _field(op: str, state, name: str):
     return getattr(state, name)
 
 
-def flatten_state(op: str, packed: Tensor, quant_state, dtype: torch.dtype | None = None) -> FlatNF4:
-    """Validate ``packed`` + ``quant_state`` and return them as a FlatNF4 (errors name the argument)."""
+_PACKED_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
+_STATE_FIELDS = ("quant_type", "shape", "blocksize", "dtype", "code", "absmax", "offset", "state2")
+_NESTED_FIELDS = ("absmax", "code", "blocksize")
+
+
+def _check_packed_size(op: str, nbytes: int, shape: torch.Size) -> None:
+    need = (math.prod(shape) + 1) // 2
+    if nbytes != need:
+        raise ValueError(f"{op}: `packed` holds {nbytes} bytes but `quant_state.shape` {tuple(shape)} needs {need}")
+
+
+def _validate_state(op: str, quant_state, dtype: torch.dtype | None, packed_nbytes: int) -> FlatNF4:
+    """Check every field of ``quant_state`` (errors name the field); ``packed`` is left None.
+
+    ``packed_nbytes`` is checked against the shape before the other fields, so a shape that does not
+    fit the packed weight is reported as that rather than as a wrong absmax length.
+    """
     if quant_state is None:
         raise TypeError(f"{op}: `quant_state` is required for NF4-packed weights")
     quant_type = _field(op, quant_state, "quant_type")
@@ -67,7 +86,6 @@ def flatten_state(op: str, packed: Tensor, quant_state, dtype: torch.dtype | Non
             f"{op}: `quant_state.quant_type` is {quant_type!r}; only 'nf4' is supported (fp4 states must be "
             "dequantized with bitsandbytes)"
         )
-    check_tensor(op, "packed", packed, dtypes=(torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32))
     shape = torch.Size(_field(op, quant_state, "shape"))
     blocksize = int(_field(op, quant_state, "blocksize"))
     if blocksize not in BLOCKSIZES:
@@ -75,21 +93,17 @@ def flatten_state(op: str, packed: Tensor, quant_state, dtype: torch.dtype | Non
     out_dtype = dtype if dtype is not None else _field(op, quant_state, "dtype")
     if out_dtype not in KERNEL_DTYPES:
         raise TypeError(f"{op}: output `dtype` {out_dtype} is not one of float16, bfloat16, float32")
+    _check_packed_size(op, packed_nbytes, shape)
     n = math.prod(shape)
-    if packed.numel() * packed.element_size() != (n + 1) // 2:
-        raise ValueError(
-            f"{op}: `packed` holds {packed.numel() * packed.element_size()} bytes but `quant_state.shape` "
-            f"{tuple(shape)} needs {(n + 1) // 2}"
-        )
-    flat = packed.reshape(-1)
-    flat = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+    absmax = _field(op, quant_state, "absmax")
+    check_tensor(op, "quant_state.absmax", absmax, dtypes=(torch.float32, torch.uint8))
+    device = absmax.device
     code = _field(op, quant_state, "code")
     if code is None:
-        code = torch.tensor(NF4_CODE, dtype=torch.float32, device=packed.device)
+        code = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
     check_tensor(op, "quant_state.code", code, dtypes=(torch.float32,))
     if code.numel() != 16:
         raise ValueError(f"{op}: `quant_state.code` has {code.numel()} entries; NF4 has 16")
-    absmax = _field(op, quant_state, "absmax")
     blocks = -(-n // blocksize)
     state2 = _field(op, quant_state, "state2")
     if absmax.numel() != blocks:
@@ -112,14 +126,87 @@ def flatten_state(op: str, packed: Tensor, quant_state, dtype: torch.dtype | Non
                 f"{nested_blocksize} need {-(-blocks // nested_blocksize)}"
             )
         offset = _field(op, quant_state, "offset")
-        offset = torch.as_tensor(offset, dtype=torch.float32, device=packed.device).reshape(1)
-    tensors = {"quant_state.code": code, "quant_state.absmax": absmax, "quant_state.state2.absmax": absmax2,
+        offset = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(1)
+    tensors = {"quant_state.code": code, "quant_state.state2.absmax": absmax2,
                "quant_state.state2.code": code2, "quant_state.offset": offset}
     for name, t in tensors.items():
-        if t is not None and t.device != packed.device:
-            raise ValueError(f"{op}: `{name}` is on {t.device} but `packed` is on {packed.device}")
-    return FlatNF4(flat, code.reshape(-1), absmax.reshape(-1), None if absmax2 is None else absmax2.reshape(-1),
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: `{name}` is on {t.device} but `quant_state.absmax` is on {device}")
+    return FlatNF4(None, code.reshape(-1), absmax.reshape(-1), None if absmax2 is None else absmax2.reshape(-1),
                    None if code2 is None else code2.reshape(-1), offset, blocksize, nested_blocksize, shape, out_dtype)
+
+
+# Validated states, keyed by id(quant_state): (weakref to the state, the field objects the entry was
+# built from, their data pointers, the FlatNF4). A hit needs the same state object whose fields are
+# still the same objects over the same memory (bitsandbytes' QuantState.to() and `.data =` swaps
+# change one or the other), so a moved or edited state is validated again. The cached tensors are
+# views of the state's own tensors (entries whose flattening had to copy are not cached), so
+# in-place edits of their contents are seen too. An entry dies with its state.
+_STATE_CACHE: dict[int, tuple] = {}
+
+
+def _state_fields(quant_state) -> list:
+    fields = [getattr(quant_state, name, None) for name in _STATE_FIELDS]
+    state2 = fields[-1]
+    if state2 is not None:
+        fields += [getattr(state2, name, None) for name in _NESTED_FIELDS]
+    return fields
+
+
+def _data_ptrs(fields: list) -> tuple:
+    return tuple(f.data_ptr() for f in fields if isinstance(f, Tensor))
+
+
+def _shares_memory(flat: FlatNF4, fields: list) -> bool:
+    """Whether every cached tensor is a view of the state's own tensor (a Python-number offset or a
+    missing code, turned into new tensors, are immutable sources and pass)."""
+    state2 = len(fields) > len(_STATE_FIELDS)
+    pairs = [(fields[4], flat.code), (fields[5], flat.absmax), (fields[6], flat.offset)]
+    if state2:
+        pairs += [(fields[8], flat.absmax2), (fields[9], flat.code2)]
+    return all(not isinstance(src, Tensor) or src.data_ptr() == t.data_ptr() for src, t in pairs)
+
+
+def validated_state(op: str, quant_state, dtype: torch.dtype | None, packed_nbytes: int) -> FlatNF4:
+    """``_validate_state`` once per (state object, dtype) while the state's fields stay the same."""
+    if torch.compiler.is_compiling():  # traced once per graph; no cache (dynamo cannot trace data pointers)
+        return _validate_state(op, quant_state, dtype, packed_nbytes)
+    key = id(quant_state)
+    entry = _STATE_CACHE.get(key)
+    if entry is not None:
+        ref, fields, ptrs, flats = entry
+        if ref() is quant_state:
+            now = _state_fields(quant_state)
+            if len(now) == len(fields) and all(a is b for a, b in zip(now, fields)) and _data_ptrs(now) == ptrs:
+                flat = flats.get(dtype)
+                if flat is None:
+                    flat = flats[dtype] = _validate_state(op, quant_state, dtype, packed_nbytes)
+                return flat
+    flat = _validate_state(op, quant_state, dtype, packed_nbytes)
+    fields = _state_fields(quant_state)
+    if _shares_memory(flat, fields):
+        try:
+            ref = weakref.ref(quant_state, lambda _, key=key: _STATE_CACHE.pop(key, None))
+        except TypeError:  # not weak-referenceable: validate on every call
+            return flat
+        _STATE_CACHE[key] = (ref, fields, _data_ptrs(fields), {dtype: flat})
+    return flat
+
+
+def flatten_state(op: str, packed: Tensor, quant_state, dtype: torch.dtype | None = None) -> FlatNF4:
+    """Validate ``packed`` + ``quant_state`` and return them as a FlatNF4 (errors name the argument).
+
+    The quant state's checks run once per state object (see ``validated_state``); the packed
+    tensor's dtype, size and device are checked on every call.
+    """
+    check_tensor(op, "packed", packed, dtypes=_PACKED_DTYPES)
+    nbytes = packed.numel() * packed.element_size()
+    flat = validated_state(op, quant_state, dtype, nbytes)
+    _check_packed_size(op, nbytes, flat.shape)  # again: a cache hit skipped the check inside
+    if packed.device != flat.absmax.device:
+        raise ValueError(f"{op}: `packed` is on {packed.device} but `quant_state.absmax` is on {flat.absmax.device}")
+    packed = packed.reshape(-1)
+    return flat._replace(packed=packed if packed.dtype == torch.uint8 else packed.view(torch.uint8))
 
 
 def _path(t: Tensor) -> str:

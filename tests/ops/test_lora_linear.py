@@ -73,6 +73,26 @@ def test_nf4_variants_and_3d_noncontiguous_input(double_quant, blocksize):
     _check(x, w, a, b, 1.5, bias_t, state, dtype, x_view=lambda t: t.view(12, 2, 48).transpose(0, 1))
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("trainable", ["B", "A+bias", "x"])
+def test_only_some_inputs_need_grad(nf4, trainable):
+    """Backward skips the gradients nobody asked for; the ones asked for stay exact."""
+    dtype = torch.float32
+    x, w, a, b, bias_t, state = _inputs(7, 20, 12, 4, dtype, nf4, True, seed=11)
+    quant = None if state is None else flatten_state("test", w, state, dtype)
+    w_dense = dense_weight_reference(w, quant, dtype)
+    flags = {"x": "x" in trainable, "a": "A" in trainable, "b": "B" in trainable, "bias": "bias" in trainable}
+    got = [t.clone().requires_grad_(flags[k]) for k, t in zip(flags, (x, a, b, bias_t))]
+    ref = [t.double().requires_grad_(flags[k]) for k, t in zip(flags, (x, a, b, bias_t))]
+    lora_linear(got[0], w, got[1], got[2], 1.5, bias=got[3], quant_state=state).sum().backward()
+    lora_linear_reference(ref[0], w_dense.double(), ref[1], ref[2], 1.5, bias=ref[3]).sum().backward()
+    for name, g, r in zip(flags, got, ref):
+        if flags[name]:
+            assert_close(g.grad, r.grad, dtype, name=f"grad {name}")
+        else:
+            assert g.grad is None
+
+
 def test_bitsandbytes_params_and_quant_storage():
     bnbf = pytest.importorskip("bitsandbytes.functional")
     dtype = torch.bfloat16

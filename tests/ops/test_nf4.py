@@ -145,6 +145,29 @@ def test_bad_inputs_named():
         nf4_quantize(w.double())
 
 
+def test_state_cache_sees_every_change_of_the_state():
+    """Validation is cached per state object; a changed state must be re-read and re-checked."""
+    from fastkern.ops import nf4 as nf4_module
+
+    packed, state = _bnb(torch.randn(8, 64), 64, True)
+    first = nf4_dequantize(packed, state)
+    assert id(state) in nf4_module._STATE_CACHE
+    _assert_bitexact(nf4_dequantize(packed, state), first)  # cache hit, same result
+    state.state2.absmax.mul_(2)  # in-place edit: seen through the cached views
+    _assert_bitexact(nf4_dequantize(packed, state), _bnb_dequant(packed, state))
+    _, other = _bnb(torch.randn(8, 64) * 5, 64, True)
+    state.absmax, state.state2, state.offset = other.absmax, other.state2, other.offset  # swapped fields
+    _assert_bitexact(nf4_dequantize(packed, state), _bnb_dequant(packed, state))
+    state.state2.absmax.data = state.state2.absmax.data * 3  # same object, new memory
+    _assert_bitexact(nf4_dequantize(packed, state), _bnb_dequant(packed, state))
+    state.blocksize = 128  # a now-invalid state is checked again, not served from the cache
+    with pytest.raises(ValueError, match="absmax"):
+        nf4_dequantize(packed, state)
+    key = id(state)
+    del state
+    assert key not in nf4_module._STATE_CACHE  # the entry dies with its state
+
+
 def test_compile_fullgraph():
     w = torch.randn(6, 64, dtype=torch.bfloat16)
     packed, state = nf4_quantize(w)
