@@ -35,6 +35,41 @@ def _peft_forward(layer, x, *args, **kwargs):
     return type(layer).forward(layer, x, *args, **kwargs)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _one_plain_adapter(layer: nn.Module):
+    """(lora_A weight, lora_B weight, scaling) when exactly one adapter is active and it is plain LoRA
+    right now, else None (then the general path decides, with the same checks spelled out).
+
+    The common case of a LoRA training step, read with as few Module.__getattr__ calls as possible
+    (each costs about a microsecond): the ModuleDicts' and Linears' own ``_modules`` /
+    ``_parameters``. Exact-type checks make that reading authoritative (a parametrized or
+    subclassed Linear, or any other dropout module, goes to the general path).
+    """
+    active = layer.active_adapters
+    if len(active) != 1:
+        return None
+    name = active[0]
+    mods = layer._modules
+    lin_a, lin_b = mods["lora_A"]._modules.get(name), mods["lora_B"]._modules.get(name)
+    if type(lin_a) is not nn.Linear or type(lin_b) is not nn.Linear:
+        return None
+    params_a, params_b = lin_a._parameters, lin_b._parameters
+    if params_a["bias"] is not None or params_b["bias"] is not None:
+        return None
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False):
+        return None
+    dropout = mods["lora_dropout"]._modules.get(name)
+    if type(dropout) is not nn.Identity and not (type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training)):
+        return None
+    scaling = layer.scaling.get(name)
+    if not isinstance(scaling, (int, float)):
+        return None
+    return params_a["weight"], params_b["weight"], float(scaling)
+
+
 def _fusable_now(layer: nn.Module, x) -> list[str] | None:
     """The active adapters to fuse, or None when this call must take PEFT's forward."""
     if layer.disable_adapters or layer.merged or not isinstance(x, torch.Tensor):
@@ -45,40 +80,52 @@ def _fusable_now(layer: nn.Module, x) -> list[str] | None:
     return names
 
 
-def _dense_forward(layer, base: nn.Linear, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
-    w = base.weight
+def _dense_forward(base: nn.Linear, x: torch.Tensor, lora) -> torch.Tensor | None:
+    if type(base) is not nn.Linear:  # the base was swapped after patching
+        return None
+    params = base._parameters  # authoritative for an exact nn.Linear
+    w, bias = params["weight"], params["bias"]
     if w.dtype != x.dtype or w.device != x.device or (w.requires_grad and torch.is_grad_enabled()):
         return None
-    a, b, s = combined_lora(layer, names, x.dtype)
-    bias = None if base.bias is None else base.bias.to(x.dtype)
-    return lora_linear(x, w, a, b, s, bias=bias)
+    a, b, s = lora
+    dtype = x.dtype
+    return lora_linear(x, w, _cast(a, dtype), _cast(b, dtype), s, bias=None if bias is None else _cast(bias, dtype))
 
 
-def _nf4_forward(layer, base: nn.Module, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+def _nf4_forward(base: nn.Module, x: torch.Tensor, lora) -> torch.Tensor | None:
     state = base_quant_state(base)
     if state is None or state.quant_type != "nf4" or getattr(state, "packing_format_for_cpu", False):
         return None
     if base.weight.device != x.device:
         return None
-    compute = base.compute_dtype or x.dtype
+    compute = getattr(base, "compute_dtype", None) or x.dtype
     if compute not in (torch.float16, torch.bfloat16, torch.float32):
         return None
-    xc = x.to(compute)
-    a, b, s = combined_lora(layer, names, compute)
-    bias = None if base.bias is None else base.bias.to(compute)
-    return lora_linear(xc, base.weight, a, b, s, bias=bias, quant_state=state).to(x.dtype)
+    a, b, s = lora
+    bias = base.bias
+    out = lora_linear(_cast(x, compute), base.weight, _cast(a, compute), _cast(b, compute), s,
+                      bias=None if bias is None else _cast(bias, compute), quant_state=state)
+    return _cast(out, x.dtype)
 
 
 @instance_forward("lora")
 def fused_lora_forward(self, x, *args, **kwargs):
-    names = _fusable_now(self, x) if not args and not kwargs else None
-    if names is not None:
+    if args or kwargs or self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
+        return _peft_forward(self, x, *args, **kwargs)
+    base = self._modules.get("base_layer")
+    if type(base) is not nn.Linear:  # an exact nn.Linear is its own base; anything else: ask PEFT
         base = self.get_base_layer()
-        fused = _nf4_forward if self._fastkern_lora == "nf4" else _dense_forward
-        out = fused(self, base, x, names)
-        if out is not None:
-            return out
-    return _peft_forward(self, x, *args, **kwargs)
+    if base._forward_hooks or base._forward_pre_hooks:  # hooks added after patching must run
+        return _peft_forward(self, x)
+    nf4 = self._fastkern_lora == "nf4"
+    lora = _one_plain_adapter(self)
+    if lora is None:  # several adapters, or one that may not be plain: the full checks
+        names = _fusable_now(self, x)
+        if names is None:
+            return _peft_forward(self, x)
+        lora = combined_lora(self, names, (getattr(base, "compute_dtype", None) or x.dtype) if nf4 else x.dtype)
+    out = (_nf4_forward if nf4 else _dense_forward)(base, x, lora)
+    return _peft_forward(self, x) if out is None else out
 
 
 class LoRAPatcher:

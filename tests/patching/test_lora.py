@@ -145,6 +145,29 @@ def test_disable_adapter_scale_and_several_adapters():
     assert _rel(patched, reference) < 2e-5
 
 
+def test_eval_dropout_fuses_and_late_base_hooks_fall_back():
+    model = _peft(_tiny("llama", torch.float32), dropout=0.1)
+    fastkern.patch_model(model)
+    model.eval()  # dropout inactive: the fused path is exact
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    x = torch.randn(5, 64)
+    calls = []
+    original = fastkern.patching.lora.lora_linear
+    try:
+        fastkern.patching.lora.lora_linear = lambda *a, **k: calls.append(1) or original(*a, **k)
+        with torch.no_grad():
+            got = layer(x)
+            assert calls and _rel(got, type(layer).forward(layer, x)) < 1e-6
+            calls.clear()
+            seen = []
+            handle = layer.get_base_layer().register_forward_hook(lambda *a: seen.append(1))
+            layer(x)  # a hook added after patching must run: PEFT's forward, not the fused one
+            handle.remove()
+            assert seen and not calls
+    finally:
+        fastkern.patching.lora.lora_linear = original
+
+
 def test_dropout_falls_back_while_training():
     model = _peft(_tiny("llama", torch.float32), dropout=0.1)
     model.train()
