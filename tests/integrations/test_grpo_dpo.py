@@ -278,3 +278,33 @@ def test_dpo_patched_trains_like_trl(lora):
 def test_dpo_logprobs_routed_to_fastkern(lora):
     assert dpo_run(False, lora)["trl_calls"] > 0
     assert dpo_run(True, lora)["trl_calls"] == 0, "TRL's own log-prob kernel ran for a patched model"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_fused_head_logprobs_real_vocab_bf16_gpu(family):
+    """Real vocabularies in bf16 on the device: Qwen3 (151936) and Gemma2 (256000, softcap 30)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    vocab = 151936 if family == "qwen3" else 256000
+    temperature = 0.9
+    base = tiny_model(family, vocab_size=vocab, hidden_size=256, intermediate_size=512).cuda().train()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, vocab, (4, 300), generator=g).cuda()
+    labels = ids.clone()
+    labels[:, :40] = -100
+    oracle_model = copy.deepcopy(base).double()
+    with torch.no_grad():
+        lp64, ent64 = _reference_logprobs(oracle_model, ids, labels, temperature)
+    del oracle_model
+    plain = copy.deepcopy(base).bfloat16()
+    with torch.no_grad():
+        lp16, ent16 = _reference_logprobs(plain, ids, labels, temperature)
+    patched = copy.deepcopy(base).bfloat16()
+    fastkern.patch_model(patched, **PATCH)
+    add_fused_lm_head(patched, temperature=temperature, outputs=("log_probs", "entropy"))
+    with TRLKernelCalls() as calls:
+        out = patched(ids, labels=labels, fused_lm_head=True)
+    assert calls.count == 0
+    assert_close(out.log_probs, lp64, torch.bfloat16, lp16, name="log_probs", model_level=True)
+    assert_close(out.entropy, ent64, torch.bfloat16, ent16, name="entropy", model_level=True)
