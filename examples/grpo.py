@@ -43,7 +43,9 @@ def build_model(size, vocab_size, checkpoint_dir, seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=1024, **SIZES[size])
     LlamaForCausalLM(config).save_pretrained(checkpoint_dir)
-    return LlamaForCausalLM.from_pretrained(checkpoint_dir)
+    # bf16 weights on a GPU (as a downloaded checkpoint would be loaded), fp32 on CPU.
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return LlamaForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype)
 
 
 def build_dataset(n_prompts, seed=0):

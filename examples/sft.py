@@ -40,7 +40,8 @@ def build_tokenizer():
 def build_model(size, vocab_size, seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=1024, **SIZES[size])
-    return LlamaForCausalLM(config)
+    # bf16 weights on a GPU (as a downloaded checkpoint would be loaded), fp32 on CPU.
+    return LlamaForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
 
 
 def build_dataset(n_rows, length, seed=0):

@@ -87,7 +87,8 @@ def run_dpo_demo(args) -> list[RunResult]:
     cuda = torch.cuda.is_available()
     tokenizer = build_tokenizer()
     dataset = build_pairs(args.steps * args.batch)
-    base = build_model(args.size, args.vocab, torch.float32)
+    # bf16 weights for --dtype bf16 (fp32 weights under autocast trip the LoRA patch; see docs/trainers.md).
+    base = build_model(args.size, args.vocab, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     results = []
     with tempfile.TemporaryDirectory() as out_dir:
         for label, patch in (("unpatched", False), ("fastkern.patch_model", True)):

@@ -104,10 +104,12 @@ def run_grpo_demo(args) -> list[RunResult]:
     dataset = build_prompts(args.steps * args.batch)
     results = []
     with tempfile.TemporaryDirectory() as out_dir:
+        # bf16 weights for --dtype bf16 (fp32 weights under autocast trip the LoRA patch; see docs/trainers.md).
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         base = build_model(args.size, args.vocab, torch.float32)
         # TRL loads a separate reference model (full fine-tuning, beta > 0) from the checkpoint path.
         base.save_pretrained(f"{out_dir}/init")
-        base = type(base).from_pretrained(f"{out_dir}/init")
+        base = type(base).from_pretrained(f"{out_dir}/init", dtype=dtype)
         for label, patch in (("unpatched", False), ("fastkern.patch_model", True)):
             model = copy.deepcopy(base)
             if cuda:
