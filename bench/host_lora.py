@@ -6,7 +6,9 @@ With M=4, K=32, N=48, r=4 the arithmetic is negligible, so the time per step is 
 spends issuing the work: the number the GPU cannot hide at small M. Rows:
 
 * ``lora_linear`` dense / NF4 (fastkern's PyTorch reference path, so no Triton interpreter), vs the
-  same math as plain eager PyTorch (``x @ W.T + s * (x @ A.T) @ B.T``);
+  same math as plain eager PyTorch (``x @ W.T + s * (x @ A.T) @ B.T``); the NF4 rows include two
+  reference dequantizations (a dozen small PyTorch ops each, where the GPU runs one Triton launch),
+  so ``nf4_dequantize`` alone is timed too;
 * a PEFT ``lora.Linear`` over nn.Linear: PEFT's own forward vs fastkern's patched forward;
 * a PEFT LoRA layer over a bitsandbytes nf4 ``Linear4bit`` (if bitsandbytes is installed).
 
@@ -20,7 +22,7 @@ import torch.nn as nn
 
 import fastkern
 from fastkern import runtime
-from fastkern.ops import lora_linear, nf4_quantize
+from fastkern.ops import lora_linear, nf4_dequantize, nf4_quantize
 
 M, K, N, R = 4, 32, 48, 4
 STEPS, WARMUP, REPEATS = 300, 50, 5
@@ -56,9 +58,13 @@ def _ops_rows() -> dict[str, float]:
     def nf4():
         lora_linear(x, packed, a, b, 2.0, quant_state=state).backward(g)
 
+    def dequant():
+        nf4_dequantize(packed, state)
+
     with runtime.force_reference():
         return {"eager torch (same math)": _time(eager), "fastkern lora_linear dense": _time(dense),
-                "fastkern lora_linear nf4": _time(nf4)}
+                "fastkern lora_linear nf4": _time(nf4), "fastkern nf4_dequantize alone (1 of the 2 per step)":
+                _time(dequant)}
 
 
 class _Holder(nn.Module):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import KERNEL_DTYPES, FLOAT_DTYPES, check_tensor
@@ -53,14 +54,13 @@ def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bia
                   scaling: float) -> tuple[Tensor, Tensor]:
     """x: [M, K]. Returns (y [M, N], xs = scaling * x @ A.T [M, r]); xs is saved for backward."""
     m, k = x.shape
-    xs = torch.mm(x, lora_a.t()).mul_(scaling)
+    xs = F.linear(x, lora_a).mul_(scaling)
     concat = _concat_path(k, lora_b.shape[0], quant is not None)
     w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
     if concat:  # w is [W | B]
         x_cat = torch.cat([x, xs], dim=1)
         return (torch.mm(x_cat, w.t()) if bias is None else torch.addmm(bias, x_cat, w.t())), xs
-    out = torch.mm(xs, lora_b.t()) if bias is None else torch.addmm(bias, xs, lora_b.t())
-    return out.addmm_(x, w.t()), xs
+    return F.linear(xs, lora_b, bias).addmm_(x, w.t()), xs
 
 
 def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
