@@ -7,8 +7,8 @@ bias, targets, temperature, chunk_size, softcap, logit_scale, outputs)`` at call
 the only hook TRL offers (the wrapper is a closure over it), so it is module level: fastkern swaps
 in :class:`FastkernChunkedLogProb`, which dispatches **per model**: a call whose ``weight`` is the
 head of a model registered by patch_model(loss=True), and whose ``outputs`` fastkern computes
-(log_probs, entropy, is_top1), runs fastkern's log-prob op (fastkern/ops/linear_logprobs.py); every
-other call (other models, or the outputs ``mean_logits`` / ``log_sum_sq_probs``) goes to TRL's own
+(log_probs, entropy, is_top1, mean_logits), runs fastkern's log-prob op (fastkern/ops/linear_logprobs.py); every
+other call (other models, or the output ``log_sum_sq_probs`` of DPO's WPO weighting) goes to TRL's own
 function unchanged. The swap is undone when the last registered model is unpatched.
 
 On any other TRL version nothing is installed, patch_model's report says so, and TRL's own kernel
@@ -22,7 +22,7 @@ import weakref
 import torch
 
 SUPPORTED_TRL = ("1.16.",)
-_FASTKERN_OUTPUTS = {"log_probs", "entropy", "is_top1"}
+_FASTKERN_OUTPUTS = {"log_probs", "entropy", "is_top1", "mean_logits"}
 
 # id(weight parameter) -> weak reference to the model that owns it as its LM head.
 _REGISTERED: dict[int, weakref.ref] = {}
@@ -55,9 +55,10 @@ class FastkernChunkedLogProb:
         if hidden.dtype != weight.dtype:  # TRL's cast_lm_head_to_fp32 hands an fp32 hidden to a bf16 head
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
-        logp, entropy, is_top1 = fused_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcapping,
-                                                logit_scale, "entropy" in outputs)
-        return logp, entropy, None, None, is_top1 if "is_top1" in outputs else None
+        logp, entropy, is_top1, mean_logits = fused_logprobs(hidden, weight, bias, targets, temperature,
+                                                             final_logit_softcapping, logit_scale, "entropy" in outputs)
+        return (logp, entropy, None, mean_logits if "mean_logits" in outputs else None,
+                is_top1 if "is_top1" in outputs else None)
 
 
 def fused_logprobs(hidden, weight, bias, targets, temperature, softcap, logit_scale, want_entropy):

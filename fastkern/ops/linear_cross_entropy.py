@@ -77,7 +77,10 @@ def _addmm_into(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         else:
             acc.addmm_(a, b)
     elif acc.device.type == "cuda":
-        torch.addmm(acc, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=acc)
+        # Zeroed rather than beta=0: the out_dtype variant is only known to honour beta=1 (TRL's use).
+        if first:
+            acc.zero_()
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=0.0 if first else 1.0)
 

@@ -23,21 +23,22 @@ class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts, needs, return_top1):
         logit_scale, softcap, inv_temperature, return_entropy, chunk_size = opts
-        lse, target_u, _, sum_pu, max_u, max_before = lce_stats_op(
+        lse, target_u, sum_u, sum_pu, max_u, max_before = lce_stats_op(
             hidden, weight, bias, targets, None, logit_scale, softcap, inv_temperature, return_entropy, chunk_size,
             _OP, return_top1)
         logp = target_u - lse
         # TRL's is_top1: the target is the first argmax (not differentiable).
         is_top1 = (target_u >= max_u) & (target_u > max_before) if return_top1 else lse.new_empty(0, dtype=torch.bool)
-        ctx.mark_non_differentiable(is_top1)
+        mean_logits = sum_u / weight.shape[0]  # of the transformed logits, as TRL reports it
+        ctx.mark_non_differentiable(is_top1, mean_logits)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, sum_pu)
         ctx.opts, ctx.needs = opts, needs
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return logp, (lse - sum_pu) if return_entropy else lse.new_empty(0), is_top1
+        return logp, (lse - sum_pu) if return_entropy else lse.new_empty(0), is_top1, mean_logits
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_top1):
+    def backward(ctx, grad_logp, grad_entropy, _grad_top1, _grad_mean_logits):
         hidden, weight, bias, targets, lse, sum_pu = ctx.saved_tensors
         logit_scale, softcap, inv_temperature, return_entropy, chunk_size = ctx.opts
         if grad_logp is None and (grad_entropy is None or not return_entropy):
@@ -80,7 +81,7 @@ def fused_linear_logprobs(
     opts = (float(logit_scale), None if softcap is None else float(softcap), 1.0 / float(temperature),
             bool(return_entropy), chunk_size or 0)
     h2, t = as_rows(hidden), targets.reshape(-1)
-    logp, entropy, _ = _LogProbs.apply(h2, weight, bias, t, opts, needs_grads(hidden, weight, bias), False)
+    logp, entropy, _, _ = _LogProbs.apply(h2, weight, bias, t, opts, needs_grads(hidden, weight, bias), False)
     if return_entropy:
         return logp.view(targets.shape), entropy.view(targets.shape)
     return logp.view(targets.shape)
@@ -89,12 +90,13 @@ def fused_linear_logprobs(
 def logprobs_entropy_top1(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                           temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
                           return_entropy: bool = False):
-    """(log_probs, entropy or None, is_top1) for [N, H] hidden: what TRL's fused head asks for
-    (fastkern/integrations/trl.py). is_top1: the target is the first argmax of the logits."""
+    """(log_probs, entropy or None, is_top1, mean_logits) for [N, H] hidden: what TRL's fused head asks
+    for (fastkern/integrations/trl.py). is_top1: the target is the first argmax of the logits;
+    mean_logits: the mean of the transformed logits. Neither is differentiable."""
     check_head(_OP, hidden, weight, bias, None)
     check_index_tensor(_OP, "targets", targets, hidden)
     opts = (float(logit_scale), None if softcap is None else float(softcap), 1.0 / float(temperature),
             bool(return_entropy), 0)
-    logp, entropy, is_top1 = _LogProbs.apply(hidden, weight, bias, targets, opts, needs_grads(hidden, weight, bias),
-                                             True)
-    return logp, entropy if return_entropy else None, is_top1
+    logp, entropy, is_top1, mean_logits = _LogProbs.apply(hidden, weight, bias, targets, opts,
+                                                          needs_grads(hidden, weight, bias), True)
+    return logp, entropy if return_entropy else None, is_top1, mean_logits

@@ -72,7 +72,7 @@ def test_patched_model_uses_fastkern_other_model_uses_trl(monkeypatch, family):
     patched, plain = tiny_model(family, **overrides), tiny_model(family, **overrides)
     fastkern.patch_model(patched, loss=True, **OFF)
     for m in (patched, plain):
-        add_fused_lm_head(m, temperature=0.8, outputs=("log_probs", "entropy"))
+        add_fused_lm_head(m, temperature=0.8, outputs=("log_probs", "entropy", "is_top1", "mean_logits"))
     calls = Calls(monkeypatch)
     ids = torch.randint(0, 131, (2, 10))
     labels = ids.clone()
@@ -87,6 +87,8 @@ def test_patched_model_uses_fastkern_other_model_uses_trl(monkeypatch, family):
     (a, ga), (b, gb) = outs
     torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.mean_logits, b.mean_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.is_top1, b.is_top1)
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -98,11 +100,11 @@ def test_outputs_fastkern_does_not_compute_fall_back_to_trl(monkeypatch):
 
     model = tiny_model("llama")
     fastkern.patch_model(model, loss=True, **OFF)
-    add_fused_lm_head(model, outputs=("log_probs", "mean_logits"))
+    add_fused_lm_head(model, outputs=("log_probs", "log_sum_sq_probs"))
     calls = Calls(monkeypatch)
     ids = torch.randint(0, 131, (2, 8))
     out = model(ids, labels=ids, fused_lm_head=True)
-    assert out.mean_logits is not None
+    assert out.log_sum_sq_probs is not None
     assert (calls.fastkern, calls.trl) == (0, 1)
     fastkern.unpatch_model(model)
 
