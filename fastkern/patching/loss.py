@@ -56,8 +56,9 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
     # Positional order of the *ForCausalLM forwards in transformers 5 (input_ids, attention_mask, ...).
     kwargs.update(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
                   inputs_embeds=inputs_embeds, use_cache=use_cache)
-    backbone_name, head_name = self._fastkern_loss
-    head = getattr(self, head_name)
+    state = self.__dict__.get("_fastkern_loss")
+    # No state: unpatched while another wrapper (TRL's add_fused_lm_head) still holds this function.
+    head = getattr(self, state[1]) if state is not None else None
     shift_labels = kwargs.pop("shift_labels", None)
     if (labels is None and shift_labels is None) or type(head) is not nn.Linear:
         if shift_labels is not None:
@@ -67,7 +68,7 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
 
     num_items = kwargs.get("num_items_in_batch")
     return_dict = kwargs.pop("return_dict", None)
-    outputs = getattr(self, backbone_name)(input_ids=input_ids, **kwargs)
+    outputs = getattr(self, state[0])(input_ids=input_ids, **kwargs)
     hidden = _keep(outputs.last_hidden_state, logits_to_keep)
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=_IGNORE_INDEX)[..., 1:]

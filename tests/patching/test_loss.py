@@ -129,3 +129,13 @@ def test_option_is_off_by_default():
     model = tiny_model("llama")
     report = fastkern.patch_model(model, **OFF)
     assert not report.patched_names("loss") and fastkern_forward_kind(model) is None
+
+
+def test_unpatched_under_a_foreign_wrapper_falls_back_to_the_original():
+    model = tiny_model("llama")
+    ids = batch()
+    fastkern.patch_model(model, loss=True, **OFF)
+    captured = model.forward  # what a wrapper such as TRL's add_fused_lm_head keeps
+    fastkern.unpatch_model(model)
+    out = captured(input_ids=ids, labels=labels_for(ids))
+    assert out.logits is not None and torch.isfinite(out.loss)
