@@ -50,11 +50,16 @@ def _dequantized(weight: Tensor, quant: Quant, lora_b: Tensor, k: int, concat: b
     return buf
 
 
+def _scaled(t: Tensor, scaling: float) -> Tensor:
+    # scaling = lora_alpha / r is often exactly 1 (PEFT's defaults): skip a kernel launch then.
+    return t if scaling == 1.0 else t.mul_(scaling)
+
+
 def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None, quant: Quant,
                   scaling: float) -> tuple[Tensor, Tensor]:
     """x: [M, K]. Returns (y [M, N], xs = scaling * x @ A.T [M, r]); xs is saved for backward."""
     m, k = x.shape
-    xs = F.linear(x, lora_a).mul_(scaling)
+    xs = _scaled(F.linear(x, lora_a), scaling)
     concat = _concat_path(k, lora_b.shape[0], quant is not None)
     w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
     if concat:  # w is [W | B]
@@ -78,7 +83,7 @@ def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora
             if need_x:
                 grad_x = both[:, :k].addmm_(g, lora_a)
         else:
-            g = torch.mm(dy, lora_b).mul_(scaling)
+            g = _scaled(torch.mm(dy, lora_b), scaling)
             if need_x:
                 grad_x = torch.mm(g, lora_a).addmm_(dy, w)
         grad_a = torch.mm(g.t(), x) if need_a else None

@@ -58,6 +58,7 @@ def _check(x, w, a, b, scaling, bias, state, dtype, x_view=None):
     (9, 40, 64, 16, True, 0.0),     # scaling 0: LoRA contributes nothing, grads of B are zero
     (70, 17, 63, 64, False, 1.7),
     (3, 130, 129, 128, True, 0.25),
+    (12, 20, 40, 2, True, 1.0),     # scaling 1: the scale multiplications are skipped
 ])
 def test_matches_float64_oracle(m, n, k, r, bias, scaling, dtype, nf4, poison_empty):
     x, w, a, b, bias_t, state = _inputs(m, n, k, r, dtype, nf4, bias, seed=m * 7 + r)
