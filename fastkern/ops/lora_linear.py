@@ -58,7 +58,7 @@ def _scaled(t: Tensor, scaling: float) -> Tensor:
 def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None, quant: Quant,
                   scaling: float) -> tuple[Tensor, Tensor]:
     """x: [M, K]. Returns (y [M, N], xs = scaling * x @ A.T [M, r]); xs is saved for backward."""
-    m, k = x.shape
+    k = x.shape[1]
     xs = _scaled(F.linear(x, lora_a), scaling)
     concat = _concat_path(k, lora_b.shape[0], quant is not None)
     w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
@@ -71,24 +71,22 @@ def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bia
 def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                    quant: Quant, scaling: float, need_x: bool, need_a: bool, need_b: bool, need_bias: bool):
     """(dX [M, K], dA [r, K], dB [N, r], dbias [N]); a gradient not asked for is None."""
-    m, k = x.shape
+    k = x.shape[1]
     dy = grad_out.contiguous()
-    grad_x = None
-    if need_x or need_a:
+    grad_x = g = None
+    if need_x:
         concat = _concat_path(k, lora_b.shape[0], quant is not None)
         w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
         if concat:
             both = torch.mm(dy, w)  # w is [W | B]: [dY W | dY B]
             g = both[:, k:] * scaling  # s dY B, a new [M, r] tensor (no alias of grad_x below)
-            if need_x:
-                grad_x = both[:, :k].addmm_(g, lora_a)
+            grad_x = both[:, :k].addmm_(g, lora_a)
         else:
             g = _scaled(torch.mm(dy, lora_b), scaling)
-            if need_x:
-                grad_x = torch.mm(g, lora_a).addmm_(dy, w)
-        grad_a = torch.mm(g.t(), x) if need_a else None
-    else:
-        grad_a = None
+            grad_x = torch.mm(g, lora_a).addmm_(dy, w)
+    elif need_a:  # no dX wanted (e.g. the first layer's input): W is not needed at all
+        g = _scaled(torch.mm(dy, lora_b), scaling)
+    grad_a = torch.mm(g.t(), x) if need_a else None
     grad_b = torch.mm(dy.t(), xs) if need_b else None
     grad_bias = dy.sum(0) if need_bias else None
     return grad_x, grad_a, grad_b, grad_bias
