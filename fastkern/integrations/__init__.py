@@ -1,0 +1,1 @@
+"""Integrations with libraries fastkern plugs into (PEFT, TRL), each in its own module."""
