@@ -57,7 +57,7 @@ def test_dpo_example_lora(capsys):
 def test_grpo_example_with_kl(capsys):
     _only_fastkern_line_is_patch_model("grpo")
     logs = load_example("grpo").main(["--steps", "2", "--batch", "4", "--generations", "4",
-                                       "--completion-length", "6", "--beta", "0.04", "--lora", "4"])
+                                       "--completion-length", "4", "--beta", "0.04", "--lora", "4"])
     _assert_finite(logs, ["loss", "grad_norm", "entropy", "reward", "kl"], 2)
     assert all(0.0 <= h["reward"] <= 1.0 for h in logs)
     assert "reward" in capsys.readouterr().out
@@ -68,8 +68,8 @@ def test_grpo_example_with_kl(capsys):
 def test_demo_task_side_by_side(task, capsys):
     from fastkern import demo
 
-    argv = ["--task", task, "--steps", "3", "--lora", "4"]
-    argv += ["--batch", "4", "--length", "6"] if task == "grpo" else ["--batch", "2", "--length", "32"]
+    argv = ["--task", task, "--steps", "2", "--lora", "4"]
+    argv += ["--batch", "4", "--length", "4"] if task == "grpo" else ["--batch", "2", "--length", "32"]
     unpatched, patched = demo.run_demo(demo.parse_args(argv))
     out = capsys.readouterr().out
     assert "| unpatched |" in out and "| fastkern.patch_model |" in out and "LlamaMLP -> swiglu" in out
