@@ -132,7 +132,8 @@ def _(grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, off
     # On the concat path dX is the first K columns of the [M, K + r] GEMM result (row stride K + r).
     grad_x = x.new_empty((m, k + r))[:, :k] if _concat_path(k, lora_b.shape[0], code is not None) \
         else x.new_empty((m, k))
-    return grad_x, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape), grad_out.new_empty((grad_out.shape[1],))
+    return (grad_x, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape),
+            grad_out.new_empty((grad_out.shape[1],)))
 
 
 def _setup_context(ctx, inputs, output):

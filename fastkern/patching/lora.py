@@ -1,5 +1,5 @@
 """LoRA patcher (option ``lora``): PEFT LoRA layers over nn.Linear or bitsandbytes NF4 Linear4bit run
-fastkern.ops.lora_linear (the LoRA term inside the base GEMM; NF4 dequantized by fastkern's kernel).
+fastkern.ops.lora_linear (no separate passes for the LoRA term; NF4 dequantized by fastkern's kernel).
 
 Patch time: every PEFT ``lora.Linear`` / ``lora.bnb.Linear4bit`` whose configuration can be fused
 gets an instance forward; the rest (fp4 bases, DoRA and other variants, lora_bias, hooked bases)
@@ -9,7 +9,10 @@ Call time: the patched forward re-reads ``disable_adapters``, ``merged``, ``acti
 ``scaling`` and each adapter's dropout/variant, and hands the call to PEFT's own forward whenever
 the fused result would not be exactly PEFT's math (adapters disabled or merged: PEFT's forward is
 the base layer then; ``adapter_names`` or extra arguments; active dropout; variants; dtype or
-device mismatches). So TRL's ``disable_adapter()`` and ``set_scale`` keep working unchanged.
+device mismatches; forward hooks added to the base layer after patching). So TRL's
+``disable_adapter()`` and ``set_scale`` keep working unchanged. The common case (one plain active
+adapter) is read through ``_one_plain_adapter`` with few Module.__getattr__ calls: this forward runs
+for every LoRA projection of every layer, and its host time adds up at small batch sizes.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ def _one_plain_adapter(layer: nn.Module):
     if name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False):
         return None
     dropout = mods["lora_dropout"]._modules.get(name)
-    if type(dropout) is not nn.Identity and not (type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training)):
+    dropout_off = type(dropout) is nn.Identity or (
+        type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training))
+    if not dropout_off:
         return None
     scaling = layer.scaling.get(name)
     if not isinstance(scaling, (int, float)):
