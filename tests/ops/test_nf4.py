@@ -82,13 +82,13 @@ def test_quantize_round_trip_vs_bitsandbytes(rows, cols, blocksize, double_quant
         # bitsandbytes' CPU C kernel searches the 8-bit map with its own thresholds and picks the
         # neighbouring level in near-ties; fastkern rounds to nearest (as bitsandbytes' PyTorch backend).
         # A group whose absmax2 is 0 (all blocks equal the offset) decodes to the offset whatever code.
-        # Several codes of the 8-bit map decode to 0, so a block whose absmax equals the offset may get
-        # different codes that decode to the same scale: compare decoded scales where codes differ.
+        # The 8-bit dynamic map has several levels within 1e-6 of 0, so a block whose absmax equals the
+        # offset may get codes far apart that decode to (almost) the same scale: compare decoded scales.
         live = (state.state2.absmax > 0).repeat_interleave(256)[: state.absmax.numel()]
         group = state.state2.absmax.repeat_interleave(256)[: state.absmax.numel()]
         decoded = state.state2.code[state.absmax.long()] * group
         ref_decoded = ref_state.state2.code[ref_state.absmax.long()] * group
-        near = (state.absmax.int() - ref_state.absmax.int()).abs().le(1) | decoded.eq(ref_decoded)
+        near = (state.absmax.int() - ref_state.absmax.int()).abs().le(1) | (decoded - ref_decoded).abs().le(1e-5 * group)
         assert near[live].all()
     else:
         assert torch.equal(state.absmax, ref_state.absmax)
