@@ -82,13 +82,13 @@ def test_quantize_round_trip_vs_bitsandbytes(rows, cols, blocksize, double_quant
         # bitsandbytes' CPU C kernel searches the 8-bit map with its own thresholds and picks the
         # neighbouring level in near-ties; fastkern rounds to nearest (as bitsandbytes' PyTorch backend).
         # A group whose absmax2 is 0 (all blocks equal the offset) decodes to the offset whatever code.
-        # The 8-bit dynamic map has several levels within 1e-6 of 0, so a block whose absmax equals the
+        # The 8-bit dynamic map has several levels within 1e-4 of 0 (8-bit resolution is ~1e-2), so a block whose absmax equals the
         # offset may get codes far apart that decode to (almost) the same scale: compare decoded scales.
         live = (state.state2.absmax > 0).repeat_interleave(256)[: state.absmax.numel()]
         group = state.state2.absmax.repeat_interleave(256)[: state.absmax.numel()]
         decoded = state.state2.code[state.absmax.long()] * group
         ref_decoded = ref_state.state2.code[ref_state.absmax.long()] * group
-        near = (state.absmax.int() - ref_state.absmax.int()).abs().le(1) | (decoded - ref_decoded).abs().le(1e-5 * group)
+        near = (state.absmax.int() - ref_state.absmax.int()).abs().le(1) | (decoded - ref_decoded).abs().le(1e-4 * group)
         assert near[live].all()
     else:
         assert torch.equal(state.absmax, ref_state.absmax)
