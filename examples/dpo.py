@@ -9,7 +9,7 @@ The tokenizer is a word-level vocabulary made here, so nothing is downloaded.
 
 With --lora the reference log-probs come from the same model under PEFT's disable_adapter(); without
 it TRL loads a separate reference model from the checkpoint. The only fastkern line is
-``fastkern.patch_model(model)``; remove it to get plain TRL.
+``fastkern.patch_model(model, loss=True)``; remove it to get plain TRL.
 """
 
 import argparse
@@ -84,7 +84,7 @@ def train(args, patch=True):
             lora = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear")
             model = get_peft_model(model, lora)
         if patch:
-            fastkern.patch_model(model)
+            fastkern.patch_model(model, loss=True)
         trainer = DPOTrainer(model=model, args=dpo_config(out_dir, args), train_dataset=dataset,
                              processing_class=tokenizer)
         trainer.train()

@@ -7,7 +7,7 @@ The tokenizer is a word-level vocabulary made here, so nothing is downloaded.
     python examples/grpo.py                      # CPU: tiny model, a few steps, well under two minutes
     python examples/grpo.py --size small --steps 200 --lora 16     # GPU: bigger model, LoRA
 
-The only fastkern line is ``fastkern.patch_model(model)``; remove it to get plain TRL.
+The only fastkern line is ``fastkern.patch_model(model, loss=True)``; remove it to get plain TRL.
 """
 
 import argparse
@@ -96,7 +96,7 @@ def train(args, patch=True):
             lora = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear")
             model = get_peft_model(model, lora)
         if patch:
-            fastkern.patch_model(model)
+            fastkern.patch_model(model, loss=True)
         trainer = GRPOTrainer(model=model, reward_funcs=progression_reward, args=grpo_config(out_dir, args),
                               train_dataset=dataset, processing_class=tokenizer)
         trainer.train()

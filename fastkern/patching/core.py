@@ -113,7 +113,7 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
       mlp [True]: fused SwiGLU/GeGLU in the MLP of every supported family.
       rope [False]: attention modules rotate q and k with the fused in-place fastkern.ops.rope (one
         launch for q and k) instead of transformers' apply_rotary_pos_emb. See docs/rope.md.
-      lora [True]: PEFT LoRA layers over nn.Linear or bitsandbytes nf4 Linear4bit run fastkern's
+      lora [False]: PEFT LoRA layers over nn.Linear or bitsandbytes nf4 Linear4bit run fastkern's
         lora_linear when exactly equivalent (else PEFT's own forward). See docs/nf4_lora.md.
       checkpointing [None]: "offload" turns gradient checkpointing on for the decoder layers with their
         saved inputs offloaded to CPU memory on a side stream; gradient_checkpointing_enable() called

@@ -62,7 +62,7 @@ def _run(model, ids):
 
 def _compare(model, dtype, ids, monkeypatch):
     ref_logits, ref_loss, ref_grads = _run(model, ids)
-    report = fastkern.patch_model(model)
+    report = fastkern.patch_model(model, lora=True)
     calls = []
     original = fastkern.patching.lora.lora_linear
     monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -99,7 +99,7 @@ def test_nf4_lora_matches_peft_bnb(dtype, monkeypatch):
 
 def test_calls_take_fused_path():
     model = _peft(_tiny("llama", torch.float32))
-    fastkern.patch_model(model)
+    fastkern.patch_model(model, lora=True)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.forward.__func__ is fused_lora_forward
     x = torch.randn(3, 64)
@@ -125,7 +125,7 @@ def test_disable_adapter_scale_and_several_adapters():
             m._disable_adapters = True
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
-    fastkern.patch_model(model)
+    fastkern.patch_model(model, lora=True)
     with torch.no_grad():
         lora_logits = model(input_ids=ids).logits
         with model.disable_adapter():
@@ -147,7 +147,7 @@ def test_disable_adapter_scale_and_several_adapters():
 
 def test_eval_dropout_fuses_and_late_base_hooks_fall_back():
     model = _peft(_tiny("llama", torch.float32), dropout=0.1)
-    fastkern.patch_model(model)
+    fastkern.patch_model(model, lora=True)
     model.eval()  # dropout inactive: the fused path is exact
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     x = torch.randn(5, 64)
@@ -174,7 +174,7 @@ def test_dropout_falls_back_while_training():
     ids = torch.randint(0, 128, (1, 8))
     torch.manual_seed(3)
     ref = model(input_ids=ids).logits
-    fastkern.patch_model(model)
+    fastkern.patch_model(model, lora=True)
     torch.manual_seed(3)
     got = model(input_ids=ids).logits
     assert torch.equal(got, ref)  # PEFT's own forward ran (same dropout masks)
@@ -182,9 +182,28 @@ def test_dropout_falls_back_while_training():
 
 def test_fp4_and_dora_skipped_with_reason():
     model = _peft(_quantize_linears(_tiny("llama", torch.float32), quant_type="fp4"))
-    report = fastkern.patch_model(model)
+    report = fastkern.patch_model(model, lora=True)
     assert not report.patched_names("lora")
     assert "fp4" in str(report)
     dora = _peft(_tiny("llama", torch.float32), use_dora=True)
-    report = fastkern.patch_model(dora)
+    report = fastkern.patch_model(dora, lora=True)
     assert not report.patched_names("lora") and "variant" in str(report)
+
+
+def test_autocast_with_fp32_weights_defers_to_peft():
+    # TRL's bf16=True trains fp32 weights under autocast; the patched layer must match PEFT there.
+    peft = pytest.importorskip("peft")
+    from tests.models import batch, tiny_model
+
+    import fastkern
+
+    model = tiny_model("llama")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    ids = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = pm(input_ids=ids, labels=ids).loss
+    fastkern.patch_model(pm, lora=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=2e-2, atol=2e-2)
