@@ -74,6 +74,26 @@ def _activation_and_derivative(g, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _row_and_columns(BLOCK: tl.constexpr, INT64_OFFSETS: tl.constexpr, FLAT: tl.constexpr):
+    """This program's row and BLOCK column indices.
+
+    grid (rows, cdiv(n_cols, BLOCK)): rows on axis 0, whose limit is 2**31 - 1. FLAT: every operand
+    is one contiguous row of n_cols elements and the grid is (cdiv(n_cols, BLOCK),). With int64
+    offsets the block index is widened before it is scaled, so a flat row past 2**31 elements works.
+    """
+    if FLAT:
+        col_block = tl.program_id(0)
+        row = col_block * 0
+    else:
+        row = tl.program_id(0)
+        col_block = tl.program_id(1)
+    if INT64_OFFSETS:
+        row = row.to(tl.int64)
+        col_block = col_block.to(tl.int64)
+    return row, col_block * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def glu_forward_kernel(
     gate_ptr, up_ptr, out_ptr,
     n_cols,
@@ -85,17 +105,7 @@ def glu_forward_kernel(
     INT64_OFFSETS: tl.constexpr,
     FLAT: tl.constexpr,
 ):
-    # grid: (rows, cdiv(n_cols, BLOCK)); rows go on axis 0, whose limit is 2**31 - 1. FLAT: all
-    # operands are one contiguous row of n_cols elements and the grid is (cdiv(n_cols, BLOCK),).
-    if FLAT:
-        row = 0
-        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        row = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    if INT64_OFFSETS:
-        row = row.to(tl.int64)
-        cols = cols.to(tl.int64)
+    row, cols = _row_and_columns(BLOCK, INT64_OFFSETS, FLAT)
     mask = cols < n_cols
     g = tl.load(gate_ptr + row * gate_stride_row + cols * gate_stride_col, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * up_stride_row + cols * up_stride_col, mask=mask, other=0.0).to(tl.float32)
@@ -119,15 +129,7 @@ def glu_backward_kernel(
 ):
     # grad_gate/grad_up may alias gate/up: every element is loaded before it is stored by the same
     # program, and programs own disjoint elements, so the in-place case is race free.
-    if FLAT:
-        row = 0
-        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        row = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    if INT64_OFFSETS:
-        row = row.to(tl.int64)
-        cols = cols.to(tl.int64)
+    row, cols = _row_and_columns(BLOCK, INT64_OFFSETS, FLAT)
     mask = cols < n_cols
     dout = tl.load(grad_out_ptr + row * grad_out_stride_row + cols * grad_out_stride_col, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + row * gate_stride_row + cols * gate_stride_col, mask=mask, other=0.0).to(tl.float32)

@@ -51,7 +51,7 @@ def _layout(tensors: list[Tensor], block, num_warps, flat):
 
 
 def _launch_forward(gate: Tensor, up: Tensor, out: Tensor, activation: str, block=None, num_warps=None,
-                    flat=None) -> None:
+                    flat=None, force_int64=False) -> None:
     from ..kernels.glu import glu_forward_kernel
 
     (g, u, o), cols, grid, block, num_warps, flat = _layout([gate, up, out], block, num_warps, flat)
@@ -60,12 +60,12 @@ def _launch_forward(gate: Tensor, up: Tensor, out: Tensor, activation: str, bloc
             g, u, o, cols,
             g.stride(0), g.stride(1), u.stride(0), u.stride(1), o.stride(0), o.stride(1),
             ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block,
-            INT64_OFFSETS=needs_int64(g, u, o, slack=block), FLAT=flat, num_warps=num_warps,
+            INT64_OFFSETS=force_int64 or needs_int64(g, u, o, slack=block), FLAT=flat, num_warps=num_warps,
         )
 
 
 def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, block=None, num_warps=None,
-                     flat=None) -> None:
+                     flat=None, force_int64=False) -> None:
     from ..kernels.glu import glu_backward_kernel
 
     (d, g, u, dg, du), cols, grid, block, num_warps, flat = _layout(
@@ -76,7 +76,7 @@ def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, bl
             d.stride(0), d.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
             dg.stride(0), dg.stride(1), du.stride(0), du.stride(1),
             ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block,
-            INT64_OFFSETS=needs_int64(d, g, u, dg, du, slack=block), FLAT=flat, num_warps=num_warps,
+            INT64_OFFSETS=force_int64 or needs_int64(d, g, u, dg, du, slack=block), FLAT=flat, num_warps=num_warps,
         )
 
 

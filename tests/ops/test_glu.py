@@ -268,3 +268,24 @@ def test_glu_gpu_int64_offsets_past_2_31_elements():
     (F.silu(g64) * u64).backward(dout[sl].double())
     assert_close(dg[sl], g64.grad, torch.bfloat16, None, "grad_gate tail")
     assert_close(du[sl], u64.grad, torch.bfloat16, None, "grad_up tail")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("act", ACTS)
+def test_int64_code_path_on_small_inputs(flat, act):
+    # The int64 variant only switches on past 2^31 elements (a GPU test); force it here so both
+    # layouts of that code path run in CI too.
+    from fastkern.ops.glu import _launch_backward, _launch_forward
+
+    gate, up, dout = torch.randn(5, 300), torch.randn(5, 300), torch.randn(5, 300)
+    out = torch.empty_like(gate)
+    _launch_forward(gate, up, out, act, block=64, flat=flat, force_int64=True)
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    _launch_backward(dout, gate, up, dg, du, act, block=64, flat=flat, force_int64=True)
+    g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
+    ref = torch_glu(g64, u64, act)
+    ref.backward(dout.double())
+    assert_close(out, ref, torch.float32, None, "out")
+    assert_close(dg, g64.grad, torch.float32, None, "grad_gate")
+    assert_close(du, u64.grad, torch.float32, None, "grad_up")
