@@ -108,6 +108,7 @@ def run_sft(label: str, model, tokenizer, dataset, *, steps: int, batch: int, le
     if lora:
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(0)  # the same adapter init in the unpatched and the patched run
         model = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, target_modules="all-linear", lora_dropout=0.0))
     report = fastkern.patch_model(model, **(patch_options or {})) if patch else None
     timer = _StepTimer()
