@@ -9,3 +9,6 @@ from .linear_logprobs import fused_linear_logprobs
 from .rope import rope
 
 __all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "rope", "swiglu", "geglu", "lora_linear", "nf4_dequantize", "nf4_quantize", "NF4State"]
+
+# Composed of torch attention kernels (no Triton kernel of its own), so not listed with the dispatched ops above.
+from .document_attention import document_attention  # noqa: E402

@@ -102,8 +102,9 @@ def _patchers() -> list[Patcher]:
     from .lora import LORA_PATCHER
     from .loss import LOSS_PATCHER
     from .mlp import MLP_PATCHER
+    from .packing import PACKING_PATCHER
 
-    return [MLP_PATCHER, CHECKPOINTING_PATCHER, LORA_PATCHER, ATTENTION_PATCHER, LOSS_PATCHER]
+    return [MLP_PATCHER, CHECKPOINTING_PATCHER, LORA_PATCHER, ATTENTION_PATCHER, PACKING_PATCHER, LOSS_PATCHER]
 
 
 def patch_model(model: nn.Module, **options: Any) -> PatchReport:
@@ -113,6 +114,9 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
       mlp [True]: fused SwiGLU/GeGLU in the MLP of every supported family.
       rope [False]: attention modules rotate q and k with the fused in-place fastkern.ops.rope (one
         launch for q and k) instead of transformers' apply_rotary_pos_emb. See docs/rope.md.
+      packing [True]: packed (padding-free) batches, as TRL's collators give them (position_ids restarting
+        per document, optional cu_seq_lens_*), attend within each document under sdpa and eager, cache on
+        or off, without a [T, T] mask; other batches run transformers' own attention. See docs/packing.md.
       lora [False]: PEFT LoRA layers over nn.Linear or bitsandbytes nf4 Linear4bit run fastkern's
         lora_linear when exactly equivalent (else PEFT's own forward). See docs/nf4_lora.md.
       checkpointing [None]: "offload" turns gradient checkpointing on for the decoder layers with their

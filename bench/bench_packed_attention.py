@@ -1,0 +1,179 @@
+"""Packed-batch attention on one GPU: transformers' SDPA (block-diagonal [1, 1, T, T] mask) vs patch_model(packing=True).
+
+    python3 bench/bench_packed_attention.py --out DIR          # H100: Llama-1B shape, one 32K-token row
+    python3 bench/bench_packed_attention.py --smoke --out DIR  # CPU, tiny shape (CI runs this)
+
+Model: 2 decoder layers of Llama-3.2-1B's shape (hidden 2048, 32 query / 8 key-value heads, head_dim 64,
+intermediate 8192; vocab shrunk to 1024 so the LM head does not dominate), bf16, random init. Batch: one
+row of 32768 tokens holding ~64 documents of random lengths, position_ids restarting per document, no
+attention_mask, TRL's cu_seq_lens_q/k and max_length_q/k passed along, as TRL's padding-free collator
+gives them; use_cache=False (training).
+
+Rows (same weights, same batch):
+* "transformers sdpa": unpatched; transformers builds the [1, 1, T, T] block-diagonal mask (1 GiB of bool
+  at T=32K) and SDPA runs with it (the flash backend cannot take a mask);
+* "fastkern packing": patch_model(model, packing=True, every other option off); varlen flash attention
+  (torch.nn.attention.varlen) where this torch has it, else SDPA per document; the report line says which.
+
+Each is checked first (loss and hidden-state gradients against the other row), then timed: fwd+bwd of the
+two layers plus a mean-square loss on the last hidden state, median of triton.testing.do_bench (CUDA
+events; falls back to a wall-clock median on CPU), and peak memory (torch.cuda.max_memory_allocated
+during one fwd+bwd minus what was allocated before it). Prints a markdown table and writes
+packed_attention.json to --out. Budget: well under a minute on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+
+import torch
+
+FULL = dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, intermediate=8192, tokens=32768, documents=64,
+            vocab=1024)
+SMOKE = dict(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, tokens=96, documents=6, vocab=64)
+
+
+def document_lengths(tokens: int, documents: int, seed: int = 0) -> list[int]:
+    """`documents` random lengths (at least 1) summing to `tokens`."""
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, tokens), documents - 1))
+    return [b - a for a, b in zip([0, *cuts], [*cuts, tokens])]
+
+
+def build_model(shape: dict, dtype: torch.dtype, device: str):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=shape["hidden"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+        head_dim=shape["head_dim"], intermediate_size=shape["intermediate"], num_hidden_layers=2,
+        vocab_size=shape["vocab"], max_position_embeddings=max(shape["tokens"], 2048),
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.LlamaModel(config).to(device=device, dtype=dtype).train()
+
+
+def make_batch(shape: dict, device: str, seed: int = 0):
+    lengths = document_lengths(shape["tokens"], shape["documents"], seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, shape["vocab"], (1, shape["tokens"]), generator=g)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    kwargs = dict(input_ids=ids.to(device), position_ids=position_ids.to(device), use_cache=False,
+                  cu_seq_lens_q=cu.to(device), cu_seq_lens_k=cu.to(device), max_length_q=max(lengths),
+                  max_length_k=max(lengths))
+    return kwargs, lengths
+
+
+def fwd_bwd(model, batch):
+    model.zero_grad(set_to_none=True)
+    hidden = model(**batch).last_hidden_state
+    loss = hidden.float().pow(2).mean()
+    loss.backward()
+    return loss.detach(), model.embed_tokens.weight.grad
+
+
+def median_ms(fn, device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=3, rep=200, return_mode="median"))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn, device: str) -> float | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def run(shape: dict, device: str, dtype: torch.dtype) -> dict:
+    import fastkern
+    from fastkern.ops.document_attention import select_backend
+
+    model = build_model(shape, dtype, device)
+    batch, lengths = make_batch(shape, device)
+    rows = []
+    reference = None
+    for label in ("transformers sdpa", "fastkern packing"):
+        note = "block-diagonal [1, 1, T, T] mask"
+        if label == "fastkern packing":
+            fastkern.patch_model(model, packing=True, mlp=False, rope=False, lora=False, loss=False)
+            probe = torch.empty(1, shape["heads"], shape["head_dim"], device=device, dtype=dtype)
+            probe_k = torch.empty(1, shape["kv_heads"], shape["head_dim"], device=device, dtype=dtype)
+            bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+            note = f"backend: {select_backend(probe, probe_k, bounds=bounds)}"
+        loss, grad = fwd_bwd(model, batch)
+        if reference is None:
+            reference = (loss, grad.float())
+        else:
+            rel = ((grad.float() - reference[1]).norm() / reference[1].norm()).item()
+            tol = 5e-2 if dtype != torch.float32 else 1e-4
+            if not torch.allclose(loss.float(), reference[0].float(), rtol=tol) or not rel < tol:
+                raise SystemExit(f"{label}: loss {loss.item():.6f} vs {reference[0].item():.6f}, grad rel err {rel:.2e}")
+        ms = median_ms(lambda: fwd_bwd(model, batch), device)
+        mib = peak_extra_mib(lambda: fwd_bwd(model, batch), device)
+        rows.append(dict(impl=label, fwd_bwd_ms=ms, peak_extra_mib=mib, note=note))
+    fastkern.unpatch_model(model)
+    return dict(shape=shape, documents=len(lengths), max_document=max(lengths), device=device_name(device),
+                dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
+                transformers=__import__("transformers").__version__, rows=rows)
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def table(result: dict) -> str:
+    s = result["shape"]
+    lines = [
+        f"Packed attention, 2 Llama-1B layers, 1 row x {s['tokens']} tokens, {result['documents']} documents "
+        f"(longest {result['max_document']}), {result['dtype']}, fwd+bwd; {result['device']}, torch "
+        f"{result['torch']}, transformers {result['transformers']}",
+        "",
+        "| impl | fwd+bwd ms (median) | peak extra MiB | note |",
+        "|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        mib = "n/a (cpu)" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
+        lines.append(f"| {r['impl']} | {r['fwd_bwd_ms']:.2f} | {mib} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (fp32): checks the script runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        result = run(SMOKE, "cpu", torch.float32)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_packed_attention: needs a CUDA GPU (use --smoke on CPU)")
+        result = run(FULL, "cuda", torch.bfloat16)
+    print(table(result))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "packed_attention.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

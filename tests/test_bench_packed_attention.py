@@ -1,0 +1,20 @@
+"""bench/bench_packed_attention.py --smoke runs on CPU: both rows agree, the table and the JSON are written."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_run_writes_table_and_json(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_packed_attention", ROOT / "bench" / "bench_packed_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "packed_attention.json").read_text())
+    assert [r["impl"] for r in result["rows"]] == ["transformers sdpa", "fastkern packing"]
+    assert all(r["fwd_bwd_ms"] > 0 for r in result["rows"])
+    assert "| fastkern packing |" in capsys.readouterr().out
+    lengths = bench.document_lengths(32768, 64)
+    assert len(lengths) == 64 and sum(lengths) == 32768 and min(lengths) >= 1
