@@ -99,16 +99,17 @@ WINDOWED = [
 ]
 
 
+@pytest.mark.parametrize("use_cache", [False, True], ids=["nocache", "cache"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family,overrides", WINDOWED, ids=[w[0] for w in WINDOWED])
-def test_sliding_window_shorter_than_documents(family, overrides, attn):
+def test_sliding_window_shorter_than_documents(family, overrides, attn, use_cache):
     if family == "gemma2" and attn == "sdpa":
         pytest.skip("transformers' sdpa refuses Gemma2's logit softcap, patched or not")
     model = make(family, attn, **overrides)
     docs = documents()
-    want = run_alone(model, docs, use_cache=False)
+    want = run_alone(model, docs, use_cache=use_cache)
     fastkern.patch_model(model, mlp=False)
-    assert_same(run_packed(model, docs, use_cache=False), want)
+    assert_same(run_packed(model, docs, use_cache=use_cache), want)
 
 
 def test_trl_kwargs_cu_seq_lens_and_batch_of_two_rows():
@@ -324,3 +325,16 @@ def test_trl_sft_padding_free_matches_padded_training(monkeypatch):
     assert runs and all(len(b) > 2 for b in runs)  # the packed path ran (several documents per row)
     assert len(padded) == len(packed) == 3
     assert packed == pytest.approx(padded, rel=1e-4), (packed, padded)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_phi3_fused_qkv_partial_rotary_and_window(attn):
+    from tests.patching.test_attention import tiny_phi3
+
+    model = tiny_phi3(attn=attn).train()
+    model.config.sliding_window = 3
+    docs = documents()
+    want = run_alone(model, docs, use_cache=True)
+    report = fastkern.patch_model(model, rope=True)
+    assert report.patched_names("packing") == ["model"], report
+    assert_same(run_packed(model, docs, use_cache=True), want)
