@@ -1,6 +1,7 @@
 """End-to-end: TRL SFTTrainer on a Llama-1B-shape random-init model, unpatched vs patched, one run.
 
     python3 bench/bench_sft_e2e.py --out DIR [--steps 12] [--lora 16] [--options mlp=1,loss=1]
+    python3 bench/bench_sft_e2e.py --out DIR --variants "mlp;mlp,rope;mlp,lora;mlp,rope,lora,loss"
 
 Shape (GUIDE.md section 1): hidden 2048, intermediate 8192, 16 layers, 32/8 heads, vocab 128256;
 LoRA r16 on all linear layers; gradient checkpointing on; batch 2 x 4096; bf16. Step time is the
@@ -10,6 +11,7 @@ Later issues report their effect through this bench (patch options select what i
 
 import argparse
 import copy
+import gc
 import json
 import os
 
@@ -28,6 +30,23 @@ def parse_options(text):
     return out
 
 
+def only_options(only: str) -> dict:
+    """patch_model options with exactly the comma-separated ones in `only` enabled."""
+    from fastkern.patching.core import _patchers
+
+    wanted = set(filter(None, only.split(",")))
+    options = {}
+    for patcher in _patchers():
+        if patcher.option == "checkpointing":
+            options["checkpointing"] = "offload" if "offload" in wanted else None
+        else:
+            options[patcher.option] = patcher.option in wanted
+    unknown = wanted - set(options) - {"offload"}
+    if unknown:
+        raise SystemExit(f"unknown options {sorted(unknown)}; known: {sorted(options)} and offload")
+    return options
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -38,33 +57,60 @@ def main():
     parser.add_argument("--lora", type=int, default=16)
     parser.add_argument("--options", default="", help="patch_model options, e.g. mlp=1,loss=1")
     parser.add_argument("--only", default="", help="comma-separated options to enable; every other option off")
+    parser.add_argument("--variants", default="",
+                        help="';'-separated --only sets, each run patched after the one unpatched run")
+    parser.add_argument("--mixed", type=int, default=0,
+                        help="documents of uniform random length in [MIXED, length] tokens instead of all `length`")
+    parser.add_argument("--packing", action="store_true",
+                        help="SFTConfig(packing=True): documents packed padding-free into rows of `length`")
     args = parser.parse_args()
-    options = parse_options(args.options)
-    if args.only:
-        from fastkern.patching.core import _patchers
-
-        wanted = set(args.only.split(","))
-        options = {p.option: (p.option in wanted) for p in _patchers()} | options
+    runs = [("TRL default (unpatched)", False, {})]
+    if args.variants:
+        for only in args.variants.split(";"):
+            if only == "unpatched":  # again, after the patched runs: shows whether run order matters
+                runs.append(("TRL default (unpatched, again)", False, {}))
+                continue
+            runs.append((f"patched: {only}", True, only_options(only) | parse_options(args.options)))
+    else:
+        options = parse_options(args.options)
+        if args.only:
+            options = only_options(args.only) | options
+        runs.append(("fastkern.patch_model", True, options))
     tokenizer = build_tokenizer()
-    dataset = build_dataset(args.steps * args.batch, args.length)
+    n_rows = args.steps * args.batch
+    if args.mixed:
+        # Enough documents to fill every packed row; the padded alternative pads each batch to its longest.
+        n_rows = int(n_rows * 2.5 * args.length / (args.mixed + args.length)) + args.batch
+    dataset = build_dataset(n_rows, args.length, min_length=args.mixed or None)
+    if args.mixed:
+        lengths = [len(t.split()) + 1 for t in dataset["text"]]
+        padded = sum(max(lengths[i:i + args.batch]) * len(lengths[i:i + args.batch])
+                     for i in range(0, len(lengths), args.batch))
+        print(f"mixed lengths {args.mixed}..{args.length}: {len(lengths)} documents, padding would be "
+              f"{1 - sum(lengths) / padded:.1%} of a padded batch of {args.batch} (removed by packing)", flush=True)
     base = build_model(args.size, 128256, torch.bfloat16)
     results = []
-    for label, patch in (("TRL default (unpatched)", False), ("fastkern.patch_model", True)):
+    for label, patch, options in runs:
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"{label}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated before the model", flush=True)
         model = copy.deepcopy(base).cuda()
         results.append(run_sft(label, model, tokenizer, dataset, steps=args.steps, batch=args.batch, length=args.length,
                                lr=1e-4, bf16=True, gradient_checkpointing=True, patch=patch, lora=args.lora,
-                               patch_options=options))
+                               patch_options=options, packing=args.packing))
         del model
         torch.cuda.empty_cache()
+        print(format_table(results[-1:]), flush=True)
     table = format_table(results)
     print(table)
-    print(results[1].report)
+    for r in results[1:]:
+        print(r.label, "\n", r.report)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_sft_e2e.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), args=vars(args),
                        results=[dict(label=r.label, step_s=r.step_s, tokens_per_s=r.tokens_per_s, peak=r.peak_memory,
                                      final_loss=r.final_loss, losses=r.losses) for r in results],
-                       report=results[1].report), f, indent=1)
+                       reports={r.label: r.report for r in results[1:]}), f, indent=1)
 
 
 if __name__ == "__main__":

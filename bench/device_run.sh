@@ -20,18 +20,20 @@ if [ ${#names[@]} -eq 0 ]; then
   names=($(ls bench/bench_*.py | sed 's#bench/bench_##; s#\.py##'))
 fi
 tests=()
-for n in "${names[@]}"; do tests+=($(find tests -name "test_${n}*.py")); done
+# An op's GPU tests live in tests/**/test_<name>*.py; the log-prob op shares the linear-CE kernel.
+for n in "${names[@]}"; do tests+=($(find tests -name "test_${n}*.py" -o -name "test_${n/cross_entropy/logprobs}*.py" | sort -u)); done
 status=0
 if [ ${#tests[@]} -gt 0 ]; then
-  timeout 240 python3 -m pytest -q -x -m gpu --hypothesis-profile=gpu "${tests[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
+  SECONDS=0; timeout 240 python3 -m pytest -q -rfE -m gpu --hypothesis-profile=gpu "${tests[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
 fi
 for n in "${names[@]}"; do
   [ -f "bench/bench_${n}.py" ] || continue
-  echo "=== bench ${n}"
+  echo "=== bench ${n} (t=${SECONDS}s)"
   timeout 300 python3 "bench/bench_${n}.py" --out "$OUT" 2>&1 | tee "$OUT/bench_${n}.log" | tail -40 || status=1
   if [ -f "bench/test_bench_${n}.py" ]; then
     timeout 200 python3 -m pytest -q -p no:cacheprovider "bench/test_bench_${n}.py" --benchmark-json="$OUT/pytest_bench_${n}.json" \
       --benchmark-columns=median,iqr,rounds 2>&1 | tail -15 || status=1
   fi
 done
+echo "=== done (t=${SECONDS}s)"
 exit $status

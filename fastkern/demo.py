@@ -54,14 +54,16 @@ def build_tokenizer():
     )
 
 
-def build_dataset(n_rows: int, length: int, seed: int = 0):
+def build_dataset(n_rows: int, length: int, seed: int = 0, min_length: int | None = None):
+    """n_rows documents of `length` tokens, or of a uniform random length in [min_length, length]."""
     from datasets import Dataset
 
     rng = random.Random(seed)
     rows = []
     for _ in range(n_rows):
         start, step = rng.randrange(10), rng.randrange(1, 10)
-        rows.append(" ".join(DIGITS[(start + i * step) % 10] for i in range(length - 1)))
+        n_tokens = length if min_length is None else rng.randint(min_length, length)
+        rows.append(" ".join(DIGITS[(start + i * step) % 10] for i in range(n_tokens - 1)))
     return Dataset.from_dict({"text": rows})
 
 
@@ -100,7 +102,7 @@ class _StepTimer:
 
 def run_sft(label: str, model, tokenizer, dataset, *, steps: int, batch: int, length: int, lr: float,
             bf16: bool, gradient_checkpointing: bool, patch: bool, lora: int | None = None,
-            patch_options: dict | None = None) -> RunResult:
+            patch_options: dict | None = None, packing: bool = False) -> RunResult:
     from trl import SFTConfig, SFTTrainer
 
     import fastkern
@@ -118,6 +120,7 @@ def run_sft(label: str, model, tokenizer, dataset, *, steps: int, batch: int, le
             lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
             max_length=length, bf16=bf16, gradient_checkpointing=gradient_checkpointing, seed=0, data_seed=0,
             use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+            packing=packing,  # TRL's best-fit-decreasing packing: padding-free rows of documents
         )
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
         from transformers.trainer_callback import PrinterCallback

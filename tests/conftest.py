@@ -18,7 +18,8 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 # ci: bounded so the whole CPU suite stays well under 20 minutes on 2 cores (interpreter is slow).
 settings.register_profile("ci", max_examples=12, **_COMMON)
 settings.register_profile("dev", max_examples=40, **_COMMON)
-settings.register_profile("gpu", max_examples=100, **_COMMON)
+# gpu: real sizes take seconds per example; 20 keeps the whole GPU suite within a few minutes.
+settings.register_profile("gpu", max_examples=20, **_COMMON)
 settings.load_profile("ci")
 
 

@@ -38,6 +38,7 @@ def nf4_dequantize_kernel(
     ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     # The program's BLOCK elements are NB whole scale blocks: a [NB, BLOCKSIZE // 2] tile of bytes,
     # so each scale is computed once per block (not once per byte) and broadcast along the row.
@@ -48,18 +49,27 @@ def nf4_dequantize_kernel(
         pid = pid.to(tl.int64)
     blk = pid * NB + tl.arange(0, NB)  # [NB] scale-block indices
     byte = blk[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] packed byte indices
-    packed = tl.load(packed_ptr + byte, mask=byte * 2 < n_elements, other=0).to(tl.int32)
+    # EVEN: n_elements is a multiple of BLOCK, so no lane is out of bounds and the masks (one compare
+    # per element, and predicated memory instructions) are compiled out.
+    if EVEN:
+        packed = tl.load(packed_ptr + byte).to(tl.int32)
+    else:
+        packed = tl.load(packed_ptr + byte, mask=byte * 2 < n_elements, other=0).to(tl.int32)
     hi = tl.load(code_ptr + (packed >> 4))  # even elements
     lo = tl.load(code_ptr + (packed & 15))  # odd elements
 
-    blk_mask = blk * BLOCKSIZE < n_elements
+    if EVEN:
+        blk_mask = None
+    else:
+        blk_mask = blk * BLOCKSIZE < n_elements
+    # Masked-off lanes read absmax index 0 and absmax2 block 0: valid addresses, results never stored.
     if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=blk_mask, other=0).to(tl.int32)
-        absmax2 = tl.load(absmax2_ptr + blk // NESTED_BLOCKSIZE, mask=blk_mask, other=0.0)
-        scale = tl.load(code2_ptr + q) * absmax2
+        q = tl.load(absmax_ptr + blk, mask=blk_mask).to(tl.int32)
+        absmax2 = tl.load(absmax2_ptr + blk // NESTED_BLOCKSIZE, mask=blk_mask)
+        scale = tl.load(code2_ptr + (q & 255)) * absmax2
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + blk, mask=blk_mask, other=0.0)
+        scale = tl.load(absmax_ptr + blk, mask=blk_mask)
     scale = scale[:, None]
 
     values = tl.reshape(tl.interleave(hi * scale, lo * scale), (BLOCK,))  # fp32, element order
@@ -69,7 +79,10 @@ def nf4_dequantize_kernel(
         values = values.to(out_ptr.dtype.element_ty)
     start = pid * BLOCK
     elem = start + tl.arange(0, BLOCK)
-    mask = elem < n_elements
+    if EVEN:
+        mask = None
+    else:
+        mask = elem < n_elements
     if OUT_MODE == 0:  # contiguous output
         tl.store(out_ptr + elem, values, mask=mask)
     elif OUT_MODE == 1:  # strided rows, n_cols a multiple of BLOCK: the program stays inside one row

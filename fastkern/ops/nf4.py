@@ -26,7 +26,10 @@ from ..reference.nf4 import (  # noqa: F401  (NF4State is re-exported)
 )
 from ._common import KERNEL_DTYPES, INT32_MAX, check_tensor, device_guard
 
-_DEQUANT_BLOCK = 2048  # weight elements per program: 1 KiB of codes in, 4 KiB of bf16 out
+# Weight elements per program and warps: 8192 elements = 4 KiB of codes in, 16 KiB of bf16 out. The
+# H100 sweep in bench/bench_nf4.py picks it (docs/nf4_lora.md has the table).
+_DEQUANT_BLOCK = 8192
+_DEQUANT_WARPS = 8
 
 
 class FlatNF4(NamedTuple):
@@ -214,7 +217,7 @@ def _path(t: Tensor) -> str:
 
 
 def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, blocksize: int,
-                    nested_blocksize: int, block: int = _DEQUANT_BLOCK, num_warps: int = 4) -> None:
+                    nested_blocksize: int, block: int = _DEQUANT_BLOCK, num_warps: int = _DEQUANT_WARPS) -> None:
     """Write the [rows, cols] dequantized weight into ``out`` (unit column stride, any row stride).
 
     ``block`` (weight elements per program, a power of two) and ``num_warps`` exist for the bench's sweep.
@@ -232,6 +235,11 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
     n = rows * cols
     nested = absmax2 is not None
     block = max(block, blocksize)  # a program covers whole scale blocks
+    if out.stride(0) != cols:
+        # Strided rows: a block that divides the row keeps each program inside one row (mode 1)
+        # instead of a division per element (mode 2).
+        while block > blocksize and cols % block:
+            block //= 2
     if out.stride(0) == cols:
         out_mode = 0
     elif cols % block == 0:
@@ -240,13 +248,16 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
         out_mode = 2
     grid = (triton_cdiv(n, block),)
     int64 = (rows - 1) * out.stride(0) + cols + 2 * block >= INT32_MAX or n + 2 * block >= INT32_MAX
+    # The GPU's fp32->bf16 conversion already rounds to nearest even; the interpreter truncates, so
+    # there the kernel rounds on the bits itself (bit-exactness is tested on CPU).
+    round_by_hand = out.dtype == torch.bfloat16 and _path(packed) == "interpreter"
     with device_guard(packed):
         nf4_dequantize_kernel[grid](
             packed, code, absmax, absmax2 if nested else absmax, code2 if nested else code,
             offset if nested else code, out,
             n, cols, out.stride(0),
             BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=max(nested_blocksize, 1),
-            OUT_MODE=out_mode, ROUND_BF16=out.dtype == torch.bfloat16, BLOCK=block, INT64_OFFSETS=int64,
+            OUT_MODE=out_mode, ROUND_BF16=round_by_hand, BLOCK=block, INT64_OFFSETS=int64, EVEN=n % block == 0,
             num_warps=num_warps, enable_fp_fusion=False,
         )
 

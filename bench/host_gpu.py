@@ -1,0 +1,110 @@
+"""Host time per call on the GPU machine: how long Python + dispatch + launch take when the GPU is idle.
+
+    python3 bench/host_gpu.py --out DIR
+
+Tiny CUDA tensors (the kernels finish in a few microseconds), no synchronisation inside the loop:
+the per-step wall time is what the host needs to issue the work. Whenever it exceeds the GPU time
+of a real-size call, the op is host-bound there (docs/glu.md). Rows: fastkern swiglu fwd+bwd (fresh
+and overwrite), eager PyTorch and Liger for the same math; fastkern rope fwd+bwd; plus a cProfile of
+the fastkern swiglu step (top entries by total time) so the next fix targets the right line.
+"""
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastkern
+
+STEPS, WARMUP = 300, 50
+
+
+def _time(step) -> float:
+    for _ in range(WARMUP):
+        step()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(STEPS):
+            step()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / STEPS)
+    return best * 1e6
+
+
+def glu_step(fn):
+    g0 = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    u0 = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    d = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        g, u = g0 * 1, u0 * 1  # non-leaf activations, as in an MLP
+        out = fn(g, u)
+        torch.autograd.grad(out, (g0, u0), d)
+
+    return step
+
+
+def rope_step():
+    # [B, T, H, D] projection outputs; rope sees [B, H, T, D] transposed views (8 q heads, 4 kv heads).
+    q0 = torch.randn(1, 16, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k0 = torch.randn(1, 16, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos = torch.randn(1, 16, 64, device="cuda", dtype=torch.bfloat16)
+    sin = torch.randn(1, 16, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        q, k = q0.transpose(1, 2) * 1, k0.transpose(1, 2) * 1
+        qo, ko = fastkern.ops.rope(q, k, cos, sin)
+        torch.autograd.grad((qo.sum() + ko.sum()), (q0, k0))
+
+    return step
+
+
+class _Rows(dict):
+    def __setitem__(self, name, us):  # print as measured, so a later failure keeps the earlier rows
+        print(f"| {name} | {us:.1f} us |", flush=True)
+        super().__setitem__(name, us)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    rows = _Rows()
+    rows["empty step (two muls + autograd.grad of their sum)"] = _time(glu_step(lambda g, u: g + u))
+    rows["torch eager silu(g)*u"] = _time(glu_step(lambda g, u: F.silu(g) * u))
+    rows["fastkern swiglu"] = _time(glu_step(fastkern.ops.swiglu))
+    rows["fastkern swiglu overwrite"] = _time(glu_step(
+        lambda g, u: fastkern.ops.swiglu(g, u, overwrite_inputs_in_backward=True)))
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        rows["liger swiglu"] = _time(glu_step(LigerSiLUMulFunction.apply))
+    except Exception as exc:  # liger not installed
+        print("liger skipped:", exc)
+    rows["fastkern rope fwd+bwd"] = _time(rope_step())
+    profiler = cProfile.Profile()
+    step = glu_step(lambda g, u: fastkern.ops.swiglu(g, u, overwrite_inputs_in_backward=True))
+    for _ in range(WARMUP):
+        step()
+    profiler.enable()
+    for _ in range(500):
+        step()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    print(text.getvalue())
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "host_gpu.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), rows_us=rows, profile=text.getvalue()), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
