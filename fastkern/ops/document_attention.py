@@ -159,8 +159,12 @@ def _varlen(query, key, value, bounds, cu_seqlens, max_seqlen, scale, sliding_wi
             kwargs["enable_gqa"] = True
         else:
             key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-    # The flash kernel wants unit stride in head_dim; the transposed projection views already have it.
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    # Only token-major contiguous [T, H, D] operands go to the flash kernel. The projection views
+    # (fastkern's in-place rope) already are; transformers' own rope returns head-major [H, T, D]
+    # tensors, which arrive here as [T, H, D] views with a head stride of T*D. The H100 run of
+    # bench/bench_packed_attention.py (rope off, so that layout) gave hidden-state gradients 1.2
+    # relative error off transformers' while the contiguous-input GPU test passed: copy, never guess.
+    query, key, value = (t if t.is_contiguous() else t.contiguous() for t in (query, key, value))
     return fn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 

@@ -118,10 +118,13 @@ def test_bad_input_clear_errors(change, match):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("window", [None, 64])
-def test_gpu_varlen_matches_sdpa_per_document(window):
+@pytest.mark.parametrize("head_major", [False, True])
+def test_gpu_varlen_matches_sdpa_per_document(window, head_major):
     lengths = [1, 300, 17, 1024, 5, 700]
     q, k, v, bounds = inputs(lengths, 32, 8, 64, torch.bfloat16)
     q, k, v = (t.cuda().requires_grad_() for t in (q, k, v))
+    if head_major:  # the layout transformers' rope returns: [H, T, D] storage seen as [T, H, D]
+        q, k = (t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_() for t in (q, k))
     cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
     reason = varlen_unavailable_reason(q, k, scale=0.125, sliding_window=window, softcap=None, dropout_p=0.0,
                                        max_seqlen=1024)
