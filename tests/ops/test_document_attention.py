@@ -138,3 +138,18 @@ def test_gpu_varlen_matches_sdpa_per_document(window, head_major):
     dout = torch.randn_like(got)
     for g, w in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
         assert ((g.double() - w.double()).norm() / w.double().norm()) < 2e-2
+
+
+def test_auto_backend_takes_varlen_only_for_token_major_contiguous_qk(monkeypatch):
+    """Head-major q/k (transformers' rope output) go per document until varlen is verified on them."""
+    import importlib
+
+    da = importlib.import_module("fastkern.ops.document_attention")  # the module, not the re-exported function
+
+    monkeypatch.setattr(da, "varlen_unavailable_reason", lambda *a, **k: None)  # pretend CUDA + varlen
+    q, k, _, bounds = inputs([3, 4], 4, 2, 8, torch.float32)
+    assert da.select_backend(q, k, bounds=bounds) == "varlen"
+    q_hm, k_hm = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k))
+    assert da.select_backend(q_hm, k, bounds=bounds) == "sdpa"
+    assert da.select_backend(q, k_hm, bounds=bounds) == "sdpa"
+    assert da.select_backend(q_hm, k_hm, bounds=bounds, softcap=5.0) == "eager"
