@@ -40,10 +40,15 @@ def main():
     ax = axes[1]
     if os.path.exists(e2e_path):
         e2e = json.load(open(e2e_path))
-        labels = [r["label"] for r in e2e["results"]]
-        ax.bar(labels, [r["step_s"] * 1e3 for r in e2e["results"]], color=["tab:gray", "tab:blue"])
+        labels = [r["label"].replace("TRL default ", "TRL ").replace(": ", ":\n") for r in e2e["results"]]
+        colors = ["tab:gray" if "unpatched" in r["label"] else "tab:blue" for r in e2e["results"]]
+        ax.bar(labels, [r["step_s"] * 1e3 for r in e2e["results"]], color=colors)
+        ax.tick_params(axis="x", labelsize=8)
         ax.set_ylabel("step time, ms (lower is better)")
-        ax.set_title("TRL SFT, Llama-1B shape, LoRA r16, B2xT4096")
+        a = e2e.get("args", {})
+        data = (f"packed docs of {a['mixed']}..{a['length']} tokens" if a.get("packing") and a.get("mixed")
+                else f"B{a.get('batch', 2)}xT{a.get('length', 4096)}")
+        ax.set_title(f"TRL SFT, Llama-1B shape, LoRA r{a.get('lora', 16)}, {data}", fontsize=10)
     else:
         ax.set_visible(False)
     fig.tight_layout()

@@ -225,7 +225,7 @@ class TestBadInput:
 # ---------------------------------------------------------------- GPU (pytest -m gpu on the device)
 
 @pytest.mark.gpu
-@settings(max_examples=30)
+@settings(max_examples=12)  # each new shape/dtype/layout compiles a kernel variant: ~40 s for 30 on the H100
 @given(
     dtype=st.sampled_from(DTYPES),
     act=st.sampled_from(ACTS),
