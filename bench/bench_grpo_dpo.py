@@ -75,7 +75,7 @@ class TRLKernelCalls:
         del self.cls.apply
 
 
-def build_model(name, device, dtype, patch, layers=None):
+def build_model(name, device, dtype, patch, layers=None, checkpointing=False):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -88,16 +88,19 @@ def build_model(name, device, dtype, patch, layers=None):
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear",
                                              lora_dropout=0.0, init_lora_weights=False))
+    if checkpointing:  # what TRL's configs default to in training; the bench is off by default (run B)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     report = fastkern.patch_model(model, loss=True) if patch else None
     return model, report
 
 
-def make_grpo(name, device, dtype, patch, out_dir, layers=None):
+def make_grpo(name, device, dtype, patch, out_dir, layers=None, checkpointing=False):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     gens, prompt_len, completion_len = SHAPES[name]["grpo"]
-    model, report = build_model(name, device, dtype, patch, layers)
+    model, report = build_model(name, device, dtype, patch, layers, checkpointing)
     args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=gens, num_generations=gens,
                       max_completion_length=completion_len, beta=0.04, loss_type="dapo", bf16=dtype == torch.bfloat16,
                       report_to="none", save_strategy="no", use_cpu=device == "cpu", disable_tqdm=True)
@@ -134,12 +137,12 @@ def make_grpo(name, device, dtype, patch, out_dir, layers=None):
     return trainer, step, report
 
 
-def make_dpo(name, device, dtype, patch, out_dir, layers=None):
+def make_dpo(name, device, dtype, patch, out_dir, layers=None, checkpointing=False):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     prompt_len, completion_len = SHAPES[name]["dpo"]
-    model, report = build_model(name, device, dtype, patch, layers)
+    model, report = build_model(name, device, dtype, patch, layers, checkpointing)
     args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=1, beta=0.1, loss_type=["sigmoid"],
                      max_length=prompt_len + completion_len, bf16=dtype == torch.bfloat16, report_to="none",
                      save_strategy="no", use_cpu=device == "cpu", disable_tqdm=True)
@@ -188,11 +191,11 @@ def fp32_check(task, name, device):
     return abs(lp - lu) / max(abs(lu), 1e-6), ((gp - gu).norm() / gu.norm()).item()
 
 
-def measure(task, name, device, dtype, patch, reference, do_bench):
+def measure(task, name, device, dtype, patch, reference, do_bench, checkpointing=False):
     make = make_grpo if task == "grpo" else make_dpo
     label = "fastkern.patch_model(loss=True)" if patch else "TRL 1.16 (unpatched)"
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer, step, report = make(name, device, dtype, patch, out_dir)
+        trainer, step, report = make(name, device, dtype, patch, out_dir, checkpointing=checkpointing)
         model = trainer.model
         model.train()
         zero_grads(model)
@@ -241,6 +244,8 @@ def main():
     parser.add_argument("--config", choices=list(CONFIGS), default=None,
                         help="default: qwen3-0.6b on CUDA, tiny on CPU (a smoke test, not a measurement)")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new rows after this")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="non-reentrant checkpointing on the policy (TRL's training default)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -266,7 +271,7 @@ def main():
                     print(f"{task}: fp32 check (2 layers): loss {loss_err:.1e}, LoRA grads {grad_err:.1e}", flush=True)
                     if not (loss_err < FP32_TOLERANCE and grad_err < FP32_TOLERANCE):
                         raise RuntimeError(f"fp32 check failed: loss {loss_err:.1e}, grads {grad_err:.1e}; not timed")
-                row, result = measure(task, name, device, dtype, patch, reference, do_bench)
+                row, result = measure(task, name, device, dtype, patch, reference, do_bench, args.gradient_checkpointing)
                 row.update(checks.get(task, {}))
             except Exception as exc:  # one failing variant must not lose the others' numbers
                 row, result = dict(task=task, variant="patched" if patch else "unpatched",
