@@ -12,8 +12,10 @@ gives them; use_cache=False (training).
 Rows (same weights, same batch):
 * "transformers sdpa": unpatched; transformers builds the [1, 1, T, T] block-diagonal mask (1 GiB of bool
   at T=32K) and SDPA runs with it (the flash backend cannot take a mask);
-* "fastkern packing": patch_model(model, packing=True, every other option off); varlen flash attention
-  (torch.nn.attention.varlen) where this torch has it, else SDPA per document; the report line says which.
+* "fastkern packing": patch_model(model, packing=True, every other option off): transformers' rope
+  leaves q/k head-major, which go through SDPA per document (see ops/document_attention.py);
+* "fastkern packing + rope": the same with rope=True: q/k stay token-major and run varlen flash attention
+  (torch.nn.attention.varlen) where this torch has it. The note column says which backend each row ran.
 
 Each is checked first (loss and hidden-state gradients against the other row), then timed: fwd+bwd of the
 two layers plus a mean-square loss on the last hidden state, median of triton.testing.do_bench (CUDA
@@ -110,14 +112,23 @@ def run(shape: dict, device: str, dtype: torch.dtype) -> dict:
     batch, lengths = make_batch(shape, device)
     rows = []
     reference = None
-    for label in ("transformers sdpa", "fastkern packing"):
+    variants = {"transformers sdpa": None, "fastkern packing": dict(rope=False),
+                "fastkern packing + rope": dict(rope=True)}
+    for label, options in variants.items():
         note = "block-diagonal [1, 1, T, T] mask"
-        if label == "fastkern packing":
-            fastkern.patch_model(model, packing=True, mlp=False, rope=False, lora=False, loss=False)
+        if options is not None:
+            fastkern.unpatch_model(model)
+            fastkern.patch_model(model, packing=True, mlp=False, lora=False, loss=False, **options)
             probe = torch.empty(1, shape["heads"], shape["head_dim"], device=device, dtype=dtype)
             probe_k = torch.empty(1, shape["kv_heads"], shape["head_dim"], device=device, dtype=dtype)
             bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-            note = f"backend: {select_backend(probe, probe_k, bounds=bounds)}"
+            # With rope=True q/k stay in the projection's token-major layout (what varlen takes); with
+            # transformers' rope they are head-major and go per document (ops/document_attention.py).
+            if options["rope"]:
+                note = f"backend: {select_backend(probe, probe_k, bounds=bounds)}"
+            else:
+                head_major = probe.transpose(0, 1).contiguous().transpose(0, 1)
+                note = f"backend: {select_backend(head_major, head_major[:, :shape['kv_heads']], bounds=bounds)}"
         loss, grad = fwd_bwd(model, batch)
         if reference is None:
             reference = (loss, grad.float())

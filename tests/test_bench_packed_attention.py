@@ -1,4 +1,4 @@
-"""bench/bench_packed_attention.py --smoke runs on CPU: both rows agree, the table and the JSON are written."""
+"""bench/bench_packed_attention.py --smoke runs on CPU: all rows agree, the table and the JSON are written."""
 
 import importlib.util
 import json
@@ -13,7 +13,7 @@ def test_smoke_run_writes_table_and_json(tmp_path, capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "packed_attention.json").read_text())
-    assert [r["impl"] for r in result["rows"]] == ["transformers sdpa", "fastkern packing"]
+    assert [r["impl"] for r in result["rows"]] == ["transformers sdpa", "fastkern packing", "fastkern packing + rope"]
     assert all(r["fwd_bwd_ms"] > 0 for r in result["rows"])
     assert "| fastkern packing |" in capsys.readouterr().out
     lengths = bench.document_lengths(32768, 64)

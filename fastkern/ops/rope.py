@@ -69,8 +69,11 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, 
     n_k_heads = k.shape[1] if k is not None else 0
     half = cos.shape[-1] // 2
     default_t, default_h, block_r, default_warps = launch_config(max(n_q_heads, n_k_heads), half)
-    if runtime.path_for(q) == "interpreter":  # it pays per program, not per lane: one block of all q heads
+    if runtime.path_for(q) == "interpreter":
+        # The interpreter pays per program, not per lane: one block of all q heads and up to 32 tokens.
+        # The GPU's own blocks are exercised on CPU by tests/ops/test_rope.py::test_head_and_token_blocks_*.
         default_h = max(1, 1 << (n_q_heads - 1).bit_length())
+        default_t = max(1, min(32, 1 << (max(seq_len, 1) - 1).bit_length()))
     block_t, block_h, num_warps = block_t or default_t, block_h or default_h, num_warps or default_warps
     n_q_blocks = _cdiv(n_q_heads, block_h)
     n_t_blocks = _cdiv(seq_len, block_t)

@@ -112,7 +112,7 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
 
     Options (keyword, default in brackets):
       mlp [True]: fused SwiGLU/GeGLU in the MLP of every supported family.
-      rope [False]: attention modules rotate q and k with the fused in-place fastkern.ops.rope (one
+      rope [True]: attention modules rotate q and k with the fused in-place fastkern.ops.rope (one
         launch for q and k) instead of transformers' apply_rotary_pos_emb. See docs/rope.md.
       packing [True]: packed (padding-free) batches, as TRL's collators give them (position_ids restarting
         per document, optional cu_seq_lens_*), attend within each document under sdpa and eager, cache on

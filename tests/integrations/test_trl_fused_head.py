@@ -18,7 +18,7 @@ import fastkern  # noqa: E402
 from fastkern.integrations import trl as trl_hook  # noqa: E402
 from tests.models import tiny_model  # noqa: E402
 
-OFF = dict(mlp=False, lora=False, packing=False)
+OFF = dict(mlp=False, lora=False, packing=False, rope=False)
 
 
 class Calls:

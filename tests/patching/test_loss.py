@@ -11,7 +11,7 @@ from fastkern.integrations import trl as trl_hook
 from fastkern.patching.core import fastkern_forward_kind
 from tests.models import FAMILIES, batch, tiny_model
 
-OFF = dict(mlp=False, lora=False, packing=False)
+OFF = dict(mlp=False, lora=False, packing=False, rope=False)
 
 
 def run(model, ids, labels, **kw):
