@@ -70,7 +70,9 @@ def main():
         impls = implementations(state, bnbf)
         truth = impls["bitsandbytes" if bnbf is not None else "torch eager"](packed)
         nbytes = moved_bytes(double_quant)
-        for name, fn in impls.items():
+        # fastkern is timed first and again last: run C measured the first row at twice the kernel's
+        # time (0.1108 vs 0.0561 ms) with no explanation on the host side; a repeat shows warm-up effects.
+        for name, fn in [*impls.items(), ("fastkern (again, last)", impls["fastkern"])]:
             row = dict(double_quant=double_quant, impl=name, shape=f"{ROWS}x{COLS}")
             got = fn(packed)
             if not (got.shape == truth.shape and torch.equal(got.view(torch.int16), truth.view(torch.int16))):
