@@ -63,6 +63,17 @@ def test_grpo_example_with_kl(capsys):
     assert "reward" in capsys.readouterr().out
 
 
+def test_grpo_example_full_finetuning_with_trl_loaded_reference():
+    """Full fine-tuning with beta > 0: TRL loads the reference model itself, with the patched model's
+    attention implementation name (fastkern_packed_sdpa). At step 1 policy == reference, so the KL must be
+    0 up to rounding: a reference whose attention differed (or failed to load) would show here."""
+    logs = load_example("grpo").main(["--steps", "2", "--batch", "4", "--generations", "4",
+                                       "--completion-length", "4", "--beta", "0.04"])
+    _assert_finite(logs, ["loss", "grad_norm", "kl"], 2)
+    assert abs(logs[0]["kl"]) < 1e-6, logs[0]
+    assert logs[1]["kl"] > 0  # the policy moved away from the reference after one update
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["grpo", "dpo"])
 def test_demo_task_side_by_side(task, capsys):
