@@ -52,15 +52,19 @@ def glu_step(fn):
     return step
 
 
-def rope_step():
-    # [B, T, H, D] projection outputs; rope sees [B, H, T, D] transposed views (8 q heads, 4 kv heads).
+def rope_step(projection_views: bool):
+    """projection_views: q/k are transposed views of [B, T, H, D] projection outputs, the layout attention
+    modules produce (rope's fast path); else dense tensors in that permuted layout (the general path)."""
     q0 = torch.randn(1, 16, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k0 = torch.randn(1, 16, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cos = torch.randn(1, 16, 64, device="cuda", dtype=torch.bfloat16)
     sin = torch.randn(1, 16, 64, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        q, k = q0.transpose(1, 2) * 1, k0.transpose(1, 2) * 1
+        if projection_views:
+            q, k = (q0 * 1).transpose(1, 2), (k0 * 1).transpose(1, 2)
+        else:
+            q, k = q0.transpose(1, 2) * 1, k0.transpose(1, 2) * 1
         qo, ko = fastkern.ops.rope(q, k, cos, sin)
         torch.autograd.grad((qo.sum() + ko.sum()), (q0, k0))
 
@@ -89,7 +93,8 @@ def main():
         rows["liger swiglu"] = _time(glu_step(LigerSiLUMulFunction.apply))
     except Exception as exc:  # liger not installed
         print("liger skipped:", exc)
-    rows["fastkern rope fwd+bwd"] = _time(rope_step())
+    rows["fastkern rope fwd+bwd, projection views (attention modules)"] = _time(rope_step(True))
+    rows["fastkern rope fwd+bwd, other layouts (general path)"] = _time(rope_step(False))
     profiler = cProfile.Profile()
     step = glu_step(lambda g, u: fastkern.ops.swiglu(g, u, overwrite_inputs_in_backward=True))
     for _ in range(WARMUP):

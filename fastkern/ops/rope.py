@@ -127,15 +127,19 @@ def _(q, k, cos, sin, position_ids, interleaved, transpose):
     return None
 
 
-@torch.library.custom_op("fastkern::rope_", mutates_args=("x",))
-def rope_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
-                    interleaved: bool, transpose: bool) -> None:
+def _rotate_one_in_place(x, cos, sin, position_ids, interleaved, transpose) -> None:
     if x.numel() == 0:
         return
     if _path(x) == "reference":
         _rotate_into(x, x, cos, sin, position_ids, interleaved, transpose)
         return
     _launch(x, None, x, x, cos, sin, position_ids, interleaved, transpose)
+
+
+@torch.library.custom_op("fastkern::rope_", mutates_args=("x",))
+def rope_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
+                    interleaved: bool, transpose: bool) -> None:
+    _rotate_one_in_place(x, cos, sin, position_ids, interleaved, transpose)
 
 
 @rope_inplace_op.register_fake
@@ -197,14 +201,20 @@ def _rotate_grad_in_place(grad: Tensor, cos, sin, position_ids, interleaved) -> 
     # gradient, e.g. from .sum(), has zero strides: writing into it would be wrong).
     if not _dense(grad):
         grad = grad.clone(memory_format=torch.contiguous_format)
-    rope_inplace_op(grad, cos, sin, position_ids, interleaved, True)
+    if torch.compiler.is_compiling():
+        rope_inplace_op(grad, cos, sin, position_ids, interleaved, True)
+    else:  # eager: the custom op's dispatch costs more host time than the launch itself
+        _rotate_one_in_place(grad, cos, sin, position_ids, interleaved, True)
     return grad
 
 
 class _RotateQInPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_alias, cos, sin, position_ids, interleaved):
-        rope_qk_inplace_op(q, k_alias, cos, sin, position_ids, interleaved, False)
+        if torch.compiler.is_compiling():
+            rope_qk_inplace_op(q, k_alias, cos, sin, position_ids, interleaved, False)
+        else:  # eager: launch directly (see _RotateBasesInPlace)
+            _rotate_qk_in_place(q, k_alias, cos, sin, position_ids, interleaved, False)
         ctx.mark_dirty(q)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.interleaved = interleaved
