@@ -8,7 +8,9 @@ fake implementations so torch.compile(fullgraph=True) traces through them:
 * ``fastkern::rope_qk`` returns new tensors, with autograd registered (its backward is itself
   with ``transpose`` flipped);
 
-then autograd Functions for the in-place path and the public :func:`rope`.
+then autograd Functions and the public :func:`rope`. Eager calls launch through the Functions
+directly; the custom ops are what torch.compile sees (their dispatch costs more host time than a
+launch: docs/rope.md, "Host time").
 
 The in-place path has to tell autograd that q and k changed (``ctx.mark_dirty``), and q and k
 arrive as views (transposed projection outputs). Autograd handles a dirtied view by rebasing it
@@ -147,9 +149,7 @@ def _(x, cos, sin, position_ids, interleaved, transpose):
     return None
 
 
-@torch.library.custom_op("fastkern::rope_qk", mutates_args=())
-def rope_qk_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
-               interleaved: bool, transpose: bool) -> tuple[Tensor, Tensor]:
+def _rotate_qk_new(q, k, cos, sin, position_ids, interleaved, transpose) -> tuple[Tensor, Tensor]:
     # empty_like keeps q's strides when q is dense (a transposed view stays one), as the fake does.
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if q.numel() == 0 and k.numel() == 0:
@@ -164,6 +164,12 @@ def rope_qk_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Ten
         k_out[..., rotary_dim:] = k[..., rotary_dim:]
     _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose)
     return q_out, k_out
+
+
+@torch.library.custom_op("fastkern::rope_qk", mutates_args=())
+def rope_qk_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
+               interleaved: bool, transpose: bool) -> tuple[Tensor, Tensor]:
+    return _rotate_qk_new(q, k, cos, sin, position_ids, interleaved, transpose)
 
 
 @rope_qk_op.register_fake
@@ -184,6 +190,23 @@ def _rope_qk_backward(ctx, grad_q, grad_k):
 
 
 rope_qk_op.register_autograd(_rope_qk_backward, setup_context=_setup_context)
+
+
+class _RotateQKOutOfPlace(torch.autograd.Function):
+    """Eager autograd for the out-of-place rotation: the same math as rope_qk_op's registered autograd,
+    without the custom-op dispatch (host time) on every forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids, interleaved):
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.interleaved = interleaved
+        return _rotate_qk_new(q, k, cos, sin, position_ids, interleaved, False)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin, position_ids = ctx.saved_tensors
+        grad_q, grad_k = _rotate_qk_new(grad_q, grad_k, cos, sin, position_ids, ctx.interleaved, True)
+        return grad_q, grad_k, None, None, None, None
 
 
 def _dense(t: Tensor) -> bool:
@@ -385,5 +408,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Tensor
     _check(q, k, cos, sin, position_ids, rotary_dim, inplace)
     interleaved = bool(interleaved)
     if not inplace:
-        return rope_qk_op(q, k, cos, sin, position_ids, interleaved, False)
+        if torch.compiler.is_compiling():
+            return rope_qk_op(q, k, cos, sin, position_ids, interleaved, False)
+        return _RotateQKOutOfPlace.apply(q, k, cos, sin, position_ids, interleaved)
     return _rope_inplace(q, k, cos, sin, position_ids, interleaved)
