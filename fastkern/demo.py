@@ -75,6 +75,22 @@ def build_model(size: str, vocab_size: int, dtype: torch.dtype, seed: int = 0):
     return LlamaForCausalLM(config).to(dtype)
 
 
+def peak_memory_text() -> str:
+    """Peak memory of the run just finished: the GPU's peak allocation, or the process's max RSS on CPU."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU peak allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+
+
+def device_and_path() -> str:
+    """'<device>; kernels: <path> path' for the demos' headers."""
+    from . import runtime
+
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    return f"{device}; kernels: {runtime.path_for(torch.empty(0, device='cuda' if cuda else 'cpu'))} path"
+
+
 class _StepTimer:
     """A TrainerCallback (built lazily) recording wall time per optimizer step, synchronized on CUDA."""
 
@@ -132,12 +148,8 @@ def run_sft(label: str, model, tokenizer, dataset, *, steps: int, batch: int, le
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     warm = timer.times[2:] if len(timer.times) > 4 else timer.times
     step_s = statistics.median(warm)
-    if torch.cuda.is_available():
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU peak allocated)"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
     tail = losses[-3:] if len(losses) >= 3 else losses
-    return RunResult(label, sum(tail) / len(tail), losses, batch * length / step_s, step_s, peak,
+    return RunResult(label, sum(tail) / len(tail), losses, batch * length / step_s, step_s, peak_memory_text(),
                      str(report) if report is not None else "")
 
 
@@ -203,8 +215,6 @@ def run_demo(args) -> list[RunResult]:
         from .demo_dpo import run_dpo_demo
 
         return run_dpo_demo(args)
-    import fastkern
-
     cuda = torch.cuda.is_available()
     tokenizer = build_tokenizer()
     dataset = build_dataset(args.steps * args.batch, args.length)
@@ -221,10 +231,8 @@ def run_demo(args) -> list[RunResult]:
         del model
         if cuda:
             torch.cuda.empty_cache()
-    device = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"\nfastkern demo: TRL SFTTrainer, Llama-style '{args.size}' model (random init), {args.steps} steps of "
-          f"{args.batch}x{args.length} tokens, {args.dtype}, {device}; kernels: "
-          f"{fastkern.runtime.path_for(torch.empty(0, device='cuda' if cuda else 'cpu'))} path\n")
+          f"{args.batch}x{args.length} tokens, {args.dtype}, {device_and_path()}\n")
     print(format_table(results))
     print()
     print(results[1].report)

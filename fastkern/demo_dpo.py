@@ -15,8 +15,7 @@ import tempfile
 
 import torch
 
-from .demo import DIGITS, RunResult, _StepTimer, build_model, build_tokenizer
-from .demo_grpo import peak_memory_text
+from .demo import DIGITS, RunResult, _StepTimer, build_model, build_tokenizer, device_and_path, peak_memory_text
 
 
 def build_pairs(n_pairs: int, completion_tokens: int = 4, seed: int = 0):
@@ -82,8 +81,6 @@ def format_table(results: list[RunResult]) -> str:
 
 
 def run_dpo_demo(args) -> list[RunResult]:
-    import fastkern
-
     cuda = torch.cuda.is_available()
     tokenizer = build_tokenizer()
     dataset = build_pairs(args.steps * args.batch)
@@ -101,12 +98,10 @@ def run_dpo_demo(args) -> list[RunResult]:
             del model, ref_model
             if cuda:
                 torch.cuda.empty_cache()
-    device = torch.cuda.get_device_name() if cuda else "CPU"
-    path = fastkern.runtime.path_for(torch.empty(0, device="cuda" if cuda else "cpu"))
     ref = "the PEFT model under disable_adapter()" if args.lora else "a separate copy"
     print(f"\nfastkern demo: TRL DPOTrainer (sigmoid), Llama-style '{args.size}' model (random init, vocab "
           f"{args.vocab}), {args.steps} steps of {args.batch} pairs (max {args.length} tokens), reference: {ref}, "
-          f"{args.dtype}, {device}; kernels: {path} path\n")
+          f"{args.dtype}, {device_and_path()}\n")
     print(format_table(results))
     print()
     print(results[1].report)

@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import copy
 import random
-import resource
 import statistics
 import tempfile
 
 import torch
 
-from .demo import DIGITS, RunResult, _StepTimer, build_model, build_tokenizer
-
-
-def peak_memory_text() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU peak allocated)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+from .demo import DIGITS, RunResult, _StepTimer, build_model, build_tokenizer, device_and_path, peak_memory_text
 
 
 def build_prompts(n_prompts: int, seed: int = 0):
@@ -97,8 +90,6 @@ def format_table(results: list[RunResult]) -> str:
 
 
 def run_grpo_demo(args) -> list[RunResult]:
-    import fastkern
-
     cuda = torch.cuda.is_available()
     tokenizer = build_tokenizer()
     dataset = build_prompts(args.steps * args.batch)
@@ -118,11 +109,9 @@ def run_grpo_demo(args) -> list[RunResult]:
             del model
             if cuda:
                 torch.cuda.empty_cache()
-    device = torch.cuda.get_device_name() if cuda else "CPU"
-    path = fastkern.runtime.path_for(torch.empty(0, device="cuda" if cuda else "cpu"))
     print(f"\nfastkern demo: TRL GRPOTrainer, Llama-style '{args.size}' model (random init, vocab {args.vocab}), "
           f"{args.steps} steps of {args.batch} completions x {args.length} tokens ({args.generations} per prompt), "
-          f"loss {args.loss_type}, beta {args.beta}, {args.dtype}, {device}; kernels: {path} path\n")
+          f"loss {args.loss_type}, beta {args.beta}, {args.dtype}, {device_and_path()}\n")
     print(format_table(results))
     print()
     print(results[1].report)
