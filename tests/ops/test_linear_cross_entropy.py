@@ -13,6 +13,7 @@ from fastkern import runtime
 from fastkern.ops import linear_cross_entropy as lce_mod
 from fastkern.reference.linear_cross_entropy import linear_cross_entropy_reference
 from tests.oracle import assert_close as oracle_assert_close
+from tests.oracle import assert_compiled_matches_eager
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 flce = fastkern.ops.fused_linear_cross_entropy
@@ -307,15 +308,7 @@ def test_torch_compile_fullgraph(reduction):
     def f(h, w):
         return flce(h, w, labels, reduction=reduction, softcap=2.0).sum() * 2
 
-    out = torch.compile(f, fullgraph=True, backend="aot_eager")(hidden, weight)
-    out.backward()
-    grads = hidden.grad.clone(), weight.grad.clone()
-    hidden.grad = weight.grad = None
-    ref = f(hidden, weight)
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(grads[0], hidden.grad)
-    torch.testing.assert_close(grads[1], weight.grad)
+    assert_compiled_matches_eager(f, hidden, weight)
 
 
 def test_custom_ops_are_registered():

@@ -11,6 +11,7 @@ import fastkern
 from fastkern import runtime
 from fastkern.reference.linear_cross_entropy import linear_logprobs_reference
 from tests.oracle import assert_close as oracle_assert_close
+from tests.oracle import assert_compiled_matches_eager
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 flp = fastkern.ops.fused_linear_logprobs
@@ -144,15 +145,7 @@ def test_torch_compile_fullgraph():
         lp, ent = flp(h, w, t, return_entropy=True, temperature=0.8)
         return (lp * 2 + ent).sum()
 
-    out = torch.compile(f, fullgraph=True, backend="aot_eager")(h, w)
-    out.backward()
-    grads = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    ref = f(h, w)
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(grads[0], h.grad)
-    torch.testing.assert_close(grads[1], w.grad)
+    assert_compiled_matches_eager(f, h, w)
 
 
 def test_float64_gradcheck():
