@@ -60,3 +60,15 @@ def assert_compiled_matches_eager(f, *leaves):
     torch.testing.assert_close(out, ref)
     for got, leaf in zip(grads, leaves):
         torch.testing.assert_close(got, leaf.grad)
+
+
+def assert_same_fp32_run(got, want, *, loss_rtol=1e-6, grad_rtol=1e-4):
+    """Model-level fp32 parity of two (logits, loss, {parameter name: grad}) triples: patched vs unpatched."""
+    import torch
+
+    (logits1, loss1, grads1), (logits0, loss0, grads0) = got, want
+    torch.testing.assert_close(logits1, logits0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss1, loss0, rtol=loss_rtol, atol=1e-6)
+    assert grads1.keys() == grads0.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=grad_rtol, atol=1e-6, msg=name)

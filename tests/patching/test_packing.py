@@ -11,6 +11,7 @@ import fastkern
 from fastkern.patching import packing as packing_module
 from fastkern.patching.core import fastkern_forward_kind
 from tests.models import FAMILIES, tiny_model
+from tests.oracle import assert_same_fp32_run
 
 LENGTHS = [5, 1, 9, 3, 1, 6]  # includes length-1 documents; longer than the sliding windows below
 CASES = [(f, a) for f in FAMILIES for a in ("sdpa", "eager") if not (f == "gemma2" and a == "sdpa")]
@@ -66,12 +67,7 @@ def grads_of(model):
 
 
 def assert_same(got, want, grad_tol=1e-4):
-    (logits1, loss1, grads1), (logits0, loss0, grads0) = got, want
-    torch.testing.assert_close(logits1, logits0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
-    assert grads1.keys() == grads0.keys()
-    for name in grads0:
-        torch.testing.assert_close(grads1[name], grads0[name], rtol=grad_tol, atol=1e-6, msg=name)
+    assert_same_fp32_run(got, want, loss_rtol=1e-5, grad_rtol=grad_tol)
 
 
 @pytest.mark.parametrize("use_cache", [False, True], ids=["nocache", "cache"])
