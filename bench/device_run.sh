@@ -2,6 +2,7 @@
 # One call on the GPU machine: install carried wheels, run GPU tests, run benches, pack results into $OUT.
 #   device run (carry .device):  bash bench/device_run.sh [bench names...]
 # With names (e.g. `glu rope`), only bench/bench_<name>.py run; the GPU tests of those ops run first,
+# (a name written `test:glu` runs the GPU tests only, no bench),
 # one file at a time with its own time limit, so a bench only counts once its tests pass and a slow
 # file cannot starve the others. The device returns at most 8 files: everything is written to a work
 # folder and packed into $OUT/results.tar.gz after every step (a run cut short still returns the rest).
@@ -19,9 +20,13 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$W/device.txt"
-names=("$@")
+names=(); benches=()
+for a in "$@"; do
+  if [[ $a == test:* ]]; then names+=("${a#test:}"); else names+=("$a"); benches+=("$a"); fi
+done
 if [ ${#names[@]} -eq 0 ]; then
   names=($(ls bench/bench_*.py | sed 's#bench/bench_##; s#\.py##'))
+  benches=("${names[@]}")
 fi
 # Seconds per GPU test file, from the H100 runs of 2026-11-23 (first compile of every kernel variant
 # included); files not listed get 60.
@@ -39,7 +44,7 @@ for n in "${names[@]}"; do
     pack
   done
 done
-for n in "${names[@]}"; do
+for n in "${benches[@]}"; do
   [ -f "bench/bench_${n}.py" ] || continue
   echo "=== bench ${n} (t=${SECONDS}s)"
   timeout 300 python3 "bench/bench_${n}.py" --out "$W" 2>&1 | tee "$W/bench_${n}.log" | tail -40 || status=1
