@@ -1,11 +1,12 @@
 """GRPO and DPO steps in stock TRL, unpatched vs fastkern.patch_model(loss=True): peak memory and time.
 
-    python3 bench/bench_grpo_dpo.py --out DIR [--config qwen3-0.6b|tiny] [--budget-s 200]
+    python3 bench/bench_grpo_dpo.py --out DIR [--config qwen3-0.6b|tiny] [--budget-s 200] [--tasks grpo,dpo]
+        [--variants "defaults;loss"] [--no-gradient-checkpointing] [--profile]
 
 Model: Qwen3-0.6B shape (hidden 1024, intermediate 3072, 28 layers, 16/8 heads, head_dim 128, vocab
 151936, tied embeddings), random init, bf16 weights, SDPA, LoRA r16 on all linear layers, TRL's
-default gradient checkpointing. Each variant builds its own model (same seed) and its own trainer,
-because fastkern must be patched in before TRL wraps the forward (``add_fused_lm_head``).
+default gradient checkpointing (``--no-gradient-checkpointing`` turns it off, as run B had it). Each
+variant builds its own model (same seed) and its own trainer, because fastkern must be patched in before TRL wraps the forward (``add_fused_lm_head``).
 
 GRPO (TRL 1.16 GRPOTrainer, loss_type dapo, beta 0.04): 8 completions x 1024 tokens after a 128-token
 prompt, with fixed random completion ids: generation is excluded. The timed part is what TRL runs
@@ -25,6 +26,12 @@ Timing: triton.testing.do_bench (median); memory: peak allocated during one step
 allocated before it (model, adapters' gradients freed as an optimizer's zero_grad would). The
 ``TRL kernel calls`` column counts calls into TRL's own ChunkedLogProbFunction during one step: 0
 means fastkern computed every log-prob.
+
+Variants (``--variants``, ``;``-separated): ``defaults`` is ``patch_model(model, loss=True)`` (every
+default option on), ``defaults,lora,offload`` adds lora=True and checkpointing="offload" to it; a comma
+list without ``defaults`` such as ``loss`` or ``loss,mlp`` turns on exactly those options and every
+other one off, to attribute a difference to one patch. ``--profile`` prints, per row, the CUDA
+kernels of one step by total device time (torch.profiler), to say where a difference comes from.
 """
 
 import argparse
@@ -51,6 +58,7 @@ SHAPES = {  # (generations, prompt, completion) for GRPO; (prompt, completion) f
     "tiny": dict(grpo=(4, 8, 16), dpo=(8, 8)),
 }
 LORA_RANK = 16
+OPTIONS = ("loss", "mlp", "rope", "packing", "lora")
 # fp32 check (2 layers of the bench shape, full vocabulary, same sequence shapes): relative error norm.
 FP32_TOLERANCE = 1e-4
 # bf16 rows, whole model: two implementations' rounding differs (2e-2 measured on the CPU smoke config);
@@ -76,6 +84,7 @@ class TRLKernelCalls:
 
 
 def build_model(name, device, dtype, patch, layers=None, checkpointing=False):
+    """patch: None (unpatched) or the patch_model options."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -88,10 +97,10 @@ def build_model(name, device, dtype, patch, layers=None, checkpointing=False):
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear",
                                              lora_dropout=0.0, init_lora_weights=False))
-    if checkpointing:  # what TRL's configs default to in training; the bench is off by default (run B)
+    if checkpointing:  # what TRL's configs default to in training
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    report = fastkern.patch_model(model, loss=True) if patch else None
+    report = fastkern.patch_model(model, **patch) if patch is not None else None
     return model, report
 
 
@@ -174,11 +183,11 @@ def zero_grads(model):
         p.grad = None
 
 
-def fp32_check(task, name, device):
+def fp32_check(task, name, device, options):
     """Unpatched vs patched loss and LoRA gradients in fp32 on a 2-layer model of the bench shape."""
     make = make_grpo if task == "grpo" else make_dpo
     results = []
-    for patch in (False, True):
+    for patch in (None, options):
         with tempfile.TemporaryDirectory() as out_dir:
             trainer, step, _ = make(name, device, torch.float32, patch, out_dir, layers=2)
             trainer.model.train()
@@ -191,9 +200,43 @@ def fp32_check(task, name, device):
     return abs(lp - lu) / max(abs(lu), 1e-6), ((gp - gu).norm() / gu.norm()).item()
 
 
-def measure(task, name, device, dtype, patch, reference, do_bench, checkpointing=False):
+def variant_options(spec: str) -> dict:
+    """'defaults' -> patch_model(loss=True); 'defaults,lora' adds options to that; 'loss,mlp' turns on
+    exactly those options and the others off. 'offload' stands for checkpointing="offload"."""
+    on = {o.strip() for o in spec.split(",") if o.strip()}
+    unknown = on - set(OPTIONS) - {"defaults", "offload"}
+    if unknown:
+        raise SystemExit(f"unknown patch option(s) {sorted(unknown)} in --variants; known: {OPTIONS}, offload, defaults")
+    options = dict(loss=True) if "defaults" in on else {o: o in on for o in OPTIONS}
+    options.update({o: True for o in on & set(OPTIONS)})
+    if "offload" in on:
+        options["checkpointing"] = "offload"
+    return options
+
+
+def variant_label(options) -> str:
+    if options is None:
+        return "TRL 1.16 (unpatched)"
+    if options == dict(loss=True):
+        return "fastkern.patch_model(loss=True)"
+    return "patch_model(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
+
+
+def top_kernels(step, rows: int = 12) -> str:
+    """CUDA kernels of one step by total device time, as a small table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    return events.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+
+def measure(task, name, device, dtype, patch, reference, do_bench, checkpointing=False, profile=False):
     make = make_grpo if task == "grpo" else make_dpo
-    label = "fastkern.patch_model(loss=True)" if patch else "TRL 1.16 (unpatched)"
+    label = variant_label(patch)
     with tempfile.TemporaryDirectory() as out_dir:
         trainer, step, report = make(name, device, dtype, patch, out_dir, checkpointing=checkpointing)
         model = trainer.model
@@ -224,7 +267,9 @@ def measure(task, name, device, dtype, patch, reference, do_bench, checkpointing
                 zero_grads(model)
                 step()
 
-            row["ms"] = do_bench(timed, warmup=200, rep=1500, return_mode="median")
+            row["ms"] = do_bench(timed, warmup=200, rep=4000, return_mode="median")
+            if profile:
+                print(f"--- {task} / {label}: CUDA kernels of one step\n{top_kernels(timed)}", flush=True)
         else:
             t0 = time.perf_counter()
             zero_grads(model)
@@ -244,8 +289,11 @@ def main():
     parser.add_argument("--config", choices=list(CONFIGS), default=None,
                         help="default: qwen3-0.6b on CUDA, tiny on CPU (a smoke test, not a measurement)")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new rows after this")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="non-reentrant checkpointing on the policy (TRL's training default)")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                        help="no checkpointing on the policy (default: non-reentrant, TRL's training default)")
+    parser.add_argument("--tasks", default="grpo,dpo")
+    parser.add_argument("--variants", default="defaults", help="';'-separated, see the module docstring")
+    parser.add_argument("--profile", action="store_true", help="print each row's top CUDA kernels")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -258,32 +306,36 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     rows, checks = [], {}
-    for task in ("grpo", "dpo"):
+    variants = [None] + [variant_options(v.strip()) for v in args.variants.split(";") if v.strip()]
+    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         reference = None
-        for patch in (False, True):
+        for patch in variants:
             if time.perf_counter() - start > args.budget_s:
-                rows.append(dict(task=task, variant="patched" if patch else "unpatched", error="time budget spent"))
+                rows.append(dict(task=task, variant=variant_label(patch), error="time budget spent"))
                 continue
+            check = {}
             try:
-                if patch:
-                    loss_err, grad_err = fp32_check(task, name, device)
-                    checks[task] = dict(fp32_loss_rel_err=loss_err, fp32_grad_rel_err=grad_err)
-                    print(f"{task}: fp32 check (2 layers): loss {loss_err:.1e}, LoRA grads {grad_err:.1e}", flush=True)
+                if patch is not None:
+                    loss_err, grad_err = fp32_check(task, name, device, patch)
+                    check = dict(fp32_loss_rel_err=loss_err, fp32_grad_rel_err=grad_err)
+                    print(f"{task} / {variant_label(patch)}: fp32 check (2 layers): loss {loss_err:.1e}, LoRA grads "
+                          f"{grad_err:.1e}", flush=True)
                     if not (loss_err < FP32_TOLERANCE and grad_err < FP32_TOLERANCE):
                         raise RuntimeError(f"fp32 check failed: loss {loss_err:.1e}, grads {grad_err:.1e}; not timed")
-                row, result = measure(task, name, device, dtype, patch, reference, do_bench, args.gradient_checkpointing)
-                row.update(checks.get(task, {}))
+                row, result = measure(task, name, device, dtype, patch, reference, do_bench,
+                                      args.gradient_checkpointing, args.profile)
+                row.update(check)
             except Exception as exc:  # one failing variant must not lose the others' numbers
-                row, result = dict(task=task, variant="patched" if patch else "unpatched",
+                row, result = dict(task=task, variant=variant_label(patch),
                                    error=f"{type(exc).__name__}: {exc}"), None
-            if not patch:
+            if patch is None:
                 reference = result
             rows.append(row)
             print({k: v for k, v in row.items() if k != "report"}, flush=True)
     gens, p, c = SHAPES[name]["grpo"]
     dp, dc = SHAPES[name]["dpo"]
     print(f"\n{torch.cuda.get_device_name() if cuda else 'CPU (smoke test, not a measurement)'}; {name}, LoRA r"
-          f"{LORA_RANK}, {dtype}; GRPO: {gens} x ({p} prompt + {c} completion), ref log-probs + compute_loss + "
+          f"{LORA_RANK}, {dtype}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; GRPO: {gens} x ({p} prompt + {c} completion), ref log-probs + compute_loss + "
           f"backward; DPO: 2 x ({dp} + {dc}), compute_loss (policy + reference) + backward\n")
     print("| task | variant | time (median) | peak extra memory | loss | rel. err loss / LoRA grads | TRL kernel calls |")
     print("|---|---|---|---|---|---|---|")
@@ -307,7 +359,7 @@ def main():
     print("\n" + patched_report)
     with open(os.path.join(args.out, "bench_grpo_dpo.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                       config=name, rows=rows), f, indent=1)
+                       config=name, gradient_checkpointing=args.gradient_checkpointing, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

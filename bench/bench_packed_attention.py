@@ -17,8 +17,13 @@ Rows (same weights, same batch):
 * "fastkern packing + rope": the same with rope=True: q/k stay token-major and run varlen flash attention
   (torch.nn.attention.varlen) where this torch has it. The note column says which backend each row ran.
 
-Each is checked first (loss and hidden-state gradients against the other row), then timed: fwd+bwd of the
-two layers plus a mean-square loss on the last hidden state, median of triton.testing.do_bench (CUDA
+Each row is checked first against running every document alone through the unpatched model (plain causal
+attention, positions 0..n-1, no mask): the loss and the embedding gradient, whose relative error goes in
+the table. transformers' own row is reported, not trusted. The loss is the mean square of a fixed random
+8-column projection of the last hidden state: a plain mean square of LlamaModel's output would be constant
+(the final RMSNorm gives every token unit RMS), its gradient pure rounding noise (on the H100 every row,
+transformers' included, then disagreed with every other by ~1.2 relative). Then each row is timed: fwd+bwd of the
+two layers plus that loss, median of triton.testing.do_bench (CUDA
 events; falls back to a wall-clock median on CPU), and peak memory (torch.cuda.max_memory_allocated
 during one fwd+bwd minus what was allocated before it). Prints a markdown table and writes
 packed_attention.json to --out. Budget: well under a minute on an H100.
@@ -72,10 +77,34 @@ def make_batch(shape: dict, device: str, seed: int = 0):
     return kwargs, lengths
 
 
+def probe(model) -> torch.Tensor:
+    """A fixed random [hidden, 8] projection: the loss is mean((last_hidden @ probe)^2)."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(model.config.hidden_size, 8, generator=g).to(model.device)
+
+
+def per_document_reference(model, batch, lengths):
+    """Loss and embedding gradient of the packed batch computed one document at a time (no packing at all)."""
+    model.zero_grad(set_to_none=True)
+    ids = batch["input_ids"]
+    total = ids.shape[1] * 8
+    projection = probe(model)
+    loss = torch.zeros((), device=ids.device)
+    start = 0
+    for n in lengths:
+        positions = torch.arange(n, device=ids.device)[None]
+        hidden = model(input_ids=ids[:, start:start + n], position_ids=positions, use_cache=False).last_hidden_state
+        part = (hidden.float() @ projection).pow(2).sum() / total
+        part.backward()
+        loss += part.detach()
+        start += n
+    return loss, model.embed_tokens.weight.grad.float()
+
+
 def fwd_bwd(model, batch):
     model.zero_grad(set_to_none=True)
     hidden = model(**batch).last_hidden_state
-    loss = hidden.float().pow(2).mean()
+    loss = (hidden.float() @ probe(model)).pow(2).mean()
     loss.backward()
     return loss.detach(), model.embed_tokens.weight.grad
 
@@ -111,7 +140,8 @@ def run(shape: dict, device: str, dtype: torch.dtype) -> dict:
     model = build_model(shape, dtype, device)
     batch, lengths = make_batch(shape, device)
     rows = []
-    reference = None
+    reference = per_document_reference(model, batch, lengths)
+    tol = 5e-2 if dtype != torch.float32 else 1e-4
     variants = {"transformers sdpa": None, "fastkern packing": dict(rope=False),
                 "fastkern packing + rope": dict(rope=True)}
     for label, options in variants.items():
@@ -130,16 +160,14 @@ def run(shape: dict, device: str, dtype: torch.dtype) -> dict:
                 head_major = probe.transpose(0, 1).contiguous().transpose(0, 1)
                 note = f"backend: {select_backend(head_major, head_major[:, :shape['kv_heads']], bounds=bounds)}"
         loss, grad = fwd_bwd(model, batch)
-        if reference is None:
-            reference = (loss, grad.float())
-        else:
-            rel = ((grad.float() - reference[1]).norm() / reference[1].norm()).item()
-            tol = 5e-2 if dtype != torch.float32 else 1e-4
-            if not torch.allclose(loss.float(), reference[0].float(), rtol=tol) or not rel < tol:
-                raise SystemExit(f"{label}: loss {loss.item():.6f} vs {reference[0].item():.6f}, grad rel err {rel:.2e}")
+        rel = ((grad.float() - reference[1]).norm() / reference[1].norm()).item()
+        loss_ok = torch.allclose(loss.float(), reference[0].float(), rtol=tol)
+        print(f"{label}: loss {loss.item():.6f} vs per-document {reference[0].item():.6f}, grad rel err {rel:.2e}")
+        if options is not None and not (loss_ok and rel < tol):
+            raise SystemExit(f"{label}: disagrees with the per-document reference (tolerance {tol:g})")
         ms = median_ms(lambda: fwd_bwd(model, batch), device)
         mib = peak_extra_mib(lambda: fwd_bwd(model, batch), device)
-        rows.append(dict(impl=label, fwd_bwd_ms=ms, peak_extra_mib=mib, note=note))
+        rows.append(dict(impl=label, fwd_bwd_ms=ms, peak_extra_mib=mib, grad_rel_err=rel, note=note))
     fastkern.unpatch_model(model)
     return dict(shape=shape, documents=len(lengths), max_document=max(lengths), device=device_name(device),
                 dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
@@ -157,12 +185,12 @@ def table(result: dict) -> str:
         f"(longest {result['max_document']}), {result['dtype']}, fwd+bwd; {result['device']}, torch "
         f"{result['torch']}, transformers {result['transformers']}",
         "",
-        "| impl | fwd+bwd ms (median) | peak extra MiB | note |",
-        "|---|---|---|---|",
+        "| impl | fwd+bwd ms (median) | peak extra MiB | grad rel err vs per-document | note |",
+        "|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         mib = "n/a (cpu)" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
-        lines.append(f"| {r['impl']} | {r['fwd_bwd_ms']:.2f} | {mib} | {r['note']} |")
+        lines.append(f"| {r['impl']} | {r['fwd_bwd_ms']:.2f} | {mib} | {r['grad_rel_err']:.1e} | {r['note']} |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@
 Tiny CUDA tensors (the kernels finish in a few microseconds), no synchronisation inside the loop:
 the per-step wall time is what the host needs to issue the work. Whenever it exceeds the GPU time
 of a real-size call, the op is host-bound there (docs/glu.md). Rows: fastkern swiglu fwd+bwd (fresh
-and overwrite), eager PyTorch and Liger for the same math; fastkern rope fwd+bwd; plus a cProfile of
+and overwrite), eager PyTorch and Liger for the same math; fastkern rope fwd+bwd; bare Triton launches with 4 and 40 arguments; plus a cProfile of
 the fastkern swiglu step (top entries by total time) so the next fix targets the right line.
 """
 
@@ -71,6 +71,32 @@ def rope_step(projection_views: bool):
     return step
 
 
+def launch_rows(rows) -> None:
+    """Bare Triton launches (no autograd, no fastkern Python) of a copy kernel with 4 and with 40 runtime
+    arguments: the per-launch floor of this host, and what each extra argument (e.g. a stride) costs."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy4(x, y, n, s, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y + offs * s, tl.load(x + offs, mask=offs < n), mask=offs < n)
+
+    @triton.jit
+    def copy40(x, y, n, s, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9,
+               c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, d0, d1, d2, d3, d4, d5, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        extra = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + b0 + b1 + b2 + b3 + b4 + b5 + b6 + b7 + b8 + b9
+        extra += c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + d0 + d1 + d2 + d3 + d4 + d5
+        tl.store(y + offs * s, tl.load(x + offs, mask=offs < n) + extra, mask=offs < n)
+
+    x = torch.randn(512, device="cuda")
+    y = torch.empty_like(x)
+    strides = [3, 64, 128, 4096, 1, 7] * 6
+    rows["bare triton launch, 4 runtime args"] = _time(lambda: copy4[(1,)](x, y, 512, 1, BLOCK=512))
+    rows["bare triton launch, 40 runtime args"] = _time(lambda: copy40[(1,)](x, y, 512, 1, *strides, BLOCK=512))
+
+
 class _Rows(dict):
     def __setitem__(self, name, us):  # print as measured, so a later failure keeps the earlier rows
         print(f"| {name} | {us:.1f} us |", flush=True)
@@ -95,6 +121,7 @@ def main():
         print("liger skipped:", exc)
     rows["fastkern rope fwd+bwd, projection views (attention modules)"] = _time(rope_step(True))
     rows["fastkern rope fwd+bwd, other layouts (general path)"] = _time(rope_step(False))
+    launch_rows(rows)
     profiler = cProfile.Profile()
     step = glu_step(lambda g, u: fastkern.ops.swiglu(g, u, overwrite_inputs_in_backward=True))
     for _ in range(WARMUP):
