@@ -283,6 +283,37 @@ def measure(task, name, device, dtype, patch, reference, do_bench, checkpointing
     return row, result
 
 
+def interleaved_ms(task, name, device, dtype, variants, checkpointing, rounds) -> dict[str, float]:
+    """Median step time of every variant, timed round-robin (A B C A B C ...) with all trainers alive.
+
+    A step of this size is host-bound on the H100 machine (about 400 ms of GPU work in a 550-700 ms
+    step), and the host's speed drifts between and within runs (the same unpatched GRPO step measured
+    546 and 711 ms in two runs): timing variants one after another confounds that drift with the patch.
+    """
+    make = make_grpo if task == "grpo" else make_dpo
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    live, times = [], {}
+    with tempfile.TemporaryDirectory() as out_dir:
+        for patch in variants:
+            trainer, step, _ = make(name, device, dtype, patch, out_dir, checkpointing=checkpointing)
+            trainer.model.train()
+            live.append((variant_label(patch), trainer, step))
+        for r in range(rounds + 1):  # round 0 warms up
+            for label, trainer, step in live:
+                zero_grads(trainer.model)
+                sync()
+                t0 = time.perf_counter()
+                step()
+                sync()
+                if r:
+                    times.setdefault(label, []).append((time.perf_counter() - t0) * 1e3)
+    del live
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {label: sorted(ts)[len(ts) // 2] for label, ts in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -294,6 +325,8 @@ def main():
     parser.add_argument("--tasks", default="grpo,dpo")
     parser.add_argument("--variants", default="defaults", help="';'-separated, see the module docstring")
     parser.add_argument("--profile", action="store_true", help="print each row's top CUDA kernels")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="also time all variants round-robin for ROUNDS rounds (see interleaved_ms)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -332,17 +365,26 @@ def main():
                 reference = result
             rows.append(row)
             print({k: v for k, v in row.items() if k != "report"}, flush=True)
+        if args.interleave:
+            ok = [r["variant"] for r in rows if r["task"] == task and "error" not in r]
+            timed = interleaved_ms(task, name, device, dtype, [v for v in variants if variant_label(v) in ok],
+                                   args.gradient_checkpointing, args.interleave)
+            for r in rows:
+                if r["task"] == task and r["variant"] in timed:
+                    r["ms_interleaved"] = timed[r["variant"]]
+            print(f"{task}: interleaved medians over {args.interleave} rounds: {timed}", flush=True)
     gens, p, c = SHAPES[name]["grpo"]
     dp, dc = SHAPES[name]["dpo"]
     print(f"\n{torch.cuda.get_device_name() if cuda else 'CPU (smoke test, not a measurement)'}; {name}, LoRA r"
           f"{LORA_RANK}, {dtype}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; GRPO: {gens} x ({p} prompt + {c} completion), ref log-probs + compute_loss + "
           f"backward; DPO: 2 x ({dp} + {dc}), compute_loss (policy + reference) + backward\n")
-    print("| task | variant | time (median) | peak extra memory | loss | rel. err loss / LoRA grads | TRL kernel calls |")
-    print("|---|---|---|---|---|---|---|")
+    print("| task | variant | time (median) | interleaved median | peak extra memory | loss | rel. err loss / LoRA grads "
+          "| TRL kernel calls |")
+    print("|---|---|---|---|---|---|---|---|")
     base = {}
     for r in rows:
         if "error" in r:
-            print(f"| {r['task']} | {r['variant']} | {r['error']} | | | | |")
+            print(f"| {r['task']} | {r['variant']} | {r['error']} | | | | | |")
             continue
         ref = base.setdefault(r["task"], r)
         ratio = "" if ref is r else f" ({r['ms'] / ref['ms']:.2f}x)"
@@ -353,7 +395,12 @@ def main():
         if "loss_rel_err" in r:
             errs = (f"bf16 {r['loss_rel_err']:.1e} / {r['grad_rel_err']:.1e}; fp32 {r['fp32_loss_rel_err']:.1e} / "
                     f"{r['fp32_grad_rel_err']:.1e}")
-        print(f"| {r['task']} | {r['variant']} | {r['ms']:.1f} ms{ratio} | {mem} | {r['loss']:.4f} | {errs} | "
+        inter = "-"
+        if "ms_interleaved" in r:
+            inter = f"{r['ms_interleaved']:.1f} ms"
+            if ref is not r and "ms_interleaved" in ref:
+                inter += f" ({r['ms_interleaved'] / ref['ms_interleaved']:.2f}x)"
+        print(f"| {r['task']} | {r['variant']} | {r['ms']:.1f} ms{ratio} | {inter} | {mem} | {r['loss']:.4f} | {errs} | "
               f"{r['trl_kernel_calls']} |")
     patched_report = next((r["report"] for r in rows if r.get("report")), "")
     print("\n" + patched_report)

@@ -26,6 +26,12 @@ from ._common import FLOAT_DTYPES, as_rows, check_tensor, device_guard
 _OP = "fastkern.ops.fused_linear_cross_entropy"
 # The logits chunk (input dtype) is sized to this many bytes unless free device memory is lower.
 CHUNK_BYTES_CAP = 512 * 2**20
+# Without a weight gradient, a chunk needs only enough tokens to keep its two GEMMs compute-bound:
+# each reads the whole [V, H] weight once (2VH bytes) for 2*rows*V*H FLOPs, i.e. `rows` FLOP/byte,
+# and an H100 needs ~230 (700 TFLOP/s over 3 TB/s). 512 tokens is twice that; more only adds memory
+# (DPO/GRPO reference passes, LoRA heads). With a weight gradient the chunk stays large: every chunk
+# also reads and writes the whole gradient (4VH bytes), a cost that falls only with fewer chunks.
+FROZEN_CHUNK_ROWS = 512
 # A grad_weight accumulator this small is kept in fp32 even for bf16/fp16 weights. Larger ones are
 # accumulated by cuBLAS in the weight dtype (fp32 inside each chunk's GEMM, one rounding per chunk):
 # an fp32 copy of a 128K-vocabulary head is 2 GiB, twice the gradient itself.
@@ -33,8 +39,10 @@ FP32_ACCUMULATOR_BYTES = 64 * 2**20
 _BLOCK = 1024
 
 
-def chunk_rows(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, chunk_size: int) -> int:
-    """Tokens per chunk: ``chunk_size`` if given (> 0), else read from free memory now (per call)."""
+def chunk_rows(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, chunk_size: int,
+               weight_grad: bool = True) -> int:
+    """Tokens per chunk: ``chunk_size`` if given (> 0), else read from free memory now (per call) and,
+    when no weight gradient is computed, at most FROZEN_CHUNK_ROWS."""
     if chunk_size > 0:
         return max(1, min(chunk_size, n_rows))
     budget = CHUNK_BYTES_CAP
@@ -43,6 +51,8 @@ def chunk_rows(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.devic
         budget = min(budget, free // 4)
     elem = torch.finfo(dtype).bits // 8
     rows = max(1, budget // max(1, n_cols * elem))
+    if not weight_grad:
+        rows = min(rows, FROZEN_CHUNK_ROWS)
     if rows >= 256:
         rows -= rows % 128  # GEMM-friendly tile multiple
     return max(1, min(rows, n_rows))
@@ -104,8 +114,8 @@ def run_chunks(hidden, weight, bias, targets, stats, coefs, *, logit_scale, soft
     """One pass over token chunks; returns (grad_hidden, grad_weight, grad_bias), each None if not asked
     (all None when ``coefs`` is None: stats only)."""
     n, v = hidden.shape[0], weight.shape[0]
-    rows = chunk_rows(n, v, hidden.dtype, hidden.device, chunk_size)
     grads = coefs is not None
+    rows = chunk_rows(n, v, hidden.dtype, hidden.device, chunk_size, weight_grad=grads and need_gw)
     gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grads and need_gh else None
     gw = gb = None
     if grads and need_gw:

@@ -296,6 +296,10 @@ def test_chunk_is_picked_from_free_memory_at_each_call(monkeypatch):
     small = lce_mod.chunk_rows(65536, 128256, torch.bfloat16, cuda, 0)
     assert small * 128256 * 2 <= free["bytes"] // 4 and 0 < small < big
     assert lce_mod.chunk_rows(10, 128256, torch.bfloat16, cuda, 0) == 10
+    # No weight gradient: chunks only as large as the GEMMs need, and never above free memory's share.
+    assert lce_mod.chunk_rows(65536, 128256, torch.bfloat16, cuda, 0, weight_grad=False) == small
+    free["bytes"] = 2**40
+    assert lce_mod.chunk_rows(65536, 128256, torch.bfloat16, cuda, 0, weight_grad=False) == lce_mod.FROZEN_CHUNK_ROWS
     assert lce_mod.chunk_rows(100, 7, torch.float32, cuda, 33) == 33
 
 
