@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import runtime
 from ..reference.glu import glu_backward_reference, glu_forward_reference
-from ._common import FLOAT_DTYPES, as_rows, check_like, check_tensor, device_guard, needs_int64
+from ._common import FLOAT_DTYPES, INT32_MAX, as_rows, check_like, check_tensor, device_guard, needs_int64
 
 _ACTIVATION_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
@@ -38,29 +38,53 @@ def _path(t: Tensor) -> str:
     return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
 
 
-def _layout(tensors: list[Tensor], block, num_warps, flat):
-    """[rows, cols] views (one flat row when every operand is contiguous), grid, block, warps."""
-    if flat is None:
-        flat = all(t.is_contiguous() for t in tensors)
-    views = [t.view(1, -1) if flat else as_rows(t) for t in tensors]
+def _row_layout(tensors: list[Tensor], block, num_warps):
+    """[rows, cols] views (strided), grid, block, warps: the general, non-contiguous case."""
+    views = [as_rows(t) for t in tensors]
     rows, cols = views[0].shape
     default_block, default_warps = launch_config(cols)
     block, num_warps = block or default_block, num_warps or default_warps
-    grid = (triton_cdiv(cols, block),) if flat else (rows, triton_cdiv(cols, block))
-    return views, cols, grid, block, num_warps, flat
+    return views, cols, (rows, triton_cdiv(cols, block)), block, num_warps
 
 
+def _is_flat(tensors: tuple[Tensor, ...], flat: bool | None) -> bool:
+    contiguous = all(t.is_contiguous() for t in tensors)
+    if flat and not contiguous:
+        raise ValueError("fastkern glu launcher: flat=True needs contiguous operands")
+    return contiguous if flat is None else flat
+
+
+def flat_needs_int64(n: int, block: int) -> bool:
+    """A flat launch's largest offset, masked lanes included, is below n + block."""
+    return n + block > INT32_MAX
+
+
+# The flat launches below are the patched MLP's path (contiguous gate/up): they pass the tensors as
+# they are and literal strides (column stride 1; row stride unused, the row index of a flat launch
+# is 0), so the host reads no strides and builds no views. On the H100 host every Python-level
+# tensor call costs microseconds, and these ops run three times per layer and step under
+# checkpointing (docs/glu.md, host time).
 def _launch_forward(gate: Tensor, up: Tensor, out: Tensor, activation: str, block=None, num_warps=None,
                     flat=None, force_int64=False) -> None:
     from ..kernels.glu import glu_forward_kernel
 
-    (g, u, o), cols, grid, block, num_warps, flat = _layout([gate, up, out], block, num_warps, flat)
+    act = _ACTIVATION_IDS[activation]
+    if _is_flat((gate, up, out), flat):
+        n = gate.numel()
+        default_block, default_warps = launch_config(n)
+        block, num_warps = block or default_block, num_warps or default_warps
+        with device_guard(gate):
+            glu_forward_kernel[(triton_cdiv(n, block),)](
+                gate, up, out, n, 0, 1, 0, 1, 0, 1, ACTIVATION=act, BLOCK=block,
+                INT64_OFFSETS=force_int64 or flat_needs_int64(n, block), FLAT=True, num_warps=num_warps)
+        return
+    (g, u, o), cols, grid, block, num_warps = _row_layout([gate, up, out], block, num_warps)
     with device_guard(gate):
         glu_forward_kernel[grid](
             g, u, o, cols,
             g.stride(0), g.stride(1), u.stride(0), u.stride(1), o.stride(0), o.stride(1),
-            ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block,
-            INT64_OFFSETS=force_int64 or needs_int64(g, u, o, slack=block), FLAT=flat, num_warps=num_warps,
+            ACTIVATION=act, BLOCK=block,
+            INT64_OFFSETS=force_int64 or needs_int64(g, u, o, slack=block), FLAT=False, num_warps=num_warps,
         )
 
 
@@ -68,15 +92,26 @@ def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, bl
                      flat=None, force_int64=False) -> None:
     from ..kernels.glu import glu_backward_kernel
 
-    (d, g, u, dg, du), cols, grid, block, num_warps, flat = _layout(
-        [grad_out, gate, up, grad_gate, grad_up], block, num_warps, flat)
+    act = _ACTIVATION_IDS[activation]
+    if _is_flat((grad_out, gate, up, grad_gate, grad_up), flat):
+        n = gate.numel()
+        default_block, default_warps = launch_config(n)
+        block, num_warps = block or default_block, num_warps or default_warps
+        with device_guard(gate):
+            glu_backward_kernel[(triton_cdiv(n, block),)](
+                grad_out, gate, up, grad_gate, grad_up, n, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, ACTIVATION=act,
+                BLOCK=block, INT64_OFFSETS=force_int64 or flat_needs_int64(n, block), FLAT=True,
+                num_warps=num_warps)
+        return
+    (d, g, u, dg, du), cols, grid, block, num_warps = _row_layout(
+        [grad_out, gate, up, grad_gate, grad_up], block, num_warps)
     with device_guard(gate):
         glu_backward_kernel[grid](
             d, g, u, dg, du, cols,
             d.stride(0), d.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
             dg.stride(0), dg.stride(1), du.stride(0), du.stride(1),
-            ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block,
-            INT64_OFFSETS=force_int64 or needs_int64(d, g, u, dg, du, slack=block), FLAT=flat, num_warps=num_warps,
+            ACTIVATION=act, BLOCK=block,
+            INT64_OFFSETS=force_int64 or needs_int64(d, g, u, dg, du, slack=block), FLAT=False, num_warps=num_warps,
         )
 
 

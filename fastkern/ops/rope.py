@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import runtime
 from ..reference.rope import rotate_reference
-from ._common import FLOAT_DTYPES, check_tensor, device_guard, needs_int64
+from ._common import FLOAT_DTYPES, INT32_MAX, check_tensor, device_guard
 
 _OP = "fastkern.ops.rope"
 
@@ -82,25 +82,47 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, 
     grid = (batch * n_t_blocks, n_q_blocks + _cdiv(n_k_heads, block_h))
     if k is None:  # the kernel never reads k when it has no k blocks; q stands in for the pointer
         k, k_out = q, q_out
+    # Strides are read once per tensor (each read is a host round trip through the tensor API) and
+    # serve both the kernel arguments and the int64 decision.
+    q_st, k_st = q.stride(), k.stride()
+    qo_st = q_st if q_out is q else q_out.stride()
+    ko_st = k_st if k_out is k else k_out.stride()
+    cs, ss = cos.stride(), sin.stride()
     if position_ids is not None:
-        cos_strides = (0, cos.stride(0), cos.stride(1))
-        sin_strides = (0, sin.stride(0), sin.stride(1))
+        cos_strides, sin_strides = (0, *cs), (0, *ss)
         pos = position_ids
-        pos_strides = (pos.stride(0) if pos.shape[0] > 1 else 0, pos.stride(1))
+        pos_strides = (position_ids.stride(0) if position_ids.shape[0] > 1 else 0, position_ids.stride(1))
     else:
-        cos_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), cos.stride(2))
-        sin_strides = (sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1), sin.stride(2))
+        cos_strides = (cs[0] if cos.shape[0] > 1 else 0, cs[1], cs[2])
+        sin_strides = (ss[0] if sin.shape[0] > 1 else 0, ss[1], ss[2])
         pos, pos_strides = cos, (0, 0)
-    int64 = needs_int64(q, k, q_out, k_out, cos, sin, slack=block_h * block_t)
+    slack = block_h * block_t
+    int64 = max(reach(q.shape, q_st, slack), reach(k.shape, k_st, slack), reach(q_out.shape, qo_st, slack),
+                reach(k_out.shape, ko_st, slack), reach(cos.shape, cs, slack), reach(sin.shape, ss, slack)) >= INT32_MAX
     with device_guard(q):
         rope_qk_kernel[grid](
             q, k, q_out, k_out, cos, sin, pos,
             seq_len, n_t_blocks, n_q_heads, n_k_heads, half, n_q_blocks,
-            *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
+            *q_st, *k_st, *qo_st, *ko_st,
             *cos_strides, *sin_strides, *pos_strides,
             INTERLEAVED=interleaved, TRANSPOSE=transpose, HAS_POSITIONS=position_ids is not None,
             BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, INT64_OFFSETS=int64, num_warps=num_warps,
         )
+
+
+def reach(shape, strides, slack: int) -> int:
+    """Bound on the element offsets a launch forms for a tensor of this shape and strides: its last
+    element, plus `slack` (>= BLOCK_T * BLOCK_H) steps of its largest stride for the masked lanes
+    past the last token and head. Only dims longer than 1 count: the batch stride of a B=1 tensor
+    is never stepped, and counting it would send every long single-sequence batch to the int64
+    variant (a [1, T, 32, 128] projection at T=65536 has a 2^28 batch stride)."""
+    last = widest = 0
+    for n, st in zip(shape, strides):  # a plain loop: this runs for six tensors per launch
+        if n > 1:
+            st = abs(st)
+            last += (n - 1) * st
+            widest = st if st > widest else widest
+    return last + slack * (widest or 1)
 
 
 def _rotate_into(x, out, cos, sin, position_ids, interleaved, transpose) -> None:
@@ -268,19 +290,24 @@ class _MarkKRotated(torch.autograd.Function):
 def _base_and_rebuild(x: Tensor):
     """(base, rebuild) with rebuild(base) == x as view+permute ops, or None when x is not such a view."""
     base = x._base if x._base is not None else x
-    if not (base.is_contiguous() and base.numel() == x.numel() and base.storage_offset() == x.storage_offset()
-            and _dense(x)):
+    if not (base.is_contiguous() and base.numel() == x.numel() and base.storage_offset() == x.storage_offset()):
         return None
-    perm = sorted(range(x.dim()), key=lambda i: (-x.stride(i), i))
-    inverse = [perm.index(i) for i in range(x.dim())]
-    mem_shape = [x.shape[i] for i in perm]
+    shape, strides = x.shape, x.stride()
+    perm = sorted(range(len(shape)), key=lambda i: (-strides[i], i))
+    inverse = [perm.index(i) for i in range(len(shape))]
+    mem_shape = [shape[i] for i in perm]
+    # rebuild(base) has the contiguous strides of mem_shape, permuted back: x must have exactly those
+    # (on dims longer than 1), which also proves x dense. Checked by arithmetic, without building it.
+    expected, step = [0] * len(shape), 1
+    for i in reversed(perm):
+        expected[i] = step
+        step *= shape[i]
+    if any(strides[i] != expected[i] for i in range(len(shape)) if shape[i] > 1):
+        return None
 
     def rebuild(t: Tensor) -> Tensor:
         return t.view(mem_shape).permute(inverse)
 
-    rebuilt = rebuild(base)
-    if any(a != b for a, b, n in zip(rebuilt.stride(), x.stride(), x.shape) if n > 1):
-        return None
     return base, rebuild
 
 

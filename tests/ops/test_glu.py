@@ -289,3 +289,16 @@ def test_int64_code_path_on_small_inputs(flat, act):
     assert_close(out, ref, torch.float32, None, "out")
     assert_close(dg, g64.grad, torch.float32, None, "grad_gate")
     assert_close(du, u64.grad, torch.float32, None, "grad_up")
+
+
+def test_flat_launch_int64_switch_and_contiguity_guard():
+    # A flat launch's largest offset (masked lanes included) is below n + block: int32 up to there.
+    from fastkern.ops._common import INT32_MAX
+    from fastkern.ops.glu import _launch_forward, flat_needs_int64
+
+    assert not flat_needs_int64(INT32_MAX - 2048, 2048)
+    assert flat_needs_int64(INT32_MAX - 2047, 2048)
+    assert flat_needs_int64(2**31 + 2**20, 2048)  # the GPU test's size takes the int64 variant
+    gate = torch.randn(6, 5).t()  # not contiguous: a flat launch would read the wrong elements
+    with pytest.raises(ValueError, match="flat=True needs contiguous"):
+        _launch_forward(gate, gate.clone(), torch.empty(5, 6), "silu", flat=True)

@@ -197,9 +197,26 @@ def test_rope_int64_offsets_path_matches(monkeypatch):
     cos, sin = frequencies(position_ids, 32, False)
     qp, kp = make_qk(1, 4, 2, 5, 32, torch.float32)
     want = fastkern.ops.rope(qp.transpose(1, 2), kp.transpose(1, 2), cos, sin, inplace=False)
-    monkeypatch.setattr(rope_module, "needs_int64", lambda *a, **kw: True)
+    monkeypatch.setattr(rope_module, "reach", lambda *a: rope_module.INT32_MAX)
     got = fastkern.ops.rope(qp.transpose(1, 2), kp.transpose(1, 2), cos, sin, inplace=False)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_reach_bounds_every_offset_a_launch_forms():
+    """The launcher's int64 bound: last element plus slack steps of the largest stride of a dim longer
+    than 1 (masked lanes run past the last token and head, never past the batch)."""
+    from fastkern.ops._common import INT32_MAX
+
+    for t in (torch.empty(2, 7, 3, 16).transpose(1, 2), torch.empty(5, 9)[:, ::2], torch.empty(1, 1, 4, 8)):
+        for slack in (0, 32):
+            last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+            widest = max(st for n, st in zip(t.shape, t.stride()) if n > 1)
+            assert rope_module.reach(t.shape, t.stride(), slack) == last + slack * widest
+    # A [1, 65536, 32, 128] projection seen as [1, 32, 65536, 128]: 2^28 elements, int32 is enough
+    # (its 2^28 batch stride is never stepped).
+    assert rope_module.reach((1, 32, 65536, 128), (2**28, 128, 4096, 1), 32) < INT32_MAX
+    # ... and past 2^31 elements in q (the GPU test's size) the int64 variant is taken.
+    assert rope_module.reach((1, 32, 2**19 + 1, 128), (2**31, 128, 4096, 1), 32) >= INT32_MAX
 
 
 def test_inplace_is_tracked_by_autograd():
