@@ -25,7 +25,7 @@ class _LogProbs(torch.autograd.Function):
         logit_scale, softcap, inv_temperature, return_entropy, chunk_size = opts
         lse, target_u, sum_u, sum_pu, max_u, max_before = lce_stats_op(
             hidden, weight, bias, targets, None, logit_scale, softcap, inv_temperature, return_entropy, chunk_size,
-            _OP, return_top1)
+            _OP, return_top1, needs[1])
         logp = target_u - lse
         # TRL's is_top1: the target is the first argmax (not differentiable).
         is_top1 = (target_u >= max_u) & (target_u > max_before) if return_top1 else lse.new_empty(0, dtype=torch.bool)

@@ -180,3 +180,30 @@ def test_expanded_upstream_gradients():
     (lp64.sum() + ent64.sum()).backward()
     oracle_assert_close(h.grad, h64.grad, torch.float32, name="grad_hidden")
     oracle_assert_close(w.grad, w64.grad, torch.float32, name="grad_weight")
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_forward_chunk_follows_the_weight_gradient_of_the_backward(monkeypatch, trainable):
+    """The stats-only forward takes the large (weight-gradient) chunks when its backward will compute
+    d(weight), and the small frozen-head chunks otherwise (inference, reference passes, LoRA heads)."""
+    import sys
+
+    lce = sys.modules["fastkern.ops.linear_cross_entropy"]
+    seen = []
+    real = lce.chunk_rows
+
+    def recording(*args, weight_grad=True):
+        seen.append(weight_grad)
+        return real(*args, weight_grad=weight_grad)
+
+    monkeypatch.setattr(lce, "chunk_rows", recording)
+    hidden = torch.randn(6, 5, requires_grad=True)
+    weight = torch.randn(11, 5, requires_grad=trainable)
+    targets = torch.randint(0, 11, (6,))
+    logp, entropy = fastkern.ops.fused_linear_logprobs(hidden, weight, targets, return_entropy=True)
+    assert seen == [trainable]  # forward: stats only
+    (logp.sum() + entropy.sum()).backward()
+    assert seen == [trainable, trainable]  # backward: gradients, d(weight) iff trainable
+    with torch.no_grad():
+        fastkern.ops.fused_linear_logprobs(hidden, weight, targets)
+    assert seen[-1] is False  # no backward at all
