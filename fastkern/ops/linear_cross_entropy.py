@@ -75,7 +75,10 @@ def _launch_rows(x, targets, stats, coefs, *, logit_scale, softcap, u_scale, com
             coef.get("a", dummy), coef.get("b", dummy), coef.get("c", dummy), coef.get("e", dummy),
             x.shape[1], float(logit_scale), float(softcap or 1.0), float(u_scale),
             HAS_SOFTCAP=softcap is not None, COMPUTE_STATS=compute_stats, WRITE_GRAD=coefs is not None,
-            HAS_ENTROPY=has_entropy, HAS_TOP1="max_u" in stats and compute_stats, BLOCK=_BLOCK, num_warps=8,
+            HAS_ENTROPY=has_entropy, HAS_TOP1="max_u" in stats and compute_stats,
+            # The GPU's fp32 -> bf16 store rounds to nearest even; only the interpreter needs it by hand.
+            ROUND_BF16=x.dtype == torch.bfloat16 and runtime.path_for(x) == "interpreter",
+            BLOCK=_BLOCK, num_warps=8,
         )
 
 
