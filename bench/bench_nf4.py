@@ -7,6 +7,9 @@ implementation is checked bit-exact against bitsandbytes (or against fastkern's 
 when bitsandbytes is not installed) before it is timed. The packed weight (29 MiB) fits in the
 H100's L2, so timing rotates over 4 copies. Bandwidth counts the fewest bytes: codes read + absmax
 read + output written.
+
+After those rows, ``bench_nf4_matmul`` times the opt-in in-tile GEMM ``nf4_matmul`` against
+``nf4_dequantize`` + torch.mm for x of 512, 2048 and 8192 rows (own table, JSON key "nf4_matmul").
 """
 
 import argparse
@@ -109,6 +112,68 @@ def main():
                   f"{r.get('peak_extra_mib', float('nan')):.0f} |")
         else:
             print(f"| {r['double_quant']} | {r['impl']} | {r['error']} | | |")
+    # In-tile NF4 GEMM (opt-in op) vs dequantize-then-GEMM: its own rows, JSON key and table.
+    matmul_rows = bench_nf4_matmul()
+    with open(os.path.join(args.out, "bench_nf4.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results,
+                       nf4_matmul=matmul_rows), f, indent=1)
+
+
+MATMUL_ROWS = (512, 2048, 8192)
+
+
+def bench_nf4_matmul():
+    """``nf4_matmul`` (W dequantized inside the GEMM's tiles) vs ``nf4_dequantize`` + torch.mm.
+
+    W 14336x4096 bf16, blocksize 64, double quant; x [M, 4096] -> [M, 14336] (forward, x @ W.T) and
+    g [M, 14336] -> [M, 4096] (grad_input, g @ W). Each pair is checked to agree (relative error of
+    the norm < 1e-2 in bf16) before it is timed; the dequantize-then-GEMM time includes the
+    dequantization, as in the LoRA layer, which redoes it on every call.
+    """
+    from triton.testing import do_bench
+
+    from fastkern.ops import nf4_dequantize, nf4_matmul
+
+    torch.manual_seed(0)
+    w = torch.randn(ROWS, COLS, device="cuda", dtype=torch.bfloat16)
+    (packed, state), _ = quantize(w, True)
+    del w
+    impls = {
+        "forward": (COLS, lambda x: nf4_matmul(x, packed, state),
+                    lambda x: x @ nf4_dequantize(packed, state, dtype=torch.bfloat16).T),
+        "transposed": (ROWS, lambda g: nf4_matmul(g, packed, state, transpose=True),
+                       lambda g: g @ nf4_dequantize(packed, state, dtype=torch.bfloat16)),
+    }
+    rows = []
+    for m in MATMUL_ROWS:
+        for mode, (width, fused, unfused) in impls.items():
+            x = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
+            row = dict(impl="nf4_matmul", mode=mode, m=m, shape=f"{ROWS}x{COLS}")
+            try:
+                got, ref = fused(x), unfused(x)
+                err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+                row["rel_err"] = err
+                if not err < 1e-2:
+                    row["error"] = f"results differ: rel err {err:.3e}"
+                else:
+                    del got, ref
+                    row["ms"] = do_bench(lambda: fused(x), warmup=25, rep=100, return_mode="median")
+                    row["ms_dequant_mm"] = do_bench(lambda: unfused(x), warmup=25, rep=100, return_mode="median")
+                    row["speedup"] = row["ms_dequant_mm"] / row["ms"]
+                    row["tflops"] = 2 * m * ROWS * COLS / row["ms"] / 1e9
+            except Exception as exc:  # one failing shape should not lose the other rows
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    print("\n| mode | M | nf4_matmul ms | dequant + mm ms | speedup | nf4_matmul TFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "ms" in r:
+            print(f"| {r['mode']} | {r['m']} | {r['ms']:.4f} | {r['ms_dequant_mm']:.4f} | {r['speedup']:.2f} | "
+                  f"{r['tflops']:.0f} |")
+        else:
+            print(f"| {r['mode']} | {r['m']} | {r['error']} | | | |")
+    return rows
 
 
 def sweep(packed, state, double_quant, nbytes):

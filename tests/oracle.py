@@ -12,14 +12,21 @@ REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2e-3, torch.float16: 4e-4, torch.float64: 1e-13}
 
 
-def rel_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
+def rel_err(x: torch.Tensor, oracle: torch.Tensor, tiny: float = 0.0) -> float:
+    """||x - oracle|| / max(||oracle||, tiny * sqrt(n)) over the oracle's finite positions.
+
+    ``tiny`` is the smallest normal number of the dtype under test: an oracle whose norm lies below
+    what that dtype can represent (a float64 result of 1e-219 for an fp32 op, which every fp32
+    implementation, PyTorch's included, returns as 0) is judged by absolute error at that scale,
+    not by a relative error of 1.
+    """
     x, oracle = x.detach().double().cpu(), oracle.detach().double().cpu()
     finite = torch.isfinite(oracle)
     num = (x[finite] - oracle[finite]).norm()
-    den = oracle[finite].norm()
+    den = max(oracle[finite].norm().item(), tiny * max(int(finite.sum()), 1) ** 0.5)
     if den == 0:
         return num.item()
-    return (num / den).item()
+    return num.item() / den
 
 
 def assert_close(actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype, torch_same_dtype=None, name="out",
@@ -36,10 +43,11 @@ def assert_close(actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype,
     assert not bad_nonfinite.any(), f"{name}: {int(bad_nonfinite.sum())} non-finite values where the oracle is finite"
     assert torch.equal(torch.isnan(a[~finite]), torch.isnan(o[~finite])), f"{name}: NaN pattern differs from oracle"
     assert torch.equal(a[torch.isinf(o)], o[torch.isinf(o)]), f"{name}: inf values differ from oracle"
-    err = rel_err(a, o)
+    tiny = torch.finfo(dtype).tiny
+    err = rel_err(a, o, tiny)
     bound = REL_TOL[dtype]
     if torch_same_dtype is not None:
-        relative = 2 * rel_err(torch_same_dtype, o) + FLOOR[dtype]
+        relative = 2 * rel_err(torch_same_dtype, o, tiny) + FLOOR[dtype]
         bound = relative if model_level else min(bound, relative)
     elif model_level:
         raise ValueError("model_level comparisons need PyTorch's own same-dtype result")

@@ -13,30 +13,33 @@ storage of gate and up (the launcher decides), so fwd+bwd needs no memory beyond
 import triton
 import triton.language as tl
 
+from .bf16 import round_fp32_to_bf16_rtne
+
 ACT_SILU = 0
 ACT_GELU_TANH = 1
 ACT_GELU_ERF = 2
 
 # Constants are written as literals inside the kernels: the compiler rejects plain-float globals,
 # and the interpreter mishandles tl.constexpr globals on the left of an arithmetic operator.
-#   k = sqrt(2/pi) = 0.7978845608028654, c = 0.044715 (tanh approximation of GELU)
+#   k = sqrt(2/pi) = 0.7978845608028654, 2k = 1.5957691216057308, c = 0.044715 (tanh approximation of GELU)
 #   1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327
 
 
 @triton.jit
-def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without inf/inf, and the absolute error near 0
-    # (~1e-7) is what matters here because the result is always added to 1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _gelu_tanh_inner(g):
-    # Past |g| = 100 tanh is exactly +-1 in fp32; clamping keeps g**3 finite so the derivative below
-    # computes 0 * finite rather than 0 * inf. NaN still propagates through the outer factor g.
+def _gelu_tanh_sigmoids(g):
+    # gelu_tanh(g) = g/2 (1 + tanh(y)), y = k (g + c g^3). Since 1 + tanh(y) = 2 sigmoid(2y) exactly,
+    # gelu_tanh(g) = g s with s = sigmoid(2y), and 1 - s = sigmoid(-2y). Both sigmoids come from one
+    # p = exp(-|2y|) <= 1, which never overflows, and neither is a difference of nearly equal numbers:
+    # the form 1 + tanh(y) cancels every digit where tanh(y) -> -1 (fp32 gave 0 for a true 1.8e-7).
+    # Past |g| = 100 the sigmoids are exactly 0/1 in fp32; clamping keeps g**3 finite so 0 * finite
+    # stays 0. NaN still propagates through the outer factor g.
     gc = tl.minimum(tl.maximum(g, -100.0), 100.0)
-    t = _tanh(0.7978845608028654 * (gc + 0.044715 * gc * gc * gc))
-    return gc, t
+    y2 = 1.5957691216057308 * (gc + 0.044715 * gc * gc * gc)  # 2y, 2k = 2 sqrt(2/pi)
+    p = tl.exp(-tl.abs(y2))
+    inv = 1.0 / (1.0 + p)
+    s = tl.where(y2 >= 0.0, inv, p * inv)
+    one_minus_s = tl.where(y2 >= 0.0, p * inv, inv)
+    return gc, s, one_minus_s
 
 
 @triton.jit
@@ -44,8 +47,8 @@ def _activation(g, ACTIVATION: tl.constexpr):
     if ACTIVATION == 0:
         a = g / (1.0 + tl.exp(-g))
     elif ACTIVATION == 1:
-        gc, t = _gelu_tanh_inner(g)
-        a = 0.5 * g * (1.0 + t)
+        gc, s, one_minus_s = _gelu_tanh_sigmoids(g)
+        a = g * s
     else:
         a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     return a
@@ -59,12 +62,12 @@ def _activation_and_derivative(g, ACTIVATION: tl.constexpr):
         a = g * s
         da = s * (1.0 + g * (1.0 - s))
     elif ACTIVATION == 1:
-        # gelu(g) = g/2 (1 + t), t = tanh(k (g + c g^3))
-        # gelu'(g) = (1 + t)/2 + g/2 (1 - t^2) k (1 + 3 c g^2)
-        gc, t = _gelu_tanh_inner(g)
-        a = 0.5 * g * (1.0 + t)
+        # gelu(g) = g s, s = sigmoid(2y), y = k (g + c g^3)  (see _gelu_tanh_sigmoids)
+        # gelu'(g) = s + g * 2 s (1 - s) * k (1 + 3 c g^2)
+        gc, s, one_minus_s = _gelu_tanh_sigmoids(g)
+        a = g * s
         # 0.134145 = 3c
-        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * gc * gc)
+        da = s + 2.0 * g * s * one_minus_s * 0.7978845608028654 * (1.0 + 0.134145 * gc * gc)
     else:
         # gelu(g) = g Phi(g);  gelu'(g) = Phi(g) + g phi(g)
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
@@ -104,12 +107,15 @@ def glu_forward_kernel(
     BLOCK: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
     FLAT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     row, cols = _row_and_columns(BLOCK, INT64_OFFSETS, FLAT)
     mask = cols < n_cols
     g = tl.load(gate_ptr + row * gate_stride_row + cols * gate_stride_col, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * up_stride_row + cols * up_stride_col, mask=mask, other=0.0).to(tl.float32)
     out = _activation(g, ACTIVATION) * u
+    if ROUND_BF16:  # interpreter only (fastkern/kernels/bf16.py)
+        out = round_fp32_to_bf16_rtne(out)
     tl.store(out_ptr + row * out_stride_row + cols * out_stride_col, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -126,6 +132,7 @@ def glu_backward_kernel(
     BLOCK: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
     FLAT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     # grad_gate/grad_up may alias gate/up: every element is loaded before it is stored by the same
     # program, and programs own disjoint elements, so the in-place case is race free.
@@ -137,6 +144,9 @@ def glu_backward_kernel(
     a, da = _activation_and_derivative(g, ACTIVATION)
     grad_gate = dout * u * da
     grad_up = dout * a
+    if ROUND_BF16:  # interpreter only (fastkern/kernels/bf16.py)
+        grad_gate = round_fp32_to_bf16_rtne(grad_gate)
+        grad_up = round_fp32_to_bf16_rtne(grad_up)
     tl.store(grad_gate_ptr + row * grad_gate_stride_row + cols * grad_gate_stride_col,
              grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_up_ptr + row * grad_up_stride_row + cols * grad_up_stride_col,

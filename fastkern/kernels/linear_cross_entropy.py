@@ -21,6 +21,8 @@ int32 since V < 2**31.
 import triton
 import triton.language as tl
 
+from .bf16 import round_fp32_to_bf16_rtne
+
 
 @triton.jit
 def _transform(x, logit_scale, softcap, u_scale, HAS_SOFTCAP: tl.constexpr):
@@ -34,18 +36,6 @@ def _transform(x, logit_scale, softcap, u_scale, HAS_SOFTCAP: tl.constexpr):
         u = y * u_scale
         dudx = tl.zeros_like(x) + logit_scale * u_scale
     return u, dudx
-
-
-@triton.jit
-def _round_fp32_to_bf16_rtne(v):
-    # Round-to-nearest-even to bf16 precision, still as fp32, so the final cast is exact. Triton's
-    # CPU interpreter truncates fp32 -> bf16 casts (measured: half the values off by one ulp, a
-    # biased error that shows up after the gradient GEMM). The launcher asks for it (ROUND_BF16) only
-    # under the interpreter: the GPU's own conversion already rounds to nearest even.
-    # NaN and inf keep their class: adding < 0x8000 never carries out of the exponent of a NaN.
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -133,5 +123,5 @@ def lce_rows_kernel(
                 du += ent * p * (sum_pu - u)
             dx = du * dudx
             if ROUND_BF16:
-                dx = _round_fp32_to_bf16_rtne(dx)
+                dx = round_fp32_to_bf16_rtne(dx)
             tl.store(x_row + cols, dx.to(x_ptr.dtype.element_ty), mask=mask)

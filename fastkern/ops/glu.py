@@ -38,6 +38,13 @@ def _path(t: Tensor) -> str:
     return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
 
 
+def _round_bf16(t: Tensor) -> bool:
+    """Whether the kernel must round bf16 by hand: bf16 under the interpreter (fastkern/kernels/bf16.py)."""
+    if t.dtype != torch.bfloat16:
+        return False
+    return t.device.type == "cpu" or runtime.path_for(t) == "interpreter"
+
+
 def _row_layout(tensors: list[Tensor], block, num_warps):
     """[rows, cols] views (strided), grid, block, warps: the general, non-contiguous case."""
     views = [as_rows(t) for t in tensors]
@@ -65,7 +72,7 @@ def flat_needs_int64(n: int, block: int) -> bool:
 # tensor call costs microseconds, and these ops run three times per layer and step under
 # checkpointing (docs/glu.md, host time).
 def _launch_forward(gate: Tensor, up: Tensor, out: Tensor, activation: str, block=None, num_warps=None,
-                    flat=None, force_int64=False) -> None:
+                    flat=None, force_int64=False, round_bf16=False) -> None:
     from ..kernels.glu import glu_forward_kernel
 
     act = _ACTIVATION_IDS[activation]
@@ -76,7 +83,8 @@ def _launch_forward(gate: Tensor, up: Tensor, out: Tensor, activation: str, bloc
         with device_guard(gate):
             glu_forward_kernel[(triton_cdiv(n, block),)](
                 gate, up, out, n, 0, 1, 0, 1, 0, 1, ACTIVATION=act, BLOCK=block,
-                INT64_OFFSETS=force_int64 or flat_needs_int64(n, block), FLAT=True, num_warps=num_warps)
+                INT64_OFFSETS=force_int64 or flat_needs_int64(n, block), FLAT=True, ROUND_BF16=round_bf16,
+                num_warps=num_warps)
         return
     (g, u, o), cols, grid, block, num_warps = _row_layout([gate, up, out], block, num_warps)
     with device_guard(gate):
@@ -84,12 +92,13 @@ def _launch_forward(gate: Tensor, up: Tensor, out: Tensor, activation: str, bloc
             g, u, o, cols,
             g.stride(0), g.stride(1), u.stride(0), u.stride(1), o.stride(0), o.stride(1),
             ACTIVATION=act, BLOCK=block,
-            INT64_OFFSETS=force_int64 or needs_int64(g, u, o, slack=block), FLAT=False, num_warps=num_warps,
+            INT64_OFFSETS=force_int64 or needs_int64(g, u, o, slack=block), FLAT=False, ROUND_BF16=round_bf16,
+            num_warps=num_warps,
         )
 
 
 def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, block=None, num_warps=None,
-                     flat=None, force_int64=False) -> None:
+                     flat=None, force_int64=False, round_bf16=False) -> None:
     from ..kernels.glu import glu_backward_kernel
 
     act = _ACTIVATION_IDS[activation]
@@ -101,7 +110,7 @@ def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, bl
             glu_backward_kernel[(triton_cdiv(n, block),)](
                 grad_out, gate, up, grad_gate, grad_up, n, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, ACTIVATION=act,
                 BLOCK=block, INT64_OFFSETS=force_int64 or flat_needs_int64(n, block), FLAT=True,
-                num_warps=num_warps)
+                ROUND_BF16=round_bf16, num_warps=num_warps)
         return
     (d, g, u, dg, du), cols, grid, block, num_warps = _row_layout(
         [grad_out, gate, up, grad_gate, grad_up], block, num_warps)
@@ -111,7 +120,8 @@ def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, bl
             d.stride(0), d.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
             dg.stride(0), dg.stride(1), du.stride(0), du.stride(1),
             ACTIVATION=act, BLOCK=block,
-            INT64_OFFSETS=force_int64 or needs_int64(d, g, u, dg, du, slack=block), FLAT=False, num_warps=num_warps,
+            INT64_OFFSETS=force_int64 or needs_int64(d, g, u, dg, du, slack=block), FLAT=False,
+            ROUND_BF16=round_bf16, num_warps=num_warps,
         )
 
 
@@ -133,7 +143,7 @@ def _forward_impl(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     if _path(gate) == "reference":
         return glu_forward_reference(gate, up, activation).contiguous()
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    _launch_forward(gate, up, out, activation)
+    _launch_forward(gate, up, out, activation, round_bf16=_round_bf16(gate))
     return out
 
 
@@ -143,7 +153,7 @@ def _backward_impl(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) 
         return grad_gate.contiguous(), grad_up.contiguous()
     grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     grad_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation)
+    _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation, round_bf16=_round_bf16(gate))
     return grad_gate, grad_up
 
 
@@ -157,7 +167,7 @@ def _backward_into_inputs_impl(grad_out: Tensor, gate: Tensor, up: Tensor, activ
         gate.copy_(grad_gate)
         up.copy_(grad_up)
         return
-    _launch_backward(grad_out, gate, up, gate, up, activation)
+    _launch_backward(grad_out, gate, up, gate, up, activation, round_bf16=_round_bf16(gate))
 
 
 # Custom ops: what torch.compile sees (fake impls give it shapes; autograd is registered on the

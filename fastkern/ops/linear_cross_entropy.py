@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import runtime
 from ..reference.linear_cross_entropy import lce_rows_reference
-from ._common import FLOAT_DTYPES, as_rows, check_tensor, device_guard
+from ._common import as_rows, check_tensor, device_guard
 
 _OP = "fastkern.ops.fused_linear_cross_entropy"
 # The logits chunk (input dtype) is sized to this many bytes unless free device memory is lower.

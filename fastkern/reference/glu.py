@@ -15,11 +15,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _gelu_tanh_sigmoid(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gc, s) with gelu_tanh(g) = g * s, s = sigmoid(2 k (gc + c gc^3)): the exact identity
+    1 + tanh(y) = 2 sigmoid(2y), without the cancellation of 1 + tanh(y) where tanh(y) -> -1."""
+    k, c = math.sqrt(2 / math.pi), 0.044715
+    gc = g.clamp(-100, 100)
+    return gc, torch.sigmoid(2 * k * (gc + c * gc**3))
+
+
 def activation_reference(g: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
         return F.silu(g)
     if activation == "gelu_tanh":
-        return F.gelu(g, approximate="tanh")
+        return g * _gelu_tanh_sigmoid(g)[1]
     if activation == "gelu":
         return F.gelu(g, approximate="none")
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
@@ -30,10 +38,11 @@ def activation_derivative_reference(g: torch.Tensor, activation: str) -> torch.T
         s = torch.sigmoid(g)
         return s * (1 + g * (1 - s))
     if activation == "gelu_tanh":
+        # d/dg [g s] = s + g * 2 s (1 - s) * k (1 + 3 c g^2), with 1 - s = sigmoid(-2y)
         k, c = math.sqrt(2 / math.pi), 0.044715
-        gc = g.clamp(-100, 100)
-        t = torch.tanh(k * (gc + c * gc**3))
-        return 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * k * (1 + 3 * c * gc * gc)
+        gc, s = _gelu_tanh_sigmoid(g)
+        one_minus_s = torch.sigmoid(-2 * k * (gc + c * gc**3))
+        return s + 2 * g * s * one_minus_s * k * (1 + 3 * c * gc * gc)
     if activation == "gelu":
         cdf = 0.5 * (1 + torch.erf(g / math.sqrt(2)))
         return cdf + g * torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)

@@ -116,3 +116,14 @@ def nf4_dequantize_reference(packed_bytes, code, scales, blocksize, n_rows, n_co
     nibbles = torch.stack([packed_bytes >> 4, packed_bytes & 15], dim=1).reshape(-1)[:n].long()
     block = torch.arange(n, device=packed_bytes.device) // blocksize
     return (code[nibbles] * scales[block]).to(dtype).view(n_rows, n_cols)
+
+
+def nf4_matmul_reference(x, packed_bytes, code, scales, blocksize, n_rows, n_cols, transpose) -> torch.Tensor:
+    """x [M, R] @ W.T (R = n_cols) or, with ``transpose``, x @ W (R = n_rows), W [n_rows, n_cols] NF4.
+
+    W is dequantized as ``nf4_dequantize_reference`` does, into x's dtype (fp32 for fp64 x: the
+    values are exact fp32 products, then promoted), and multiplied by torch in x's dtype.
+    """
+    w_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    w = nf4_dequantize_reference(packed_bytes, code, scales, blocksize, n_rows, n_cols, w_dtype).to(x.dtype)
+    return x @ (w if transpose else w.t())

@@ -1,5 +1,7 @@
 """SwiGLU / GeGLU: Triton kernel (interpreter on CPU) and reference vs a float64 oracle."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -302,3 +304,19 @@ def test_flat_launch_int64_switch_and_contiguity_guard():
     gate = torch.randn(6, 5).t()  # not contiguous: a flat launch would read the wrong elements
     with pytest.raises(ValueError, match="flat=True needs contiguous"):
         _launch_forward(gate, gate.clone(), torch.empty(5, 6), "silu", flat=True)
+
+
+def test_geglu_tanh_negative_tail_keeps_its_digits():
+    # gelu_tanh(g) for g in [-12, -3] is 1e-61..1e-3: computing 1 + tanh(y) cancelled every digit there
+    # (fp32 gave 0 for a true 1.8e-7; float64 PyTorch gives 0 below g = -9). The reference is the
+    # exact identity gelu_tanh(g) = g * sigmoid(2y) in float64, which has no cancellation.
+    g = torch.linspace(-12.0, -3.0, 301).requires_grad_()
+    out = fastkern.ops.geglu(g, torch.ones(301), "tanh")
+    out.backward(torch.ones(301))
+    g64 = g.detach().double().requires_grad_()
+    ref = g64 * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (g64 + 0.044715 * g64**3))
+    ref.backward(torch.ones(301, dtype=torch.float64))
+    representable = ref.detach().abs() > torch.finfo(torch.float32).tiny  # fp32 flushes the rest to 0
+    for got, want in ((out.detach(), ref.detach()), (g.grad, g64.grad)):
+        want = want[representable]
+        assert ((got[representable].double() - want).abs() / want.abs()).max().item() < 1e-4
