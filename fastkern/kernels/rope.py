@@ -26,6 +26,8 @@ each program loads all its elements before storing them, and programs own disjoi
 import triton
 import triton.language as tl
 
+from .bf16 import round_fp32_to_bf16_rtne
+
 
 @triton.jit
 def _rotate_head_block(
@@ -33,6 +35,7 @@ def _rotate_head_block(
     x_sb, x_sh, x_st, x_sd, o_sb, o_sh, o_st, o_sd,
     offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b,
     TRANSPOSE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     # ts: [BLOCK_T]; heads: [BLOCK_H]; offs_a / offs_b / lane_mask: [BLOCK_R];
     # cos_* / sin_*: [BLOCK_T, 1, BLOCK_R] fp32; x tiles: [BLOCK_T, BLOCK_H, BLOCK_R].
@@ -47,6 +50,9 @@ def _rotate_head_block(
     else:
         ya = xa * cos_a - xb * sin_a
         yb = xb * cos_b + xa * sin_b
+    if ROUND_BF16:  # interpreter only (fastkern/kernels/bf16.py)
+        ya = round_fp32_to_bf16_rtne(ya)
+        yb = round_fp32_to_bf16_rtne(yb)
     tl.store(o_row + offs_a[None, None, :] * o_sd, ya.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(o_row + offs_b[None, None, :] * o_sd, yb.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -69,6 +75,7 @@ def rope_qk_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     # grid: (B * n_t_blocks, head blocks of q then of k); a program covers BLOCK_T tokens of one row.
     tile = tl.program_id(0)
@@ -109,11 +116,11 @@ def rope_qk_kernel(
             heads = heads.to(tl.int64)
         _rotate_head_block(q_ptr, q_out_ptr, b, ts, heads, n_q_heads, t_mask,
                            q_sb, q_sh, q_st, q_sd, qo_sb, qo_sh, qo_st, qo_sd,
-                           offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b, TRANSPOSE)
+                           offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b, TRANSPOSE, ROUND_BF16)
     else:
         heads = (block - n_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
         if INT64_OFFSETS:
             heads = heads.to(tl.int64)
         _rotate_head_block(k_ptr, k_out_ptr, b, ts, heads, n_k_heads, t_mask,
                            k_sb, k_sh, k_st, k_sd, ko_sb, ko_sh, ko_st, ko_sd,
-                           offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b, TRANSPOSE)
+                           offs_a, offs_b, lane_mask, cos_a, sin_a, cos_b, sin_b, TRANSPOSE, ROUND_BF16)

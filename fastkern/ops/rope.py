@@ -71,7 +71,8 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, 
     n_k_heads = k.shape[1] if k is not None else 0
     half = cos.shape[-1] // 2
     default_t, default_h, block_r, default_warps = launch_config(max(n_q_heads, n_k_heads), half)
-    if runtime.path_for(q) == "interpreter":
+    interpreted = runtime.path_for(q) == "interpreter"
+    if interpreted:
         # The interpreter pays per program, not per lane: one block of all q heads and up to 32 tokens.
         # The GPU's own blocks are exercised on CPU by tests/ops/test_rope.py::test_head_and_token_blocks_*.
         default_h = max(1, 1 << (n_q_heads - 1).bit_length())
@@ -106,7 +107,8 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, 
             *q_st, *k_st, *qo_st, *ko_st,
             *cos_strides, *sin_strides, *pos_strides,
             INTERLEAVED=interleaved, TRANSPOSE=transpose, HAS_POSITIONS=position_ids is not None,
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, INT64_OFFSETS=int64, num_warps=num_warps,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, INT64_OFFSETS=int64,
+            ROUND_BF16=interpreted and q_out.dtype == torch.bfloat16, num_warps=num_warps,
         )
 
 

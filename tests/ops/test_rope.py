@@ -456,3 +456,17 @@ def test_inplace_on_slices_of_fused_qkv(dtype):
     else:  # the bf16 matmuls around the op dominate the error; bound it at the bf16 tolerance
         err = ((grad.double() - w64.grad).norm() / w64.grad.norm()).item()
         assert err < 1e-2, err
+
+
+def test_bf16_results_are_rounded_to_nearest_even():
+    """Under the interpreter the kernel rounds its bf16 stores by hand, as the GPU's conversion does
+    (the interpreter's own cast truncates: about half the elements would be one ulp low)."""
+    qp, kp = make_qk(2, 4, 2, 9, 32, torch.float32)
+    cos, sin = frequencies(torch.arange(9)[None], 32, False)
+    q16, k16 = qp.to(torch.bfloat16), kp.to(torch.bfloat16)
+    got_q, _ = fastkern.ops.rope(q16.transpose(1, 2), k16.transpose(1, 2), cos, sin, inplace=False)
+    x = q16.transpose(1, 2).float()  # the same fp32 math, then PyTorch's round-to-nearest-even cast
+    half = torch.cat([-x[..., 16:], x[..., :16]], -1)
+    want = (x * cos[:, None] + half * sin[:, None]).to(torch.bfloat16)
+    same = (got_q == want).float().mean().item()
+    assert same > 0.99, f"only {same:.1%} of bf16 elements match round-to-nearest-even"
