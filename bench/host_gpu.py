@@ -5,8 +5,8 @@
 Tiny CUDA tensors (the kernels finish in a few microseconds), no synchronisation inside the loop:
 the per-step wall time is what the host needs to issue the work. Whenever it exceeds the GPU time
 of a real-size call, the op is host-bound there (docs/glu.md). Rows: fastkern swiglu fwd+bwd (fresh
-and overwrite), eager PyTorch and Liger for the same math; fastkern rope fwd+bwd; bare Triton launches with 4 and 40 arguments; plus a cProfile of
-the fastkern swiglu step (top entries by total time) so the next fix targets the right line.
+and overwrite), eager PyTorch and Liger for the same math; fastkern rope fwd+bwd; bare Triton launches with 4 and 40 arguments; plus cProfiles of
+the fastkern swiglu and rope steps (top entries by own time) so the next fix targets the right line.
 """
 
 import argparse
@@ -122,20 +122,29 @@ def main():
     rows["fastkern rope fwd+bwd, projection views (attention modules)"] = _time(rope_step(True))
     rows["fastkern rope fwd+bwd, other layouts (general path)"] = _time(rope_step(False))
     launch_rows(rows)
-    profiler = cProfile.Profile()
-    step = glu_step(lambda g, u: fastkern.ops.swiglu(g, u, overwrite_inputs_in_backward=True))
+    profiles = {
+        "swiglu overwrite": profile(glu_step(lambda g, u: fastkern.ops.swiglu(g, u, overwrite_inputs_in_backward=True))),
+        "rope fast path": profile(rope_step(True)),
+    }
+    for name, text in profiles.items():
+        print(f"--- cProfile, {name} (500 steps)\n{text}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "host_gpu.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), rows_us=rows, profiles=profiles), f, indent=1)
+
+
+def profile(step, steps: int = 500) -> str:
+    """cProfile of `steps` calls (after a warm-up), top 25 entries by own time."""
     for _ in range(WARMUP):
         step()
+    profiler = cProfile.Profile()
     profiler.enable()
-    for _ in range(500):
+    for _ in range(steps):
         step()
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-    print(text.getvalue())
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "host_gpu.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), rows_us=rows, profile=text.getvalue()), f, indent=1)
+    return text.getvalue()
 
 
 if __name__ == "__main__":
