@@ -84,6 +84,7 @@ def build():
     packed, state = q.weight.data, q.weight.quant_state
     dense = bnb.functional.dequantize_4bit(packed, state, quant_type="nf4").float()
     impls["fastkern nf4"] = (lambda x: lora_linear(x, packed, a, b, s, quant_state=state), a, b, dense)
+    impls["nf4_matmul composed (in-tile, opt-in)"] = (in_tile_nf4_layer(packed, state, a, b, s), a, b, dense)
     try:
         _, qlayer = _peft_layer(q)
         qlayer.lora_A["default"].weight.data.copy_(a.data)
@@ -92,6 +93,18 @@ def build():
     except ImportError:
         pass
     return impls
+
+
+def in_tile_nf4_layer(packed, state, a, b, s):
+    """The NF4 LoRA layer composed from ``ops.nf4_matmul`` (W dequantized inside the GEMM tiles, never
+    in 16 bits) and plain torch for the rank-r term; autograd runs nf4_matmul(transpose=True) for dX.
+    Not what ``lora_linear`` does (it dequantizes W, docs/nf4_lora.md): a row to decide whether to."""
+    from fastkern.ops import nf4_matmul
+
+    def layer(x):
+        return nf4_matmul(x, packed, state).addmm_(x @ a.T, b.T, alpha=s)
+
+    return layer
 
 
 def rel(a, b):

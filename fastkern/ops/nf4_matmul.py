@@ -109,12 +109,14 @@ def _matmul_impl(x: Tensor, packed: Tensor, code: Tensor, absmax: Tensor, absmax
     m, r = x2.shape
     if x2.numel() == 0 or _path(x) == "reference":
         scales = block_scales_reference(absmax, nested_blocksize, code2, absmax2, offset)
-        out = nf4_matmul_reference(x2, packed, code, scales, blocksize, n_rows, n_cols, transpose).contiguous()
-        return out.view(*x.shape[:-1], p)
-    out = torch.empty((m, p), dtype=x.dtype, device=x.device)
-    matmul_into(out, x2, packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize, n_rows, n_cols,
-                transpose)
-    return out.view(*x.shape[:-1], p)
+        out = nf4_matmul_reference(x2, packed, code, scales, blocksize, n_rows, n_cols, transpose)
+        return out.reshape(*x.shape[:-1], p).clone(memory_format=torch.contiguous_format)
+    # Allocated in its final shape and written through a [M, P] view, so the op returns a plain tensor,
+    # not a view made inside the autograd Function (which autograd forbids modifying in place).
+    out = torch.empty((*x.shape[:-1], p), dtype=x.dtype, device=x.device)
+    matmul_into(out.view(m, p), x2, packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize,
+                n_rows, n_cols, transpose)
+    return out
 
 
 @torch.library.custom_op("fastkern::nf4_matmul", mutates_args=())

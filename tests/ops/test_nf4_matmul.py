@@ -256,3 +256,21 @@ def test_gpu_real_size(transpose):
     wf = nf4_dequantize(packed, state, dtype=torch.float32)
     bf = wf if transpose else wf.t()
     assert_close(nf4_matmul(xf, packed, state, transpose=transpose), xf.double() @ bf.double(), torch.float32)
+
+
+def test_output_can_be_updated_in_place_under_autograd():
+    """The result is a plain tensor (not a view made inside the autograd Function), so a caller may
+    accumulate into it, e.g. the LoRA term: nf4_matmul(x, ...).addmm_(x @ A.T, B.T)."""
+    w = torch.randn(24, 32)
+    packed, state = fastkern.ops.nf4_quantize(w)
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    a, b = torch.randn(4, 32, requires_grad=True), torch.randn(24, 4, requires_grad=True)
+    y = fastkern.ops.nf4_matmul(x, packed, state)
+    assert y._base is None and y.shape == (2, 3, 24)
+    y.view(6, 24).addmm_(x.reshape(6, 32) @ a.T, b.T)
+    y.sum().backward()
+    dense = fastkern.ops.nf4_dequantize(packed, state)
+    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    (x2 @ dense.T + (x2 @ a2.T) @ b2.T).sum().backward()
+    for got, want in ((x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
