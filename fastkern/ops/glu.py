@@ -38,11 +38,9 @@ def _path(t: Tensor) -> str:
     return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
 
 
-def _round_bf16(t: Tensor) -> bool:
+def _round_bf16(t: Tensor, path: str) -> bool:
     """Whether the kernel must round bf16 by hand: bf16 under the interpreter (fastkern/kernels/bf16.py)."""
-    if t.dtype != torch.bfloat16:
-        return False
-    return t.device.type == "cpu" or runtime.path_for(t) == "interpreter"
+    return path == "interpreter" and t.dtype == torch.bfloat16
 
 
 def _row_layout(tensors: list[Tensor], block, num_warps):
@@ -140,20 +138,22 @@ def _writable_rows(t: Tensor) -> Tensor | None:
 def _forward_impl(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     if gate.numel() == 0:
         return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    if _path(gate) == "reference":
+    path = _path(gate)
+    if path == "reference":
         return glu_forward_reference(gate, up, activation).contiguous()
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    _launch_forward(gate, up, out, activation, round_bf16=_round_bf16(gate))
+    _launch_forward(gate, up, out, activation, round_bf16=_round_bf16(gate, path))
     return out
 
 
 def _backward_impl(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple[Tensor, Tensor]:
-    if gate.numel() == 0 or _path(gate) == "reference":
+    path = "reference" if gate.numel() == 0 else _path(gate)
+    if path == "reference":
         grad_gate, grad_up = glu_backward_reference(grad_out, gate, up, activation)
         return grad_gate.contiguous(), grad_up.contiguous()
     grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     grad_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation, round_bf16=_round_bf16(gate))
+    _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation, round_bf16=_round_bf16(gate, path))
     return grad_gate, grad_up
 
 
@@ -162,12 +162,13 @@ def _backward_into_inputs_impl(grad_out: Tensor, gate: Tensor, up: Tensor, activ
     if gate.numel() == 0:
         return
     g_rows, u_rows = _writable_rows(gate), _writable_rows(up)
-    if _path(gate) == "reference" or g_rows is None or u_rows is None:
+    path = _path(gate)
+    if path == "reference" or g_rows is None or u_rows is None:
         grad_gate, grad_up = glu_backward_reference(grad_out, gate, up, activation)
         gate.copy_(grad_gate)
         up.copy_(grad_up)
         return
-    _launch_backward(grad_out, gate, up, gate, up, activation, round_bf16=_round_bf16(gate))
+    _launch_backward(grad_out, gate, up, gate, up, activation, round_bf16=_round_bf16(gate, path))
 
 
 # Custom ops: what torch.compile sees (fake impls give it shapes; autograd is registered on the
