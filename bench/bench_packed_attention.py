@@ -109,6 +109,27 @@ def fwd_bwd(model, batch):
     return loss.detach(), model.embed_tokens.weight.grad
 
 
+def backends_used(fn) -> list[str]:
+    """The document_attention backends one call of `fn` ran (recorded from select_backend as it
+    returns: the layout of the real q/k decides, which a probe tensor cannot stand in for)."""
+    import sys
+
+    module = sys.modules["fastkern.ops.document_attention"]
+    real, seen = module.select_backend, set()
+
+    def recording(*args, **kwargs):
+        chosen = real(*args, **kwargs)
+        seen.add(chosen)
+        return chosen
+
+    module.select_backend = recording
+    try:
+        fn()
+    finally:
+        module.select_backend = real
+    return sorted(seen) or ["none (no packed attention call)"]
+
+
 def median_ms(fn, device: str) -> float:
     if device == "cuda":
         import triton.testing
@@ -135,7 +156,6 @@ def peak_extra_mib(fn, device: str) -> float | None:
 
 def run(shape: dict, device: str, dtype: torch.dtype) -> dict:
     import fastkern
-    from fastkern.ops.document_attention import select_backend
 
     model = build_model(shape, dtype, device)
     batch, lengths = make_batch(shape, device)
@@ -149,16 +169,7 @@ def run(shape: dict, device: str, dtype: torch.dtype) -> dict:
         if options is not None:
             fastkern.unpatch_model(model)
             fastkern.patch_model(model, packing=True, mlp=False, lora=False, loss=False, **options)
-            probe = torch.empty(1, shape["heads"], shape["head_dim"], device=device, dtype=dtype)
-            probe_k = torch.empty(1, shape["kv_heads"], shape["head_dim"], device=device, dtype=dtype)
-            bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-            # With rope=True q/k stay in the projection's token-major layout (what varlen takes); with
-            # transformers' rope they are head-major and go per document (ops/document_attention.py).
-            if options["rope"]:
-                note = f"backend: {select_backend(probe, probe_k, bounds=bounds)}"
-            else:
-                head_major = probe.transpose(0, 1).contiguous().transpose(0, 1)
-                note = f"backend: {select_backend(head_major, head_major[:, :shape['kv_heads']], bounds=bounds)}"
+            note = "backend: " + ", ".join(backends_used(lambda: fwd_bwd(model, batch)))
         loss, grad = fwd_bwd(model, batch)
         rel = ((grad.float() - reference[1]).norm() / reference[1].norm()).item()
         loss_ok = torch.allclose(loss.float(), reference[0].float(), rtol=tol)

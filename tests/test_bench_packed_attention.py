@@ -17,6 +17,8 @@ def test_smoke_run_writes_table_and_json(tmp_path, capsys):
     assert all(r["fwd_bwd_ms"] > 0 for r in result["rows"])
     # Every row was checked against running each document alone; fastkern's must agree to fp32 accuracy.
     assert all(r["grad_rel_err"] < 1e-4 for r in result["rows"])
+    # The backend column is recorded from the real calls (CPU has no varlen: per-document SDPA).
+    assert [r["note"] for r in result["rows"][1:]] == ["backend: sdpa", "backend: sdpa"]
     assert "| fastkern packing |" in capsys.readouterr().out
     lengths = bench.document_lengths(32768, 64)
     assert len(lengths) == 64 and sum(lengths) == 32768 and min(lengths) >= 1

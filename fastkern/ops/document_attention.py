@@ -135,10 +135,11 @@ def select_backend(query, key, *, bounds, scale=None, sliding_window=None, softc
         if reason is not None:
             raise ValueError(f"{_OP}: backend='varlen' cannot run here: {reason}")
         return "varlen"
-    # "auto" takes varlen only for token-major contiguous q and k: the layout the GPU tests and the
-    # end-to-end SFT run verified. transformers' own rope hands over head-major tensors, and the one
-    # H100 run that fed those to varlen (bench_packed_attention, rope off) got gradients that did not
-    # match; until a GPU run verifies the contiguous copy made in _varlen, those go per document.
+    # "auto" takes varlen only for token-major contiguous q and k: the layout the end-to-end SFT run
+    # measured. Other layouts (transformers' own rope hands over head-major tensors) go per document.
+    # varlen on head-major input is correct (GPU test, H100 run D1; the mismatch an earlier bench
+    # showed was its own constant loss, docs/packing.md), but whether its contiguous copy beats
+    # per-document SDPA has not been measured yet.
     if reason is None and query.is_contiguous() and key.is_contiguous():
         return "varlen"
     return "eager" if softcap is not None else "sdpa"
