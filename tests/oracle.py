@@ -13,20 +13,21 @@ FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2e-3, torch.float16: 4e-4, torch.f
 
 
 def rel_err(x: torch.Tensor, oracle: torch.Tensor, tiny: float = 0.0) -> float:
-    """||x - oracle|| / max(||oracle||, tiny * sqrt(n)) over the oracle's finite positions.
+    """||x - oracle|| / ||oracle|| over the oracle's finite positions; the absolute ||x - oracle|| when
+    ||oracle|| <= tiny * sqrt(n).
 
-    ``tiny`` is the smallest normal number of the dtype under test: an oracle whose norm lies below
-    what that dtype can represent (a float64 result of 1e-219 for an fp32 op, which every fp32
-    implementation, PyTorch's included, returns as 0) is judged by absolute error at that scale,
-    not by a relative error of 1.
+    ``tiny`` is the smallest normal number of the dtype under test. An all-zero oracle (a gradient
+    that is exactly 0) and an oracle below what that dtype can represent (a float64 result of 1e-219
+    for an fp32 op, which every fp32 implementation, PyTorch's included, returns as 0) are both
+    judged by absolute error instead of a relative error of 1 or of 1e30.
     """
     x, oracle = x.detach().double().cpu(), oracle.detach().double().cpu()
     finite = torch.isfinite(oracle)
-    num = (x[finite] - oracle[finite]).norm()
-    den = max(oracle[finite].norm().item(), tiny * max(int(finite.sum()), 1) ** 0.5)
-    if den == 0:
-        return num.item()
-    return num.item() / den
+    num = (x[finite] - oracle[finite]).norm().item()
+    den = oracle[finite].norm().item()
+    if den <= tiny * max(int(finite.sum()), 1) ** 0.5:
+        return num
+    return num / den
 
 
 def assert_close(actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype, torch_same_dtype=None, name="out",
