@@ -17,14 +17,7 @@ the LoRA layer dequantizes straight into a [N, K + r] buffer whose last r column
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _round_to_bf16(x):
-    # fp32 -> bf16 round-to-nearest-even done on the bits. The GPU's own conversion does the same,
-    # but Triton's interpreter truncates, and bit-exactness is checked on CPU through the interpreter.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+from .bf16 import round_fp32_to_bf16_rtne
 
 
 @triton.jit
@@ -74,7 +67,7 @@ def nf4_dequantize_kernel(
 
     values = tl.reshape(tl.interleave(hi * scale, lo * scale), (BLOCK,))  # fp32, element order
     if ROUND_BF16:
-        values = _round_to_bf16(values)
+        values = round_fp32_to_bf16_rtne(values).to(tl.bfloat16)  # interpreter only (kernels/bf16.py)
     else:
         values = values.to(out_ptr.dtype.element_ty)
     start = pid * BLOCK

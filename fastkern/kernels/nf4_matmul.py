@@ -24,7 +24,7 @@ per tile line instead of once per element. Otherwise it is gathered per element.
 import triton
 import triton.language as tl
 
-from .nf4 import _round_to_bf16
+from .bf16 import round_fp32_to_bf16_rtne
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def nf4_matmul_kernel(
             # Triton's CPU interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even)
             # and its tl.dot multiplies bf16 operands as their raw uint16 bits: round by hand, then
             # multiply in fp32, which is exact for bf16 products, like the GPU's MMA.
-            w_tile = _round_to_bf16(w).to(tl.float32)
+            w_tile = round_fp32_to_bf16_rtne(w)  # bf16 values, held in fp32
             acc = tl.dot(x_tile.to(tl.float32), w_tile, acc, input_precision="ieee")
         elif x_tile.dtype == tl.float32:
             # fp32 inputs: a true fp32 product (no TF32), like torch's default matmul.
@@ -133,7 +133,7 @@ def nf4_matmul_kernel(
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_p[None, :]
     if INTERPRET_BF16:
-        result = _round_to_bf16(acc)
+        result = round_fp32_to_bf16_rtne(acc).to(tl.bfloat16)
     else:
         result = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptrs, result, mask=mask_m[:, None] & mask_p[None, :])

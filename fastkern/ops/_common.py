@@ -43,14 +43,24 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
-def max_offset(t: torch.Tensor) -> int:
-    """Largest element offset any index of `t` reaches from its data pointer."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+def reach(shape, strides, slack: int = 0) -> int:
+    """Bound on the element offsets a launch forms for a tensor of this shape and strides: its last
+    element, plus `slack` steps of its largest stride for masked lanes past the end. Only dims longer
+    than 1 count: a size-1 dim is never stepped, and its stride can be anything (the batch stride of
+    a B=1 projection, the row stride of a one-row view), which sent long single-row launches to the
+    int64 variant for nothing. Takes stride tuples so a launcher that already read them reads them once."""
+    last = widest = 0
+    for n, st in zip(shape, strides):  # a plain loop: launchers call this for several tensors per launch
+        if n > 1:
+            st = abs(st)
+            last += (n - 1) * st
+            widest = st if st > widest else widest
+    return last + slack * (widest or 1)
 
 
 def needs_int64(*tensors: torch.Tensor, slack: int = 0) -> bool:
     """Whether int32 offsets could overflow for any operand (`slack`: extra reach of masked lanes)."""
-    return any(max_offset(t) + slack * max(t.stride() or (1,)) >= INT32_MAX for t in tensors)
+    return any(reach(t.shape, t.stride(), slack) >= INT32_MAX for t in tensors)
 
 
 def device_guard(t: torch.Tensor):

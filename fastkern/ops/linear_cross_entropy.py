@@ -62,7 +62,8 @@ def _path(t: Tensor) -> str:
     return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
 
 
-def _launch_rows(x, targets, stats, coefs, *, logit_scale, softcap, u_scale, compute_stats, has_entropy):
+def _launch_rows(x, targets, stats, coefs, *, logit_scale, softcap, u_scale, compute_stats, has_entropy,
+                round_bf16):
     from ..kernels.linear_cross_entropy import lce_rows_kernel
 
     dummy = stats["lse"]
@@ -76,8 +77,7 @@ def _launch_rows(x, targets, stats, coefs, *, logit_scale, softcap, u_scale, com
             x.shape[1], float(logit_scale), float(softcap or 1.0), float(u_scale),
             HAS_SOFTCAP=softcap is not None, COMPUTE_STATS=compute_stats, WRITE_GRAD=coefs is not None,
             HAS_ENTROPY=has_entropy, HAS_TOP1="max_u" in stats and compute_stats,
-            # The GPU's fp32 -> bf16 store rounds to nearest even; only the interpreter needs it by hand.
-            ROUND_BF16=x.dtype == torch.bfloat16 and runtime.path_for(x) == "interpreter",
+            ROUND_BF16=round_bf16,
             BLOCK=_BLOCK, num_warps=8,
         )
 
@@ -143,7 +143,9 @@ def run_chunks(hidden, weight, bias, targets, stats, coefs, *, logit_scale, soft
         if path == "reference":
             lce_rows_reference(x, targets[start:end], rows_stats, rows_coefs, **kw)
         else:
-            _launch_rows(x, targets[start:end], rows_stats, rows_coefs, **kw)
+            # The GPU's fp32 -> bf16 store rounds to nearest even; only the interpreter needs it by hand.
+            _launch_rows(x, targets[start:end], rows_stats, rows_coefs,
+                         round_bf16=path == "interpreter" and x.dtype == torch.bfloat16, **kw)
         if not grads:
             continue
         if gh is not None:

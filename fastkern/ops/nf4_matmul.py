@@ -62,7 +62,8 @@ def matmul_into(out: Tensor, x: Tensor, packed: Tensor, code: Tensor, absmax: Te
     m, r = x.shape
     p = out.shape[1]
     assert out.stride(1) == 1, "matmul_into needs a unit column stride for out"
-    if _path(x) == "interpreter":
+    interpreted = _path(x) == "interpreter"
+    if interpreted:
         bm, bp, br = _interpreter_config(m, p, r)
         warps, stages = 4, 1
     else:
@@ -79,7 +80,7 @@ def matmul_into(out: Tensor, x: Tensor, packed: Tensor, code: Tensor, absmax: Te
     # (rows + tile) * cols of W.
     int64 = (needs_int64(x, out, slack=max(bm, bp, br))
              or (n_rows + max(bp, br)) * (n_cols + max(bp, br)) >= INT32_MAX)
-    round_by_hand = x.dtype == torch.bfloat16 and _path(x) == "interpreter"
+    round_by_hand = interpreted and x.dtype == torch.bfloat16
     grid = (triton_cdiv(m, bm) * triton_cdiv(p, bp),)
     with device_guard(x):
         nf4_matmul_kernel[grid](

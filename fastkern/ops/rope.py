@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import runtime
 from ..reference.rope import rotate_reference
-from ._common import FLOAT_DTYPES, INT32_MAX, check_tensor, device_guard
+from ._common import FLOAT_DTYPES, INT32_MAX, check_tensor, device_guard, reach
 
 _OP = "fastkern.ops.rope"
 
@@ -110,21 +110,6 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, 
             BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, INT64_OFFSETS=int64,
             ROUND_BF16=interpreted and q_out.dtype == torch.bfloat16, num_warps=num_warps,
         )
-
-
-def reach(shape, strides, slack: int) -> int:
-    """Bound on the element offsets a launch forms for a tensor of this shape and strides: its last
-    element, plus `slack` (>= BLOCK_T * BLOCK_H) steps of its largest stride for the masked lanes
-    past the last token and head. Only dims longer than 1 count: the batch stride of a B=1 tensor
-    is never stepped, and counting it would send every long single-sequence batch to the int64
-    variant (a [1, T, 32, 128] projection at T=65536 has a 2^28 batch stride)."""
-    last = widest = 0
-    for n, st in zip(shape, strides):  # a plain loop: this runs for six tensors per launch
-        if n > 1:
-            st = abs(st)
-            last += (n - 1) * st
-            widest = st if st > widest else widest
-    return last + slack * (widest or 1)
 
 
 def _rotate_into(x, out, cos, sin, position_ids, interleaved, transpose) -> None:

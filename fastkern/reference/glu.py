@@ -15,12 +15,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _gelu_tanh_sigmoid(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gc, s) with gelu_tanh(g) = g * s, s = sigmoid(2 k (gc + c gc^3)): the exact identity
+def _gelu_tanh_sigmoid(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gc, s, 1 - s) with gelu_tanh(g) = g * s, s = sigmoid(2y), y = k (gc + c gc^3): the exact identity
     1 + tanh(y) = 2 sigmoid(2y), without the cancellation of 1 + tanh(y) where tanh(y) -> -1."""
     k, c = math.sqrt(2 / math.pi), 0.044715
     gc = g.clamp(-100, 100)
-    return gc, torch.sigmoid(2 * k * (gc + c * gc**3))
+    y2 = 2 * k * (gc + c * gc**3)
+    return gc, torch.sigmoid(y2), torch.sigmoid(-y2)
 
 
 def activation_reference(g: torch.Tensor, activation: str) -> torch.Tensor:
@@ -40,8 +41,7 @@ def activation_derivative_reference(g: torch.Tensor, activation: str) -> torch.T
     if activation == "gelu_tanh":
         # d/dg [g s] = s + g * 2 s (1 - s) * k (1 + 3 c g^2), with 1 - s = sigmoid(-2y)
         k, c = math.sqrt(2 / math.pi), 0.044715
-        gc, s = _gelu_tanh_sigmoid(g)
-        one_minus_s = torch.sigmoid(-2 * k * (gc + c * gc**3))
+        gc, s, one_minus_s = _gelu_tanh_sigmoid(g)
         return s + 2 * g * s * one_minus_s * k * (1 + 3 * c * gc * gc)
     if activation == "gelu":
         cdf = 0.5 * (1 + torch.erf(g / math.sqrt(2)))
