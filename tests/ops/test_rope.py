@@ -16,6 +16,7 @@ import fastkern
 
 # fastkern.ops.rope is the function; the module behind it:
 rope_module = importlib.import_module("fastkern.ops.rope")
+from fastkern.ops._common import needs_int64
 from tests.oracle import assert_close
 
 apply_rotary_pos_emb = pytest.importorskip("transformers.models.llama.modeling_llama").apply_rotary_pos_emb
@@ -351,7 +352,7 @@ def test_rope_gpu_more_than_2_31_elements_in_q():
     position_ids = (torch.arange(t, device="cuda") % 4096)[None]
     check = torch.cat([torch.arange(0, 64), torch.arange(t - 2048, t)]).cuda()
     q_before, k_before = qp[:, check].clone(), kp[:, check].clone()
-    assert rope_module.needs_int64(qp.transpose(1, 2))
+    assert needs_int64(qp.transpose(1, 2))
     fastkern.ops.rope(qp.transpose(1, 2), kp.transpose(1, 2), cos, sin, position_ids=position_ids)
     torch.cuda.synchronize()
     pos = position_ids[:, check]
