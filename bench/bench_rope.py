@@ -192,14 +192,17 @@ def sweep(shape):
     fwd_bytes = 2 * (qp.numel() + kp.numel()) * 2 + 2 * cos.numel() * 2
     rows = []
     default = rope_ops.launch_config(shape["hq"], shape["d"] // 2)
-    for block_t in (1, 2, 4):
-        for block_h in (8, 16, 32):
-            for warps in (4, 8):
-                ms = do_bench(lambda: rope_ops._launch(q, k, q, k, cos, sin, None, False, False, block_h, warps, block_t),
-                              warmup=10, rep=40, return_mode="median")
-                rows.append(dict(sweep=True, shape=shape, block_t=block_t, block_h=block_h, warps=warps, fwd_ms=ms,
-                                 fwd_tbps=fwd_bytes / ms / 1e9,
-                                 default=(block_t, block_h, warps) == (default[0], default[1], default[3])))
+    for heads_fastest in (True, False):
+        for block_t in (1, 2, 4):
+            for block_h in (8, 16, 32):
+                for warps in (4, 8):
+                    ms = do_bench(lambda: rope_ops._launch(q, k, q, k, cos, sin, None, False, False, block_h, warps,
+                                                           block_t, heads_fastest),
+                                  warmup=10, rep=40, return_mode="median")
+                    config = (block_t, block_h, warps, heads_fastest)
+                    rows.append(dict(sweep=True, shape=shape, block_t=block_t, block_h=block_h, warps=warps,
+                                     heads_fastest=heads_fastest, fwd_ms=ms, fwd_tbps=fwd_bytes / ms / 1e9,
+                                     default=config == (default[0], default[1], default[3], default[4])))
     return rows
 
 
@@ -211,12 +214,13 @@ def best_config_rows(shape, sweep_rows, impls):
     original = rope_ops.launch_config
 
     def tuned(n_heads, half_rotary):
-        _, _, block_r, _ = original(n_heads, half_rotary)
-        return best["block_t"], best["block_h"], block_r, best["warps"]
+        block_r = original(n_heads, half_rotary)[2]
+        return best["block_t"], best["block_h"], block_r, best["warps"], best["heads_fastest"]
 
     rope_ops.launch_config = tuned
     try:
-        name = f"fastkern (in place, BLOCK_T={best['block_t']} BLOCK_H={best['block_h']} warps={best['warps']})"
+        order = "heads fastest" if best["heads_fastest"] else "tokens fastest"
+        name = f"fastkern (in place, BLOCK_T={best['block_t']} BLOCK_H={best['block_h']} warps={best['warps']}, {order})"
         return bench_shape(shape, {name: impls["fastkern (in place)"]})
     finally:
         rope_ops.launch_config = original
@@ -258,9 +262,10 @@ def main():
             print(f"| {label} | {r['impl']} | {r['error']} | | | | | | |")
     sweeps = [r for r in results if r.get("sweep")]
     if sweeps:
-        print("\nkernel-only fwd sweep (ms): shape, BLOCK_H, warps")
+        print("\nkernel-only fwd sweep (ms): shape, BLOCK_T, BLOCK_H, warps, program order")
         for r in sorted(sweeps, key=lambda r: (r["shape"]["t"], r["fwd_ms"])):
-            print(f"  T{r['shape']['t']} BLOCK_T={r['block_t']} BLOCK_H={r['block_h']:<2} warps={r['warps']}"
+            order = "heads" if r["heads_fastest"] else "tokens"
+            print(f"  T{r['shape']['t']} BLOCK_T={r['block_t']} BLOCK_H={r['block_h']:<2} warps={r['warps']} {order:<6}"
                   f" {r['fwd_ms']:.4f} ms {r['fwd_tbps']:.2f} TB/s{'  (default)' if r['default'] else ''}")
 
 

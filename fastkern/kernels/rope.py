@@ -15,10 +15,14 @@ and backward is its transpose (TRANSPOSE=True):
 which is the rotation by -theta when cos_a = cos_b and sin_a = sin_b (transformers' layout), and the
 exact gradient for any cos/sin otherwise.
 
-Grid: (B * cdiv(T, BLOCK_T), head blocks of q followed by head blocks of k). Each program rotates
-BLOCK_H heads of BLOCK_T consecutive tokens, so q and k share one launch and the tokens' cos/sin rows
-(from a [B or 1, T, R] tensor, or [max_pos, R] table rows picked by position_ids[b, t]) are read once
-per program. Strides are explicit, so
+Grid: one axis of (B * cdiv(T, BLOCK_T)) token tiles x (head blocks of q followed by head blocks of
+k). Each program rotates BLOCK_H heads of BLOCK_T consecutive tokens, so q and k share one launch and
+the tokens' cos/sin rows (from a [B or 1, T, R] tensor, or [max_pos, R] table rows picked by
+position_ids[b, t]) are read once per program. HEADS_FASTEST orders the programs head block first:
+consecutive programs then cover neighbouring heads of the same tokens, which are neighbours in
+memory for the [B, T, H, D] projection layout (so DRAM pages are walked in order rather than in
+strides of one head block); otherwise token tiles vary fastest. One axis, because the token tiles
+alone can exceed the 65535 limit of a second grid axis. Strides are explicit, so
 transposed views [B, H, T, D] of [B, T, H, D] projections need no copy; out may alias x (in place:
 each program loads all its elements before storing them, and programs own disjoint elements).
 """
@@ -74,12 +78,21 @@ def rope_qk_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
-    # grid: (B * n_t_blocks, head blocks of q then of k); a program covers BLOCK_T tokens of one row.
-    tile = tl.program_id(0)
-    block = tl.program_id(1)
+    # grid: (B * n_t_blocks * n_blocks,), n_blocks = head blocks of q then of k; a program covers
+    # BLOCK_T tokens of one row and BLOCK_H heads.
+    pid = tl.program_id(0)
+    n_blocks = n_q_blocks + tl.cdiv(n_k_heads, BLOCK_H)
+    if HEADS_FASTEST:
+        tile = pid // n_blocks
+        block = pid % n_blocks
+    else:
+        n_tiles = tl.num_programs(0) // n_blocks
+        tile = pid % n_tiles
+        block = pid // n_tiles
     b = tile // n_t_blocks
     ts = (tile % n_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = ts < seq_len

@@ -39,19 +39,21 @@ from ._common import FLOAT_DTYPES, INT32_MAX, check_tensor, device_guard, reach
 _OP = "fastkern.ops.rope"
 
 
-def launch_config(n_heads: int, half_rotary: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_H, BLOCK_R, num_warps): tokens and heads per program, pair lanes per head.
+def launch_config(n_heads: int, half_rotary: int) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_T, BLOCK_H, BLOCK_R, num_warps, heads_fastest): tokens and heads per program, pair lanes
+    per head, warps, program order.
 
     Two tokens of about 1024 pairs each per program (16 heads of D=128: 16 KiB of bf16 read and
     written per program) with 4 warps: within 0.5 % of the best BLOCK_T x BLOCK_H x num_warps setting
     of a sweep on an H100 at both bench shapes, and the best at B1 T65536 (docs/rope.md). Blocks of k
-    past its last head are masked lanes, which move no memory.
+    past its last head are masked lanes, which move no memory. Head blocks vary fastest between
+    programs (kernel docstring; docs/rope.md has the measurement of both orders).
     """
     block_r = max(2, 1 << (max(half_rotary, 1) - 1).bit_length())
     block_h = max(1, 1 << (max(n_heads, 1) - 1).bit_length())
     block_h = max(1, min(block_h, 1024 // block_r))
     num_warps = 4 if block_h * block_r >= 512 else 2
-    return 2, block_h, block_r, num_warps
+    return 2, block_h, block_r, num_warps, True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -63,24 +65,27 @@ def _path(t: Tensor) -> str:
 
 
 def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, block_h=None, num_warps=None,
-            block_t=None):
-    """Rotate q (and k, if not None) into q_out (k_out); outputs may alias inputs."""
+            block_t=None, heads_fastest=None, interpreted=None):
+    """Rotate q (and k, if not None) into q_out (k_out); outputs may alias inputs. ``heads_fastest``:
+    program order (kernel docstring); the bench sweeps both orders."""
     from ..kernels.rope import rope_qk_kernel
 
     batch, n_q_heads, seq_len, _ = q.shape
     n_k_heads = k.shape[1] if k is not None else 0
     half = cos.shape[-1] // 2
-    default_t, default_h, block_r, default_warps = launch_config(max(n_q_heads, n_k_heads), half)
-    interpreted = runtime.path_for(q) == "interpreter"
+    default_t, default_h, block_r, default_warps, default_order = launch_config(max(n_q_heads, n_k_heads), half)
+    if interpreted is None:
+        interpreted = runtime.path_for(q) == "interpreter"
     if interpreted:
         # The interpreter pays per program, not per lane: one block of all q heads and up to 32 tokens.
         # The GPU's own blocks are exercised on CPU by tests/ops/test_rope.py::test_head_and_token_blocks_*.
         default_h = max(1, 1 << (n_q_heads - 1).bit_length())
         default_t = max(1, min(32, 1 << (max(seq_len, 1) - 1).bit_length()))
     block_t, block_h, num_warps = block_t or default_t, block_h or default_h, num_warps or default_warps
+    heads_fastest = default_order if heads_fastest is None else heads_fastest
     n_q_blocks = _cdiv(n_q_heads, block_h)
     n_t_blocks = _cdiv(seq_len, block_t)
-    grid = (batch * n_t_blocks, n_q_blocks + _cdiv(n_k_heads, block_h))
+    grid = (batch * n_t_blocks * (n_q_blocks + _cdiv(n_k_heads, block_h)),)
     if k is None:  # the kernel never reads k when it has no k blocks; q stands in for the pointer
         k, k_out = q, q_out
     # Strides are read once per tensor (each read is a host round trip through the tensor API) and
@@ -107,7 +112,7 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, 
             *q_st, *k_st, *qo_st, *ko_st,
             *cos_strides, *sin_strides, *pos_strides,
             INTERLEAVED=interleaved, TRANSPOSE=transpose, HAS_POSITIONS=position_ids is not None,
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, INT64_OFFSETS=int64,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, HEADS_FASTEST=heads_fastest, INT64_OFFSETS=int64,
             ROUND_BF16=interpreted and q_out.dtype == torch.bfloat16, num_warps=num_warps,
         )
 
@@ -120,11 +125,12 @@ def _rotate_into(x, out, cos, sin, position_ids, interleaved, transpose) -> None
 def _rotate_qk_in_place(q, k, cos, sin, position_ids, interleaved, transpose) -> None:
     if q.numel() == 0 and k.numel() == 0:
         return
-    if _path(q) == "reference":
+    path = _path(q)
+    if path == "reference":
         _rotate_into(q, q, cos, sin, position_ids, interleaved, transpose)
         _rotate_into(k, k, cos, sin, position_ids, interleaved, transpose)
         return
-    _launch(q, k, q, k, cos, sin, position_ids, interleaved, transpose)
+    _launch(q, k, q, k, cos, sin, position_ids, interleaved, transpose, interpreted=path == "interpreter")
 
 
 @torch.library.custom_op("fastkern::rope_qk_", mutates_args=("q", "k"))
@@ -141,10 +147,11 @@ def _(q, k, cos, sin, position_ids, interleaved, transpose):
 def _rotate_one_in_place(x, cos, sin, position_ids, interleaved, transpose) -> None:
     if x.numel() == 0:
         return
-    if _path(x) == "reference":
+    path = _path(x)
+    if path == "reference":
         _rotate_into(x, x, cos, sin, position_ids, interleaved, transpose)
         return
-    _launch(x, None, x, x, cos, sin, position_ids, interleaved, transpose)
+    _launch(x, None, x, x, cos, sin, position_ids, interleaved, transpose, interpreted=path == "interpreter")
 
 
 @torch.library.custom_op("fastkern::rope_", mutates_args=("x",))
@@ -163,7 +170,8 @@ def _rotate_qk_new(q, k, cos, sin, position_ids, interleaved, transpose) -> tupl
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if q.numel() == 0 and k.numel() == 0:
         return q_out, k_out
-    if _path(q) == "reference":
+    path = _path(q)
+    if path == "reference":
         _rotate_into(q, q_out, cos, sin, position_ids, interleaved, transpose)
         _rotate_into(k, k_out, cos, sin, position_ids, interleaved, transpose)
         return q_out, k_out
@@ -171,7 +179,7 @@ def _rotate_qk_new(q, k, cos, sin, position_ids, interleaved, transpose) -> tupl
     if rotary_dim < q.shape[-1]:  # the kernel writes only the rotated lanes; carry the rest over
         q_out[..., rotary_dim:] = q[..., rotary_dim:]
         k_out[..., rotary_dim:] = k[..., rotary_dim:]
-    _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose)
+    _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, interpreted=path == "interpreter")
     return q_out, k_out
 
 

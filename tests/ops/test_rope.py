@@ -362,10 +362,10 @@ def test_rope_gpu_more_than_2_31_elements_in_q():
 
 
 @pytest.mark.parametrize("block_h,block_t", [(1, 1), (2, 2), (4, 4), (2, 8)])
-@pytest.mark.parametrize("interleaved,table", [(False, False), (True, True)])
-def test_head_and_token_blocks_as_launched_on_gpu(poison_empty, block_h, block_t, interleaved, table):
+@pytest.mark.parametrize("interleaved,table,heads_fastest", [(False, False, True), (True, True, False)])
+def test_head_and_token_blocks_as_launched_on_gpu(poison_empty, block_h, block_t, interleaved, table, heads_fastest):
     """Several head blocks per token (the GPU launch config), several tokens per program, partially
-    masked blocks of heads and of tokens, q then k."""
+    masked blocks of heads and of tokens, q then k, in both program orders."""
     qp, kp = make_qk(2, 6, 3, 5, 24, torch.bfloat16)
     q, k = qp.transpose(1, 2), kp.transpose(1, 2)
     positions = torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
@@ -375,9 +375,10 @@ def test_head_and_token_blocks_as_launched_on_gpu(poison_empty, block_h, block_t
     if table:
         table_cos, table_sin = frequencies(torch.arange(5), 20, interleaved)
         rope_module._launch(q, k, q_out, k_out, table_cos, table_sin, positions, interleaved, False,
-                            block_h=block_h, block_t=block_t)
+                            block_h=block_h, block_t=block_t, heads_fastest=heads_fastest)
     else:
-        rope_module._launch(q, k, q_out, k_out, cos, sin, None, interleaved, False, block_h=block_h, block_t=block_t)
+        rope_module._launch(q, k, q_out, k_out, cos, sin, None, interleaved, False, block_h=block_h, block_t=block_t,
+                            heads_fastest=heads_fastest)
     for got, x in ((q_out, q), (k_out, k)):
         assert_close(got, oracle(x, cos, sin, interleaved), torch.bfloat16, torch_same_dtype(x, cos, sin, interleaved))
 
