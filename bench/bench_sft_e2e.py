@@ -2,11 +2,15 @@
 
     python3 bench/bench_sft_e2e.py --out DIR [--steps 12] [--lora 16] [--options mlp=1,loss=1]
     python3 bench/bench_sft_e2e.py --out DIR --variants "mlp;mlp,rope;mlp,lora;mlp,rope,lora,loss"
+    python3 bench/bench_sft_e2e.py --out DIR --qlora --variants "mlp,rope,packing;mlp,rope,packing,lora"
 
 Shape (GUIDE.md section 1): hidden 2048, intermediate 8192, 16 layers, 32/8 heads, vocab 128256;
 LoRA r16 on all linear layers; gradient checkpointing on; batch 2 x 4096; bf16. Step time is the
 median over steps after two warm-up steps, synchronized; peak memory is torch's peak allocated.
 Later issues report their effect through this bench (patch options select what is patched).
+With --qlora the base weights are NF4 with double quantization (bitsandbytes, as transformers'
+BitsAndBytesConfig loads them: the random model is saved once and every run loads it quantized),
+compute dtype bf16, LoRA on top (PEFT's bnb Linear4bit layers).
 """
 
 import argparse
@@ -14,6 +18,8 @@ import copy
 import gc
 import json
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -61,6 +67,8 @@ def main():
                         help="';'-separated --only sets, each run patched after the one unpatched run")
     parser.add_argument("--mixed", type=int, default=0,
                         help="documents of uniform random length in [MIXED, length] tokens instead of all `length`")
+    parser.add_argument("--qlora", action="store_true",
+                        help="NF4 (double quant) base weights through BitsAndBytesConfig; needs --lora > 0")
     parser.add_argument("--packing", action="store_true",
                         help="SFTConfig(packing=True): documents packed padding-free into rows of `length`")
     args = parser.parse_args()
@@ -88,13 +96,30 @@ def main():
                      for i in range(0, len(lengths), args.batch))
         print(f"mixed lengths {args.mixed}..{args.length}: {len(lengths)} documents, padding would be "
               f"{1 - sum(lengths) / padded:.1%} of a padded batch of {args.batch} (removed by packing)", flush=True)
+    if args.qlora and not args.lora:
+        raise SystemExit("--qlora trains LoRA adapters on the quantized base: give --lora > 0")
     base = build_model(args.size, 128256, torch.bfloat16)
+    if args.qlora:
+        saved = tempfile.mkdtemp(prefix="fastkern-qlora-")
+        base.save_pretrained(saved)
+        del base
+
+        def fresh_model():
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=torch.bfloat16)
+            return AutoModelForCausalLM.from_pretrained(saved, quantization_config=quant, dtype=torch.bfloat16,
+                                                        device_map={"": torch.cuda.current_device()})
+    else:
+        def fresh_model():
+            return copy.deepcopy(base).cuda()
     results = []
     for label, patch, options in runs:
         gc.collect()
         torch.cuda.empty_cache()
         print(f"{label}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated before the model", flush=True)
-        model = copy.deepcopy(base).cuda()
+        model = fresh_model()
         results.append(run_sft(label, model, tokenizer, dataset, steps=args.steps, batch=args.batch, length=args.length,
                                lr=1e-4, bf16=True, gradient_checkpointing=True, patch=patch, lora=args.lora,
                                patch_options=options, packing=args.packing))
@@ -105,6 +130,8 @@ def main():
     print(table)
     for r in results[1:]:
         print(r.label, "\n", r.report)
+    if args.qlora:
+        shutil.rmtree(saved, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_sft_e2e.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), args=vars(args),
