@@ -52,7 +52,7 @@ def glu_step(fn):
     return step
 
 
-def rope_step(projection_views: bool):
+def rope_step(projection_views: bool, fn=None):
     """projection_views: q/k are transposed views of [B, T, H, D] projection outputs, the layout attention
     modules produce (rope's fast path); else dense tensors in that permuted layout (the general path)."""
     q0 = torch.randn(1, 16, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -65,10 +65,16 @@ def rope_step(projection_views: bool):
             q, k = (q0 * 1).transpose(1, 2), (k0 * 1).transpose(1, 2)
         else:
             q, k = q0.transpose(1, 2) * 1, k0.transpose(1, 2) * 1
-        qo, ko = fastkern.ops.rope(q, k, cos, sin)
+        qo, ko = (fn or fastkern.ops.rope)(q, k, cos, sin)
         torch.autograd.grad((qo.sum() + ko.sum()), (q0, k0))
 
     return step
+
+
+def hf_rope(q, k, cos, sin):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)
 
 
 def launch_rows(rows) -> None:
@@ -121,6 +127,13 @@ def main():
         print("liger skipped:", exc)
     rows["fastkern rope fwd+bwd, projection views (attention modules)"] = _time(rope_step(True))
     rows["fastkern rope fwd+bwd, other layouts (general path)"] = _time(rope_step(False))
+    rows["transformers apply_rotary_pos_emb fwd+bwd (eager ops)"] = _time(rope_step(True, hf_rope))
+    try:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        rows["liger rope fwd+bwd, projection views"] = _time(rope_step(True, liger_rotary_pos_emb))
+    except Exception as exc:  # liger not installed
+        print("liger rope skipped:", exc)
     launch_rows(rows)
     profiles = {
         "swiglu overwrite": profile(glu_step(lambda g, u: fastkern.ops.swiglu(g, u, overwrite_inputs_in_backward=True))),
