@@ -188,6 +188,10 @@ def nf4_matmul(x: Tensor, packed: Tensor, quant_state, *, transpose: bool = Fals
     layer's grad_input). x is fp16/bf16/fp32 (fp64 runs the PyTorch reference), any strides; the
     output is contiguous, in x's dtype. Differentiable in x; packed and quant_state are frozen.
 
+    Experimental: correct, but on an H100 it runs at ~10 TFLOP/s, 38-83x slower than
+    ``x @ nf4_dequantize(packed, quant_state).T`` for a 14336x4096 weight at M 512-8192
+    (docs/nf4_lora.md). Use the dequantize + matmul form (what ``lora_linear`` does) for speed.
+
     >>> import torch, fastkern
     >>> w = torch.randn(8, 64)
     >>> packed, state = fastkern.ops.nf4_quantize(w)
