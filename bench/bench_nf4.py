@@ -64,6 +64,7 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--no-matmul", dest="matmul", action="store_false", help="skip the nf4_matmul rows")
     args = parser.parse_args()
     results = []
     for double_quant in (True, False):
@@ -113,7 +114,7 @@ def main():
         else:
             print(f"| {r['double_quant']} | {r['impl']} | {r['error']} | | |")
     # In-tile NF4 GEMM (opt-in op) vs dequantize-then-GEMM: its own rows, JSON key and table.
-    matmul_rows = bench_nf4_matmul()
+    matmul_rows = bench_nf4_matmul() if args.matmul else []
     with open(os.path.join(args.out, "bench_nf4.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results,
                        nf4_matmul=matmul_rows), f, indent=1)
@@ -185,13 +186,22 @@ def sweep(packed, state, double_quant, nbytes):
     s = flatten_state("bench", packed, state)
     out = torch.empty(ROWS, COLS, device="cuda", dtype=torch.bfloat16)
     rows = []
-    for block in (1024, 2048, 4096, 8192):
-        for warps in (2, 4, 8):
-            ms = do_bench(lambda: dequantize_into(out, s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset,
-                                                  s.blocksize, s.nested_blocksize, block, warps),
-                          warmup=5, rep=30, return_mode="median")
-            rows.append(dict(double_quant=double_quant, impl=f"fastkern BLOCK={block} warps={warps}", ms=ms,
-                             tbps=nbytes / ms / 1e9))
+    truth = torch.empty_like(out)
+    dequantize_into(truth, s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset, s.blocksize, s.nested_blocksize)
+    configs = [(block, warps, "") for block in (1024, 2048, 4096, 8192) for warps in (2, 4, 8)]
+    # Streaming stores (".cs") next to the default ones, at the configs near the best of runs C and E2.
+    configs += [(block, warps, ".cs") for block in (2048, 4096) for warps in (2, 4)]
+    for block, warps, store_cache in configs:
+        out.fill_(float("nan"))
+        dequantize_into(out, s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset, s.blocksize,
+                        s.nested_blocksize, block, warps, store_cache)
+        exact = torch.equal(out.view(torch.int16), truth.view(torch.int16))
+        ms = do_bench(lambda: dequantize_into(out, s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset,
+                                              s.blocksize, s.nested_blocksize, block, warps, store_cache),
+                      warmup=5, rep=30, return_mode="median")
+        label = f"fastkern BLOCK={block} warps={warps}" + (f" stores {store_cache}" if store_cache else "")
+        rows.append(dict(double_quant=double_quant, impl=label + ("" if exact else " (NOT bit-exact)"), ms=ms,
+                         tbps=nbytes / ms / 1e9))
     return rows
 
 

@@ -32,7 +32,10 @@ def nf4_dequantize_kernel(
     BLOCK: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
     EVEN: tl.constexpr,
+    STORE_CACHE: tl.constexpr = "",
 ):
+    # STORE_CACHE: the stores' cache modifier ("" or ".cs", streaming: the output is written once
+    # and read by a later GEMM, so keeping it in L2 buys nothing); a bench sweep compares both.
     # The program's BLOCK elements are NB whole scale blocks: a [NB, BLOCKSIZE // 2] tile of bytes,
     # so each scale is computed once per block (not once per byte) and broadcast along the row.
     NB: tl.constexpr = BLOCK // BLOCKSIZE
@@ -77,12 +80,12 @@ def nf4_dequantize_kernel(
     else:
         mask = elem < n_elements
     if OUT_MODE == 0:  # contiguous output
-        tl.store(out_ptr + elem, values, mask=mask)
+        tl.store(out_ptr + elem, values, mask=mask, cache_modifier=STORE_CACHE)
     elif OUT_MODE == 1:  # strided rows, n_cols a multiple of BLOCK: the program stays inside one row
         row = start // n_cols
         col = start - row * n_cols + tl.arange(0, BLOCK)
-        tl.store(out_ptr + row * out_row_stride + col, values, mask=mask)
+        tl.store(out_ptr + row * out_row_stride + col, values, mask=mask, cache_modifier=STORE_CACHE)
     else:  # strided rows, general: per-element row and column
         row = elem // n_cols
         col = elem - row * n_cols
-        tl.store(out_ptr + row * out_row_stride + col, values, mask=mask)
+        tl.store(out_ptr + row * out_row_stride + col, values, mask=mask, cache_modifier=STORE_CACHE)

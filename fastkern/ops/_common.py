@@ -63,8 +63,15 @@ def needs_int64(*tensors: torch.Tensor, slack: int = 0) -> bool:
     return any(reach(t.shape, t.stride(), slack) >= INT32_MAX for t in tensors)
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def device_guard(t: torch.Tensor):
-    """Launch on the tensor's device (and so on that device's current stream)."""
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    """Launch on the tensor's device (and so on that device's current stream). When that device is
+    already the current one (the common case) no guard is entered: switching and restoring the
+    device costs host time on every launch, and Triton launches on the current device."""
+    if t.is_cuda:
+        index = t.get_device()
+        if index != torch.cuda.current_device():
+            return torch.cuda.device(index)
+    return _NO_GUARD

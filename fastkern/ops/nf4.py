@@ -219,10 +219,12 @@ def _path(t: Tensor) -> str:
 
 
 def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, blocksize: int,
-                    nested_blocksize: int, block: int = _DEQUANT_BLOCK, num_warps: int = _DEQUANT_WARPS) -> None:
+                    nested_blocksize: int, block: int = _DEQUANT_BLOCK, num_warps: int = _DEQUANT_WARPS,
+                    store_cache: str = "") -> None:
     """Write the [rows, cols] dequantized weight into ``out`` (unit column stride, any row stride).
 
-    ``block`` (weight elements per program, a power of two) and ``num_warps`` exist for the bench's sweep.
+    ``block`` (weight elements per program, a power of two), ``num_warps`` and ``store_cache`` (the
+    stores' cache modifier, "" or ".cs") exist for the bench's sweep.
     """
     rows, cols = out.shape
     if out.numel() == 0:
@@ -260,7 +262,7 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
             n, cols, out.stride(0),
             BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=max(nested_blocksize, 1),
             OUT_MODE=out_mode, ROUND_BF16=round_by_hand, BLOCK=block, INT64_OFFSETS=int64, EVEN=n % block == 0,
-            num_warps=num_warps, enable_fp_fusion=False,
+            STORE_CACHE=store_cache, num_warps=num_warps, enable_fp_fusion=False,
         )
 
 

@@ -29,6 +29,8 @@ rebase two views dirtied by one Function. So:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -39,6 +41,7 @@ from ._common import FLOAT_DTYPES, INT32_MAX, check_tensor, device_guard, reach
 _OP = "fastkern.ops.rope"
 
 
+@functools.lru_cache(maxsize=256)
 def launch_config(n_heads: int, half_rotary: int) -> tuple[int, int, int, int, bool]:
     """(BLOCK_T, BLOCK_H, BLOCK_R, num_warps, heads_fastest): tokens and heads per program, pair lanes
     per head, warps, program order.
@@ -103,8 +106,10 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, 
         sin_strides = (ss[0] if sin.shape[0] > 1 else 0, ss[1], ss[2])
         pos, pos_strides = cos, (0, 0)
     slack = block_h * block_t
-    int64 = max(reach(q.shape, q_st, slack), reach(k.shape, k_st, slack), reach(q_out.shape, qo_st, slack),
-                reach(k_out.shape, ko_st, slack), reach(cos.shape, cs, slack), reach(sin.shape, ss, slack)) >= INT32_MAX
+    # In place (outputs are the inputs) the outputs' reach is the inputs'.
+    int64 = max(reach(q.shape, q_st, slack), reach(k.shape, k_st, slack),
+                0 if q_out is q else reach(q_out.shape, qo_st, slack), 0 if k_out is k else reach(k_out.shape, ko_st, slack),
+                reach(cos.shape, cs, slack), reach(sin.shape, ss, slack)) >= INT32_MAX
     with device_guard(q):
         rope_qk_kernel[grid](
             q, k, q_out, k_out, cos, sin, pos,
@@ -282,23 +287,36 @@ class _MarkKRotated(torch.autograd.Function):
         return grad_k, None, None, None, None
 
 
-def _base_and_rebuild(x: Tensor):
-    """(base, rebuild) with rebuild(base) == x as view+permute ops, or None when x is not such a view."""
-    base = x._base if x._base is not None else x
-    if not (base.is_contiguous() and base.numel() == x.numel() and base.storage_offset() == x.storage_offset()):
-        return None
-    shape, strides = x.shape, x.stride()
+@functools.lru_cache(maxsize=1024)
+def _dense_permutation(shape: tuple, strides: tuple):
+    """(mem_shape, inverse) such that ``t.view(mem_shape).permute(inverse)`` of a contiguous t has
+    exactly this shape and these strides, or None when no permutation of contiguous memory does.
+    Cached: attention calls it twice per layer with the same few layouts."""
     perm = sorted(range(len(shape)), key=lambda i: (-strides[i], i))
-    inverse = [perm.index(i) for i in range(len(shape))]
-    mem_shape = [shape[i] for i in perm]
-    # rebuild(base) has the contiguous strides of mem_shape, permuted back: x must have exactly those
-    # (on dims longer than 1), which also proves x dense. Checked by arithmetic, without building it.
+    inverse = tuple(perm.index(i) for i in range(len(shape)))
+    mem_shape = tuple(shape[i] for i in perm)
+    # The view+permute result has the contiguous strides of mem_shape, permuted back: x must have
+    # exactly those (on dims longer than 1), which also proves x dense. Checked by arithmetic.
     expected, step = [0] * len(shape), 1
     for i in reversed(perm):
         expected[i] = step
         step *= shape[i]
     if any(strides[i] != expected[i] for i in range(len(shape)) if shape[i] > 1):
         return None
+    return mem_shape, inverse
+
+
+def _base_and_rebuild(x: Tensor):
+    """(base, rebuild) with rebuild(base) == x as view+permute ops, or None when x is not such a view."""
+    base = x._base
+    if base is None:
+        base = x
+    if not (base.is_contiguous() and base.numel() == x.numel() and base.storage_offset() == x.storage_offset()):
+        return None
+    layout = _dense_permutation(tuple(x.shape), x.stride())
+    if layout is None:
+        return None
+    mem_shape, inverse = layout
 
     def rebuild(t: Tensor) -> Tensor:
         return t.view(mem_shape).permute(inverse)
