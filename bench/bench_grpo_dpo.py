@@ -234,7 +234,8 @@ def top_kernels(step, rows: int = 12) -> str:
     return events.table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
-def measure(task, name, device, dtype, patch, reference, do_bench, checkpointing=False, profile=False):
+def measure(task, name, device, dtype, patch, reference, do_bench, checkpointing=False, profile=False,
+            memory_peak=False):
     make = make_grpo if task == "grpo" else make_dpo
     label = variant_label(patch)
     with tempfile.TemporaryDirectory() as out_dir:
@@ -262,6 +263,17 @@ def measure(task, name, device, dtype, patch, reference, do_bench, checkpointing
             step()
             torch.cuda.synchronize()
             row["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+            if memory_peak:  # what is alive at the peak, by allocation site (bench/memory_peak.py)
+                try:  # run as a script (bench/ on sys.path) or imported as bench.bench_grpo_dpo
+                    from memory_peak import peak_report, record
+                except ImportError:
+                    from bench.memory_peak import peak_report, record
+
+                zero_grads(model)
+                with record() as trace:
+                    step()
+                row["peak_sites"] = peak_report(trace.events)
+                print(f"--- {task} / {label}: {row['peak_sites']}", flush=True)
 
             def timed():
                 zero_grads(model)
@@ -325,6 +337,8 @@ def main():
     parser.add_argument("--tasks", default="grpo,dpo")
     parser.add_argument("--variants", default="defaults", help="';'-separated, see the module docstring")
     parser.add_argument("--profile", action="store_true", help="print each row's top CUDA kernels")
+    parser.add_argument("--memory-peak", action="store_true",
+                        help="record one step's allocator history and print what is alive at its peak")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="also time all variants round-robin for ROUNDS rounds (see interleaved_ms)")
     args = parser.parse_args()
@@ -338,7 +352,7 @@ def main():
         do_bench = None
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    rows, checks = [], {}
+    rows = []
     variants = [None] + [variant_options(v.strip()) for v in args.variants.split(";") if v.strip()]
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         reference = None
@@ -356,7 +370,7 @@ def main():
                     if not (loss_err < FP32_TOLERANCE and grad_err < FP32_TOLERANCE):
                         raise RuntimeError(f"fp32 check failed: loss {loss_err:.1e}, grads {grad_err:.1e}; not timed")
                 row, result = measure(task, name, device, dtype, patch, reference, do_bench,
-                                      args.gradient_checkpointing, args.profile)
+                                      args.gradient_checkpointing, args.profile, args.memory_peak)
                 row.update(check)
             except Exception as exc:  # one failing variant must not lose the others' numbers
                 row, result = dict(task=task, variant=variant_label(patch),
