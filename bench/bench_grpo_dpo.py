@@ -58,7 +58,7 @@ SHAPES = {  # (generations, prompt, completion) for GRPO; (prompt, completion) f
     "tiny": dict(grpo=(4, 8, 16), dpo=(8, 8)),
 }
 LORA_RANK = 16
-OPTIONS = ("loss", "mlp", "rope", "packing", "lora")
+OPTIONS = ("loss", "mlp", "rope", "packing", "lora", "norm")
 # fp32 check (2 layers of the bench shape, full vocabulary, same sequence shapes): relative error norm.
 FP32_TOLERANCE = 1e-4
 # bf16 rows, whole model: two implementations' rounding differs (2e-2 measured on the CPU smoke config);

@@ -30,7 +30,7 @@ if [ ${#names[@]} -eq 0 ]; then
 fi
 # Seconds per GPU test file, from the H100 runs of 2026-11-23 (first compile of every kernel variant
 # included); files not listed get 60.
-declare -A LIMIT=([glu]=120 [rope]=240 [linear_cross_entropy]=180 [linear_logprobs]=60 [nf4]=30 [nf4_matmul]=120 [lora_linear]=40
+declare -A LIMIT=([glu]=120 [rms_norm]=120 [rope]=240 [linear_cross_entropy]=180 [linear_logprobs]=60 [nf4]=30 [nf4_matmul]=120 [lora_linear]=40
                   [document_attention]=40 [offload_checkpoint]=120 [grpo_dpo]=240)
 status=0
 SECONDS=0

@@ -75,7 +75,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=9216)
     ap.add_argument("--family", default="qwen3")
-    ap.add_argument("--variants", default="unpatched;mlp,rope;mlp,rope,lora")
+    ap.add_argument("--variants", default="unpatched;mlp,rope;mlp,rope,lora;mlp,rope,lora,norm")
     args = ap.parse_args()
     from peft import LoraConfig, get_peft_model
 
@@ -87,7 +87,7 @@ def main():
         if variant != "unpatched":
             wanted = set(variant.split(","))
             fastkern.patch_model(model, mlp="mlp" in wanted, rope="rope" in wanted, lora="lora" in wanted,
-                                 packing=False, loss=False)
+                                 norm="norm" in wanted, packing=False, loss=False)
         model.train()
         by_site = count(model, args.tokens)
         total = sum(by_site.values())

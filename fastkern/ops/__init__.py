@@ -7,9 +7,10 @@ from .nf4 import NF4State, nf4_dequantize, nf4_quantize
 from .nf4_matmul import nf4_matmul
 from .linear_cross_entropy import fused_linear_cross_entropy
 from .linear_logprobs import fused_linear_logprobs
+from .rms_norm import rms_norm
 from .rope import rope
 
-__all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "rope", "swiglu", "geglu", "lora_linear", "nf4_dequantize", "nf4_quantize", "nf4_matmul", "NF4State"]
+__all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "rms_norm", "rope", "swiglu", "geglu", "lora_linear", "nf4_dequantize", "nf4_quantize", "nf4_matmul", "NF4State"]
 
 # Composed of torch attention kernels (no Triton kernel of its own), so not listed with the dispatched ops above.
 from .document_attention import document_attention  # noqa: E402

@@ -102,9 +102,11 @@ def _patchers() -> list[Patcher]:
     from .lora import LORA_PATCHER
     from .loss import LOSS_PATCHER
     from .mlp import MLP_PATCHER
+    from .norm import NORM_PATCHER
     from .packing import PACKING_PATCHER
 
-    return [MLP_PATCHER, CHECKPOINTING_PATCHER, LORA_PATCHER, ATTENTION_PATCHER, PACKING_PATCHER, LOSS_PATCHER]
+    return [MLP_PATCHER, NORM_PATCHER, CHECKPOINTING_PATCHER, LORA_PATCHER, ATTENTION_PATCHER, PACKING_PATCHER,
+            LOSS_PATCHER]
 
 
 def patch_model(model: nn.Module, **options: Any) -> PatchReport:
@@ -112,6 +114,8 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
 
     Options (keyword, default in brackets):
       mlp [True]: fused SwiGLU/GeGLU in the MLP of every supported family.
+      norm [False]: RMSNorm modules run fastkern.ops.rms_norm, which saves the input and one fp32 rstd
+        per row for backward instead of an fp32 copy of the input. See docs/trainers.md.
       rope [True]: attention modules rotate q and k with the fused in-place fastkern.ops.rope (one
         launch for q and k) instead of transformers' apply_rotary_pos_emb. See docs/rope.md.
       packing [True]: packed (padding-free) batches, as TRL's collators give them (position_ids restarting

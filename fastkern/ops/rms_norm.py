@@ -1,0 +1,192 @@
+"""RMSNorm over the last dim, in transformers' llama and gemma forms, saving only x and rstd.
+
+Tiers: the Triton kernels in fastkern/kernels/rms_norm.py, launched below; two custom ops
+(``fastkern::rms_norm_forward`` returns (y, rstd), ``fastkern::rms_norm_backward`` returns (dx, dw))
+with fake implementations, autograd registered on the forward op (what torch.compile sees); a plain
+autograd.Function for eager calls (lighter on the host); and the public :func:`rms_norm`.
+
+Why: transformers' RMSNorm saves ``x.float()`` for its backward, an fp32 copy of every normed
+tensor (four per Qwen3 layer: 180 MiB per layer at 9216 tokens of Qwen3-0.6B, the largest item a
+checkpointed layer recomputes; docs/trainers.md). This op saves x as it is (already alive: it is
+the layer input or a projection output) plus 4 bytes of rstd per row.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import torch
+from torch import Tensor
+
+from .. import runtime
+from ..reference.rms_norm import rms_norm_backward_reference, rms_norm_reference
+from ._common import FLOAT_DTYPES, as_rows, check_tensor, device_guard, needs_int64
+
+_OP = "fastkern.ops.rms_norm"
+# Programs per backward launch when a weight gradient is reduced across rows: enough to fill an H100
+# (132 SMs) a few times over; each writes one fp32 partial row of the weight gradient.
+_WEIGHT_GRAD_PROGRAMS = 512
+
+
+@functools.lru_cache(maxsize=64)
+def launch_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps): the whole row in one block (a row of the model's hidden size)."""
+    block = max(16, 1 << (max(n_cols, 1) - 1).bit_length())
+    warps = 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2
+    return block, warps
+
+
+def _path(t: Tensor) -> str:
+    return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
+
+
+def _forward_impl(x: Tensor, weight: Tensor, eps: float, weight_offset: float, cast_before_weight: bool):
+    path = _path(x)
+    if path == "reference" or x.numel() == 0:
+        y, rstd = rms_norm_reference(x, weight, eps, weight_offset, cast_before_weight)
+        return y.contiguous(), rstd.float()
+    from ..kernels.rms_norm import rms_norm_forward_kernel
+
+    rows_view = as_rows(x)
+    n_rows, n_cols = rows_view.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block, warps = launch_config(n_cols)
+    with device_guard(x):
+        rms_norm_forward_kernel[(n_rows,)](
+            rows_view, weight, y, rstd, n_cols, rows_view.stride(0), rows_view.stride(1), n_cols, float(eps),
+            float(weight_offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=block,
+            INT64_OFFSETS=needs_int64(rows_view, y, slack=block),
+            ROUND_BF16=path == "interpreter" and x.dtype == torch.bfloat16, num_warps=warps,
+        )
+    return y, rstd
+
+
+def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, weight_offset: float,
+                   cast_before_weight: bool, need_weight_grad: bool):
+    path = _path(x)
+    if path == "reference" or x.numel() == 0:
+        dx, dw = rms_norm_backward_reference(grad_out, x, weight, rstd, weight_offset, cast_before_weight,
+                                             need_weight_grad)
+        if need_weight_grad and x.numel() == 0:
+            dw = torch.zeros_like(weight)
+        return dx.contiguous(), dw
+    from ..kernels.rms_norm import rms_norm_backward_kernel
+
+    x_rows, dy_rows = as_rows(x), as_rows(grad_out)
+    n_rows, n_cols = x_rows.shape
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block, warps = launch_config(n_cols)
+    if need_weight_grad:
+        programs = min(n_rows, _WEIGHT_GRAD_PROGRAMS if path == "triton" else 4)
+        rows_per_program = -(-n_rows // programs)
+        programs = -(-n_rows // rows_per_program)
+        partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    else:
+        programs, rows_per_program, partial = n_rows, 1, rstd  # the kernel never touches partial then
+    with device_guard(x):
+        rms_norm_backward_kernel[(programs,)](
+            dy_rows, x_rows, weight, rstd, dx, partial, n_rows, n_cols, rows_per_program,
+            dy_rows.stride(0), dy_rows.stride(1), x_rows.stride(0), x_rows.stride(1), n_cols, float(weight_offset),
+            CAST_BEFORE_WEIGHT=cast_before_weight, HAS_WEIGHT_GRAD=need_weight_grad, BLOCK_N=block,
+            INT64_OFFSETS=needs_int64(x_rows, dy_rows, dx, slack=block),
+            ROUND_BF16=path == "interpreter" and x.dtype == torch.bfloat16, num_warps=warps,
+        )
+    dw = partial.sum(0).to(weight.dtype) if need_weight_grad else None
+    return dx, dw
+
+
+@torch.library.custom_op("fastkern::rms_norm_forward", mutates_args=())
+def rms_norm_forward_op(x: Tensor, weight: Tensor, eps: float, weight_offset: float,
+                        cast_before_weight: bool) -> tuple[Tensor, Tensor]:
+    return _forward_impl(x, weight, eps, weight_offset, cast_before_weight)
+
+
+@rms_norm_forward_op.register_fake
+def _(x, weight, eps, weight_offset, cast_before_weight):
+    rows = x.shape[:-1].numel()  # one rstd per row, also when the rows are 0 wide
+    return x.new_empty(x.shape), x.new_empty((rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastkern::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, weight_offset: float,
+                         cast_before_weight: bool, need_weight_grad: bool) -> tuple[Tensor, Tensor]:
+    dx, dw = _backward_impl(grad_out, x, weight, rstd, weight_offset, cast_before_weight, need_weight_grad)
+    return dx, (dw if dw is not None else weight.new_zeros(weight.shape))
+
+
+@rms_norm_backward_op.register_fake
+def _(grad_out, x, weight, rstd, weight_offset, cast_before_weight, need_weight_grad):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, eps, weight_offset, cast_before_weight = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.opts = (weight_offset, cast_before_weight)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, grad_rstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_backward_op(grad_y, x, weight, rstd, *ctx.opts, ctx.needs_input_grad[1])
+    return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+rms_norm_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Eager-mode autograd for the same math, calling the implementations directly."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, weight_offset, cast_before_weight):
+        y, rstd = _forward_impl(x, weight, eps, weight_offset, cast_before_weight)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.opts = (weight_offset, cast_before_weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward_impl(grad_y, x, weight, rstd, *ctx.opts, ctx.needs_input_grad[1])
+        return (dx if ctx.needs_input_grad[0] else None, dw, None, None, None)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, weight_offset: float = 0.0,
+             cast_before_weight: bool = True) -> Tensor:
+    """RMSNorm of x over its last dim, as transformers' model families compute it; returns x's dtype.
+
+    ``cast_before_weight=True`` (default, weight_offset 0) is LlamaRMSNorm (also Mistral, Qwen2/3,
+    Phi3): ``weight * (x.float() * rstd).to(x.dtype)``. ``cast_before_weight=False, weight_offset=1.0``
+    is GemmaRMSNorm: ``(x.float() * rstd * (1 + weight.float())).to(x.dtype)``. rstd = 1 /
+    sqrt(mean(x^2) + eps), fp32. x: any leading shape and strides, fp16/bf16/fp32 (fp64 runs the
+    reference); weight: [x.shape[-1]] on x's device, any float dtype. Differentiable in x and weight.
+
+    Backward saves x itself and one fp32 rstd per row, not an fp32 copy of x as transformers' module
+    does (docs/trainers.md has what that saves per layer).
+
+    >>> import torch, fastkern
+    >>> x, w = torch.randn(3, 8), torch.rand(8)
+    >>> ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    >>> torch.allclose(fastkern.ops.rms_norm(x, w), ref, atol=1e-6)
+    True
+    """
+    check_tensor(_OP, "x", x, dtypes=FLOAT_DTYPES)
+    check_tensor(_OP, "weight", weight, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{_OP}: `x` must have at least one dim (normalized over the last); got a scalar")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"{_OP}: `weight` must have shape [{x.shape[-1]}] (x's last dim); got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"{_OP}: `weight` is on {weight.device} but `x` is on {x.device}")
+    for name, value in (("eps", eps), ("weight_offset", weight_offset)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"{_OP}: `{name}` must be a real number, got {type(value).__name__}")
+    if eps < 0:
+        raise ValueError(f"{_OP}: `eps` must be >= 0, got {eps}")
+    args = (x, weight, float(eps), float(weight_offset), bool(cast_before_weight))
+    if torch.compiler.is_compiling():
+        return rms_norm_forward_op(*args)[0]
+    return RMSNormFunction.apply(*args)

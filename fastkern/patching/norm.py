@@ -1,0 +1,131 @@
+"""RMSNorm patcher: every RMSNorm module of the family's class -> fastkern.ops.rms_norm.
+
+What it buys is memory more than time: transformers' RMSNorm saves an fp32 copy of its input for
+backward (four per Qwen3 layer), the op saves the input itself and one fp32 rstd per row
+(docs/trainers.md, "Where GRPO's remaining memory is").
+
+Validation, per RMSNorm class found in the model:
+  1. the spec's class resolves in the installed transformers (else a spec problem);
+  2. the spec's ``form`` is "llama" (weight * normed.to(dtype)) or "gemma" ((1 + weight) in fp32)
+     and the instance has ``weight`` and the spec's eps attribute;
+  3. the patched forward is compared with the class forward on a random input in the module's
+     dtype, forward and backward; a mismatch (transformers changed the norm) skips the class with
+     the measured error in the report.
+At call time the llama form falls back to the class forward when the input's dtype differs from
+the weight's (transformers then promotes the output dtype, which the op does not).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from ..ops.rms_norm import rms_norm
+from .core import PatchContext, instance_forward
+from .report import PatchReport
+
+_REQUIRED_KEYS = ("class", "form", "eps")
+_FORMS = {"llama": (0.0, True), "gemma": (1.0, False)}  # (weight_offset, cast_before_weight)
+# Relative error norm allowed between the original and the patched norm in the probe (the op rounds
+# once where transformers' llama form rounds the same way; the rest is fp32 summation order).
+_PROBE_TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@instance_forward("norm")
+def fused_rms_norm_forward(self, hidden_states):
+    eps_name, weight_offset, cast_before_weight = self._fastkern_norm
+    if cast_before_weight and hidden_states.dtype != self.weight.dtype:
+        return type(self).forward(self, hidden_states)
+    return rms_norm(hidden_states, self.weight, getattr(self, eps_name), weight_offset=weight_offset,
+                    cast_before_weight=cast_before_weight)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _probe(module: nn.Module, config: tuple) -> str | None:
+    """None if the patched forward (and its gradients) match the class forward, else why not.
+
+    Runs on private copies of the module (the real one is left untouched, its weight may be frozen)."""
+    weight = module.weight
+    if weight.device.type == "meta":
+        return "skip-probe: parameters on the meta device"
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(4, weight.shape[0], generator=gen).to(device=weight.device, dtype=dtype)
+    dy = torch.randn(4, weight.shape[0], generator=gen).to(device=weight.device, dtype=dtype)
+    eps_name, weight_offset, cast_before_weight = config
+    results = []
+    for patched in (False, True):
+        copy_ = copy.deepcopy(module)
+        copy_.weight.requires_grad_(True)
+        xr = x.clone().requires_grad_()
+        if patched:
+            y = rms_norm(xr, copy_.weight, getattr(copy_, eps_name), weight_offset=weight_offset,
+                         cast_before_weight=cast_before_weight)
+        else:
+            y = type(module).forward(copy_, xr)
+        results.append((y, *torch.autograd.grad(y, (xr, copy_.weight), dy)))
+    tol = _PROBE_TOL.get(dtype, 1e-2)
+    for name, want, got in zip(("output", "grad x", "grad weight"), results[0], results[1]):
+        err = _rel(got, want)
+        if not err <= tol:  # also catches NaN
+            return (f"patched forward differs from {type(module).__name__}.forward in {name}: relative error "
+                    f"{err:.2e} > {tol:.0e}")
+    return None
+
+
+class NormPatcher:
+    option = "norm"
+    default = False
+
+    def apply(self, ctx: PatchContext, value) -> None:
+        if not value:
+            return
+        classes = {}
+        for spec, section in ctx.section("norm"):
+            missing = [k for k in _REQUIRED_KEYS if k not in section]
+            if missing:
+                ctx.report.problems.append(f"{spec.source} [norm]: missing keys {missing}")
+                continue
+            if section["form"] not in _FORMS:
+                ctx.report.problems.append(f"{spec.source} [norm]: form {section['form']!r} is not one of {sorted(_FORMS)}")
+                continue
+            try:
+                cls = spec.resolve(section["class"])
+            except LookupError as exc:
+                ctx.report.problems.append(f"{exc}; norms not patched")
+                continue
+            classes[cls] = section
+        probed: dict[tuple[type, torch.dtype], str | None] = {}
+        for name, module in ctx.named_modules():
+            section = classes.get(type(module))
+            if section is None:
+                continue
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not hasattr(module, section["eps"]):
+                ctx.report.add_skipped(name, "norm", f"{type(module).__name__} has no 1-D weight or no {section['eps']!r}")
+                continue
+            config = (section["eps"], *_FORMS[section["form"]])
+            key = (type(module), weight.dtype)
+            if key not in probed:
+                probed[key] = _probe(module, config)
+            verdict = probed[key]
+            if verdict is not None and not verdict.startswith("skip-probe"):
+                ctx.report.add_skipped(name, "norm", verdict)
+                continue
+            detail = f"{type(module).__name__} -> rms_norm ({section['form']} form)"
+            if verdict is not None:
+                detail += f" ({verdict.removeprefix('skip-probe: ')}; not probed)"
+            ctx.replace_forward(module, name, fused_rms_norm_forward, detail, {"norm": config})
+
+    def remove(self, model: nn.Module, report: PatchReport) -> None:
+        # Instance forwards and _fastkern_* attributes are removed generically by unpatch_model.
+        return None
+
+
+NORM_PATCHER = NormPatcher()
