@@ -52,5 +52,6 @@ def rms_norm_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, weight:
     dweight = None
     if need_weight_grad:
         seen = xhat.to(x.dtype).to(ct) if cast_before_weight else xhat
-        dweight = (dy * seen).reshape(-1, n).sum(0).to(weight.dtype)
+        rows = x.shape[:-1].numel()  # not -1: that is ambiguous when the rows are 0 wide
+        dweight = (dy * seen).reshape(rows, n).sum(0).to(weight.dtype)
     return dx.to(x.dtype), dweight
