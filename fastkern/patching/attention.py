@@ -198,15 +198,10 @@ class AttentionPatcher:
             key = (type(module), param.dtype if param is not None else None)
             if key not in probed:
                 probed[key] = _probe(module, config)
-            verdict = probed[key]
-            if verdict is not None and not verdict.startswith("skip-probe"):
-                ctx.report.add_skipped(name, "rope", verdict)
-                continue
             mode = "out of place: q, k are slices of a fused qkv" if config.fused_qkv else "in place"
             detail = f"{type(module).__name__} -> fused q+k rope ({mode})"
-            if verdict is not None:
-                detail += f" ({verdict.removeprefix('skip-probe: ')}; not probed)"
-            ctx.replace_forward(module, name, fused_rope_attention_forward, detail, {"attention": config})
+            ctx.replace_forward_probed(module, name, fused_rope_attention_forward, detail, {"attention": config},
+                                       probed[key])
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:
         # Instance forwards and _fastkern_* attributes are removed generically by unpatch_model.

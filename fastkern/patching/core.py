@@ -80,6 +80,18 @@ class PatchContext:
         return True
 
 
+    def replace_forward_probed(self, module: nn.Module, name: str, fn: Callable, detail: str, state: dict,
+                               verdict: str | None) -> bool:
+        """``replace_forward`` after a probe: None (matched) patches; "skip-probe: why" patches and says
+        it was not probed; any other verdict (a measured mismatch) skips the module with it."""
+        if verdict is not None and not verdict.startswith("skip-probe"):
+            self.report.add_skipped(name, _INSTANCE_FORWARDS[fn], verdict)
+            return False
+        if verdict is not None:
+            detail += f" ({verdict.removeprefix('skip-probe: ')}; not probed)"
+        return self.replace_forward(module, name, fn, detail, state)
+
+
 def _find_hf_model(model: nn.Module) -> nn.Module | None:
     try:
         from transformers import PreTrainedModel

@@ -117,14 +117,8 @@ class MLPPatcher:
             key = (type(module), param.dtype if param is not None else None)
             if key not in probed:
                 probed[key] = _probe(module, config, in_features) if in_features else "skip-probe: gate has no in_features"
-            verdict = probed[key]
-            if verdict is not None and not verdict.startswith("skip-probe"):
-                ctx.report.add_skipped(name, "mlp", verdict)
-                continue
             detail = f"{type(module).__name__} -> {_KERNEL_NAMES[activation]}"
-            if verdict is not None:
-                detail += f" ({verdict.removeprefix('skip-probe: ')}; not probed)"
-            ctx.replace_forward(module, name, fused_glu_mlp_forward, detail, {"mlp": config})
+            ctx.replace_forward_probed(module, name, fused_glu_mlp_forward, detail, {"mlp": config}, probed[key])
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:
         # Instance forwards and _fastkern_* attributes are removed generically by unpatch_model.

@@ -114,14 +114,8 @@ class NormPatcher:
             key = (type(module), weight.dtype)
             if key not in probed:
                 probed[key] = _probe(module, config)
-            verdict = probed[key]
-            if verdict is not None and not verdict.startswith("skip-probe"):
-                ctx.report.add_skipped(name, "norm", verdict)
-                continue
             detail = f"{type(module).__name__} -> rms_norm ({section['form']} form)"
-            if verdict is not None:
-                detail += f" ({verdict.removeprefix('skip-probe: ')}; not probed)"
-            ctx.replace_forward(module, name, fused_rms_norm_forward, detail, {"norm": config})
+            ctx.replace_forward_probed(module, name, fused_rms_norm_forward, detail, {"norm": config}, probed[key])
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:
         # Instance forwards and _fastkern_* attributes are removed generically by unpatch_model.
