@@ -51,3 +51,12 @@ def batch(vocab=131, b=2, t=11, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (b, t), generator=g)
     return ids
+
+
+def logits_loss_grads(model, ids):
+    """(logits, loss, {parameter name: grad}) of one forward+backward with ids as labels."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach().clone(), out.loss.detach().clone(), grads

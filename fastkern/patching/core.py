@@ -57,6 +57,26 @@ class PatchContext:
     def section(self, name: str) -> list[tuple[FamilySpec, dict]]:
         return [(s, s.sections[name]) for s in self.specs if name in s.sections]
 
+    def section_classes(self, name: str, required: tuple[str, ...], what: str, check=None) -> dict[type, dict]:
+        """{transformers class: its [name] section} over the model's specs. A section missing a
+        required key, failing ``check`` (a function returning why, or None) or naming a class the
+        installed transformers lacks becomes a report problem (``what`` names what stays unpatched)
+        instead of an exception. ``class`` may be one name or a list of names."""
+        classes = {}
+        for spec, section in self.section(name):
+            missing = [k for k in required if k not in section]
+            problem = f"missing keys {missing}" if missing else (check(section) if check else None)
+            if problem:
+                self.report.problems.append(f"{spec.source} [{name}]: {problem}")
+                continue
+            names = section["class"] if isinstance(section["class"], list) else [section["class"]]
+            for cls_name in names:
+                try:
+                    classes[spec.resolve(cls_name)] = section
+                except LookupError as exc:
+                    self.report.problems.append(f"{exc}; {what} not patched")
+        return classes
+
     def named_modules(self):
         return self.model.named_modules()
 

@@ -97,17 +97,7 @@ class LossPatcher:
     default = False
 
     def apply(self, ctx: PatchContext, value) -> None:
-        classes = {}
-        for spec, section in ctx.section("causal_lm"):
-            missing = [k for k in _REQUIRED_KEYS if k not in section]
-            if missing:
-                ctx.report.problems.append(f"{spec.source} [causal_lm]: missing keys {missing}")
-                continue
-            for cls_name in (section["class"] if isinstance(section["class"], list) else [section["class"]]):
-                try:
-                    classes[spec.resolve(cls_name)] = section
-                except LookupError as exc:
-                    ctx.report.problems.append(f"{exc}; loss not patched")
+        classes = ctx.section_classes("causal_lm", _REQUIRED_KEYS, "loss")
         for name, module in ctx.named_modules():
             section = classes.get(type(module))
             if section is None:

@@ -82,19 +82,7 @@ class MLPPatcher:
     default = True
 
     def apply(self, ctx: PatchContext, value) -> None:
-        sections = ctx.section("mlp")
-        classes = {}
-        for spec, section in sections:
-            missing = [k for k in _REQUIRED_KEYS if k not in section]
-            if missing:
-                ctx.report.problems.append(f"{spec.source} [mlp]: missing keys {missing}")
-                continue
-            try:
-                cls = spec.resolve(section["class"])
-            except LookupError as exc:
-                ctx.report.problems.append(f"{exc}; MLP not patched")
-                continue
-            classes[cls] = section
+        classes = ctx.section_classes("mlp", _REQUIRED_KEYS, "MLP")
         probed: dict[tuple[type, torch.dtype], str | None] = {}
         for name, module in ctx.named_modules():
             section = classes.get(type(module))

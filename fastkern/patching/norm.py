@@ -86,21 +86,9 @@ class NormPatcher:
     def apply(self, ctx: PatchContext, value) -> None:
         if not value:
             return
-        classes = {}
-        for spec, section in ctx.section("norm"):
-            missing = [k for k in _REQUIRED_KEYS if k not in section]
-            if missing:
-                ctx.report.problems.append(f"{spec.source} [norm]: missing keys {missing}")
-                continue
-            if section["form"] not in _FORMS:
-                ctx.report.problems.append(f"{spec.source} [norm]: form {section['form']!r} is not one of {sorted(_FORMS)}")
-                continue
-            try:
-                cls = spec.resolve(section["class"])
-            except LookupError as exc:
-                ctx.report.problems.append(f"{exc}; norms not patched")
-                continue
-            classes[cls] = section
+        classes = ctx.section_classes(
+            "norm", _REQUIRED_KEYS, "norms",
+            check=lambda s: None if s["form"] in _FORMS else f"form {s['form']!r} is not one of {sorted(_FORMS)}")
         probed: dict[tuple[type, torch.dtype], str | None] = {}
         for name, module in ctx.named_modules():
             section = classes.get(type(module))

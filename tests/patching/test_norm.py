@@ -8,17 +8,10 @@ import fastkern
 from fastkern.patching import specs as spec_module
 from fastkern.patching.core import fastkern_forward_kind
 from tests.models import FAMILIES, batch, tiny_model
+from tests.models import logits_loss_grads as run
 from tests.oracle import assert_close, assert_same_fp32_run
 
 GEMMA_FORM = {"gemma", "gemma2", "gemma3"}
-
-
-def run(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach().clone(), out.loss.detach().clone(), grads
 
 
 def norm_modules(model):
