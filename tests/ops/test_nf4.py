@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from fastkern.ops import NF4State, nf4_dequantize, nf4_quantize
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
+from tests.bnb_reference import bnb_dequantize_4bit  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -18,7 +19,7 @@ def _bnb(weight, blocksize, double_quant, quant_storage=torch.uint8):
 
 
 def _bnb_dequant(packed, state):
-    return bnbf.dequantize_4bit(packed, state, quant_type="nf4")
+    return bnb_dequantize_4bit(packed, state)  # bitsandbytes' generic kernel: tests/bnb_reference.py says why
 
 
 def _assert_bitexact(got, ref):
@@ -38,6 +39,17 @@ def test_dequantize_bitexact_vs_bitsandbytes(rows, cols, blocksize, double_quant
     w = (torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 3).to(dtype)
     packed, state = _bnb(w, blocksize, double_quant)
     _assert_bitexact(nf4_dequantize(packed, state), _bnb_dequant(packed, state))
+
+
+@pytest.mark.parametrize("shape,blocksize,double_quant", [((8, 128), 64, True), ((5, 256), 128, False),
+                                                          ((3, 64), 64, False), ((1, 4096), 4096, True)])
+def test_reference_is_bitsandbytes_public_dequantization_where_rows_hold_whole_blocks(shape, blocksize, double_quant):
+    # tests/bnb_reference.py swaps only the 4-bit lookup kernel; where bitsandbytes' native CPU kernel is
+    # right (rows made of whole blocks) the two agree bit for bit, the transposed packed view included.
+    w = torch.randn(*shape, dtype=torch.bfloat16)
+    packed, state = _bnb(w, blocksize, double_quant)
+    _assert_bitexact(bnb_dequantize_4bit(packed, state), bnbf.dequantize_4bit(packed, state, quant_type="nf4"))
+    _assert_bitexact(bnb_dequantize_4bit(packed.t(), state), bnbf.dequantize_4bit(packed.t(), state, quant_type="nf4"))
 
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.int8])

@@ -17,9 +17,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-def _tiny(family: str, dtype):
+def _tiny(family: str, dtype, intermediate_size=96):
     torch.manual_seed(0)
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
     if family == "llama":
         cfg = transformers.LlamaConfig(**common)
@@ -90,7 +90,9 @@ def test_dense_lora_matches_peft(family, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_nf4_lora_matches_peft_bnb(dtype, monkeypatch):
-    model = _peft(_quantize_linears(_tiny("llama", dtype)))
+    # Every in_features a multiple of the blocksize (64), as in real models: bitsandbytes 0.50.2's native
+    # CPU dequantization, PEFT's forward here, is wrong for rows that blocks straddle (tests/bnb_reference.py).
+    model = _peft(_quantize_linears(_tiny("llama", dtype, intermediate_size=128)))
     model.train()  # bitsandbytes repacks CPU weights for its own eval kernel; training keeps the format
     report = _compare(model, dtype, torch.randint(0, 128, (2, 9)), monkeypatch)
     assert len(report.patched_names("lora")) == 14, str(report)
