@@ -27,14 +27,27 @@ _OP = "fastkern.ops.rms_norm"
 # Programs per backward launch when a weight gradient is reduced across rows: enough to fill an H100
 # (132 SMs) a few times over; each writes one fp32 partial row of the weight gradient.
 _WEIGHT_GRAD_PROGRAMS = 512
+# How the backward splits rows over programs when it reduces a weight gradient: (most programs, whole
+# tiles per program). On the GPU each program takes whole BLOCK_M-row tiles; under the interpreter the
+# rows are split anywhere over at most 4 programs (the kernel masks each program's last tile at its own
+# range's end), so the CPU tests see ragged splits; they also switch this to whole tiles.
+_GPU_SPLIT = (_WEIGHT_GRAD_PROGRAMS, True)
+_INTERPRETER_SPLIT = (4, False)
+
+
+# Elements per program for narrow rows: rows narrower than this are stacked BLOCK_M to a tile.
+_TILE_ELEMENTS = 2048
 
 
 @functools.lru_cache(maxsize=64)
-def launch_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps): the whole row in one block (a row of the model's hidden size)."""
+def launch_config(n_cols: int, tile_elements: int = _TILE_ELEMENTS) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): the whole row in one block of BLOCK_N columns, and BLOCK_M rows
+    per tile so that a tile holds about ``tile_elements`` (rows of the model's hidden size: 1)."""
     block = max(16, 1 << (max(n_cols, 1) - 1).bit_length())
-    warps = 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2
-    return block, warps
+    block_m = max(1, tile_elements // block)
+    elements = block * block_m
+    warps = 16 if elements >= 16384 else 8 if elements >= 4096 else 4 if elements >= 1024 else 2
+    return block_m, block, warps
 
 
 def _path(t: Tensor) -> str:
@@ -52,12 +65,12 @@ def _forward_impl(x: Tensor, weight: Tensor, eps: float, weight_offset: float, c
     n_rows, n_cols = rows_view.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block, warps = launch_config(n_cols)
+    block_m, block, warps = launch_config(n_cols, _TILE_ELEMENTS)
     with device_guard(x):
-        rms_norm_forward_kernel[(n_rows,)](
-            rows_view, weight, y, rstd, n_cols, rows_view.stride(0), rows_view.stride(1), n_cols, float(eps),
-            float(weight_offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=block,
-            INT64_OFFSETS=needs_int64(rows_view, y, slack=block),
+        rms_norm_forward_kernel[(-(-n_rows // block_m),)](
+            rows_view, weight, y, rstd, n_rows, n_cols, rows_view.stride(0), rows_view.stride(1), n_cols,
+            float(eps), float(weight_offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_N=block,
+            INT64_OFFSETS=needs_int64(rows_view, y, slack=block * block_m),
             ROUND_BF16=path == "interpreter" and x.dtype == torch.bfloat16, num_warps=warps,
         )
     return y, rstd
@@ -77,20 +90,24 @@ def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, we
     x_rows, dy_rows = as_rows(x), as_rows(grad_out)
     n_rows, n_cols = x_rows.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block, warps = launch_config(n_cols)
+    block_m, block, warps = launch_config(n_cols, _TILE_ELEMENTS)
+    tiles = -(-n_rows // block_m)
     if need_weight_grad:
-        programs = min(n_rows, _WEIGHT_GRAD_PROGRAMS if path == "triton" else 4)
-        rows_per_program = -(-n_rows // programs)
+        max_programs, whole_tiles = _GPU_SPLIT if path == "triton" else _INTERPRETER_SPLIT
+        if whole_tiles:
+            rows_per_program = -(-tiles // min(tiles, max_programs)) * block_m
+        else:
+            rows_per_program = -(-n_rows // min(n_rows, max_programs))
         programs = -(-n_rows // rows_per_program)
         partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     else:
-        programs, rows_per_program, partial = n_rows, 1, rstd  # the kernel never touches partial then
+        programs, rows_per_program, partial = tiles, block_m, rstd  # the kernel never touches partial then
     with device_guard(x):
         rms_norm_backward_kernel[(programs,)](
             dy_rows, x_rows, weight, rstd, dx, partial, n_rows, n_cols, rows_per_program,
             dy_rows.stride(0), dy_rows.stride(1), x_rows.stride(0), x_rows.stride(1), n_cols, float(weight_offset),
-            CAST_BEFORE_WEIGHT=cast_before_weight, HAS_WEIGHT_GRAD=need_weight_grad, BLOCK_N=block,
-            INT64_OFFSETS=needs_int64(x_rows, dy_rows, dx, slack=block),
+            CAST_BEFORE_WEIGHT=cast_before_weight, HAS_WEIGHT_GRAD=need_weight_grad, BLOCK_M=block_m,
+            BLOCK_N=block, INT64_OFFSETS=needs_int64(x_rows, dy_rows, dx, slack=block * block_m),
             ROUND_BF16=path == "interpreter" and x.dtype == torch.bfloat16, num_warps=warps,
         )
     dw = partial.sum(0).to(weight.dtype) if need_weight_grad else None

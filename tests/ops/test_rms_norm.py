@@ -398,7 +398,33 @@ def test_weight_grad_sums_across_programs(monkeypatch, rows, programs, rows_per_
         else:
             assert w.grad is None
     if runtime.path_for(x0) == "interpreter":
-        assert spy.launches == [((programs,), rows_per_program, True), ((rows,), 1, False)]
+        block_m = rms_mod.launch_config(40)[0]  # frozen weight: one tile of block_m rows per program
+        assert spy.launches == [((programs,), rows_per_program, True), ((-(-rows // block_m),), block_m, False)]
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("cols,rows", [(40, 70), (40, 200), (1000, 7), (3, 1000)])
+def test_weight_grad_with_whole_tiles_per_program(monkeypatch, cols, rows):
+    # The GPU's split (whole BLOCK_M-row tiles per program, the last program's tile ragged at n_rows),
+    # run under the interpreter with 3 programs at most.
+    monkeypatch.setattr(rms_mod, "_INTERPRETER_SPLIT", (3, True))
+    block_m = rms_mod.launch_config(cols)[0]
+    spy = _LaunchSpy(kernels_mod.rms_norm_backward_kernel)
+    monkeypatch.setattr(kernels_mod, "rms_norm_backward_kernel", spy)
+    gen = torch.Generator().manual_seed(rows)
+    x0 = make((rows, cols), torch.float32, "row_padded", 1.0, gen)
+    w0 = make_weight(cols, torch.float32, "llama", gen)
+    dy = make((rows, cols), torch.float32, "contiguous", 1.0, gen)
+    x64, w64 = x0.double().requires_grad_(), w0.double().requires_grad_()
+    oracle(x64, w64, 1e-6, "llama", torch.float32).backward(dy.double())
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    fastkern.ops.rms_norm(x, w).backward(dy)
+    assert_close(x.grad, x64.grad, torch.float32, None, "grad_x")
+    assert_close(w.grad, w64.grad, torch.float32, None, "grad_weight")
+    if runtime.path_for(x0) == "interpreter":
+        (grid, rows_per_program, has_weight_grad), = spy.launches
+        assert has_weight_grad and rows_per_program % block_m == 0 and grid[0] <= 3
+        assert (grid[0] - 1) * rows_per_program < rows <= grid[0] * rows_per_program
 
 
 @pytest.mark.usefixtures("poison_empty")
@@ -451,7 +477,8 @@ def test_torch_compile_frozen_weight_computes_no_weight_grad(monkeypatch):
     assert_compiled_matches_eager(f, torch.randn(6, 24, requires_grad=True))
     assert w.grad is None
     if runtime.path_for(w) == "interpreter":
-        assert spy.launches == [((6,), 1, False)] * 2  # compiled, then eager
+        block_m = rms_mod.launch_config(24)[0]  # 6 rows: one tile
+        assert spy.launches == [((1,), block_m, False)] * 2  # compiled, then eager
 
 
 @pytest.mark.parametrize("shape", [(3, 8), (2, 3, 8), (8,), (0, 8), (5, 0)])
