@@ -1,5 +1,7 @@
 """Tiny random-init models of every family in patches/, built from configs (no downloads)."""
 
+import inspect
+
 import torch
 import transformers
 
@@ -60,3 +62,17 @@ def logits_loss_grads(model, ids):
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.logits.detach().clone(), out.loss.detach().clone(), grads
+
+
+def cache_kwargs():
+    """The keyword names the installed transformers' forwards take the KV cache under: transformers 5.25
+    renamed `past_key_values` to `cache` (the old name still accepted, deprecated); 5.17-5.23 only know
+    `past_key_values`."""
+    if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters:
+        return ["cache", "past_key_values"]
+    return ["past_key_values"]
+
+
+def output_cache(out):
+    """The KV cache of a model output, under whichever field name the installed transformers uses."""
+    return out.cache if "cache" in out.__dataclass_fields__ else out.past_key_values

@@ -73,15 +73,15 @@ def _project(module: nn.Module, config: AttentionConfig, hidden_states: torch.Te
 
 
 def _attention(module, config: AttentionConfig, hidden_states, position_embeddings, attention_mask,
-               past_key_values, **kwargs):
+               cache, **kwargs):
     q, k, v = _project(module, config, hidden_states)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cos, sin = position_embeddings
     # q and k are private intermediates (fresh projection or norm outputs): rotate them in place, unless
     # they are slices of one fused qkv output, where autograd would copy around an in-place update.
     q, k = rope(q, k, cos, sin, inplace=config.fused_qkv is None)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, module.layer_idx)
+    if cache is not None:
+        k, v = cache.update(k, v, module.layer_idx)
     extra = {}
     if config.sliding_window == "config":
         extra["sliding_window"] = getattr(module.config, "sliding_window", None)
@@ -102,10 +102,18 @@ def _attention(module, config: AttentionConfig, hidden_states, position_embeddin
 
 
 @instance_forward("rope")
-def fused_rope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                                 past_key_values=None, **kwargs):
+def fused_rope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                                 *, past_key_values=None, **kwargs):
+    # The KV cache arrives as `cache` from transformers 5.25 on (its decoder layers call
+    # self_attn(..., cache=cache)) and as `past_key_values` before (5.17-5.23); it is the fourth parameter
+    # of the attention forward under both names. Taking only `past_key_values` let 5.25's cache fall into
+    # **kwargs: never updated, so a decode step attended to its own token alone.
+    if past_key_values is not None:
+        if cache is not None:
+            raise ValueError("fastkern rope: both `cache` and `past_key_values` given to the attention forward")
+        cache = past_key_values
     return _attention(self, self._fastkern_attention, hidden_states, position_embeddings, attention_mask,
-                      past_key_values, **kwargs)
+                      cache, **kwargs)
 
 
 def _rotary_dim(module: nn.Module) -> int:

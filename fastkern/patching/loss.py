@@ -45,6 +45,12 @@ def _keep(t: torch.Tensor, logits_to_keep) -> torch.Tensor:
     return t[:, logits_to_keep]
 
 
+def _cache_field(output_type: type) -> str:
+    """The KV cache field of a transformers output class: `cache` from transformers 5.25 on (the old
+    `past_key_values` is then a deprecated alias that warns), `past_key_values` before."""
+    return "cache" if "cache" in getattr(output_type, "__dataclass_fields__", {}) else "past_key_values"
+
+
 def _original(self, kwargs):
     return type(self).forward(self, **kwargs)
 
@@ -54,8 +60,12 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
                                  inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
                                  return_logits=False, **kwargs):
     # Positional order of the *ForCausalLM forwards in transformers 5 (input_ids, attention_mask, ...).
-    kwargs.update(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                  inputs_embeds=inputs_embeds, use_cache=use_cache)
+    kwargs.update(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                  use_cache=use_cache)
+    # transformers 5.25 renamed `past_key_values` to `cache` (generate passes `cache=`, here in kwargs): pass
+    # the old name on only when given, as a None under it next to `cache` makes 5.25 warn on every call.
+    if past_key_values is not None:
+        kwargs["past_key_values"] = past_key_values
     state = self.__dict__.get("_fastkern_loss")
     # No state: unpatched while another wrapper (TRL's add_fused_lm_head) still holds this function.
     head = getattr(self, state[1]) if state is not None else None
@@ -86,9 +96,10 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
         logits = head(hidden) * scale
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-    out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=getattr(outputs, "past_key_values", None),
-                                 hidden_states=getattr(outputs, "hidden_states", None),
-                                 attentions=getattr(outputs, "attentions", None))
+    cache = getattr(outputs, _cache_field(type(outputs)), None)
+    out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=getattr(outputs, "hidden_states", None),
+                                 attentions=getattr(outputs, "attentions", None),
+                                 **{_cache_field(CausalLMOutputWithPast): cache})
     return out.to_tuple() if return_dict is False else out
 
 

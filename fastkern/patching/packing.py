@@ -252,7 +252,10 @@ def _documents_of_call(backbone: nn.Module, arguments: dict, extra: dict) -> Pac
         return None
     if not getattr(backbone.config, "is_causal", True) or getattr(backbone.config, "use_bidirectional_attention", False):
         return None
-    cache = arguments.get("past_key_values")
+    # transformers 5.25 renamed the backbone's `past_key_values` parameter to `cache` (the old name still
+    # accepted, then found in `extra`); 5.17-5.23 name it `past_key_values`. Look under every name.
+    cache = next((c for c in (arguments.get("cache"), arguments.get("past_key_values"), extra.get("cache"),
+                              extra.get("past_key_values")) if c is not None), None)
     if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
         return None  # continuing from a cache: one sequence per row, as transformers sees it
     embeds = arguments.get("inputs_embeds")

@@ -7,7 +7,7 @@ import transformers
 import fastkern
 from fastkern.patching import attention as attention_module
 from fastkern.patching.core import fastkern_forward_kind
-from tests.models import FAMILIES, batch, tiny_config, tiny_model
+from tests.models import FAMILIES, batch, cache_kwargs, output_cache, tiny_config, tiny_model
 from tests.oracle import assert_close, assert_same_fp32_run
 
 ALL_FAMILIES = FAMILIES + ["phi3"]
@@ -71,6 +71,7 @@ def test_family_fp32_same_logits_loss_grads(family, attn):
     torch.testing.assert_close(logits2, logits0, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "phi3"])
 def test_family_with_cache_and_packed_positions(family):
     """Generation-style calls (cache on) and packed position_ids reach the kernel with the same result."""
@@ -82,14 +83,45 @@ def test_family_with_cache_and_packed_positions(family):
         # packing off: with it, the cache-on packed call would (correctly) differ from transformers' result.
         fastkern.patch_model(model, mlp=False, rope=True, packing=False)
         got = model(input_ids=ids, position_ids=position_ids, use_cache=True).logits
-        # Decode one more token against the cache on both paths.
-        out = model(input_ids=ids[:, :8], use_cache=True)
-        got_next = model(input_ids=ids[:, 8:], past_key_values=out.past_key_values, use_cache=True).logits
+        # Decode one more token against the cache on both paths, the cache passed under each name the
+        # installed transformers takes (`cache` from 5.25 on, `past_key_values`).
+        got_next, want_next = {}, {}
+        for name in cache_kwargs():
+            out = model(input_ids=ids[:, :8], use_cache=True)
+            got_next[name] = model(input_ids=ids[:, 8:], use_cache=True, **{name: output_cache(out)}).logits
         fastkern.unpatch_model(model)
-        out = model(input_ids=ids[:, :8], use_cache=True)
-        want_next = model(input_ids=ids[:, 8:], past_key_values=out.past_key_values, use_cache=True).logits
+        for name in cache_kwargs():
+            out = model(input_ids=ids[:, :8], use_cache=True)
+            want_next[name] = model(input_ids=ids[:, 8:], use_cache=True, **{name: output_cache(out)}).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_next, want_next, rtol=1e-5, atol=1e-5)
+    for name in cache_kwargs():
+        torch.testing.assert_close(got_next[name], want_next[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name", cache_kwargs())
+def test_attention_forward_takes_the_cache_under_either_name(name):
+    """The patched attention forward appends k, v to the cache and attends over it whether the decoder
+    layer passes it as `cache` (transformers 5.25+) or `past_key_values` (5.17-5.23)."""
+    model = make("qwen3")
+    ids = batch(b=2, t=7)
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(ids[:, 6:])
+        position_embeddings = model.model.rotary_emb(hidden, torch.tensor([[6]]))
+
+        def decode():
+            cache = output_cache(model(input_ids=ids[:, :6], use_cache=True))
+            out, _ = attention(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None,
+                               **{name: cache})
+            return out, cache.get_seq_length(0)
+
+        want, want_length = decode()
+        fastkern.patch_model(model, mlp=False, rope=True, packing=False)
+        assert fastkern_forward_kind(attention) == "rope"
+        got, got_length = decode()
+    assert got_length == want_length == 7
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gemma3"])

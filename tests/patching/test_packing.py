@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastkern
 from fastkern.patching import packing as packing_module
 from fastkern.patching.core import fastkern_forward_kind
-from tests.models import FAMILIES, tiny_model
+from tests.models import FAMILIES, cache_kwargs, output_cache, tiny_model
 from tests.oracle import assert_same_fp32_run
 
 LENGTHS = [5, 1, 9, 3, 1, 6]  # includes length-1 documents; longer than the sliding windows below
@@ -68,6 +68,20 @@ def grads_of(model):
 
 def assert_same(got, want, grad_tol=1e-4):
     assert_same_fp32_run(got, want, loss_rtol=1e-5, grad_rtol=grad_tol)
+
+
+def decode_last(model, ids):
+    """{cache keyword: logits of the last token of ids decoded against a cache of the others}, for each name
+    the installed transformers takes the cache under (`cache` from 5.25 on, `past_key_values`)."""
+    logits = {}
+    for name in cache_kwargs():
+        prefix = model(input_ids=ids[:, :-1], use_cache=True)
+        logits[name] = model(input_ids=ids[:, -1:], use_cache=True, **{name: output_cache(prefix)}).logits
+    return logits
+
+
+# The deprecated name is still tested where transformers (5.25+) warns about it.
+DEPRECATED_CACHE_NAME = "ignore:`past_key_values` is deprecated:FutureWarning"
 
 
 @pytest.mark.parametrize("use_cache", [False, True], ids=["nocache", "cache"])
@@ -187,6 +201,7 @@ def test_no_dense_mask_on_the_packed_path(family, attn, use_cache, monkeypatch):
     assert calls
 
 
+@pytest.mark.filterwarnings(DEPRECATED_CACHE_NAME)
 @pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("mistral", "eager"), ("gemma2", "eager"), ("qwen3", "sdpa")])
 def test_padded_and_unpacked_batches_unchanged(family, attn):
     model = make(family, attn, **({"sliding_window": 4} if family in ("mistral", "gemma2") else {}))
@@ -204,14 +219,38 @@ def test_padded_and_unpacked_batches_unchanged(family, attn):
         fastkern.patch_model(model, mlp=False)
         got = [model(input_ids=ids, **kw).logits for kw in calls]
         # Decoding one token against a cache (generation) is unchanged too.
-        out = model(input_ids=ids[:, :9], use_cache=True)
-        got_next = model(input_ids=ids[:, 9:], past_key_values=out.past_key_values, use_cache=True).logits
+        got_next = decode_last(model, ids)
         fastkern.unpatch_model(model)
-        out = model(input_ids=ids[:, :9], use_cache=True)
-        want_next = model(input_ids=ids[:, 9:], past_key_values=out.past_key_values, use_cache=True).logits
+        want_next = decode_last(model, ids)
     for g_, w in zip(got, want):
         torch.testing.assert_close(g_, w, rtol=0, atol=0)
-    torch.testing.assert_close(got_next, want_next, rtol=0, atol=0)
+    for name in cache_kwargs():
+        torch.testing.assert_close(got_next[name], want_next[name], rtol=0, atol=0, msg=lambda m: f"{name}=: {m}")
+
+
+@pytest.mark.filterwarnings(DEPRECATED_CACHE_NAME)
+@pytest.mark.parametrize("name", cache_kwargs())
+def test_chunk_continuing_a_cache_is_not_a_packed_batch(name, monkeypatch):
+    """A chunk run against a non-empty cache is one sequence per row even where its position_ids do not step
+    by 1 (transformers detects packing only without a cache): transformers' path, under either cache name."""
+    looked = []
+    monkeypatch.setattr(packing_module, "find_documents",
+                        lambda *a, _f=packing_module.find_documents, **k: looked.append(1) or _f(*a, **k))
+    model = make("llama", "sdpa")
+    ids = torch.randint(3, 131, (1, 10), generator=torch.Generator().manual_seed(7))
+    position_ids = torch.tensor([[6, 7, 0, 1]])
+
+    def chunk():
+        with torch.no_grad():
+            prefix = model.model(input_ids=ids[:, :6], use_cache=True)
+            return model.model(input_ids=ids[:, 6:], position_ids=position_ids, use_cache=True,
+                               **{name: output_cache(prefix)}).last_hidden_state
+
+    want = chunk()
+    fastkern.patch_model(model, mlp=False, rope=False)
+    got = chunk()
+    assert len(looked) == 1, "the chunk after the cache was searched for documents: the cache went unseen"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_with_rope_patch_and_gradient_checkpointing():
