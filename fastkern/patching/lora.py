@@ -9,7 +9,8 @@ Call time: the patched forward re-reads ``disable_adapters``, ``merged``, ``acti
 ``scaling`` and each adapter's dropout/variant, and hands the call to PEFT's own forward whenever
 the fused result would not be exactly PEFT's math (adapters disabled or merged: PEFT's forward is
 the base layer then; ``adapter_names`` or extra arguments; active dropout; variants; dtype or
-device mismatches; forward hooks added to the base layer after patching). So TRL's
+device mismatches; forward hooks added to the base layer after patching; autocast unless it would run
+the layer in x's dtype anyway, as TRL's bf16=True does on a bf16 model). So TRL's
 ``disable_adapter()`` and ``set_scale`` keep working unchanged. The common case (one plain active
 adapter) is read through ``_one_plain_adapter`` with few Module.__getattr__ calls: this forward runs
 for every LoRA projection of every layer, and its host time adds up at small batch sizes.
@@ -113,20 +114,36 @@ def _nf4_forward(base: nn.Module, x: torch.Tensor, lora) -> torch.Tensor | None:
     return _cast(out, x.dtype)
 
 
+def _autocast_runs_in(layer: nn.Module, base: nn.Module, x: torch.Tensor, nf4: bool) -> bool:
+    """Under autocast, whether every product of this layer would run in x's dtype anyway, so that the
+    fused path (which computes in x's dtype, adapters cast to it) is what PEFT computes under autocast.
+
+    TRL's ``bf16=True`` runs the model under autocast (accelerate wraps the forward) also when the
+    weights are bf16 already: then autocast casts PEFT's fp32 adapters and its fp32 copy of x back to
+    bf16 for each product, i.e. the LoRA term is computed in bf16, as here. With fp32 weights (autocast
+    casting the base product down) or another autocast dtype, PEFT's forward runs instead.
+    """
+    dtype = torch.get_autocast_dtype(x.device.type)
+    if x.dtype != dtype:
+        return False
+    if nf4:
+        return (getattr(base, "compute_dtype", None) or x.dtype) == dtype
+    weight = base._parameters.get("weight") if type(base) is nn.Linear else None
+    return weight is not None and weight.dtype == dtype
+
+
 @instance_forward("lora")
 def fused_lora_forward(self, x, *args, **kwargs):
     if args or kwargs or self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
         return _peft_forward(self, x, *args, **kwargs)
-    # Under autocast (TRL's bf16=True with fp32 weights) PEFT's modules follow autocast's casting
-    # rules; the fused path computes in the tensors' own dtypes, so it would differ: defer to PEFT.
-    if torch.is_autocast_enabled(x.device.type):
-        return _peft_forward(self, x)
     base = self._modules.get("base_layer")
     if type(base) is not nn.Linear:  # an exact nn.Linear is its own base; anything else: ask PEFT
         base = self.get_base_layer()
     if base._forward_hooks or base._forward_pre_hooks:  # hooks added after patching must run
         return _peft_forward(self, x)
     nf4 = self._fastkern_lora == "nf4"
+    if torch.is_autocast_enabled(x.device.type) and not _autocast_runs_in(self, base, x, nf4):
+        return _peft_forward(self, x)
     lora = _one_plain_adapter(self)
     if lora is None:  # several adapters, or one that may not be plain: the full checks
         names = _fusable_now(self, x)

@@ -192,6 +192,40 @@ def test_fp4_and_dora_skipped_with_reason():
     assert not report.patched_names("lora") and "variant" in str(report)
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_autocast_in_the_weights_dtype_takes_the_fused_path(nf4, monkeypatch):
+    # TRL's bf16=True on a bf16 model: accelerate runs the forward under bf16 autocast, which casts PEFT's
+    # fp32 adapters and its fp32 copy of x back to bf16 for every product. The fused path computes the
+    # same products in bf16, so it must be taken (not PEFT's forward) and match PEFT under autocast.
+    base = _tiny("llama", torch.bfloat16, intermediate_size=128)
+    model = _peft(_quantize_linears(base) if nf4 else base)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # as PEFT's autocast_adapter_dtype leaves them for a bf16 model
+    model.train()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_logits, ref_loss, ref_grads = _run(model, ids)
+    fastkern.patch_model(model, lora=True)
+    calls = []
+    original = fastkern.patching.lora.lora_linear
+    monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_logits, got_loss, got_grads = _run(model, ids)
+    assert len(calls) == 14, "every LoRA layer must take the fused path under autocast in its own dtype"
+    assert _rel(got_logits, ref_logits) < TOL[torch.bfloat16]
+    assert abs(got_loss.item() - ref_loss.item()) <= TOL[torch.bfloat16] * abs(ref_loss.item())
+    assert ref_grads.keys() == got_grads.keys() and len(got_grads) == 28
+    for name in ref_grads:
+        assert got_grads[name].dtype == torch.float32, name  # gradients reach the fp32 adapters
+        assert _rel(got_grads[name], ref_grads[name]) < 5 * TOL[torch.bfloat16], name
+    # Autocast to another dtype than the weights' would change the base product: PEFT's forward runs.
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.float16):
+        model(input_ids=ids, use_cache=False)
+    assert calls == []
+
+
 def test_autocast_with_fp32_weights_defers_to_peft():
     # TRL's bf16=True trains fp32 weights under autocast; the patched layer must match PEFT there.
     peft = pytest.importorskip("peft")
