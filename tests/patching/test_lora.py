@@ -212,7 +212,8 @@ def test_autocast_in_the_weights_dtype_takes_the_fused_path(nf4, monkeypatch):
     monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got_logits, got_loss, got_grads = _run(model, ids)
-    assert len(calls) == 14, "every LoRA layer must take the fused path under autocast in its own dtype"
+    # NF4 bases defer to PEFT under autocast for now (fastkern/patching/lora.py, _autocast_runs_in, says why).
+    assert len(calls) == (0 if nf4 else 14), "every dense LoRA layer must take the fused path under bf16 autocast"
     assert _rel(got_logits, ref_logits) < TOL[torch.bfloat16]
     assert abs(got_loss.item() - ref_loss.item()) <= TOL[torch.bfloat16] * abs(ref_loss.item())
     assert ref_grads.keys() == got_grads.keys() and len(got_grads) == 28
@@ -243,3 +244,36 @@ def test_autocast_with_fp32_weights_defers_to_peft():
         out = pm(input_ids=ids, labels=ids)
     out.loss.backward()
     torch.testing.assert_close(out.loss, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [
+    dict(lora=True), dict(lora=True, checkpointing="offload"), dict(lora=True, norm=True),
+    dict(loss=True, lora=True, norm=True, checkpointing="offload"),
+], ids=lambda o: "+".join(f"{k}" if v is True else f"{k}={v}" for k, v in o.items()))
+def test_gpu_bf16_model_under_autocast_with_checkpointing(options):
+    # What TRL's bf16=True does to a bf16 PEFT model on a GPU: the forward under bf16 autocast, gradient
+    # checkpointing on (non-reentrant, TRL's default). Patched loss and LoRA gradients match PEFT's.
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, vocab_size=256)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                       init_lora_weights=False))
+    model.train()
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = run()
+    fastkern.patch_model(model, **options)
+    loss, grads = run()
+    assert abs(loss.item() - ref_loss.item()) <= 2e-2 * abs(ref_loss.item())
+    for name in ref_grads:
+        assert _rel(grads[name], ref_grads[name]) < 1e-1, name
