@@ -141,3 +141,12 @@ def test_compile_fullgraph():
 def test_real_size_gpu(nf4, m):
     x, w, a, b, bias_t, state = _inputs(m, 14336, 4096, 16, torch.bfloat16, nf4, True, seed=m, device="cuda")
     _check(x, w, a, b, 2.0, bias_t, state, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(2048, 2048), (512, 2048), (2048, 8192)], ids=["q", "k_v", "down"])
+def test_llama_1b_projection_shapes_gpu(n, k):
+    # The Llama-1B projections of the QLoRA end-to-end bench: q takes the [W | B] concatenated scheme,
+    # k/v and down (2K > 3N) the accumulate scheme, which the 4096 -> 14336 case above never reaches.
+    x, w, a, b, bias_t, state = _inputs(4096, n, k, 16, torch.bfloat16, True, False, seed=n + k, device="cuda")
+    _check(x, w, a, b, 2.0, bias_t, state, torch.bfloat16)
