@@ -114,14 +114,15 @@ def _nf4_forward(base: nn.Module, x: torch.Tensor, lora) -> torch.Tensor | None:
     return _cast(out, x.dtype)
 
 
-def _autocast_runs_in(layer: nn.Module, base: nn.Module, x: torch.Tensor, nf4: bool) -> bool:
-    """Under autocast, whether every product of this (dense) layer would run in x's dtype anyway, so that
-    the fused path (which computes in x's dtype, adapters cast to it) is what PEFT computes under autocast.
+def _autocast_runs_in(x: torch.Tensor, nf4: bool) -> bool:
+    """Under autocast, whether the fused path computes what PEFT computes under autocast.
 
     TRL's ``bf16=True`` runs the model under autocast (accelerate wraps the forward) also when the
     weights are bf16 already: then autocast casts PEFT's fp32 adapters and its fp32 copy of x back to
-    bf16 for each product, i.e. the LoRA term is computed in bf16, as here. With fp32 weights (autocast
-    casting the base product down) or another autocast dtype, PEFT's forward runs instead.
+    bf16 for each product, i.e. the LoRA term is computed in bf16, as the fused path computes it (in x's
+    dtype, adapters cast to it). That holds when x is in autocast's dtype; the base weight must be too,
+    which ``_dense_forward`` checks (it hands a mismatch to PEFT). With fp32 activations or another
+    autocast dtype, PEFT's forward runs.
     """
     if nf4:
         # Not for NF4 bases yet: TRL SFT with QLoRA (H200, run G7 of 2026-12-03, docs/nf4_lora.md) trained
@@ -129,11 +130,7 @@ def _autocast_runs_in(layer: nn.Module, base: nn.Module, x: torch.Tensor, nf4: b
         # after 8 steps, same first loss), unexplained when the device time ran out. Dense bases are
         # checked step for step in GRPO/DPO (same gradients as PEFT's at bf16 noise).
         return False
-    dtype = torch.get_autocast_dtype(x.device.type)
-    if x.dtype != dtype:
-        return False
-    weight = base._parameters.get("weight") if type(base) is nn.Linear else None
-    return weight is not None and weight.dtype == dtype
+    return x.dtype == torch.get_autocast_dtype(x.device.type)
 
 
 @instance_forward("lora")
@@ -146,7 +143,7 @@ def fused_lora_forward(self, x, *args, **kwargs):
     if base._forward_hooks or base._forward_pre_hooks:  # hooks added after patching must run
         return _peft_forward(self, x)
     nf4 = self._fastkern_lora == "nf4"
-    if torch.is_autocast_enabled(x.device.type) and not _autocast_runs_in(self, base, x, nf4):
+    if torch.is_autocast_enabled(x.device.type) and not _autocast_runs_in(x, nf4):
         return _peft_forward(self, x)
     lora = _one_plain_adapter(self)
     if lora is None:  # several adapters, or one that may not be plain: the full checks

@@ -17,6 +17,8 @@ uses fastkern's log-prob kernel for this model (see that module for the TRL vers
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,6 +47,7 @@ def _keep(t: torch.Tensor, logits_to_keep) -> torch.Tensor:
     return t[:, logits_to_keep]
 
 
+@functools.lru_cache(maxsize=None)
 def _cache_field(output_type: type) -> str:
     """The KV cache field of a transformers output class: `cache` from transformers 5.25 on (the old
     `past_key_values` is then a deprecated alias that warns), `past_key_values` before."""
