@@ -7,10 +7,11 @@ no call copies or concatenates a dense W. With xs = scaling * (x @ A.T) ([M, r],
   accumulates onto it (cuBLAS beta = 1): the large term is rounded once, the extra traffic is one
   [M, N] write + read. Backward likewise: ``dX = (s dY B) @ A``, then ``dX += dY @ W``.
 * NF4 base: W must be materialized in 16 bits anyway (a transient buffer, recomputed in backward so
-  QLoRA's memory stays 4-bit between forward and backward). When that saves bytes (2K <= 3N) the
-  dequantization writes into an [N, K + r] buffer whose last r columns hold B, and the LoRA term
-  rides in the reduction dimension of the same GEMM: ``y = [x | xs] @ [W | B]^T`` and
-  ``[dY W | dY B] = dY @ [W | B]``; otherwise it takes the dense scheme on the dequantized W.
+  QLoRA's memory stays 4-bit between forward and backward). When that saves bytes the dequantization
+  writes into an [N, K + r] buffer whose last r columns hold B, and the LoRA term rides in the
+  reduction dimension of the same GEMM: ``y = [x | xs] @ [W | B]^T`` (2K <= 3N) and
+  ``[dY W | dY B] = dY @ [W | B]`` (N > 2K; dX is then copied out contiguous, see
+  ``_concat_backward``); otherwise it takes the dense scheme on the dequantized W.
 
 Tiers: the implementations ``_forward_impl`` / ``_backward_impl``; two custom ops
 (``fastkern::lora_linear_forward`` / ``_backward``) with fake implementations and autograd registered
@@ -35,9 +36,19 @@ Quant = tuple | None
 
 
 def _concat_path(k: int, n: int, nf4: bool) -> bool:
-    # Folding the LoRA term into the NF4 GEMM costs the [x | xs] copy (~4MK bytes in forward); the
-    # beta = 1 scheme costs ~4MN in forward and a second read of dY (2MN) in backward.
+    # Forward: folding the LoRA term into the NF4 GEMM costs the [x | xs] copy (~4MK bytes); the
+    # beta = 1 scheme costs ~4MN (one more [M, N] write + read).
     return nf4 and 2 * k <= 3 * n
+
+
+def _concat_backward(k: int, n: int, nf4: bool) -> bool:
+    # Backward: [dY W | dY B] = dY @ [W | B] leaves dX as the first K columns of an [M, K + r] result,
+    # a view with row stride K + r. dX must leave this op contiguous: torch 2.11's cuDNN attention
+    # backward reads a strided grad_out as if it were contiguous (wrong q/k/v gradients, ~140% error,
+    # found through o_proj: bench/probe_sdpa_strided_grad.py), and other consumers may assume it too.
+    # Copying dX out costs ~4MK bytes; the beta = 1 scheme instead reads dY a second time for dY @ B
+    # (2MN). So the concatenated GEMM pays only when N > 2K (e.g. 4096 -> 14336, gate/up of Llama).
+    return nf4 and n > 2 * k
 
 
 def _dequantized(weight: Tensor, quant: Quant, lora_b: Tensor, k: int, concat: bool) -> Tensor:
@@ -75,12 +86,13 @@ def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora
     dy = grad_out.contiguous()
     grad_x = g = None
     if need_x:
-        concat = _concat_path(k, lora_b.shape[0], quant is not None)
+        concat = _concat_backward(k, lora_b.shape[0], quant is not None)
         w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
         if concat:
             both = torch.mm(dy, w)  # w is [W | B]: [dY W | dY B]
-            g = both[:, k:] * scaling  # s dY B, a new [M, r] tensor (no alias of grad_x below)
-            grad_x = both[:, :k].addmm_(g, lora_a)
+            g = both[:, k:] * scaling  # s dY B, a new [M, r] tensor
+            # Out of place: dX is a new contiguous [M, K] tensor (see _concat_backward).
+            grad_x = torch.addmm(both[:, :k], g, lora_a)
         else:
             g = _scaled(torch.mm(dy, lora_b), scaling)
             grad_x = torch.mm(g, lora_a).addmm_(dy, w)
@@ -127,12 +139,7 @@ def lora_linear_backward_op(
 @lora_linear_backward_op.register_fake
 def _(grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, scaling, blocksize,
       nested_blocksize, bias_grad):
-    m, k = x.shape
-    r = lora_a.shape[0]
-    # On the concat path dX is the first K columns of the [M, K + r] GEMM result (row stride K + r).
-    grad_x = x.new_empty((m, k + r))[:, :k] if _concat_path(k, lora_b.shape[0], code is not None) \
-        else x.new_empty((m, k))
-    return (grad_x, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape),
+    return (x.new_empty(x.shape), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape),
             grad_out.new_empty((grad_out.shape[1],)))
 
 

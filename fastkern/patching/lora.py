@@ -114,6 +114,13 @@ def _nf4_forward(base: nn.Module, x: torch.Tensor, lora) -> torch.Tensor | None:
     return _cast(out, x.dtype)
 
 
+# Whether NF4 bases fuse under autocast too. Off: TRL SFT with QLoRA (H200, run G7 of 2026-12-03,
+# docs/nf4_lora.md) trained measurably slower with the fused NF4 path under autocast than with PEFT's
+# (loss 11.10 vs 10.44 after 8 steps, same first loss). bench/qlora_parity.py switches it on in its own
+# process to find out why. Dense bases are checked step for step in GRPO/DPO.
+FUSE_NF4_UNDER_AUTOCAST = False
+
+
 def _autocast_runs_in(x: torch.Tensor, nf4: bool) -> bool:
     """Under autocast, whether the fused path computes what PEFT computes under autocast.
 
@@ -124,11 +131,7 @@ def _autocast_runs_in(x: torch.Tensor, nf4: bool) -> bool:
     which ``_dense_forward`` checks (it hands a mismatch to PEFT). With fp32 activations or another
     autocast dtype, PEFT's forward runs.
     """
-    if nf4:
-        # Not for NF4 bases yet: TRL SFT with QLoRA (H200, run G7 of 2026-12-03, docs/nf4_lora.md) trained
-        # measurably slower with the fused NF4 path under autocast than with PEFT's (loss 11.10 vs 10.44
-        # after 8 steps, same first loss), unexplained when the device time ran out. Dense bases are
-        # checked step for step in GRPO/DPO (same gradients as PEFT's at bf16 noise).
+    if nf4 and not FUSE_NF4_UNDER_AUTOCAST:
         return False
     return x.dtype == torch.get_autocast_dtype(x.device.type)
 
