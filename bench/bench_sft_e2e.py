@@ -71,14 +71,7 @@ def main():
                         help="NF4 (double quant) base weights through BitsAndBytesConfig; needs --lora > 0")
     parser.add_argument("--packing", action="store_true",
                         help="SFTConfig(packing=True): documents packed padding-free into rows of `length`")
-    parser.add_argument("--fuse-nf4-under-autocast", action="store_true",
-                        help="diagnostic: fuse NF4 LoRA layers under autocast too, which the library keeps off "
-                             "(fastkern.patching.lora.FUSE_NF4_UNDER_AUTOCAST), in this process only")
     args = parser.parse_args()
-    if args.fuse_nf4_under_autocast:
-        import fastkern.patching.lora
-
-        fastkern.patching.lora.FUSE_NF4_UNDER_AUTOCAST = True
     runs = [("TRL default (unpatched)", False, {})]
     if args.variants:
         for only in args.variants.split(";"):

@@ -1,6 +1,6 @@
 """QLoRA parity on the GPU: PEFT + bitsandbytes vs fastkern's fused NF4 LoRA layers, under bf16 autocast.
 
-    python3 bench/qlora_parity.py [--layers 2] [--steps 8] [--fuse-nf4-under-autocast]
+    python3 bench/qlora_parity.py [--layers 2] [--steps 8] [--zero-b] [--configs ...] [--dense]
 
 Built to find the QLoRA training gap of docs/nf4_lora.md (TRL SFT trained slower with the fused NF4
 layers forced on under autocast). A Llama-1B-shaped model (hidden 2048, intermediate 8192, 32/8
@@ -14,11 +14,14 @@ models), gradient checkpointing on and ``enable_input_require_grads`` (as TRL). 
 2. One step's gradients with non-zero lora_B (so dA is not trivially zero): PEFT vs fused, each
    against an fp32 run of the same math (dequantized weights, fp32 adapters, no autocast); the
    per-projection relative error norms of dA, dB, worst first.
-3. ``--steps`` AdamW steps (lr 1e-4, constant, as the e2e bench) from the same start: losses side by side.
+3. ``--steps`` AdamW steps (lr 1e-4, constant, as the e2e bench) from PEFT's start (lora_B = 0) on one fixed batch of 1000 token ids: losses
+   of the fp32 math, PEFT + bitsandbytes and the fused layers side by side, and each one's mean
+   distance from the fp32 losses.
 
-``--fuse-nf4-under-autocast`` switches on, in this process only, the rule the library keeps off for NF4
-bases (fastkern.patching.lora.FUSE_NF4_UNDER_AUTOCAST): without it the "fused" rows take PEFT's
-forward under autocast and must match PEFT exactly, which checks the harness itself.
+Found (H200, 2026-12-03): the fused layers' gradients were ~140% off under checkpointing whenever
+o_proj was fused, because its strided dX misled torch's cuDNN attention backward (configs
+``lora fuse:o_proj`` vs ``lora fuse:o_proj nogc`` / ``mathsdpa`` / ``dxcopy`` isolate it). Fixed in
+lora_linear; the fused NF4 path is now the default under autocast.
 """
 
 import argparse
@@ -28,7 +31,6 @@ import tempfile
 import torch
 
 import fastkern
-import fastkern.patching.lora as lora_patch
 from fastkern.demo import SIZES
 
 try:  # run as a script (bench/ on sys.path) or imported as bench.qlora_parity
@@ -145,7 +147,15 @@ def _summary(grads, ref, everything=False):
     errs = sorted(((_rel(grads[n], ref[n]), n.removeprefix("base_model.model.model.").replace(".default.weight", ""))
                    for n in ref if n in grads), reverse=True)
     worst = ", ".join(f"{n} {e:.2e}" for e, n in (errs if everything else errs[:3]))
-    text = f"median {errs[len(errs) // 2][0]:.2e}, worst {worst}"
+    # Adam's first step moves every element by lr * sign(g): the share of elements whose sign differs
+    # from fp32's is what sets two runs apart after one step (zeros on either side excluded).
+    flips = total = 0
+    for n in ref:
+        if n in grads:
+            both = (grads[n] != 0) & (ref[n] != 0)
+            flips += int(((grads[n] > 0) != (ref[n] > 0))[both].sum())
+            total += int(both.sum())
+    text = f"median {errs[len(errs) // 2][0]:.2e}, sign flips {flips / max(total, 1):.2%}, worst {worst}"
     return text + (f"; NO GRADIENT for {missing}" if missing else "")
 
 
@@ -154,7 +164,7 @@ def main():
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--fuse-nf4-under-autocast", action="store_true")
+    parser.add_argument("--zero-b", action="store_true", help="step 2 with lora_B = 0, PEFT's initialization")
     parser.add_argument("--dense", action="store_true", help="bf16 base weights instead of NF4 (the LoRA control)")
     parser.add_argument("--size", default="1b", help="a fastkern.demo.SIZES shape (tiny, small, 1b)")
     parser.add_argument("--vocab", type=int, default=128256)
@@ -164,7 +174,6 @@ def main():
                              "settings: nogc, reentrant (checkpointing), noautocast, sync / refdequant (the "
                              "dequantization), fuse:<text> (fuse only layers named so), all (every adapter's error)")
     args = parser.parse_args()
-    lora_patch.FUSE_NF4_UNDER_AUTOCAST = args.fuse_nf4_under_autocast
     # TRL keeps PEFT's fp32 adapters on a 16-bit base and casts them to bf16 on a quantized one.
     adapter_dtype = torch.float32 if args.dense else torch.bfloat16
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -177,7 +186,9 @@ def main():
     base.save_pretrained(path)
     del base
     gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, vocab, (2, args.tokens // 2), generator=gen).to(DEV) for _ in range(args.steps + 1)]
+    batches = [torch.randint(0, vocab, (2, args.tokens // 2), generator=gen).to(DEV)]
+    # Step 3 trains on one fixed batch over 1000 token ids, so the loss has somewhere to go in a few steps.
+    learnable = torch.randint(0, min(vocab, 1000), (2, args.tokens // 2), generator=gen).to(DEV)
 
     # 1. dequantization, bit for bit
     import bitsandbytes as bnb
@@ -194,14 +205,14 @@ def main():
     print(f"1. nf4_dequantize vs bitsandbytes CUDA dequantize_4bit, {count} projections: max abs diff {worst:.3e}")
 
     # 2. one step's gradients against fp32, for several option sets and settings
-    ref = _fp32_reference(_peft(_load(path, args.dense), random_b=True, adapters=adapter_dtype))
+    ref = _fp32_reference(_peft(_load(path, args.dense), random_b=not args.zero_b, adapters=adapter_dtype))
     loss_ref, g_ref = _grads(ref, batches[0], autocast=False)
     del ref
-    peft_model = _peft(model, random_b=True, adapters=adapter_dtype)
+    peft_model = _peft(model, random_b=not args.zero_b, adapters=adapter_dtype)
     loss_peft, g_peft = _grads(peft_model, batches[0])
-    print(f"2. one step, lora_B random: loss fp32 {loss_ref:.6f}, PEFT+bnb {loss_peft:.6f}")
+    print(f"2. one step, lora_B {'0' if args.zero_b else 'random'}: loss fp32 {loss_ref:.6f}, PEFT+bnb {loss_peft:.6f}")
     print(f"   PEFT+bnb vs fp32, adapter gradients: {_summary(g_peft, g_ref)}")
-    for label in args.configs.split(";"):
+    for label in filter(None, args.configs.split(";")):
         only, _, setting = label.partition(" ")
         words = setting.split()
         if "nogc" in words:
@@ -232,15 +243,18 @@ def main():
 
     # 3. a short training run from the same start
     curves = {}
-    for label in ("PEFT+bnb", "fused"):
-        model = _peft(_load(path, args.dense), adapters=adapter_dtype)
+    for label in ("fp32", "PEFT+bnb", "fused"):
+        if label == "fp32":  # the same math in fp32 (dequantized base, fp32 adapters, no autocast)
+            model = _fp32_reference(_peft(_load(path, args.dense), adapters=torch.float32))
+        else:
+            model = _peft(_load(path, args.dense), adapters=adapter_dtype)
         if label == "fused":
             fastkern.patch_model(model, lora=True)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
         losses = []
-        for ids in batches[1:]:
+        for ids in [learnable] * args.steps:
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(DEV, dtype=torch.bfloat16):
+            with torch.autocast(DEV, dtype=torch.bfloat16, enabled=label != "fp32"):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
@@ -249,7 +263,8 @@ def main():
         del model, opt
     print("3. losses per step (AdamW lr 1e-4):")
     for label, losses in curves.items():
-        print(f"   {label:9s} " + " ".join(f"{v:.4f}" for v in losses))
+        gap = sum(abs(v - r) for v, r in zip(losses, curves["fp32"])) / max(len(losses), 1)
+        print(f"   {label:9s} " + " ".join(f"{v:.4f}" for v in losses) + f"   mean |loss - fp32 loss| {gap:.4f}")
 
 
 if __name__ == "__main__":

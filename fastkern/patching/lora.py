@@ -114,26 +114,24 @@ def _nf4_forward(base: nn.Module, x: torch.Tensor, lora) -> torch.Tensor | None:
     return _cast(out, x.dtype)
 
 
-# Whether NF4 bases fuse under autocast too. Off: TRL SFT with QLoRA (H200, run G7 of 2026-12-03,
-# docs/nf4_lora.md) trained measurably slower with the fused NF4 path under autocast than with PEFT's
-# (loss 11.10 vs 10.44 after 8 steps, same first loss). bench/qlora_parity.py switches it on in its own
-# process to find out why. Dense bases are checked step for step in GRPO/DPO.
-FUSE_NF4_UNDER_AUTOCAST = False
-
-
-def _autocast_runs_in(x: torch.Tensor, nf4: bool) -> bool:
+def _autocast_runs_in(x: torch.Tensor, compute: torch.dtype) -> bool:
     """Under autocast, whether the fused path computes what PEFT computes under autocast.
 
     TRL's ``bf16=True`` runs the model under autocast (accelerate wraps the forward) also when the
     weights are bf16 already: then autocast casts PEFT's fp32 adapters and its fp32 copy of x back to
-    bf16 for each product, i.e. the LoRA term is computed in bf16, as the fused path computes it (in x's
-    dtype, adapters cast to it). That holds when x is in autocast's dtype; the base weight must be too,
-    which ``_dense_forward`` checks (it hands a mismatch to PEFT). With fp32 activations or another
-    autocast dtype, PEFT's forward runs.
+    bf16 for each product, i.e. the LoRA term is computed in bf16, as the fused path computes it (in
+    ``compute``, adapters cast to it). That holds when x and ``compute`` (x's dtype for a dense base,
+    whose weight ``_dense_forward`` also checks; bitsandbytes' compute_dtype for an NF4 base) are
+    autocast's dtype. With fp32 activations, an fp32 compute dtype or another autocast dtype, PEFT's
+    forward runs.
+
+    NF4 bases were held back until 2026-12-03: TRL SFT with QLoRA trained differently with them. The
+    cause was a strided dX reaching torch 2.11's cuDNN attention backward (fixed in lora_linear); on
+    the H200 the fused NF4 layers now track fp32 training more closely than PEFT + bitsandbytes
+    (docs/nf4_lora.md, bench/qlora_parity.py).
     """
-    if nf4 and not FUSE_NF4_UNDER_AUTOCAST:
-        return False
-    return x.dtype == torch.get_autocast_dtype(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.dtype == dtype and compute == dtype
 
 
 @instance_forward("lora")
@@ -146,7 +144,8 @@ def fused_lora_forward(self, x, *args, **kwargs):
     if base._forward_hooks or base._forward_pre_hooks:  # hooks added after patching must run
         return _peft_forward(self, x)
     nf4 = self._fastkern_lora == "nf4"
-    if torch.is_autocast_enabled(x.device.type) and not _autocast_runs_in(x, nf4):
+    if torch.is_autocast_enabled(x.device.type) and not _autocast_runs_in(
+            x, (getattr(base, "compute_dtype", None) or x.dtype) if nf4 else x.dtype):
         return _peft_forward(self, x)
     lora = _one_plain_adapter(self)
     if lora is None:  # several adapters, or one that may not be plain: the full checks
