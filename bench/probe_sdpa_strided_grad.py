@@ -2,10 +2,11 @@
 
     python3 bench/probe_sdpa_strided_grad.py
 
-The [W | B] scheme of lora_linear's NF4 backward returns dX as a view with row stride K + r. When
-o_proj returns such a gradient, it is the grad_out of the attention. This compares q/k/v gradients for
-a strided vs a contiguous grad_out of equal values, with and without non-reentrant checkpointing,
-for each SDPA backend.
+Until 2026-12-03 the [W | B] scheme of lora_linear's NF4 backward returned dX as a view with row
+stride K + r; from a QLoRA o_proj that view is the attention's grad_out. This compares q/k/v
+gradients for a strided vs a contiguous grad_out of equal values, with and without non-reentrant
+checkpointing, for each SDPA backend. Measured on an H200 with torch 2.11: cuDNN 140% off for the
+strided one (also torch's default pick there), flash and math exact (docs/nf4_lora.md).
 """
 
 import torch
