@@ -67,19 +67,19 @@ def _ops_rows() -> dict[str, float]:
                 _time(dequant)}
 
 
-class _Holder(nn.Module):
-    def __init__(self, proj):
-        super().__init__()
-        self.proj = proj
-
-
 def _peft_rows(base: nn.Module, label: str) -> dict[str, float]:
     from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LoraConfig(r=R, lora_alpha=2 * R, target_modules=["proj"], lora_dropout=0.0, init_lora_weights=False)
-    model = get_peft_model(_Holder(base), cfg)
+    # patch_model patches transformers models: the layer under test is the q_proj of a one-layer Llama
+    # (only that projection is timed; the attention around it never runs).
+    holder = LlamaForCausalLM(LlamaConfig(hidden_size=K, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=32))
+    holder.model.layers[0].self_attn.q_proj = base
+    cfg = LoraConfig(r=R, lora_alpha=2 * R, target_modules=["q_proj"], lora_dropout=0.0, init_lora_weights=False)
+    model = get_peft_model(holder, cfg)
     model.train()
-    layer = model.base_model.model.proj
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(M, K, requires_grad=True)
     g = torch.randn(M, N)
 
@@ -87,7 +87,7 @@ def _peft_rows(base: nn.Module, label: str) -> dict[str, float]:
         layer(x).backward(g)
 
     rows = {f"peft {label}: PEFT forward": _time(step)}
-    report = fastkern.patch_model(model)
+    report = fastkern.patch_model(model, lora=True, mlp=False, rope=False, packing=False)
     assert report.patched_names("lora"), str(report)
     with runtime.force_reference():
         rows[f"peft {label}: fastkern patched"] = _time(step)
