@@ -95,16 +95,18 @@ def main():
     rows["fused step, implementation called on the main thread"] = _host_us(direct_step)
     rows["fused step, implementation called on a fresh thread"] = _on_thread(direct_step)
 
-    from peft import LoraConfig, get_peft_model
+    try:  # run as a script (bench/ on sys.path) or imported as bench.host_lora_gpu
+        from bench_lora_linear import _peft_layer
+    except ImportError:
+        from bench.bench_lora_linear import _peft_layer
 
-    class Holder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(K, N, bias=False, device="cuda", dtype=DT)
+    def dense_base(weight=None):
+        base = nn.Linear(K, N, bias=False, device="cuda", dtype=DT)
+        if weight is not None:
+            base.weight.data.copy_(weight)
+        return base
 
-    model = get_peft_model(Holder(), LoraConfig(r=R, lora_alpha=int(S * R), target_modules=["proj"], lora_dropout=0.0))
-    layer = model.base_model.model.proj
-    layer.to(DT)
+    _, layer = _peft_layer(dense_base())  # the same PEFT layer (r16, alpha 32, bf16 adapters) as the layer bench
 
     def peft_step():
         x.grad = None
@@ -120,12 +122,7 @@ def main():
         x.grad = a.grad = b.grad = None
         sum(lora_linear(x, w_, a, b, S) for w_ in ws).backward(dy)
 
-    layers = []
-    for w_ in ws:
-        holder = Holder()
-        holder.proj.weight.data.copy_(w_)
-        m = get_peft_model(holder, LoraConfig(r=R, lora_alpha=int(S * R), target_modules=["proj"], lora_dropout=0.0))
-        layers.append(m.base_model.model.proj.to(DT))
+    layers = [_peft_layer(dense_base(w_))[1] for w_ in ws]
 
     def peft_chain():
         x.grad = None
@@ -143,15 +140,7 @@ def main():
         x.grad = a.grad = b.grad = None
         sum(lora_linear(x, q_.weight, a, b, S, quant_state=q_.weight.quant_state) for q_ in quantized).backward(dy)
 
-    nf4_layers = []
-    for q_ in quantized:
-        holder = nn.Module()
-        holder.proj = q_
-        m = get_peft_model(holder, LoraConfig(r=R, lora_alpha=int(S * R), target_modules=["proj"], lora_dropout=0.0))
-        layer_ = m.base_model.model.proj
-        for p in (layer_.lora_A["default"].weight, layer_.lora_B["default"].weight):
-            p.data = p.data.to(DT)
-        nf4_layers.append(layer_)
+    nf4_layers = [_peft_layer(q_)[1] for q_ in quantized]
 
     def peft_nf4_chain():
         x.grad = None

@@ -259,6 +259,15 @@ def test_autocast_with_fp32_weights_defers_to_peft():
     torch.testing.assert_close(out.loss, ref, rtol=2e-2, atol=2e-2)
 
 
+def _autocast_cuda_step(model, ids):
+    """One training step as TRL's bf16=True runs it on a GPU: (loss, trainable parameters' gradients)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [
     dict(lora=True), dict(lora=True, checkpointing="offload"), dict(lora=True, norm=True),
@@ -277,16 +286,9 @@ def test_gpu_bf16_model_under_autocast_with_checkpointing(options):
     model.train()
     ids = torch.randint(0, 256, (2, 64), device="cuda")
 
-    def run():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    ref_loss, ref_grads = run()
+    ref_loss, ref_grads = _autocast_cuda_step(model, ids)
     fastkern.patch_model(model, **options)
-    loss, grads = run()
+    loss, grads = _autocast_cuda_step(model, ids)
     assert abs(loss.item() - ref_loss.item()) <= 2e-2 * abs(ref_loss.item())
     for name in ref_grads:
         assert _rel(grads[name], ref_grads[name]) < 1e-1, name
@@ -310,17 +312,10 @@ def test_gpu_qlora_model_under_autocast_with_checkpointing():
     model.train()
     ids = torch.randint(0, 256, (2, 512), device="cuda")
 
-    def run():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    ref_loss, ref_grads = run()
+    ref_loss, ref_grads = _autocast_cuda_step(model, ids)
     report = fastkern.patch_model(model, lora=True)
     assert len(report.patched_names("lora")) == 14, str(report)
-    loss, grads = run()
+    loss, grads = _autocast_cuda_step(model, ids)
     assert abs(loss.item() - ref_loss.item()) <= 2e-2 * abs(ref_loss.item())
     assert ref_grads.keys() == grads.keys() and len(grads) == 28
     for name in ref_grads:
