@@ -136,7 +136,7 @@ def main():
     with open(os.path.join(args.out, "bench_sft_e2e.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), args=vars(args),
                        results=[dict(label=r.label, step_s=r.step_s, tokens_per_s=r.tokens_per_s, peak=r.peak_memory,
-                                     final_loss=r.final_loss, losses=r.losses) for r in results],
+                                     final_loss=r.final_loss, losses=r.losses, **r.extra) for r in results],
                        reports={r.label: r.report for r in results[1:]}), f, indent=1)
 
 

@@ -9,9 +9,12 @@ fp32 adapters), batch 2 x 4096, forward + backward under bf16 autocast with non-
 checkpointing, as the Trainer runs it. Patch options are applied to and removed from one model
 instance in alternating rounds (so drift of the host or clocks hits every variant alike). Prints the
 median step time per variant (CUDA events around each step) and, for ``none`` and ``lora``, the CUDA
-kernels of one step by total time. ``--trl-like`` adds what TRL's SFT step has on top: one packed
-row [1, 8192] of eight documents (position_ids restarting, as the padding-free collator builds it),
-``enable_input_require_grads()``, and an AdamW step; the variants then include ``packing``.
+kernels of one step by total time.
+
+``--trl-like`` adds what TRL's SFT step in bench_sft_e2e.py has on top: an all-ones attention_mask
+(its collator's output for unpadded rows), ``enable_input_require_grads()`` (SFTTrainer calls it for
+PEFT models with checkpointing) and an AdamW step; the variants then include ``packing`` (as the SFT
+bench's do; a no-op on these unpacked rows).
 """
 
 import argparse
@@ -51,13 +54,10 @@ def main():
     ids = torch.randint(0, 128256, (2, 4096), device="cuda")
     extra, optimizer = {}, None
     if args.trl_like:
-        ids = ids.view(1, -1)
-        extra["position_ids"] = torch.arange(1024, device="cuda").repeat(8).view(1, -1)
+        extra["attention_mask"] = torch.ones_like(ids)
         model.enable_input_require_grads()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    labels = ids.clone()
-    if args.trl_like:
-        labels[extra["position_ids"] == 0] = -100
+    labels = ids
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -150,7 +150,7 @@ def run_sft(label: str, model, tokenizer, dataset, *, steps: int, batch: int, le
     step_s = statistics.median(warm)
     tail = losses[-3:] if len(losses) >= 3 else losses
     return RunResult(label, sum(tail) / len(tail), losses, batch * length / step_s, step_s, peak_memory_text(),
-                     str(report) if report is not None else "")
+                     str(report) if report is not None else "", extra={"step_times_s": list(timer.times)})
 
 
 def format_table(results: list[RunResult]) -> str:
