@@ -1,6 +1,6 @@
 """Where does the dense-LoRA SFT step spend its time with and without the fused LoRA layers?
 
-    python3 bench/probe_lora_e2e_step.py [--steps 8] [--rounds 2] [--trl-like]
+    python3 bench/probe_lora_e2e_step.py [--steps 8] [--rounds 2] [--trl-like] [--qlora]
 
 The TRL SFT bench (bench_sft_e2e.py) measured the dense-LoRA step slower with ``lora`` on (276.7 vs
 261.1 ms, H200, 2026-12-04) while the layer bench has the fused layer ahead at M8192. This probe takes
@@ -14,7 +14,9 @@ kernels of one step by total time.
 ``--trl-like`` adds what TRL's SFT step in bench_sft_e2e.py has on top: an all-ones attention_mask
 (its collator's output for unpadded rows), ``enable_input_require_grads()`` (SFTTrainer calls it for
 PEFT models with checkpointing) and an AdamW step; the variants then include ``packing`` (as the SFT
-bench's do; a no-op on these unpacked rows).
+bench's do; a no-op on these unpacked rows). ``--qlora`` loads the base NF4 with double quantization
+(transformers' BitsAndBytesConfig, compute dtype bf16) and casts the adapters to bf16, as SFTTrainer
+does for quantized models.
 """
 
 import argparse
@@ -38,16 +40,34 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--size", default="1b")
     parser.add_argument("--trl-like", action="store_true")
+    parser.add_argument("--qlora", action="store_true")
     args = parser.parse_args()
     variants = ("none", "lora", "mlp,rope,packing", "mlp,rope,packing,lora") if args.trl_like else (
         "none", "lora", "mlp,rope", "mlp,rope,lora")
     from peft import LoraConfig, get_peft_model
 
-    model = build_model(args.size, 128256, torch.bfloat16).cuda()
+    model = build_model(args.size, 128256, torch.bfloat16)
+    if args.qlora:
+        import tempfile
+
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        saved = tempfile.mkdtemp(prefix="fastkern-probe-")
+        model.save_pretrained(saved)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(saved, quantization_config=quant, dtype=torch.bfloat16,
+                                                     device_map={"": torch.cuda.current_device()})
+    else:
+        model = model.cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+    if args.qlora:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     model.train()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; adapter dtype "
           f"{next(p for n, p in model.named_parameters() if 'lora_A' in n).dtype}")
