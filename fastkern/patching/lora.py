@@ -159,7 +159,11 @@ def fused_lora_forward(self, x, *args, **kwargs):
 
 class LoRAPatcher:
     option = "lora"
-    default = False  # opt-in until the end-to-end SFT bench shows it faster (docs/nf4_lora.md)
+    # Opt-in. Measured faster end to end with dense LoRA (TRL SFT, H200: -13% step, -0.5 GiB); with
+    # QLoRA 12% less GPU work but no wall-clock gain on a host-bound step (docs/benchmarks.md, I4-I6).
+    # Its rounding differs from PEFT's (fused GEMMs, bf16 LoRA term), which the default-option
+    # training-parity tests (patched vs unpatched at rel 1e-4) would see, as with `norm`.
+    default = False
 
     def apply(self, ctx: PatchContext, value) -> None:
         classes = lora_layer_classes()
