@@ -1,6 +1,6 @@
 """Where does the dense-LoRA SFT step spend its time with and without the fused LoRA layers?
 
-    python3 bench/probe_lora_e2e_step.py [--steps 8] [--rounds 2] [--trl-like] [--qlora]
+    python3 bench/probe_lora_e2e_step.py [--steps 8] [--rounds 2] [--trl-like] [--qlora] [--trace DIR]
 
 The TRL SFT bench (bench_sft_e2e.py) measured the dense-LoRA step slower with ``lora`` on (276.7 vs
 261.1 ms, H200, 2026-12-04) while the layer bench has the fused layer ahead at M8192. This probe takes
@@ -16,10 +16,13 @@ kernels of one step by total time.
 PEFT models with checkpointing) and an AdamW step; the variants then include ``packing`` (as the SFT
 bench's do; a no-op on these unpacked rows). ``--qlora`` loads the base NF4 with double quantization
 (transformers' BitsAndBytesConfig, compute dtype bf16) and casts the adapters to bf16, as SFTTrainer
-does for quantized models.
+does for quantized models. ``--trace DIR`` also profiles the CPU and writes a chrome trace of the
+profiled step per variant there (``trace_<variant>.json``), to see where the GPU idles and what the
+host is doing then.
 """
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -41,6 +44,7 @@ def main():
     parser.add_argument("--size", default="1b")
     parser.add_argument("--trl-like", action="store_true")
     parser.add_argument("--qlora", action="store_true")
+    parser.add_argument("--trace", default=None, help="folder for chrome traces of the profiled steps")
     args = parser.parse_args()
     variants = ("none", "lora", "mlp,rope,packing", "mlp,rope,packing,lora") if args.trl_like else (
         "none", "lora", "mlp,rope", "mlp,rope,lora")
@@ -116,10 +120,13 @@ def main():
     for variant in ("none", "lora"):
         fastkern.patch_model(model, **only_options("" if variant == "none" else variant))
         timed(2)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
+        with profile(activities=activities) as prof:
             step()
             torch.cuda.synchronize()
         fastkern.unpatch_model(model)
+        if args.trace:
+            prof.export_chrome_trace(os.path.join(args.trace, f"trace_{variant}.json"))
         print(f"\n### {variant}: one step, CUDA kernels by total time")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70))
 
