@@ -138,9 +138,9 @@ def main():
                         both = do_bench(lambda: torch.autograd.grad(fn(x, w), (x, w) if trainable else (x,), dy),
                                         warmup=25, rep=100, return_mode="median")
                         # Fresh leaves for the capture: their AccumulateGrad nodes are then created on the
-                        # capture's side stream (a node created earlier on the default stream and still held,
-                        # e.g. by torch.compile's caches, makes backward sync with the default stream, which
-                        # invalidates the capture on torch 2.11).
+                        # capture's side stream. A node created earlier on the default stream and still held
+                        # (torch.compile's rows hold one even after `del y, grads`) makes backward sync with
+                        # the default stream, which invalidates the capture on torch 2.11 (H200, 2026-12-04).
                         xg = x.detach().clone().requires_grad_()
                         wg = w.detach().clone().requires_grad_(trainable)
                         both_graph = graph_ms(lambda: torch.autograd.grad(fn(xg, wg), (xg, wg) if trainable else (xg,),

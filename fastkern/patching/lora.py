@@ -159,10 +159,11 @@ def fused_lora_forward(self, x, *args, **kwargs):
 
 class LoRAPatcher:
     option = "lora"
-    # Opt-in. Measured faster end to end with dense LoRA (TRL SFT, H200: -13% step, -0.5 GiB); with
-    # QLoRA 12% less GPU work but no wall-clock gain on a host-bound step (docs/benchmarks.md, I4-I6).
-    # Its rounding differs from PEFT's (fused GEMMs, bf16 LoRA term), which the default-option
-    # training-parity tests (patched vs unpatched at rel 1e-4) would see, as with `norm`.
+    # Opt-in, as `norm` is. Measured faster end to end with dense LoRA (TRL SFT, H200: -13% step,
+    # -0.5 GiB); with QLoRA 12% less GPU work but no wall-clock gain on a host-bound step
+    # (docs/benchmarks.md, I4-I7). Its rounding differs from PEFT's (fused GEMMs, a bf16 LoRA term) by
+    # ~6e-4 relative in DPO log-probs, beyond the patched-vs-unpatched training parity (rel 1e-4)
+    # that the default options keep (tests/integrations/test_grpo_dpo.py fails with it on).
     default = False
 
     def apply(self, ctx: PatchContext, value) -> None:
