@@ -12,7 +12,6 @@ no synchronization inside the loop. Then a cProfile of 200 fused forward+backwar
 
 import cProfile
 import pstats
-import time
 
 import torch
 
@@ -22,19 +21,11 @@ from fastkern.ops.nf4 import dequantize_into, flatten_state
 
 M, K, N, R = 512, 2048, 8192, 16
 DT = torch.bfloat16
-STEPS = 20
 
-
-def _host_us(fn, steps=STEPS) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    host = (time.perf_counter() - t0) / steps
-    torch.cuda.synchronize()
-    return host * 1e6
+try:  # run as a script (bench/ on sys.path) or imported as bench.host_qlora_gpu
+    from host_lora_gpu import _host_us
+except ImportError:
+    from bench.host_lora_gpu import _host_us
 
 
 def _peft_layer(base):

@@ -36,6 +36,9 @@ except ImportError:
     from bench.bench_sft_e2e import only_options
 
 
+def _options(variant: str) -> dict:
+    return only_options("" if variant == "none" else variant)
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -52,6 +55,7 @@ def main():
 
     model = build_model(args.size, 128256, torch.bfloat16)
     if args.qlora:
+        import shutil
         import tempfile
 
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -62,6 +66,7 @@ def main():
                                    bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(saved, quantization_config=quant, dtype=torch.bfloat16,
                                                      device_map={"": torch.cuda.current_device()})
+        shutil.rmtree(saved, ignore_errors=True)
     else:
         model = model.cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -106,11 +111,10 @@ def main():
     times = {v: [] for v in variants}
     for _ in range(args.rounds):
         for variant in variants:
-            report = fastkern.patch_model(model, **only_options("" if variant == "none" else variant))
+            fastkern.patch_model(model, **_options(variant))
             timed(2)  # warm-up (first calls compile Triton kernels)
             times[variant] += timed(args.steps)
             fastkern.unpatch_model(model)
-            del report
     print("\n| variant | step ms (median) | min | max |\n|---|---|---|---|")
     for variant, ts in times.items():
         print(f"| {variant} | {statistics.median(ts):.1f} | {min(ts):.1f} | {max(ts):.1f} |")
@@ -118,7 +122,7 @@ def main():
     from torch.profiler import ProfilerActivity, profile
 
     for variant in ("none", "lora"):
-        fastkern.patch_model(model, **only_options("" if variant == "none" else variant))
+        fastkern.patch_model(model, **_options(variant))
         timed(2)
         activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
         with profile(activities=activities) as prof:
