@@ -81,3 +81,28 @@ def assert_same_fp32_run(got, want, *, loss_rtol=1e-6, grad_rtol=1e-4):
     assert grads1.keys() == grads0.keys()
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=grad_rtol, atol=1e-6, msg=name)
+
+
+RULE_FACTOR = 1.05
+RULE_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 4e-4}
+
+
+def assert_within_reference_rule(patched: dict, unpatched: dict, reference: dict, dtype: torch.dtype,
+                                 factor: float = RULE_FACTOR, floor: float | None = None):
+    """Model-level accuracy rule: for every key (loss trajectory, gradients, weight updates, ...), the
+    patched run's relative deviation from the high-precision reference is at most ``factor`` times the
+    unpatched run's plus a small floor. Both runs must be finite where the reference is."""
+    floor = RULE_FLOOR[dtype] if floor is None else floor
+    assert patched.keys() == unpatched.keys() == reference.keys()
+    for key in reference:
+        ref = reference[key].detach().double().cpu()
+        for label, run in (("patched", patched), ("unpatched", unpatched)):
+            got = run[key].detach().double().cpu()
+            assert got.shape == ref.shape, f"{key}: {label} shape {tuple(got.shape)} != {tuple(ref.shape)}"
+            assert torch.isfinite(got[torch.isfinite(ref)]).all(), f"{key}: {label} run is not finite"
+        assert ref.norm() > 0, f"{key}: the reference is all zero, the comparison would be empty"
+        dev_p = rel_err(patched[key], ref)
+        dev_u = rel_err(unpatched[key], ref)
+        bound = factor * dev_u + floor
+        assert dev_p <= bound, (f"{key}: patched deviates {dev_p:.3e} from the reference, more than "
+                                f"{factor} x unpatched {dev_u:.3e} + {floor:.0e} = {bound:.3e}")
