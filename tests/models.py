@@ -5,12 +5,49 @@ import inspect
 import torch
 import transformers
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+            "olmo2", "olmo3", "granite", "glm", "glm4", "smollm3", "cohere", "cohere2", "qwen3_5", "phi3",
+            "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"]
+# Families whose attention runs under eager only in these tests: transformers' sdpa refuses Gemma2's logit
+# softcap, and gpt-oss's attention sinks exist only in its eager function (and flash/flex kernels).
+EAGER_ONLY = {"gemma2", "gpt_oss"}
+# Token ids inside the tiny vocabulary (some configs default to ids past it, e.g. GLM's pad 151329).
+_SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Two experts of four per token: every expert path is exercised on an 11-token batch.
+_MOE = dict(num_experts_per_tok=2)
 
 _COMMON = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=131, max_position_embeddings=256,
 )
+
+
+# Per family: the config class and what differs from _COMMON. Options a family's forward has (multipliers,
+# qk norms, NoPE layers, sliding layers, dense layers among MoE ones) are switched on so the tests cover them.
+_NEW_FAMILIES = {
+    "olmo2": (transformers.Olmo2Config, {}),
+    "olmo3": (transformers.Olmo3Config, dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4)),
+    "granite": (transformers.GraniteConfig, dict(embedding_multiplier=2.0, residual_multiplier=0.5,
+                                                 attention_multiplier=0.2, logits_scaling=4.0)),
+    "glm": (transformers.GlmConfig, dict(head_dim=16)),  # partial_rotary_factor 0.5 by default
+    "glm4": (transformers.Glm4Config, dict(head_dim=16)),
+    "smollm3": (transformers.SmolLM3Config, dict(no_rope_layers=[1, 0])),  # layer 1 is NoPE
+    "cohere": (transformers.CohereConfig, dict(use_qk_norm=True, logit_scale=0.5)),
+    "cohere2": (transformers.Cohere2Config, dict(layer_types=["sliding_attention", "full_attention"],
+                                                 sliding_window=4, logit_scale=0.5)),
+    "qwen3_5": (transformers.Qwen3_5TextConfig, dict(
+        head_dim=16, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)),
+    "phi3": (transformers.Phi3Config, dict(partial_rotary_factor=0.5)),
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, **_MOE)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_experts=4, moe_intermediate_size=32,
+                                                    shared_expert_intermediate_size=48, **_MOE)),
+    # layer 0 dense (mlp_only_layers), layer 1 MoE
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(head_dim=16, num_experts=4, moe_intermediate_size=32,
+                                                    mlp_only_layers=[0], **_MOE)),
+    "gpt_oss": (transformers.GptOssConfig, dict(head_dim=16, num_local_experts=4, sliding_window=4,
+                                                layer_types=["sliding_attention", "full_attention"], **_MOE)),
+}
 
 
 def tiny_config(family: str, **overrides):
@@ -29,19 +66,34 @@ def tiny_config(family: str, **overrides):
         cls, kw["head_dim"] = transformers.Gemma2Config, 16
     elif family == "gemma3":
         cls, kw["head_dim"] = transformers.Gemma3TextConfig, 16
+    elif family in _NEW_FAMILIES:
+        cls, extra = _NEW_FAMILIES[family]
+        kw.update(_SPECIAL, **extra)
     else:
         raise ValueError(family)
     kw.update(overrides)
     config = cls(**kw)
-    config._attn_implementation = "eager" if family.startswith("gemma2") else "sdpa"
+    config._attn_implementation = "eager" if family in EAGER_ONLY else "sdpa"
     return config
+
+
+def family_spec(family: str):
+    from fastkern.patching.specs import load_specs
+
+    return next(s for s in load_specs() if s.family == family)
+
+
+def families_with(section: str) -> list[str]:
+    """The families whose patches/<family>.toml has ``section`` ([mlp], [norm], [attention], ...)."""
+    return [f for f in FAMILIES if section in family_spec(f).sections]
 
 
 def tiny_model(family: str, dtype=torch.float32, seed=0, **overrides):
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
-    model_cls = transformers.Gemma3ForCausalLM if family == "gemma3" else transformers.AutoModelForCausalLM
-    if family == "gemma3":
+    direct = {"gemma3": transformers.Gemma3ForCausalLM, "qwen3_5": transformers.Qwen3_5ForCausalLM}
+    model_cls = direct.get(family, transformers.AutoModelForCausalLM)
+    if family in direct:
         model = model_cls(config)
     else:
         model = model_cls.from_config(config)
@@ -76,3 +128,15 @@ def cache_kwargs():
 def output_cache(out):
     """The KV cache of a model output, under whichever field name the installed transformers uses."""
     return out.cache if "cache" in out.__dataclass_fields__ else out.past_key_values
+
+
+def model_from_config(config, seed=0):
+    """A causal LM built on this very config object, as ``XForCausalLM(config)`` does (models built this way
+    share it, unlike ``from_config``), seeded so that two calls give the same weights."""
+    torch.manual_seed(seed)
+    try:
+        model_cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        model_cls = {"gemma3_text": transformers.Gemma3ForCausalLM,
+                     "qwen3_5_text": transformers.Qwen3_5ForCausalLM}[config.model_type]
+    return model_cls(config).eval()

@@ -5,8 +5,12 @@ transformers' attention modules call a module-level ``apply_rotary_pos_emb``; re
 would change every model in the process. Instead each attention instance gets a bound forward that
 reproduces its family's attention forward from the pieces the spec names (q/k/v or fused qkv
 projections, optional q_norm/k_norm, the attention function looked up per call in
-``ALL_ATTENTION_FUNCTIONS`` by ``config._attn_implementation``, o_proj, sliding window and logit
-softcap where the family passes them) with the fused in-place rope in the middle.
+``ALL_ATTENTION_FUNCTIONS`` by ``config._attn_implementation``, o_proj, sliding window, logit
+softcap and attention sinks where the family passes them) with the fused in-place rope in the middle.
+Spec keys beyond the attribute names: ``qk_norm_scope`` (per head or over the whole projection),
+``rope_layout`` (which elements pair and how cos/sin arrive; see _ROPE_LAYOUTS), ``rope_if`` /
+``qk_norm_if`` (attributes that turn rope / the q,k norms off in some layers or configs) and ``sinks``
+(attention sink logits passed as ``s_aux``), each validated when the spec is resolved.
 
 Validation, per attention class found in the model:
   1. the spec's class, ``eager_attention_forward`` and ``ALL_ATTENTION_FUNCTIONS`` resolve in the
@@ -15,6 +19,13 @@ Validation, per attention class found in the model:
   3. the patched forward is compared with the class forward on a small random input with random
      cos/sin (dropout off); a mismatch (transformers changed the attention) skips the class with the
      measured error in the report.
+
+The same forward carries packed batches (option ``packing``, see packing.py): the patched backbone hands
+the documents of a packed batch to every attention call as a keyword argument, and this forward sends
+that call to fastkern's per-document attention instead of transformers' attention function. Routing it
+here, on this model's own attention modules, leaves ``config._attn_implementation`` as the user set it
+and transformers' attention registries untouched. With ``rope`` off, the packing patcher binds the same
+forward with the family's own ``apply_rotary_pos_emb`` (``AttentionConfig.rotary``).
 """
 
 from __future__ import annotations
@@ -25,12 +36,23 @@ import torch
 import torch.nn as nn
 
 from ..ops.rope import rope
+from . import packing
 from .core import PatchContext, instance_forward
 from .report import PatchReport
 
 # Relative error norm allowed between the original and the patched attention in the probe.
 _PROBE_TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 _SLIDING_WINDOW = ("none", "config", "attribute")
+# Where q_norm/k_norm apply: per head on the [B, T, H, D] view (Qwen3, Gemma3, Cohere) or over the whole
+# projection output before the view (OLMo 2/3 normalise all heads together).
+_QK_NORM_SCOPES = ("head", "projection")
+# How the family pairs the elements it rotates and how its cos/sin arrive (R = rotary dim):
+#   half_split: pairs (i, i + R/2), cos = cat(f, f) (Llama and most families);
+#   interleaved: pairs (2i, 2i + 1), cos = repeat_interleave(f, 2) (Cohere, Cohere2);
+#   interleaved_from_half_split: pairs (2i, 2i + 1), cos = cat(f, f) of which the family uses the first
+#     R/2 entries repeat-interleaved (GLM, GLM-4);
+#   half_split_from_half: pairs (i, i + R/2), cos = f, only R/2 wide (gpt-oss).
+_ROPE_LAYOUTS = ("half_split", "interleaved", "interleaved_from_half_split", "half_split_from_half")
 
 
 @dataclass(frozen=True)
@@ -42,8 +64,14 @@ class AttentionConfig:
     k_norm: str | None
     sliding_window: str  # "none": not passed; "config": config.sliding_window; "attribute": self.sliding_window
     softcap: str | None  # attribute holding the attention logit softcap (Gemma2), passed as softcap=
+    qk_norm_scope: str  # one of _QK_NORM_SCOPES
+    qk_norm_if: str | None  # attribute that says whether this layer has q_norm/k_norm at all (Cohere: use_qk_norm)
+    rope_layout: str  # one of _ROPE_LAYOUTS
+    rope_if: str | None  # attribute that says whether this layer rotates at all (NoPE layers: SmolLM3, Cohere2)
+    sinks: str | None  # attribute holding per-head attention sink logits (gpt-oss), passed as s_aux=
     eager_forward: object  # the family's eager_attention_forward
     attention_functions: object  # transformers' ALL_ATTENTION_FUNCTIONS
+    rotary: object = None  # None: fastkern's fused rope; else the family's apply_rotary_pos_emb (rope off)
 
 
 def _attention_function(config: AttentionConfig, implementation: str):
@@ -63,23 +91,52 @@ def _project(module: nn.Module, config: AttentionConfig, hidden_states: torch.Te
         q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
     else:
         q, k, v = module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states)
+    if config.qk_norm_scope == "projection":
+        q, k = _qk_norm(module, config, q, k)
     q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
     # RMSNorm over head_dim: the same on [B, T, H, D] as on its [B, H, T, D] transpose.
+    if config.qk_norm_scope == "head":
+        q, k = _qk_norm(module, config, q, k)
+    return q, k, v
+
+
+def _qk_norm(module: nn.Module, config: AttentionConfig, q: torch.Tensor, k: torch.Tensor):
+    if config.qk_norm_if is not None and not getattr(module, config.qk_norm_if):
+        return q, k
     if config.q_norm is not None:
         q = getattr(module, config.q_norm)(q)
     if config.k_norm is not None:
         k = getattr(module, config.k_norm)(k)
-    return q, k, v
+    return q, k
+
+
+def _rope_tables(layout: str, cos: torch.Tensor, sin: torch.Tensor):
+    """cos/sin as the family passes them -> (cos, sin, interleaved) in the layout fastkern.ops.rope reads
+    (one entry per rotated element). The conversions are a few [B, T, R] elements per layer, small next
+    to q and k."""
+    if layout == "interleaved_from_half_split":
+        half = cos.shape[-1] // 2
+        return cos[..., :half].repeat_interleave(2, dim=-1), sin[..., :half].repeat_interleave(2, dim=-1), True
+    if layout == "half_split_from_half":
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1), False
+    return cos, sin, layout == "interleaved"
+
+
+def _rotates(module: nn.Module, config: AttentionConfig) -> bool:
+    return config.rope_if is None or bool(getattr(module, config.rope_if))
 
 
 def _attention(module, config: AttentionConfig, hidden_states, position_embeddings, attention_mask,
                cache, **kwargs):
     q, k, v = _project(module, config, hidden_states)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    cos, sin = position_embeddings
-    # q and k are private intermediates (fresh projection or norm outputs): rotate them in place, unless
-    # they are slices of one fused qkv output, where autograd would copy around an in-place update.
-    q, k = rope(q, k, cos, sin, inplace=config.fused_qkv is None)
+    if _rotates(module, config) and config.rotary is not None:
+        q, k = config.rotary(q, k, *position_embeddings)  # rope off: the family's own rotation
+    elif _rotates(module, config):
+        cos, sin, interleaved = _rope_tables(config.rope_layout, *position_embeddings)
+        # q and k are private intermediates (fresh projection or norm outputs): rotate them in place, unless
+        # they are slices of one fused qkv output, where autograd would copy around an in-place update.
+        q, k = rope(q, k, cos, sin, interleaved=interleaved, inplace=config.fused_qkv is None)
     if cache is not None:
         k, v = cache.update(k, v, module.layer_idx)
     extra = {}
@@ -89,7 +146,14 @@ def _attention(module, config: AttentionConfig, hidden_states, position_embeddin
         extra["sliding_window"] = module.sliding_window
     if config.softcap is not None:
         extra["softcap"] = getattr(module, config.softcap)
-    attention_function = _attention_function(config, module.config._attn_implementation)
+    if config.sinks is not None:
+        extra["s_aux"] = getattr(module, config.sinks)
+    # Read per call, as transformers' own forward does, so set_attn_implementation() after patching applies.
+    implementation = module.config._attn_implementation
+    attention_function = _attention_function(config, implementation)
+    documents = kwargs.pop(packing.DOCUMENTS_KWARG, None)
+    if documents is not None or packing.is_packed_mask(attention_mask):
+        attention_function = packing.packed_attention_function(attention_function, implementation, documents)
     out, weights = attention_function(
         module, q, k, v, attention_mask,
         dropout=0.0 if not module.training else module.attention_dropout,
@@ -116,9 +180,25 @@ def fused_rope_attention_forward(self, hidden_states, position_embeddings=None, 
                       cache, **kwargs)
 
 
+@instance_forward("packing")
+def packed_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                             *, past_key_values=None, **kwargs):
+    # What the packing patcher binds where rope is off: the family's rotation, fastkern's packed-batch routing.
+    if past_key_values is not None:
+        if cache is not None:
+            raise ValueError("fastkern packing: both `cache` and `past_key_values` given to the attention forward")
+        cache = past_key_values
+    return _attention(self, self._fastkern_attention, hidden_states, position_embeddings, attention_mask,
+                      cache, **kwargs)
+
+
 def _rotary_dim(module: nn.Module) -> int:
-    factor = getattr(module.config, "partial_rotary_factor", None) or 1.0
-    return int(module.head_dim * factor) // 2 * 2
+    # transformers 5 keeps partial_rotary_factor on the config (Phi-3) or in config.rope_parameters (GLM).
+    rope_parameters = getattr(module.config, "rope_parameters", None)
+    factor = getattr(module.config, "partial_rotary_factor", None)
+    if factor is None and isinstance(rope_parameters, dict):
+        factor = rope_parameters.get("partial_rotary_factor")
+    return int(module.head_dim * (factor or 1.0)) // 2 * 2
 
 
 def _probe(module: nn.Module, config: AttentionConfig) -> str | None:
@@ -128,15 +208,24 @@ def _probe(module: nn.Module, config: AttentionConfig) -> str | None:
         return "skip-probe: parameters on the meta device"
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
     hidden = module.config.hidden_size
+    # Own generator and explicit devices: the global RNG is left as it was, and a surrounding
+    # `with torch.device("meta")` block does not move the probe (the module's device context below wins).
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(2, 5, hidden, generator=gen).to(device=param.device, dtype=dtype)
-    angles = torch.randn(2, 5, _rotary_dim(module) // 2, generator=gen).to(param.device) * 3
-    emb = torch.cat([angles, angles], dim=-1)
+    x = torch.randn(2, 5, hidden, generator=gen, device="cpu").to(device=param.device, dtype=dtype)
+    angles = torch.randn(2, 5, _rotary_dim(module) // 2, generator=gen, device="cpu").to(param.device) * 3
+    # In the layout the family's rotary embedding produces; the patched rotation is exact for any cos/sin
+    # it reads, so a wrong layout key shows up here as a mismatch.
+    if config.rope_layout == "interleaved":
+        emb = angles.repeat_interleave(2, dim=-1)
+    elif config.rope_layout == "half_split_from_half":
+        emb = angles
+    else:
+        emb = torch.cat([angles, angles], dim=-1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
     training = module.training
     module.training = False  # dropout off for the comparison
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.device(param.device):
             expected, _ = type(module).forward(module, x, position_embeddings=(cos, sin), attention_mask=None)
             got, _ = _attention(module, config, x, (cos, sin), None, None)
     except Exception as exc:
@@ -151,26 +240,41 @@ def _probe(module: nn.Module, config: AttentionConfig) -> str | None:
     return None
 
 
-def _config_from_section(spec, section) -> AttentionConfig:
-    """Resolve the spec's symbols; raises LookupError (spec problem) or ValueError (bad section)."""
+def _config_from_section(spec, section, fused_rope: bool = True) -> AttentionConfig:
+    """Resolve the spec's symbols; raises LookupError (spec problem) or ValueError (bad section).
+    ``fused_rope=False``: rotate with the family's own apply_rotary_pos_emb (packing with rope off)."""
     sliding = section.get("sliding_window", "none")
     if sliding not in _SLIDING_WINDOW:
         raise ValueError(f"{spec.source} [attention]: sliding_window must be one of {_SLIDING_WINDOW}, got {sliding!r}")
+    for key, allowed, default in (("qk_norm_scope", _QK_NORM_SCOPES, "head"), ("rope_layout", _ROPE_LAYOUTS, "half_split")):
+        if section.get(key, default) not in allowed:
+            raise ValueError(f"{spec.source} [attention]: {key} must be one of {allowed}, got {section[key]!r}")
     return AttentionConfig(
         fused_qkv=section.get("fused_qkv"),
         q_norm=section.get("q_norm"),
         k_norm=section.get("k_norm"),
         sliding_window=sliding,
         softcap=section.get("softcap"),
+        qk_norm_scope=section.get("qk_norm_scope", "head"),
+        qk_norm_if=section.get("qk_norm_if"),
+        rope_layout=section.get("rope_layout", "half_split"),
+        rope_if=section.get("rope_if"),
+        sinks=section.get("sinks"),
         eager_forward=spec.resolve("eager_attention_forward"),
         attention_functions=spec.resolve("ALL_ATTENTION_FUNCTIONS"),
+        rotary=None if fused_rope else spec.resolve("apply_rotary_pos_emb"),
     )
 
 
-def _required_attributes(config: AttentionConfig) -> list[str]:
+def _required_attributes(module: nn.Module, config: AttentionConfig) -> list[str]:
     names = ["o_proj", "head_dim", "scaling", "attention_dropout", "layer_idx", "config"]
     names += [config.fused_qkv] if config.fused_qkv else ["q_proj", "k_proj", "v_proj"]
-    names += [n for n in (config.q_norm, config.k_norm, config.softcap) if n]
+    # q_norm/k_norm exist only where qk_norm_if is on (Cohere builds them only with use_qk_norm).
+    norms = (config.q_norm, config.k_norm)
+    if config.qk_norm_if is not None:
+        names.append(config.qk_norm_if)
+        norms = norms if getattr(module, config.qk_norm_if, False) else ()
+    names += [n for n in (*norms, config.softcap, config.rope_if, config.sinks) if n]
     if config.sliding_window == "attribute":
         names.append("sliding_window")
     return names
@@ -193,21 +297,26 @@ class AttentionPatcher:
                 classes[cls] = _config_from_section(spec, section)
             except (LookupError, ValueError) as exc:
                 ctx.report.problems.append(f"{exc}; attention not patched")
-        probed: dict[tuple[type, torch.dtype | None], str | None] = {}
+        probed: dict[tuple[type, torch.dtype | None, bool], str | None] = {}
         for name, module in ctx.named_modules():
             config = classes.get(type(module))
             if config is None:
                 continue
-            absent = [n for n in _required_attributes(config) if not hasattr(module, n)]
+            absent = [n for n in _required_attributes(module, config) if not hasattr(module, n)]
             if absent:
                 ctx.report.add_skipped(name, "rope", f"{type(module).__name__} has no attribute(s) {absent}")
                 continue
             param = next(module.parameters(), None)
-            key = (type(module), param.dtype if param is not None else None)
+            # Layers that skip rope (NoPE) are probed apart from those that rotate.
+            key = (type(module), param.dtype if param is not None else None, _rotates(module, config))
             if key not in probed:
                 probed[key] = _probe(module, config)
             mode = "out of place: q, k are slices of a fused qkv" if config.fused_qkv else "in place"
+            if config.rope_layout != "half_split":
+                mode += f", {config.rope_layout}"
             detail = f"{type(module).__name__} -> fused q+k rope ({mode})"
+            if not _rotates(module, config):
+                detail = f"{type(module).__name__} -> no rope in this layer ({config.rope_if} is off); same attention"
             ctx.replace_forward_probed(module, name, fused_rope_attention_forward, detail, {"attention": config},
                                        probed[key])
 

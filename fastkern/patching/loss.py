@@ -5,8 +5,9 @@ Driven by the ``[causal_lm]`` section of a family's spec (class, backbone attrib
 attribute). The patched forward is bound on the model instance. When it gets ``labels`` (or
 ``shift_labels``) it runs the backbone, keeps the positions ``logits_to_keep`` selects, shifts the
 labels as transformers' ForCausalLMLoss does (pad with -100, drop the first), and returns the fused
-loss with ``logits=None``; pass ``return_logits=True`` to get logits as well (computed by the head,
-as the original would). Without labels it is the original forward. Honoured: ``num_items_in_batch``
+loss with ``logits=None`` in a training step (training mode with autograd recording); in eval mode or
+under no_grad the logits are computed by the head as the original would; ``return_logits=True`` /
+``False`` forces either. Without labels it is the original forward. Honoured: ``num_items_in_batch``
 (gradient accumulation), ``logits_to_keep``, ``config.final_logit_softcapping`` (Gemma 2/3) and a
 logit scale from the config (``logit_scale``, or 1 / ``logits_scaling``). A head that is not a plain
 nn.Linear at call time (e.g. a PEFT-wrapped lm_head) falls back to the original forward.
@@ -61,7 +62,7 @@ def _original(self, kwargs):
 @instance_forward("loss")
 def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                                  inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                                 return_logits=False, **kwargs):
+                                 return_logits=None, **kwargs):
     # Positional order of the *ForCausalLM forwards in transformers 5 (input_ids, attention_mask, ...).
     kwargs.update(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
                   use_cache=use_cache)
@@ -73,11 +74,20 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
     # No state: unpatched while another wrapper (TRL's add_fused_lm_head) still holds this function.
     head = getattr(self, state[1]) if state is not None else None
     shift_labels = kwargs.pop("shift_labels", None)
-    if (labels is None and shift_labels is None) or type(head) is not nn.Linear:
+    # MoE families ([causal_lm] router_logits = "output_router_logits"): when the call or the config asks
+    # for router logits, the original adds the router's auxiliary loss to the loss; it runs as it is then.
+    router = state[2] if state is not None and len(state) > 2 else None
+    wants_router = router is not None and (kwargs[router] if kwargs.get(router) is not None
+                                           else bool(getattr(self.config, router, False)))
+    if (labels is None and shift_labels is None) or type(head) is not nn.Linear or wants_router:
         if shift_labels is not None:
             kwargs["shift_labels"] = shift_labels
         return _original(self, dict(kwargs, input_ids=input_ids, labels=labels, logits_to_keep=logits_to_keep))
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
+
+    # The original's output class: MoE families return aux_loss / router_logits fields (None here, as
+    # in the original without router logits).
+    output_type = MoeCausalLMOutputWithPast if router is not None else CausalLMOutputWithPast
 
     num_items = kwargs.get("num_items_in_batch")
     return_dict = kwargs.pop("return_dict", None)
@@ -95,23 +105,48 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
         logit_scale=scale, num_items_in_batch=num_items,
     )
     logits = None
+    # Logits are skipped only where they cost the most and nobody reads them: a training step (module in
+    # training mode, autograd recording). Evaluation and no-grad calls get them as the original forward
+    # gives them; return_logits=True/False forces either way.
+    if return_logits is None:
+        return_logits = not (self.training and torch.is_grad_enabled())
     if return_logits:
         logits = head(hidden) * scale
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
     cache = getattr(outputs, _cache_field(type(outputs)), None)
-    out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=getattr(outputs, "hidden_states", None),
-                                 attentions=getattr(outputs, "attentions", None),
-                                 **{_cache_field(CausalLMOutputWithPast): cache})
+    out = output_type(loss=loss, logits=logits, hidden_states=getattr(outputs, "hidden_states", None),
+                      attentions=getattr(outputs, "attentions", None), **{_cache_field(output_type): cache})
     return out.to_tuple() if return_dict is False else out
+
+
+def _router_key(section: dict) -> tuple[str, ...]:
+    """The [causal_lm] ``router_logits`` key (the flag under which an MoE forward adds its router loss), if any."""
+    key = section.get("router_logits")
+    return () if key is None else (key,)
+
+
+def _check_section(section: dict) -> str | None:
+    key = section.get("router_logits")
+    if key is not None and not (isinstance(key, str) and key.isidentifier()):
+        return f"router_logits must name the config/keyword flag of the router loss, got {key!r}"
+    return None
+
+
+def _bound_by_trl_fused_head(module: nn.Module) -> bool:
+    """Whether ``module.forward`` is the instance wrapper TRL's ``add_fused_lm_head`` binds."""
+    forward = module.__dict__.get("forward")
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+    # TRL wraps it with functools.wraps (the wrapped forward's __qualname__); the code object keeps its own.
+    return code is not None and code.co_qualname.startswith("add_fused_lm_head.")
 
 
 class LossPatcher:
     option = "loss"
-    default = False
+    default = True
 
     def apply(self, ctx: PatchContext, value) -> None:
-        classes = ctx.section_classes("causal_lm", _REQUIRED_KEYS, "loss")
+        classes = ctx.section_classes("causal_lm", _REQUIRED_KEYS, "loss", check=_check_section)
         for name, module in ctx.named_modules():
             section = classes.get(type(module))
             if section is None:
@@ -129,7 +164,15 @@ class LossPatcher:
             detail += f"; softcap {softcap:g}" if softcap else ""
             detail += f"; logit scale {scale:g}" if scale != 1.0 else ""
             detail += ")"
-            if ctx.replace_forward(module, name, fused_loss_causal_lm_forward, detail, {"loss": (backbone, head_name)}):
+            if _bound_by_trl_fused_head(module):
+                # Patched after a TRL trainer was built: TRL's add_fused_lm_head wrapper owns this instance's
+                # forward and its training path never calls the CausalLM forward's loss, only the log-prob
+                # function hooked below. Keep TRL's wrapper and route its log-probs to fastkern.
+                ctx.report.add_patched(name, "loss", "TRL's fused LM head (bound at trainer init) -> "
+                                       "fastkern.ops.fused_linear_logprobs; the forward keeps TRL's wrapper")
+                self._register_trl(ctx, module, name)
+            elif ctx.replace_forward(module, name, fused_loss_causal_lm_forward, detail,
+                                     {"loss": (backbone, head_name, *_router_key(section))}):
                 self._register_trl(ctx, module, name)
 
     @staticmethod

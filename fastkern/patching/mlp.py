@@ -5,7 +5,8 @@ Validation, per MLP class found in the model:
   2. the instance has the gate/up/down/act attributes the spec names;
   3. act_fn is probed on a grid of points and must equal silu, gelu(tanh) or gelu(erf) (the kernel
      is chosen from what it computes, so a config with another hidden_act is handled or skipped);
-  4. the patched forward is compared with the original on a small random input; a mismatch
+  4. (fused ``gate_up`` only) the projection's output width is even;
+  5. the patched forward is compared with the original on a small random input; a mismatch
      (transformers changed the MLP) skips the class with the measured error in the report.
 """
 
@@ -19,7 +20,25 @@ from ..reference.glu import activation_reference
 from .core import PatchContext, instance_forward
 from .report import PatchReport
 
-_REQUIRED_KEYS = ("class", "gate", "up", "down", "act", "activation")
+_REQUIRED_KEYS = ("class", "down", "act", "activation")
+# Either two projections (gate = "gate_proj", up = "up_proj") or one fused projection whose output is
+# [gate | up] along the last dim (gate_up = "gate_up_proj": Phi-3, GLM), never both.
+
+
+def _check_projections(section) -> str | None:
+    separate = "gate" in section or "up" in section
+    if "gate_up" in section:
+        return "give either gate_up or gate and up, not both" if separate else None
+    if not ("gate" in section and "up" in section):
+        return "needs gate and up, or gate_up"
+    return None
+
+
+def _projection_names(section) -> tuple[str, str | None, str]:
+    """(gate or fused gate_up, up or None when fused, down)."""
+    if "gate_up" in section:
+        return section["gate_up"], None, section["down"]
+    return section["gate"], section["up"], section["down"]
 _KERNEL_NAMES = {"silu": "swiglu", "gelu_tanh": "geglu(tanh)", "gelu": "geglu(erf)"}
 # Relative error norm allowed between the original and the patched MLP in the probe.
 _PROBE_TOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -35,8 +54,13 @@ def _fused(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tenso
 
 def _glu_mlp(module: nn.Module, config: tuple[str, str, str, str], x: torch.Tensor) -> torch.Tensor:
     gate_name, up_name, down_name, activation = config
-    gate = getattr(module, gate_name)(x)
-    up = getattr(module, up_name)(x)
+    if up_name is None:
+        # One fused projection: the first half of its output is the gate, the second the up projection
+        # (what the family's chunk(2, dim=-1) takes); the halves are strided views the kernel reads as such.
+        gate, up = getattr(module, gate_name)(x).chunk(2, dim=-1)
+    else:
+        gate = getattr(module, gate_name)(x)
+        up = getattr(module, up_name)(x)
     return getattr(module, down_name)(_fused(activation, gate, up))
 
 
@@ -47,7 +71,8 @@ def fused_glu_mlp_forward(self, x):
 
 def detect_activation(act_fn) -> str | None:
     """Which of silu / gelu_tanh / gelu ``act_fn`` computes, judged on a grid in fp64."""
-    grid = torch.linspace(-8.0, 8.0, 257, dtype=torch.float64)
+    # On the CPU whatever the default device: inside `with torch.device("meta")` a meta grid has no values.
+    grid = torch.linspace(-8.0, 8.0, 257, dtype=torch.float64, device="cpu")
     try:
         with torch.no_grad():
             got = act_fn(grid)
@@ -65,8 +90,11 @@ def _probe(module: nn.Module, config: tuple, in_features: int) -> str | None:
     if param is None or param.device.type == "meta":
         return "skip-probe: parameters on the meta device"
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-    x = torch.randn(3, in_features, dtype=dtype, device=param.device, generator=None)
-    with torch.no_grad():
+    # Own generator and explicit devices: the global RNG is left as it was (a seeded script draws the same
+    # numbers patched or not), and a surrounding `with torch.device("meta")` block does not move the probe.
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(3, in_features, generator=gen, device="cpu").to(device=param.device, dtype=dtype)
+    with torch.no_grad(), torch.device(param.device):
         expected = type(module).forward(module, x)
         got = _glu_mlp(module, config, x)
     expected, got = expected.double(), got.double()
@@ -82,16 +110,21 @@ class MLPPatcher:
     default = True
 
     def apply(self, ctx: PatchContext, value) -> None:
-        classes = ctx.section_classes("mlp", _REQUIRED_KEYS, "MLP")
+        classes = ctx.section_classes("mlp", _REQUIRED_KEYS, "MLP", check=_check_projections)
         probed: dict[tuple[type, torch.dtype], str | None] = {}
         for name, module in ctx.named_modules():
             section = classes.get(type(module))
             if section is None:
                 continue
-            names = (section["gate"], section["up"], section["down"])
-            absent = [n for n in (*names, section["act"]) if not hasattr(module, n)]
+            names = _projection_names(section)
+            absent = [n for n in (*names, section["act"]) if n is not None and not hasattr(module, n)]
             if absent:
                 ctx.report.add_skipped(name, "mlp", f"{type(module).__name__} has no attribute(s) {absent}")
+                continue
+            fused_width = getattr(getattr(module, names[0]), "out_features", 0) if names[1] is None else 0
+            if fused_width % 2:
+                ctx.report.add_skipped(name, "mlp", f"{names[0]} has an odd output width {fused_width}; "
+                                                    "it cannot split into gate and up halves")
                 continue
             activation = detect_activation(getattr(module, section["act"]))
             if activation is None:
@@ -106,6 +139,7 @@ class MLPPatcher:
             if key not in probed:
                 probed[key] = _probe(module, config, in_features) if in_features else "skip-probe: gate has no in_features"
             detail = f"{type(module).__name__} -> {_KERNEL_NAMES[activation]}"
+            detail += f" (fused {names[0]} split in halves)" if names[1] is None else ""
             ctx.replace_forward_probed(module, name, fused_glu_mlp_forward, detail, {"mlp": config}, probed[key])
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:

@@ -6,7 +6,8 @@ backward (four per Qwen3 layer), the op saves the input itself and one fp32 rstd
 
 Validation, per RMSNorm class found in the model:
   1. the spec's class resolves in the installed transformers (else a spec problem);
-  2. the spec's ``form`` is "llama" (weight * normed.to(dtype)) or "gemma" ((1 + weight) in fp32)
+  2. the spec's ``form`` is "llama" (weight * normed.to(dtype)), "gemma" ((1 + weight) in fp32) or
+     "olmo" (weight in fp32)
      and the instance has ``weight`` and the spec's eps attribute;
   3. the patched forward is compared with the class forward on a random input in the module's
      dtype, forward and backward; a mismatch (transformers changed the norm) skips the class with
@@ -27,7 +28,9 @@ from .core import PatchContext, instance_forward
 from .report import PatchReport
 
 _REQUIRED_KEYS = ("class", "form", "eps")
-_FORMS = {"llama": (0.0, True), "gemma": (1.0, False)}  # (weight_offset, cast_before_weight)
+# (weight_offset, cast_before_weight). llama: weight * normed.to(dtype); gemma: ((1 + weight) * normed) in
+# fp32, then cast; olmo: (weight * normed) in fp32, then cast (OLMo 2/3, gpt-oss).
+_FORMS = {"llama": (0.0, True), "gemma": (1.0, False), "olmo": (0.0, False)}
 # Relative error norm allowed between the original and the patched norm in the probe (the op rounds
 # once where transformers' llama form rounds the same way; the rest is fp32 summation order).
 _PROBE_TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -47,6 +50,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _probe_run(module: nn.Module, patched: bool, x, dy, config: tuple):
+    eps_name, weight_offset, cast_before_weight = config
+    copy_ = copy.deepcopy(module)
+    copy_.weight.requires_grad_(True)
+    xr = x.clone().requires_grad_()
+    if patched:
+        y = rms_norm(xr, copy_.weight, getattr(copy_, eps_name), weight_offset=weight_offset,
+                     cast_before_weight=cast_before_weight)
+    else:
+        y = type(module).forward(copy_, xr)
+    return (y, *torch.autograd.grad(y, (xr, copy_.weight), dy))
+
+
 def _probe(module: nn.Module, config: tuple) -> str | None:
     """None if the patched forward (and its gradients) match the class forward, else why not.
 
@@ -55,21 +71,13 @@ def _probe(module: nn.Module, config: tuple) -> str | None:
     if weight.device.type == "meta":
         return "skip-probe: parameters on the meta device"
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    # Own generator and explicit devices: the global RNG is left as it was, and a surrounding
+    # `with torch.device("meta")` block does not move the probe.
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(4, weight.shape[0], generator=gen).to(device=weight.device, dtype=dtype)
-    dy = torch.randn(4, weight.shape[0], generator=gen).to(device=weight.device, dtype=dtype)
-    eps_name, weight_offset, cast_before_weight = config
-    results = []
-    for patched in (False, True):
-        copy_ = copy.deepcopy(module)
-        copy_.weight.requires_grad_(True)
-        xr = x.clone().requires_grad_()
-        if patched:
-            y = rms_norm(xr, copy_.weight, getattr(copy_, eps_name), weight_offset=weight_offset,
-                         cast_before_weight=cast_before_weight)
-        else:
-            y = type(module).forward(copy_, xr)
-        results.append((y, *torch.autograd.grad(y, (xr, copy_.weight), dy)))
+    x = torch.randn(4, weight.shape[0], generator=gen, device="cpu").to(device=weight.device, dtype=dtype)
+    dy = torch.randn(4, weight.shape[0], generator=gen, device="cpu").to(device=weight.device, dtype=dtype)
+    with torch.enable_grad(), torch.device(weight.device):  # patch_model may be called under no_grad
+        results = [_probe_run(module, patched, x, dy, config) for patched in (False, True)]
     tol = _PROBE_TOL.get(dtype, 1e-2)
     for name, want, got in zip(("output", "grad x", "grad weight"), results[0], results[1]):
         err = _rel(got, want)
@@ -81,7 +89,7 @@ def _probe(module: nn.Module, config: tuple) -> str | None:
 
 class NormPatcher:
     option = "norm"
-    default = False
+    default = True
 
     def apply(self, ctx: PatchContext, value) -> None:
         if not value:

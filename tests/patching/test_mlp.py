@@ -8,7 +8,7 @@ import torch
 import fastkern
 from fastkern.patching import specs as spec_module
 from fastkern.patching.core import fastkern_forward_kind
-from tests.models import FAMILIES, batch, tiny_model
+from tests.models import batch, families_with, family_spec, tiny_model
 from tests.models import logits_loss_grads as run
 from tests.oracle import assert_close, assert_same_fp32_run
 
@@ -19,23 +19,30 @@ def mlp_modules(model):
     return [m for n, m in model.named_modules() if n.endswith(".mlp")]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def spec_mlp_modules(model, family):
+    """(name, module) of every module of the family's [mlp] class (MoE families: shared experts, dense layers)."""
+    cls = family_spec(family).sections["mlp"]["class"]
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == cls]
+
+
+@pytest.mark.parametrize("family", families_with("mlp"))
 def test_family_fp32_same_logits_loss_grads(family):
     model = tiny_model(family)
     ids = batch()
     logits0, loss0, grads0 = run(model, ids)
     report = fastkern.patch_model(model)
     names = report.patched_names("mlp")
-    assert len(names) == 2 and all(n.endswith(".mlp") for n in names), report
-    assert all(EXPECTED[family] in e.detail for e in report.patched if e.kind == "mlp"), report
+    expected = spec_mlp_modules(model, family)
+    assert names and sorted(names) == sorted(n for n, _ in expected), report
+    assert all(EXPECTED.get(family, "swiglu") in e.detail for e in report.patched if e.kind == "mlp"), report
     assert report.family == family and not report.problems
-    assert all(fastkern_forward_kind(m) == "mlp" for m in mlp_modules(model))
+    assert all(fastkern_forward_kind(m) == "mlp" for _, m in expected)
     logits1, loss1, grads1 = run(model, ids)
     assert_same_fp32_run((logits1, loss1, grads1), (logits0, loss0, grads0))
     restored = fastkern.unpatch_model(model)
-    assert len([e for e in restored.patched if e.kind == "mlp"]) == 2
-    assert all("forward" not in m.__dict__ for m in mlp_modules(model))
-    assert all(not any(k.startswith("_fastkern") for k in m.__dict__) for m in mlp_modules(model))
+    assert len([e for e in restored.patched if e.kind == "mlp"]) == len(expected)
+    assert all("forward" not in m.__dict__ for _, m in expected)
+    assert all(not any(k.startswith("_fastkern") for k in m.__dict__) for _, m in expected)
     logits2, _, _ = run(model, ids)
     torch.testing.assert_close(logits2, logits0, rtol=0, atol=0)
 

@@ -7,11 +7,10 @@ import torch
 import fastkern
 from fastkern.patching import specs as spec_module
 from fastkern.patching.core import fastkern_forward_kind
-from tests.models import FAMILIES, batch, tiny_model
+from tests.models import batch, families_with, family_spec, tiny_model
 from tests.models import logits_loss_grads as run
 from tests.oracle import assert_close, assert_same_fp32_run
 
-GEMMA_FORM = {"gemma", "gemma2", "gemma3"}
 
 
 def norm_modules(model):
@@ -26,7 +25,7 @@ def randomize_norm_weights(model, seed=3):
             m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5 + (0.0 if hasattr(m, "eps") else 1.0))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", families_with("norm"))
 def test_family_fp32_same_logits_loss_grads(family):
     model = tiny_model(family)
     randomize_norm_weights(model)
@@ -35,7 +34,7 @@ def test_family_fp32_same_logits_loss_grads(family):
     report = fastkern.patch_model(model, norm=True)
     norms = norm_modules(model)
     assert sorted(report.patched_names("norm")) == sorted(n for n, _ in norms), report
-    form = "gemma form" if family in GEMMA_FORM else "llama form"
+    form = family_spec(family).sections["norm"]["form"] + " form"
     assert all(form in e.detail for e in report.patched if e.kind == "norm"), report
     assert not report.problems and not [e for e in report.skipped if e.kind == "norm"], report
     assert all(fastkern_forward_kind(m) == "norm" for _, m in norms)
