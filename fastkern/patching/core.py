@@ -8,6 +8,8 @@ unpatching deletes those attributes. Patchers (one per option) live in sibling m
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -29,6 +31,36 @@ def instance_forward(kind: str):
         return fn
 
     return register
+
+
+def _parameters_of(signature: inspect.Signature) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+
+@functools.cache
+def signed_forward(fn: Callable, cls: type) -> Callable:
+    """``fn`` as bound on instances of ``cls``: the same code, presenting ``cls.forward``'s signature.
+
+    Code reads ``inspect.signature(module.forward)`` to decide what to pass (transformers' generate and
+    Trainer pick inputs and dataset columns by parameter name), so a fastkern forward must show the
+    parameters of the forward it stands in for, not its own ``(self, *args, **kwargs)``. A bound method
+    cannot carry attributes, so where the parameters differ this is a copy of ``fn`` (one per class:
+    families' forwards differ) with ``__signature__`` set; where they agree it is ``fn`` itself.
+    """
+    try:
+        signature = inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return fn
+    if _parameters_of(signature) == _parameters_of(inspect.signature(fn)):
+        return fn
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    copy.__doc__ = getattr(cls.forward, "__doc__", None) or fn.__doc__
+    copy.__signature__ = signature
+    _INSTANCE_FORWARDS[copy] = _INSTANCE_FORWARDS[fn]
+    return copy
 
 
 def fastkern_forward_kind(module: nn.Module) -> str | None:
@@ -95,7 +127,7 @@ class PatchContext:
             return False
         for key, value in state.items():
             module.__dict__[f"_fastkern_{key}"] = value
-        module.forward = types.MethodType(fn, module)
+        module.forward = types.MethodType(signed_forward(fn, type(module)), module)
         self.report.add_patched(name, kind, detail)
         return True
 

@@ -5,50 +5,43 @@ at each document, often ``cu_seq_lens_q/k`` and ``max_length_q/k``. transformers
 turn it into a dense block-diagonal [B, 1, T, T] mask without a cache, and with a cache (the default of
 ``use_cache``) let documents attend to each other. Per model instance, ``patch_model(packing=True)``:
 
-1. registers (once per process, under fastkern-only names) an attention function and a mask function
-   for each of "sdpa" and "eager" in transformers' ``AttentionInterface`` / ``AttentionMaskInterface``,
-   and sets this model's ``config._attn_implementation`` to the fastkern name ("sdpa" ->
-   "fastkern_packed_sdpa"). Other models keep their own config and are untouched;
-2. binds an instance forward on the decoder backbone (the spec's [packing] class, e.g. LlamaModel) that,
+1. binds an instance forward on the decoder backbone (the spec's [packing] class, e.g. LlamaModel) that,
    once per forward, finds the documents of a packed batch (from cu_seq_lens_q when given, else where
    position_ids do not step by 1, transformers' own rule) and hands them on as one keyword argument
    (``fastkern_documents``), which transformers passes through the decoder layers to every attention
-   call, gradient-checkpoint recomputation included.
+   call, gradient-checkpoint recomputation included. In place of the attention_mask it passes an empty
+   [B, 1, T, 0] tensor: transformers returns a 4-D mask as given instead of building one, and any
+   attention that did not get the documents fails on its shape instead of attending across documents;
+2. makes sure every attention module of the backbone routes such a call to fastkern: the rope patcher's
+   forward does (attention.py); with rope off this patcher binds the same forward with the family's own
+   rotation. That forward runs fastkern.ops.document_attention (varlen flash attention on CUDA where torch
+   has it, else SDPA per document; eager math per document under "eager" or with a logit softcap).
 
-For a packed batch the mask function returns None instead of building the mask and the attention function
-runs fastkern.ops.document_attention (varlen flash attention on CUDA where torch has it, else SDPA per
-document; eager math per document under "eager" or with a logit softcap). Every other call (padded
-batches, a single document per row, decoding against a cache) goes to transformers' own "sdpa"/"eager"
-functions unchanged, so such batches give exactly what they gave before.
+Nothing shared changes: ``config._attn_implementation`` keeps what the user set (it is read per call, so
+``set_attn_implementation`` after patching applies and the packed path follows it between sdpa and
+eager), and transformers' attention and mask registries are left alone. Every other call (padded
+batches, a single document per row, decoding against a cache, ``output_attentions=True``, which takes
+transformers' exact path to return the weights, and calls traced by torch.compile, where finding the
+documents would need their bounds on the host) runs transformers' own masks and attention.
 flash_attention_2/3 already run packed batches varlen from cu_seq_lens or position_ids: left as they are.
-unpatch_model puts the original attention implementation name back.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..ops.document_attention import document_attention
-from .core import PatchContext, instance_forward
+from .core import PatchContext, fastkern_forward_kind, instance_forward
 from .report import PatchReport
 
 _KIND = "packing"
-_PREFIX = "fastkern_packed_"
 _BASES = ("sdpa", "eager")  # attention implementations whose packed path fastkern replaces
 DOCUMENTS_KWARG = "fastkern_documents"
-
-# The documents of the packed batch whose backbone forward is running in this thread/task; read by the
-# mask function, which transformers calls without position_ids or any other argument that would tell.
-_ACTIVE_DOCUMENTS: contextvars.ContextVar["PackedDocuments | None"] = contextvars.ContextVar(
-    "fastkern_active_documents", default=None
-)
 
 
 @dataclass(frozen=True)
@@ -116,41 +109,26 @@ def find_documents(batch: int, length: int, device, position_ids=None, cu_seq_le
 
 
 # ---------------------------------------------------------------------------------------------------
-# The attention and mask functions registered with transformers.
+# The attention call of a packed batch (made by the attention forward of attention.py).
 
 
-def _transformers_interfaces():
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+def packed_mask(documents: PackedDocuments, device) -> torch.Tensor:
+    """What the backbone passes as attention_mask for a packed batch: [B, 1, T, 0], no memory.
 
-    return ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS
-
-
-@functools.cache
-def _family_eager_attention(module_type: type):
-    """The eager_attention_forward of the modeling file that defines this attention class (what its
-    forward falls back to for "eager"; Gemma2's applies the softcap)."""
-    fn = getattr(sys.modules.get(module_type.__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise RuntimeError(
-            f"fastkern packing: {module_type.__module__} has no eager_attention_forward for {module_type.__name__}; "
-            "unpatch with packing=False"
-        )
-    return fn
+    transformers returns a 4-D mask as given (so no [T, T] mask is built), and an attention that uses it
+    as a mask fails on its shape: a packed batch never runs silently across documents."""
+    return torch.empty((documents.batch, 1, documents.length, 0), dtype=torch.bool, device=device)
 
 
-def _base_attention(base: str, module: nn.Module):
-    if base == "eager":
-        return _family_eager_attention(type(module))
-    attention_functions, _ = _transformers_interfaces()
-    return attention_functions[base]
+def is_packed_mask(attention_mask) -> bool:
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[-1] == 0
 
 
-def _make_attention_function(base: str):
+def packed_attention_function(base_function, implementation: str, documents: "PackedDocuments | None"):
+    """The attention function for a call that got the documents of a packed batch (or its empty mask)."""
+
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        documents = kwargs.pop(DOCUMENTS_KWARG, None)
-        packed = documents is not None and attention_mask is None
-        if documents is None and attention_mask is None and _ACTIVE_DOCUMENTS.get() is not None:
+        if documents is None:
             # The mask was skipped for a packed batch but the boundaries did not reach this call: running on
             # without them would let documents see each other. Refuse instead of computing something wrong.
             raise RuntimeError(
@@ -158,19 +136,24 @@ def _make_attention_function(base: str):
                 f"(`{DOCUMENTS_KWARG}`); this transformers version does not pass keyword arguments through to "
                 "attention. Patch with packing=False."
             )
-        if packed and (base == "sdpa" and kwargs.get("softcap") is not None):
-            packed = False  # transformers' sdpa refuses a softcap; let it say so, as without fastkern
-        if packed and not (getattr(module, "is_causal", True) and kwargs.get("is_causal") is not False):
+        if not is_packed_mask(attention_mask):
+            # A real mask reached this call: it says who attends to whom, as without fastkern.
+            return base_function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                 **kwargs)
+        if implementation not in _BASES:
+            raise RuntimeError(f"fastkern packing: a packed batch reached attention under {implementation!r}")
+        if implementation == "sdpa" and kwargs.get("softcap") is not None:
+            # transformers' sdpa refuses a softcap: let it say so, as without fastkern.
+            return base_function(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+        if not (getattr(module, "is_causal", True) and kwargs.get("is_causal") is not False):
             raise ValueError("fastkern packing: packed batches need causal attention; this layer is bidirectional")
-        if not packed:
-            return _base_attention(base, module)(module, query, key, value, attention_mask, dropout=dropout,
-                                                 scaling=scaling, **kwargs)
         batch, heads, length, head_dim = query.shape
         if (batch, length) != (documents.batch, documents.length) or key.shape[2] != length:
             raise RuntimeError(
                 f"fastkern packing: attention got q {tuple(query.shape)}, k {tuple(key.shape)} for a packed batch of "
                 f"[{documents.batch}, {documents.length}] tokens (a non-empty cache under a packed batch?)"
             )
+
         # [B, H, T, D] (transposed views of [B, T, H, D] projections) -> [B*T, H, D] views, no copy.
         def flat(t):
             return t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3])
@@ -179,43 +162,11 @@ def _make_attention_function(base: str):
             flat(query), flat(key), flat(value), documents.cu_seqlens,
             bounds=list(documents.bounds), max_seqlen=documents.max_seqlen, scale=scaling,
             sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"), dropout_p=dropout,
-            backend="eager" if base == "eager" else "auto",
+            backend="eager" if implementation == "eager" else "auto",
         )
         return out.view(batch, length, heads, out.shape[-1]), None
 
-    attention.__name__ = attention.__qualname__ = f"{_PREFIX}{base}_attention"
     return attention
-
-
-def _make_mask_function(base: str):
-    def mask(*args, **kwargs):
-        documents = _ACTIVE_DOCUMENTS.get()
-        if (
-            documents is not None
-            and not args
-            and kwargs.get("attention_mask") is None
-            and kwargs.get("batch_size") == documents.batch
-            and kwargs.get("q_length") == documents.length
-            and kwargs.get("kv_length") == documents.length
-        ):
-            return None  # the attention function separates the documents itself
-        _, mask_functions = _transformers_interfaces()
-        return mask_functions._global_mapping[base](*args, **kwargs)
-
-    mask.__name__ = mask.__qualname__ = f"{_PREFIX}{base}_mask"
-    return mask
-
-
-def register_implementations() -> None:
-    """Add fastkern_packed_sdpa / fastkern_packed_eager to transformers' registries (idempotent; names only
-    a config set by patch_model selects)."""
-    attention_functions, mask_functions = _transformers_interfaces()
-    for base in _BASES:
-        name = _PREFIX + base
-        if name not in attention_functions._global_mapping:
-            attention_functions.register(name, _make_attention_function(base))
-        if name not in mask_functions._global_mapping:
-            mask_functions.register(name, _make_mask_function(base))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,21 +181,23 @@ def _forward_signature(cls: type) -> inspect.Signature:
 @instance_forward(_KIND)
 def packed_backbone_forward(self, *args, **kwargs):
     forward = type(self).forward
-    implementation = getattr(self.config, "_attn_implementation", None)
-    if not (isinstance(implementation, str) and implementation.startswith(_PREFIX)):
-        return forward(self, *args, **kwargs)  # the attention implementation was changed since patching
+    if torch.compiler.is_compiling():
+        # Finding the documents reads their bounds on the host (a graph break, and a guard on every batch's
+        # layout): a traced call takes transformers' own path, which torch.compile supports.
+        return forward(self, *args, **kwargs)
+    if self.config._attn_implementation not in _BASES:  # read per call: set_attn_implementation() applies
+        return forward(self, *args, **kwargs)
     bound = _forward_signature(type(self)).bind(self, *args, **kwargs)
     arguments = dict(bound.arguments)
     extra = arguments.pop(next(n for n, p in bound.signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
     arguments.pop("self")
+    if extra.get("output_attentions", getattr(self.config, "output_attentions", False)):
+        return forward(self, *args, **kwargs)  # the weights come from transformers' exact eager path
     documents = _documents_of_call(self, arguments, extra)
     if documents is None:
         return forward(self, *args, **kwargs)
-    token = _ACTIVE_DOCUMENTS.set(documents)
-    try:
-        return forward(self, **arguments, **extra, **{DOCUMENTS_KWARG: documents})
-    finally:
-        _ACTIVE_DOCUMENTS.reset(token)
+    arguments["attention_mask"] = packed_mask(documents, documents.cu_seqlens.device)
+    return forward(self, **arguments, **extra, **{DOCUMENTS_KWARG: documents})
 
 
 def _documents_of_call(backbone: nn.Module, arguments: dict, extra: dict) -> PackedDocuments | None:
@@ -279,22 +232,21 @@ class PackingPatcher:
     def apply(self, ctx: PatchContext, value) -> None:
         if value is not True:
             raise ValueError(f"fastkern.patch_model: packing must be True or False, got {value!r}")
-        classes = {}
+        backbones = {}
         for spec, section in ctx.section("packing"):
             try:
-                classes[spec.resolve(section["class"])] = spec
+                backbones[spec.resolve(section["class"])] = spec
             except KeyError:
                 ctx.report.problems.append(f"{spec.source} [packing]: missing key 'class'")
             except LookupError as exc:
                 ctx.report.problems.append(f"{exc}; packing not patched")
         for name, module in ctx.named_modules():
-            if type(module) not in classes:
+            if type(module) not in backbones:
                 continue
-            config = getattr(module, "config", None)
-            implementation = getattr(config, "_attn_implementation", None)
-            if isinstance(implementation, str) and implementation.startswith(_PREFIX):
+            if fastkern_forward_kind(module) == _KIND:
                 ctx.report.add_skipped(name, _KIND, "already patched")
                 continue
+            implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
             if implementation not in _BASES:
                 if isinstance(implementation, str) and implementation.startswith("flash_attention"):
                     why = f"{implementation} already runs packed batches varlen (cu_seq_lens or position_ids); left as is"
@@ -302,24 +254,59 @@ class PackingPatcher:
                     why = f"attention implementation {implementation!r} is not one fastkern packs (sdpa, eager); left as is"
                 ctx.report.add_skipped(name, _KIND, why)
                 continue
-            detail = (f"packed batches: per-document attention, no [T, T] mask ({implementation} -> "
-                      f"{_PREFIX}{implementation})")
-            if ctx.replace_forward(module, name, packed_backbone_forward, detail, {}):
-                register_implementations()
-                config._attn_implementation = _PREFIX + implementation
+            attention, why = _attention_plan(ctx, backbones[type(module)], module)
+            if why is not None:
+                ctx.report.add_skipped(name, _KIND, why)
+                continue
+            from .attention import packed_attention_forward
+
+            for attn_name, attn, config, verdict in attention:
+                ctx.replace_forward_probed(attn, f"{name}.{attn_name}" if name else attn_name, packed_attention_forward,
+                                           f"{type(attn).__name__}: packed batches routed to per-document attention "
+                                           "(transformers' rotation; rope is off)", {"attention": config}, verdict)
+            ctx.replace_forward(module, name, packed_backbone_forward,
+                                "packed batches: per-document attention, no [T, T] mask (under sdpa and eager; "
+                                "config._attn_implementation unchanged)", {})
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:
-        # Instance forwards are removed by unpatch_model; the configs still name the fastkern implementation.
-        seen = set()
-        for name, module in model.named_modules():
-            config = getattr(module, "config", None)
-            implementation = getattr(config, "_attn_implementation", None)
-            if id(config) in seen or not (isinstance(implementation, str) and implementation.startswith(_PREFIX)):
-                continue
-            seen.add(id(config))
-            config._attn_implementation = implementation.removeprefix(_PREFIX)
-            report.add_patched(name, _KIND, f"config attention implementation {implementation} -> "
-                                            f"{config._attn_implementation}")
+        # Instance forwards and _fastkern_* attributes are removed by unpatch_model; nothing shared was changed.
+        return None
+
+
+def _attention_plan(ctx: PatchContext, spec, backbone: nn.Module):
+    """([(name, attention module, AttentionConfig, probe verdict)] to bind, None) when every attention module of the
+    backbone can route a packed call, else ([], why not). Attention modules the rope patcher bound already
+    route packed calls; the others get the same forward with the family's own rotation, probed first."""
+    from .attention import _config_from_section, _probe, _required_attributes, _rotates
+
+    section = spec.sections.get("attention")
+    if section is None or "class" not in section:
+        return [], f"{spec.source} has no [attention] section: attention calls cannot receive the documents"
+    try:
+        cls = spec.resolve(section["class"])
+        config = _config_from_section(spec, section, fused_rope=False)
+    except (LookupError, ValueError) as exc:
+        return [], f"attention not resolvable ({exc})"
+    plan, probed = [], {}
+    for attn_name, attn in backbone.named_modules():
+        if type(attn) is not cls:
+            continue
+        kind = fastkern_forward_kind(attn)
+        if kind in ("rope", _KIND):
+            continue
+        if "forward" in attn.__dict__:
+            return [], f"{attn_name}: forward already overridden on this instance; packed calls could not reach it"
+        absent = [n for n in _required_attributes(attn, config) if not hasattr(attn, n)]
+        if absent:
+            return [], f"{attn_name}: {cls.__name__} has no attribute(s) {absent}"
+        param = next(attn.parameters(), None)
+        key = (param.dtype if param is not None else None, _rotates(attn, config))
+        if key not in probed:
+            probed[key] = _probe(attn, config)
+        if probed[key] is not None and not probed[key].startswith("skip-probe"):
+            return [], f"{attn_name}: {probed[key]}"
+        plan.append((attn_name, attn, config, probed[key]))
+    return plan, None
 
 
 PACKING_PATCHER = PackingPatcher()
