@@ -258,6 +258,10 @@ def _can_overwrite(gate: Tensor, up: Tensor) -> bool:
     # turns a violation of that last rule into a loud error, not a wrong gradient).
     if not (gate.requires_grad and up.requires_grad) or gate.is_leaf or up.is_leaf:
         return False
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace storage pointers, and need not: the traced backward is functionalized,
+        # so the mutating backward op gets its own copies of inputs that alias each other.
+        return True
     return gate.untyped_storage().data_ptr() != up.untyped_storage().data_ptr()
 
 

@@ -137,8 +137,18 @@ def _validate_state(op: str, quant_state, dtype: torch.dtype | None, packed_nbyt
     for name, t in tensors.items():
         if t is not None and t.device != device:
             raise ValueError(f"{op}: `{name}` is on {t.device} but `quant_state.absmax` is on {device}")
-    return FlatNF4(None, code.reshape(-1), absmax.reshape(-1), None if absmax2 is None else absmax2.reshape(-1),
-                   None if code2 is None else code2.reshape(-1), offset, blocksize, nested_blocksize, shape, out_dtype)
+    return FlatNF4(None, _flat(code), _flat(absmax), None if absmax2 is None else _flat(absmax2),
+                   None if code2 is None else _flat(code2), offset, blocksize, nested_blocksize, shape, out_dtype)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t`` as a dense 1-D tensor: the kernels index the quant-state vectors (and the packed bytes) as
+    flat memory from their first element. A strided one is copied (a view when it is already dense):
+    these are small state vectors, or packed bytes that only an unusual caller hands over strided,
+    and reading them as flat would dequantize the wrong bytes."""
+    t = t.reshape(-1)
+    # Not .contiguous(): it keeps a one-element tensor's odd stride, which a dtype view rejects.
+    return t if t.stride(0) == 1 else t.clone(memory_format=torch.contiguous_format)
 
 
 # Validated states, keyed by id(quant_state): (weakref to the state, the field objects the entry was
@@ -210,7 +220,9 @@ def flatten_state(op: str, packed: Tensor, quant_state, dtype: torch.dtype | Non
     _check_packed_size(op, nbytes, flat.shape)  # again: a cache hit skipped the check inside
     if packed.device != flat.absmax.device:
         raise ValueError(f"{op}: `packed` is on {packed.device} but `quant_state.absmax` is on {flat.absmax.device}")
-    packed = packed.reshape(-1)
+    # Dense first: the kernels address the bytes as flat memory, and viewing another quant_storage dtype
+    # as bytes needs a unit stride.
+    packed = _flat(packed)
     return flat._replace(packed=packed if packed.dtype == torch.uint8 else packed.view(torch.uint8))
 
 

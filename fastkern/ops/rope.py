@@ -3,14 +3,12 @@
 Tiers: the Triton kernel in fastkern/kernels/rope.py, launched by ``_launch`` below; custom ops with
 fake implementations so torch.compile(fullgraph=True) traces through them:
 
-* ``fastkern::rope_qk_`` rotates q and k in place (mutates both), one launch;
-* ``fastkern::rope_`` rotates one tensor in place (the in-place backward, one per gradient);
-* ``fastkern::rope_qk`` returns new tensors, with autograd registered (its backward is itself
-  with ``transpose`` flipped);
-
-then autograd Functions and the public :func:`rope`. Eager calls launch through the Functions
-directly; the custom ops are what torch.compile sees (their dispatch costs more host time than a
-launch: docs/rope.md, "Host time").
+``fastkern::rope_qk`` returns new tensors, with autograd registered (its backward is itself with
+``transpose`` flipped); then autograd Functions and the public :func:`rope`. Eager calls launch
+through the Functions directly; the custom op is what torch.compile sees (its dispatch costs more
+host time than a launch: docs/rope.md, "Host time"). Under torch.compile the in-place form is that
+op followed by copies into q and k (functionalization turns mutation into that anyway, and Dynamo
+need not trace ``mark_dirty``).
 
 The in-place path has to tell autograd that q and k changed (``ctx.mark_dirty``), and q and k
 arrive as views (transposed projection outputs). Autograd handles a dirtied view by rebasing it
@@ -21,9 +19,8 @@ rebase two views dirtied by one Function. So:
   ``proj(x).view(B, T, H, D).transpose(1, 2)`` of every attention module), ``_RotateBasesInPlace``
   marks the two *bases* dirty (they are not views, so one Function may dirty both) and q_rot, k_rot
   are rebuilt as view+permute of them, whose backward is free. Forward and backward are one launch
-  each, and backward rotates the incoming gradient in its own storage.
-* general path (any other layout, and while torch.compile traces, which functionalizes mutation
-  anyway): ``_RotateQInPlace`` runs the single launch that rotates q and k and marks q dirty, and
+  each; backward rotates the incoming gradients into new tensors (never into the caller's).
+* general path (any other layout): ``_RotateQInPlace`` runs the single launch that rotates q and k and marks q dirty, and
   ``_MarkKRotated`` marks k dirty right after (nothing can read k in between).
 """
 
@@ -138,53 +135,29 @@ def _rotate_qk_in_place(q, k, cos, sin, position_ids, interleaved, transpose) ->
     _launch(q, k, q, k, cos, sin, position_ids, interleaved, transpose, interpreted=path == "interpreter")
 
 
-@torch.library.custom_op("fastkern::rope_qk_", mutates_args=("q", "k"))
-def rope_qk_inplace_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
-                       interleaved: bool, transpose: bool) -> None:
-    _rotate_qk_in_place(q, k, cos, sin, position_ids, interleaved, transpose)
-
-
-@rope_qk_inplace_op.register_fake
-def _(q, k, cos, sin, position_ids, interleaved, transpose):
-    return None
-
-
-def _rotate_one_in_place(x, cos, sin, position_ids, interleaved, transpose) -> None:
-    if x.numel() == 0:
+def _rotate_qk_into(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose) -> None:
+    """q_out, k_out (new tensors of q's and k's shapes; k may be None) = the rotation of q, k."""
+    if q.numel() == 0 and (k is None or k.numel() == 0):
         return
-    path = _path(x)
+    path = _path(q)
     if path == "reference":
-        _rotate_into(x, x, cos, sin, position_ids, interleaved, transpose)
+        _rotate_into(q, q_out, cos, sin, position_ids, interleaved, transpose)
+        if k is not None:
+            _rotate_into(k, k_out, cos, sin, position_ids, interleaved, transpose)
         return
-    _launch(x, None, x, x, cos, sin, position_ids, interleaved, transpose, interpreted=path == "interpreter")
-
-
-@torch.library.custom_op("fastkern::rope_", mutates_args=("x",))
-def rope_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
-                    interleaved: bool, transpose: bool) -> None:
-    _rotate_one_in_place(x, cos, sin, position_ids, interleaved, transpose)
-
-
-@rope_inplace_op.register_fake
-def _(x, cos, sin, position_ids, interleaved, transpose):
-    return None
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < q.shape[-1]:  # the kernel writes only the rotated lanes; carry the rest over
+        q_out[..., rotary_dim:] = q[..., rotary_dim:]
+        if k is not None:
+            k_out[..., rotary_dim:] = k[..., rotary_dim:]
+    _launch(q, k, q_out, k_out if k is not None else q_out, cos, sin, position_ids, interleaved, transpose,
+            interpreted=path == "interpreter")
 
 
 def _rotate_qk_new(q, k, cos, sin, position_ids, interleaved, transpose) -> tuple[Tensor, Tensor]:
     # empty_like keeps q's strides when q is dense (a transposed view stays one), as the fake does.
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    if q.numel() == 0 and k.numel() == 0:
-        return q_out, k_out
-    path = _path(q)
-    if path == "reference":
-        _rotate_into(q, q_out, cos, sin, position_ids, interleaved, transpose)
-        _rotate_into(k, k_out, cos, sin, position_ids, interleaved, transpose)
-        return q_out, k_out
-    rotary_dim = cos.shape[-1]
-    if rotary_dim < q.shape[-1]:  # the kernel writes only the rotated lanes; carry the rest over
-        q_out[..., rotary_dim:] = q[..., rotary_dim:]
-        k_out[..., rotary_dim:] = k[..., rotary_dim:]
-    _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, interpreted=path == "interpreter")
+    _rotate_qk_into(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose)
     return q_out, k_out
 
 
@@ -231,35 +204,20 @@ class _RotateQKOutOfPlace(torch.autograd.Function):
         return grad_q, grad_k, None, None, None, None
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether t's elements tile its memory exactly once (any dim order, no gaps, no overlap)."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _rotate_grad_in_place(grad: Tensor, cos, sin, position_ids, interleaved) -> Tensor:
-    # Reuse the incoming gradient's storage unless it is not a plain dense tensor (an expanded
-    # gradient, e.g. from .sum(), has zero strides: writing into it would be wrong).
-    if not _dense(grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)
-    if torch.compiler.is_compiling():
-        rope_inplace_op(grad, cos, sin, position_ids, interleaved, True)
-    else:  # eager: the custom op's dispatch costs more host time than the launch itself
-        _rotate_one_in_place(grad, cos, sin, position_ids, interleaved, True)
-    return grad
+def _rotate_grad(grad: Tensor, cos, sin, position_ids, interleaved) -> Tensor:
+    # Into a new tensor, never into `grad`: an incoming gradient can be the caller's own tensor
+    # (torch.autograd.backward(outputs, grad_tensors)) or feed another branch of the graph, and the
+    # kernel moves the same bytes either way.
+    out = torch.empty_like(grad)
+    _rotate_qk_into(grad, None, out, None, cos, sin, position_ids, interleaved, True)
+    return out
 
 
 class _RotateQInPlace(torch.autograd.Function):
+    # Eager only (torch.compile traces rope_qk_op instead, see _rope_inplace): launches directly.
     @staticmethod
     def forward(ctx, q, k_alias, cos, sin, position_ids, interleaved):
-        if torch.compiler.is_compiling():
-            rope_qk_inplace_op(q, k_alias, cos, sin, position_ids, interleaved, False)
-        else:  # eager: launch directly (see _RotateBasesInPlace)
-            _rotate_qk_in_place(q, k_alias, cos, sin, position_ids, interleaved, False)
+        _rotate_qk_in_place(q, k_alias, cos, sin, position_ids, interleaved, False)
         ctx.mark_dirty(q)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.interleaved = interleaved
@@ -268,8 +226,7 @@ class _RotateQInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q):
         cos, sin, position_ids = ctx.saved_tensors
-        grad_q = _rotate_grad_in_place(grad_q, cos, sin, position_ids, ctx.interleaved)
-        return grad_q, None, None, None, None, None
+        return _rotate_grad(grad_q, cos, sin, position_ids, ctx.interleaved), None, None, None, None, None
 
 
 class _MarkKRotated(torch.autograd.Function):
@@ -283,8 +240,7 @@ class _MarkKRotated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_k):
         cos, sin, position_ids = ctx.saved_tensors
-        grad_k = _rotate_grad_in_place(grad_k, cos, sin, position_ids, ctx.interleaved)
-        return grad_k, None, None, None, None
+        return _rotate_grad(grad_k, cos, sin, position_ids, ctx.interleaved), None, None, None, None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -339,19 +295,92 @@ class _RotateBasesInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q_base, grad_k_base):
         cos, sin, position_ids = ctx.saved_tensors
+        # The incoming gradients are read as the bases' layout (a copy only if autograd hands over
+        # another one) and rotated into new tensors: never into gradient storage we did not allocate
+        # (see _rotate_grad).
         grad_q_base, grad_k_base = grad_q_base.contiguous(), grad_k_base.contiguous()
+        out_q, out_k = torch.empty_like(grad_q_base), torch.empty_like(grad_k_base)
         rebuild_q, rebuild_k = ctx.rebuild
-        _rotate_qk_in_place(rebuild_q(grad_q_base), rebuild_k(grad_k_base), cos, sin, position_ids,
-                            ctx.interleaved, True)
-        return grad_q_base, grad_k_base, None, None, None, None, None, None, None, None
+        _rotate_qk_into(rebuild_q(grad_q_base), rebuild_k(grad_k_base), rebuild_q(out_q), rebuild_k(out_k), cos, sin,
+                        position_ids, ctx.interleaved, True)
+        return out_q, out_k, None, None, None, None, None, None, None, None
+
+
+def _runs(t: Tensor) -> tuple[Tensor, int]:
+    """(start offsets in elements, length) of the runs of consecutive elements that make up t's memory."""
+    shape, strides, run = list(t.shape), list(t.stride()), 1
+    if shape and strides[-1] == 1:
+        run = shape.pop()
+        strides.pop()
+    starts = torch.full((1,) * len(shape), t.storage_offset(), dtype=torch.int64, device=t.device)
+    for dim, (n, st) in enumerate(zip(shape, strides)):
+        view = [1] * len(shape)
+        view[dim] = n
+        starts = starts + torch.arange(n, dtype=torch.int64, device=t.device).view(view) * st
+    return starts.reshape(-1), run
+
+
+def _overlap(q: Tensor, k: Tensor) -> bool:
+    """Whether an element of q and one of k (or two of either) share memory; q and k share a storage.
+
+    Exact, and without cost in the usual case: q and k from separate projections live in separate
+    storages and this is not called. Views of one fused qkv tensor interleave in memory without
+    overlapping, so comparing address ranges is not enough: the runs of both are sorted and each
+    must start after every earlier run ends (one sort of B*T*H offsets and a host sync).
+    """
+    if q.numel() == 0 or k.numel() == 0:
+        return False
+    spans = [(t.storage_offset(), t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+             for t in (q, k)]
+    if spans[0][1] < spans[1][0] or spans[1][1] < spans[0][0]:
+        return False
+    (qs, qn), (ks, kn) = _runs(q), _runs(k)
+    starts = torch.cat([qs, ks])
+    ends = torch.cat([qs + qn, ks + kn])
+    order = torch.argsort(starts)
+    starts, ends = starts[order], ends[order]
+    return bool((starts[1:] < torch.cummax(ends[:-1], 0).values).any())
+
+
+def _check_inplace_layout(q: Tensor, k: Tensor) -> None:
+    """Reject layouts an in-place rotation cannot honour, before anything is written."""
+    for name, t in (("q", q), ("k", k)):
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"{_OP}: `{name}` has elements that share memory (e.g. an expand()) and cannot be "
+                             f"rotated in place; pass inplace=False")
+    get_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
+    if get_meta is not None and torch.is_grad_enabled():
+        default = torch._C._autograd.CreationMeta.DEFAULT
+        for name, t in (("q", q), ("k", k)):
+            # autograd refuses to record an in-place change of such views (its own error names neither
+            # fastkern nor the fix); checked before the kernel runs, so q and k are left untouched.
+            if t.requires_grad and t._is_view() and get_meta(t) != default:
+                raise ValueError(
+                    f"{_OP}: `{name}` is a view returned by split()/chunk()/unbind() (or made under no_grad), which "
+                    f"autograd does not allow to be modified in place; pass inplace=False, or take q and k from "
+                    f"the fused tensor by slicing (qkv[..., :n]) instead of split()")
+    if q is k or (q.device == k.device and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+                  and _overlap(q, k)):
+        raise ValueError(f"{_OP}: `q` and `k` share memory (the same tensor, or overlapping views of one); "
+                         f"rotating them in place would rotate the shared elements twice. Pass inplace=False, or "
+                         f"separate tensors")
 
 
 def _rope_inplace(q, k, cos, sin, position_ids, interleaved):
+    if torch.compiler.is_compiling():
+        # Traced as the functional custom op (autograd registered on it, no mark_dirty for Dynamo to
+        # handle); the copies give q and k the in-place semantics and are dropped from the graph when
+        # nothing reads q or k afterwards. Reading q and k before writing also makes aliased q and k
+        # come out right here, where the storage checks below cannot be traced.
+        q_rot, k_rot = rope_qk_op(q, k, cos, sin, position_ids, interleaved, False)
+        q.copy_(q_rot)
+        k.copy_(k_rot)
+        return q_rot, k_rot
+    _check_inplace_layout(q, k)
     fast = None
-    if not torch.compiler.is_compiling():
-        fq, fk = _base_and_rebuild(q), _base_and_rebuild(k)
-        if fq is not None and fk is not None and fq[0].data_ptr() != fk[0].data_ptr():
-            fast = fq, fk
+    fq, fk = _base_and_rebuild(q), _base_and_rebuild(k)
+    if fq is not None and fk is not None and fq[0].data_ptr() != fk[0].data_ptr():
+        fast = fq, fk
     if fast is None:
         q_rot = _RotateQInPlace.apply(q, k.detach(), cos, sin, position_ids, interleaved)
         k_rot = _MarkKRotated.apply(k, cos, sin, position_ids, interleaved)
@@ -431,10 +460,12 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Tensor
     rotary_dim elements of each head and leaves the rest as they are. Math is fp32; fp64 runs the
     reference.
 
-    ``inplace=True`` (default) writes into q and k, tells autograd so (q and k must not be leaves
-    that require grad), and its backward rotates the incoming gradients by -theta in their own
-    storage: if the same gradient tensor also feeds another branch of the graph (``q_rot + x``
-    with x requiring grad), use ``inplace=False``, whose backward allocates new gradients.
+    ``inplace=True`` (default) writes into q and k and tells autograd so. q and k must not be leaves
+    that require grad, must not share memory with each other (``rope(x, x)``, overlapping views:
+    ValueError), and, when they require grad, must not be outputs of ``split()``/``chunk()``/
+    ``unbind()`` (autograd forbids modifying those in place: ValueError; slice the fused tensor
+    instead, or pass ``inplace=False``). Both forms' backward rotates the incoming gradients by
+    -theta into new tensors.
 
     >>> import torch, fastkern
     >>> q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)

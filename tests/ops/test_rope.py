@@ -399,19 +399,19 @@ def _ops_run_by(fn):
 
 
 def test_inplace_on_projection_views_backward_is_one_launch(monkeypatch):
-    """q, k as transposed views of whole projection outputs: backward is the kernel plus views only
-    (no CopySlices copies of the gradient)."""
+    """q, k as transposed views of whole projection outputs: backward is the kernel plus views and the
+    allocation of the new gradients only (no CopySlices copies of the gradient)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    real = rope_module._rotate_qk_in_place
+    real = rope_module._launch
     launches = []
 
-    def recorded(*args):
-        launches.append(args[-1])  # transpose flag
+    def recorded(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, **kw):
+        launches.append((transpose, q_out is q))  # transpose flag, in place
         with _disable_current_modes():  # the interpreter's own tensor copies are not the op's
-            real(*args)
+            real(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, **kw)
 
-    monkeypatch.setattr(rope_module, "_rotate_qk_in_place", recorded)
+    monkeypatch.setattr(rope_module, "_launch", recorded)
     qp = torch.randn(2, 5, 4, 16, requires_grad=True)
     kp = torch.randn(2, 5, 2, 16, requires_grad=True)
     cos, sin = frequencies(torch.arange(5)[None], 16, False)
@@ -422,8 +422,9 @@ def test_inplace_on_projection_views_backward_is_one_launch(monkeypatch):
     ops = _ops_run_by(lambda: grads.extend(torch.autograd.grad((q_rot, k_rot), (qp, kp), (gq, gk))))
     # The rotation launches the kernel directly (no aten op); the rest only reshapes the gradient
     # (mul is the backward of the `* 1` that made q and k non-leaves).
-    assert set(ops) <= {"aten.view", "aten.permute", "aten.transpose", "aten.mul"}, ops
-    assert launches == [False, True]  # one launch for q and k forward, one backward
+    assert set(ops) <= {"aten.view", "aten.permute", "aten.transpose", "aten.mul", "aten.empty_like"}, ops
+    # One launch for q and k forward (in place), one backward into new gradients (never the caller's).
+    assert launches == [(False, True), (True, False)]
     assert_close(grads[0].transpose(1, 2), want_q, torch.float32, name="grad q")
     assert_close(grads[1].transpose(1, 2), want_k, torch.float32, name="grad k")
 
