@@ -139,6 +139,8 @@ def test_unknown_form_and_missing_class_are_problems_not_crashes(monkeypatch):
 
 
 def test_every_shipped_spec_names_a_norm_class_that_resolves():
+    # Cohere and Cohere2 normalise with a LayerNorm (mean subtracted, no bias): no RMSNorm to patch.
+    assert {s.family for s in spec_module.load_specs() if "norm" not in s.sections} == {"cohere", "cohere2"}
     for spec in spec_module.load_specs():
-        assert "norm" in spec.sections, spec.source
-        spec.resolve(spec.sections["norm"]["class"])
+        if "norm" in spec.sections:
+            spec.resolve(spec.sections["norm"]["class"])
