@@ -168,9 +168,10 @@ def _patchers() -> list[Patcher]:
     from .mlp import MLP_PATCHER
     from .norm import NORM_PATCHER
     from .packing import PACKING_PATCHER
+    from .tiled_mlp import TILED_MLP_PATCHER  # after MLP_PATCHER: it wraps the fused MLP forward
 
     return [MLP_PATCHER, NORM_PATCHER, CHECKPOINTING_PATCHER, LORA_PATCHER, ATTENTION_PATCHER, PACKING_PATCHER,
-            LOSS_PATCHER]
+            LOSS_PATCHER, TILED_MLP_PATCHER]
 
 
 def patch_model(model: nn.Module, **options: Any) -> PatchReport:
