@@ -254,14 +254,14 @@ class PackingPatcher:
                     why = f"attention implementation {implementation!r} is not one fastkern packs (sdpa, eager); left as is"
                 ctx.report.add_skipped(name, _KIND, why)
                 continue
-            attention, why = _attention_plan(ctx, backbones[type(module)], module)
+            attention, why = _attention_plan(ctx, backbones[type(module)], module, name)
             if why is not None:
                 ctx.report.add_skipped(name, _KIND, why)
                 continue
             from .attention import packed_attention_forward
 
             for attn_name, attn, config, verdict in attention:
-                ctx.replace_forward_probed(attn, f"{name}.{attn_name}" if name else attn_name, packed_attention_forward,
+                ctx.replace_forward_probed(attn, attn_name, packed_attention_forward,
                                            f"{type(attn).__name__}: packed batches routed to per-document attention "
                                            "(transformers' rotation; rope is off)", {"attention": config}, verdict)
             ctx.replace_forward(module, name, packed_backbone_forward,
@@ -273,7 +273,7 @@ class PackingPatcher:
         return None
 
 
-def _attention_plan(ctx: PatchContext, spec, backbone: nn.Module):
+def _attention_plan(ctx: PatchContext, spec, backbone: nn.Module, backbone_name: str):
     """([(name, attention module, AttentionConfig, probe verdict)] to bind, None) when every attention module of the
     backbone can route a packed call, else ([], why not). Attention modules the rope patcher bound already
     route packed calls; the others get the same forward with the family's own rotation, probed first."""
@@ -288,7 +288,7 @@ def _attention_plan(ctx: PatchContext, spec, backbone: nn.Module):
     except (LookupError, ValueError) as exc:
         return [], f"attention not resolvable ({exc})"
     plan, probed = [], {}
-    for attn_name, attn in backbone.named_modules():
+    for attn_name, attn in backbone.named_modules(prefix=backbone_name):
         if type(attn) is not cls:
             continue
         kind = fastkern_forward_kind(attn)

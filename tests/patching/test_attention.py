@@ -10,6 +10,9 @@ from fastkern.patching.core import fastkern_forward_kind
 from tests.models import EAGER_ONLY, batch, cache_kwargs, families_with, output_cache, tiny_config, tiny_model
 from tests.oracle import assert_close, assert_same_fp32_run
 
+# The other options off: these tests compare logits of training-mode calls (the loss option skips them there)
+# and some compare bit for bit with transformers' own path; they are about the rope patch alone.
+ROPE_ONLY = dict(mlp=False, loss=False, norm=False)
 ALL_FAMILIES = families_with("attention")
 
 
@@ -57,7 +60,7 @@ def test_family_fp32_same_logits_loss_grads(family, attn):
     model.train()  # dropout is 0 in these configs; train mode exercises the training branch
     ids = batch()
     logits0, loss0, grads0 = run(model, ids)
-    report = fastkern.patch_model(model, mlp=False, rope=True)
+    report = fastkern.patch_model(model, **ROPE_ONLY, rope=True)
     names = report.patched_names("rope")
     assert len(names) == 2 and all(n.endswith("self_attn") for n in names), report
     assert not report.problems and not report.skipped, report
@@ -82,7 +85,7 @@ def test_family_with_cache_and_packed_positions(family):
     with torch.no_grad():
         want = model(input_ids=ids, position_ids=position_ids, use_cache=True).logits
         # packing off: with it, the cache-on packed call would (correctly) differ from transformers' result.
-        fastkern.patch_model(model, mlp=False, rope=True, packing=False)
+        fastkern.patch_model(model, **ROPE_ONLY, rope=True, packing=False)
         got = model(input_ids=ids, position_ids=position_ids, use_cache=True).logits
         # Decode one more token against the cache on both paths, the cache passed under each name the
         # installed transformers takes (`cache` from 5.25 on, `past_key_values`).
@@ -118,7 +121,7 @@ def test_attention_forward_takes_the_cache_under_either_name(name):
             return out, cache.get_seq_length(0)
 
         want, want_length = decode()
-        fastkern.patch_model(model, mlp=False, rope=True, packing=False)
+        fastkern.patch_model(model, **ROPE_ONLY, rope=True, packing=False)
         assert fastkern_forward_kind(attention) == "rope"
         got, got_length = decode()
     assert got_length == want_length == 7
@@ -132,7 +135,7 @@ def test_family_bf16_within_oracle(family):
     ref_logits, ref_loss, ref_grads = run(model64, ids)
     model = make(family, torch.bfloat16)
     plain_logits, plain_loss, plain_grads = run(model, ids)
-    report = fastkern.patch_model(model, mlp=False, rope=True)
+    report = fastkern.patch_model(model, **ROPE_ONLY, rope=True)
     assert len(report.patched_names("rope")) == 2, report
     logits, loss, grads = run(model, ids)
     assert_close(logits, ref_logits, torch.bfloat16, plain_logits, "logits", model_level=True)
@@ -143,14 +146,14 @@ def test_family_bf16_within_oracle(family):
 
 def test_other_instances_untouched():
     a, b = tiny_model("llama"), tiny_model("llama")
-    fastkern.patch_model(a, mlp=False, rope=True)
+    fastkern.patch_model(a, **ROPE_ONLY, rope=True)
     assert all(fastkern_forward_kind(m) == "rope" for m in attention_modules(a))
     assert all(fastkern_forward_kind(m) is None for m in attention_modules(b))
     # transformers' module global is untouched.
     from transformers.models.llama import modeling_llama
 
     assert modeling_llama.apply_rotary_pos_emb.__module__ == "transformers.models.llama.modeling_llama"
-    again = fastkern.patch_model(a, mlp=False, rope=True)
+    again = fastkern.patch_model(a, **ROPE_ONLY, rope=True)
     assert not again.patched_names("rope") and {e.detail for e in again.skipped} == {"already patched"}
 
 
@@ -164,16 +167,20 @@ def test_probe_mismatch_skips_with_reason(monkeypatch):
         return out * 1.01, weights
 
     monkeypatch.setattr(attention_module, "_attention", wrong)
-    report = fastkern.patch_model(model, mlp=False, rope=True)
+    report = fastkern.patch_model(model, **ROPE_ONLY, rope=True)
     assert not report.patched_names("rope")
-    assert len(report.skipped) == 2 and all("relative error" in e.detail for e in report.skipped), report
+    rope = [e for e in report.skipped if e.kind == "rope"]
+    assert len(rope) == 2 and all("relative error" in e.detail for e in rope), report
+    # Packing needs attention forwards that match transformers' too: it is skipped, with the reason.
+    assert [e.name for e in report.skipped if e.kind == "packing"] == ["model"], report
+    assert "relative error" in next(e.detail for e in report.skipped if e.kind == "packing")
     assert all(fastkern_forward_kind(m) is None for m in attention_modules(model))
 
 
 def test_missing_attribute_skips_with_reason():
     model = tiny_model("qwen3")
     del model.model.layers[0].self_attn.q_norm
-    report = fastkern.patch_model(model, mlp=False, rope=True)
+    report = fastkern.patch_model(model, **ROPE_ONLY, rope=True)
     assert report.patched_names("rope") == ["model.layers.1.self_attn"], report
     assert "q_norm" in report.skipped[0].detail
 
@@ -185,7 +192,7 @@ def test_sliding_window_is_passed_through():
     ids = batch(t=9)
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        fastkern.patch_model(model, mlp=False, rope=True)
+        fastkern.patch_model(model, **ROPE_ONLY, rope=True)
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
