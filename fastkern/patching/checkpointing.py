@@ -29,6 +29,7 @@ import functools
 import inspect
 import warnings
 
+import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
@@ -49,6 +50,10 @@ class OffloadCheckpointFunction:
         self.replaces = replaces  # the function that was asked for; unpatch_model puts it back
 
     def __call__(self, function, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # The offloader's saved-tensor hooks and side stream are not traceable: a traced layer checkpoints
+            # as torch does (non-reentrant, which Dynamo captures), its saved inputs staying on the device.
+            return torch_checkpoint(function, *args, **{"use_reentrant": False, **self.checkpoint_kwargs, **kwargs})
         return self.offloader.checkpoint(function, *args, **{**self.checkpoint_kwargs, **kwargs})
 
     def __repr__(self) -> str:
