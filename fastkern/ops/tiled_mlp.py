@@ -144,13 +144,13 @@ class TiledMLPFunction(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1]).detach()
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
         n, lead = flat.shape[0], x.dim() - 2
-        dx = torch.empty_like(flat) if want_x else None
+        dx = torch.empty(flat.shape, dtype=x.dtype, device=x.device) if want_x else None
         acc: list[Tensor | None] = [None] * len(param_tensors)
         with _replayed(x.device, ctx.rng, ctx.autocast, ctx.autocast_cache):
             for start in range(0, n, ctx.rows):
                 xt = flat[start:start + ctx.rows].detach().requires_grad_(want_x)
                 y = ctx.fn(_tile_view(xt, lead))
-                gy = grad_flat[start:start + ctx.rows].view(y.shape).to(y.dtype)
+                gy = grad_flat[start:start + ctx.rows].reshape(y.shape).to(y.dtype)
                 grads = torch.autograd.grad(y, ([xt] if want_x else []) + param_tensors, gy, allow_unused=True)
                 if want_x:
                     dx[start:start + ctx.rows] = grads[0] if grads[0] is not None else 0

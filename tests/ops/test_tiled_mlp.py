@@ -320,3 +320,17 @@ def test_gpu_llama_shape_matches_oracle(dtype):
     assert_close(got[1], ref[1], dtype, plain[1], "dx")
     for name in ref[2]:
         assert_close(got[2][name], ref[2][name], dtype, plain[2][name], name)
+
+
+def test_strided_input_and_expanded_grad():
+    """x a strided view (a slice of a wider buffer), grad_out an expanded tensor (from .sum())."""
+    _, mlp = _make(torch.float64)
+    base = torch.randn(1, 26, 2 * H, dtype=torch.float64)
+    x = base[..., 1::2].requires_grad_()
+    tiled_mlp(mlp, x, rows=6).sum().backward()
+    got = (x.grad.clone(), mlp.up_proj.weight.grad.clone())
+    x.grad = None
+    mlp.zero_grad()
+    mlp(x).sum().backward()
+    torch.testing.assert_close(got[0], x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], mlp.up_proj.weight.grad, rtol=1e-12, atol=1e-12)
