@@ -97,10 +97,12 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
 
+    callbacks = [timer := StepTimer()]
+    if args.profile:
+        callbacks.append(_profiler_callback(TrainerCallback, args.out, f"{mode}-{variant}"))
     packed = mode == "packed"
     n_rows = steps * args.batch * (4 if packed else 1)
     dataset = build_dataset(n_rows, args.length, min_length=args.length // 8 if packed else None)
-    timer = StepTimer()
     out_dir = tempfile.mkdtemp(prefix="fastkern-e2e-")
     config = SFTConfig(
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=args.batch, learning_rate=1e-4 if mode != "full" else 1e-5,
@@ -110,7 +112,7 @@ def worker(args) -> dict:
         torch_compile=variant == "fastkern+compile",
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=build_tokenizer(),
-                         callbacks=[timer])
+                         callbacks=callbacks)
     if variant == "fastkern-after-init":
         report = fastkern.patch_model(trainer.model)
     torch.cuda.reset_peak_memory_stats()
@@ -127,6 +129,38 @@ def worker(args) -> dict:
     return dict(mode=mode, variant=variant, step_ms=step_s * 1e3, tokens_per_s=tokens / step_s if warm else 0.0,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30, losses=losses, step_times_s=timer.times,
                 error=error, report=str(report) if report is not None else "")
+
+
+def _profiler_callback(base, out, label, first=4, steps=3):
+    """Profiles optimizer steps [first, first + steps): prints the CUDA kernels by total device time and
+    the device-busy time per step next to the wall time, so host-bound steps show as such."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    class ProfileSteps(base):
+        def __init__(self):
+            self.prof, self.t0 = None, 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == first:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == first + steps:
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - self.t0) / steps
+                self.prof.__exit__(None, None, None)
+                events = self.prof.key_averages()
+                device = sum(e.self_device_time_total for e in events) / steps / 1e3
+                print(f"[profile {label}] wall {wall * 1e3:.1f} ms/step, device busy {device:.1f} ms/step, "
+                      f"CPU ops {sum(e.count for e in events if e.device_type.name == 'CPU') / steps:.0f}/step")
+                print(events.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60))
+                self.prof = None
+
+    return ProfileSteps()
 
 
 def _deviation(losses, reference):
@@ -198,6 +232,7 @@ def main(argv=None):
     parser.add_argument("--size", default="1b")
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="print a per-kernel profile of 3 steps per variant")
     parser.add_argument("--work", default=None, help="scratch folder (the saved QLoRA base)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -209,6 +244,7 @@ def main(argv=None):
         return
     os.makedirs(args.out, exist_ok=True)
     work = args.work or tempfile.mkdtemp(prefix="fastkern-e2e-work-")
+    os.makedirs(work, exist_ok=True)
     rows = []
     for mode in args.modes.split(","):
         if mode not in MODES:
@@ -220,10 +256,12 @@ def main(argv=None):
             cmd = [sys.executable, __file__, "--mode", mode, "--variant", variant, "--result", result,
                    "--work", work, "--steps", str(args.steps), "--reference-steps", str(args.reference_steps),
                    "--size", args.size, "--length", str(args.length), "--batch", str(args.batch)]
-            if args.accuracy:
-                cmd.append("--accuracy")
+            cmd += ["--accuracy"] if args.accuracy else []
+            cmd += ["--profile", "--out", args.out] if args.profile else []
             t0 = time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True)
+            if args.profile:
+                print("\n".join(line for line in proc.stdout.splitlines() if line.strip()), flush=True)
             if proc.returncode != 0 or not os.path.exists(result):
                 rows.append(dict(mode=mode, variant=variant, step_ms=float("nan"), tokens_per_s=0.0, peak_gib=0.0,
                                  losses=[], step_times_s=[], report="",

@@ -62,7 +62,7 @@ def _run(model, ids):
 
 def _compare(model, dtype, ids, monkeypatch):
     ref_logits, ref_loss, ref_grads = _run(model, ids)
-    report = fastkern.patch_model(model, lora=True)
+    report = fastkern.patch_model(model, lora=True, loss=False)
     calls = []
     original = fastkern.patching.lora.lora_linear
     monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -101,7 +101,7 @@ def test_nf4_lora_matches_peft_bnb(dtype, monkeypatch):
 
 def test_calls_take_fused_path():
     model = _peft(_tiny("llama", torch.float32))
-    fastkern.patch_model(model, lora=True)
+    fastkern.patch_model(model, lora=True, loss=False)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.forward.__func__ is fused_lora_forward
     x = torch.randn(3, 64)
@@ -127,7 +127,7 @@ def test_disable_adapter_scale_and_several_adapters():
             m._disable_adapters = True
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
-    fastkern.patch_model(model, lora=True)
+    fastkern.patch_model(model, lora=True, loss=False)
     with torch.no_grad():
         lora_logits = model(input_ids=ids).logits
         with model.disable_adapter():
@@ -149,7 +149,7 @@ def test_disable_adapter_scale_and_several_adapters():
 
 def test_eval_dropout_fuses_and_late_base_hooks_fall_back():
     model = _peft(_tiny("llama", torch.float32), dropout=0.1)
-    fastkern.patch_model(model, lora=True)
+    fastkern.patch_model(model, lora=True, loss=False)
     model.eval()  # dropout inactive: the fused path is exact
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     x = torch.randn(5, 64)
@@ -176,7 +176,7 @@ def test_dropout_falls_back_while_training():
     ids = torch.randint(0, 128, (1, 8))
     torch.manual_seed(3)
     ref = model(input_ids=ids).logits
-    fastkern.patch_model(model, lora=True)
+    fastkern.patch_model(model, lora=True, loss=False, norm=False, mlp=False, rope=False, tiled_mlp=False)
     torch.manual_seed(3)
     got = model(input_ids=ids).logits
     assert torch.equal(got, ref)  # PEFT's own forward ran (same dropout masks)
@@ -184,11 +184,11 @@ def test_dropout_falls_back_while_training():
 
 def test_fp4_and_dora_skipped_with_reason():
     model = _peft(_quantize_linears(_tiny("llama", torch.float32), quant_type="fp4"))
-    report = fastkern.patch_model(model, lora=True)
+    report = fastkern.patch_model(model, lora=True, loss=False)
     assert not report.patched_names("lora")
     assert "fp4" in str(report)
     dora = _peft(_tiny("llama", torch.float32), use_dora=True)
-    report = fastkern.patch_model(dora, lora=True)
+    report = fastkern.patch_model(dora, lora=True, loss=False)
     assert not report.patched_names("lora") and "variant" in str(report)
 
 
@@ -206,7 +206,7 @@ def test_autocast_in_the_weights_dtype_takes_the_fused_path(nf4, monkeypatch):
     ids = torch.randint(0, 128, (2, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_logits, ref_loss, ref_grads = _run(model, ids)
-    fastkern.patch_model(model, lora=True)
+    fastkern.patch_model(model, lora=True, loss=False)
     calls = []
     original = fastkern.patching.lora.lora_linear
     monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -231,7 +231,7 @@ def test_nf4_under_autocast_with_fp32_compute_dtype_defers_to_peft(monkeypatch):
     # casts inside), the fused layer would multiply in fp32. Not the same math: PEFT's forward runs.
     model = _peft(_quantize_linears(_tiny("llama", torch.float32, intermediate_size=128)))
     model.train()
-    fastkern.patch_model(model, lora=True)
+    fastkern.patch_model(model, lora=True, loss=False)
     calls = []
     original = fastkern.patching.lora.lora_linear
     monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -252,7 +252,7 @@ def test_autocast_with_fp32_weights_defers_to_peft():
     ids = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = pm(input_ids=ids, labels=ids).loss
-    fastkern.patch_model(pm, lora=True)
+    fastkern.patch_model(pm, lora=True, loss=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = pm(input_ids=ids, labels=ids)
     out.loss.backward()
@@ -313,7 +313,7 @@ def test_gpu_qlora_model_under_autocast_with_checkpointing():
     ids = torch.randint(0, 256, (2, 512), device="cuda")
 
     ref_loss, ref_grads = _autocast_cuda_step(model, ids)
-    report = fastkern.patch_model(model, lora=True)
+    report = fastkern.patch_model(model, lora=True, loss=False)
     assert len(report.patched_names("lora")) == 14, str(report)
     loss, grads = _autocast_cuda_step(model, ids)
     assert abs(loss.item() - ref_loss.item()) <= 2e-2 * abs(ref_loss.item())

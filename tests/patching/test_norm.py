@@ -102,9 +102,9 @@ def test_llama_form_with_a_weight_of_another_dtype_falls_back():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_option_is_off_by_default():
-    report = fastkern.patch_model(tiny_model("llama"))
-    assert not report.patched_names("norm")
+def test_option_is_on_by_default_and_can_be_turned_off():
+    assert fastkern.patch_model(tiny_model("llama")).patched_names("norm")
+    assert not fastkern.patch_model(tiny_model("llama"), norm=False).patched_names("norm")
 
 
 def test_drifted_forward_is_caught_by_the_probe(monkeypatch):
