@@ -9,7 +9,8 @@ process gives each variant its own peak memory):
   trl+liger            SFTConfig(use_liger_kernel=True): Liger's layer kernels under TRL's fused head
   fastkern             ``fastkern.patch_model(model)`` with no options, before the trainer is built
   fastkern-after-init  the same line on ``trainer.model`` after ``SFTTrainer(...)`` is built
-  fastkern+compile     the defaults plus ``SFTConfig(torch_compile=True)``
+  fastkern-compile     ``patch_model(model, compile=True)``: the defaults plus regional compilation
+  fastkern+compile     the defaults plus ``SFTConfig(torch_compile=True)`` (TRL/Trainer compile the model)
   fastkern-offload     the defaults plus ``checkpointing="offload"``
   reference            unpatched, fp32 weights, TF32 off: the high-precision run the loss rule uses
 Modes: lora (r16 on all linear layers), full (full fine-tuning), qlora (NF4 double-quant base as
@@ -36,7 +37,11 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern+compile", "fastkern-offload", "reference"]
+VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
+            "fastkern-offload", "reference"]
+# Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
+# compiles the whole model) always get their own process; with --shared-process the others share one.
+ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
 MODES = ["lora", "full", "qlora", "packed"]
 
 
@@ -81,8 +86,8 @@ def worker(args) -> dict:
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     report = None
-    patch_options = {"checkpointing": "offload"} if variant == "fastkern-offload" else {}
-    if variant in ("fastkern", "fastkern+compile", "fastkern-offload"):
+    patch_options = {"fastkern-offload": {"checkpointing": "offload"}, "fastkern-compile": {"compile": True}}.get(variant, {})
+    if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile"):
         report = fastkern.patch_model(model, **patch_options)
 
     class StepTimer(TrainerCallback):
@@ -154,7 +159,8 @@ def _profiler_callback(base, out, label, first=4, steps=3):
                 wall = (time.perf_counter() - self.t0) / steps
                 self.prof.__exit__(None, None, None)
                 events = self.prof.key_averages()
-                device = sum(e.self_device_time_total for e in events) / steps / 1e3
+                # Kernel rows only (device_type CUDA): operator rows repeat their kernels' device time.
+                device = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / steps / 1e3
                 print(f"[profile {label}] wall {wall * 1e3:.1f} ms/step, device busy {device:.1f} ms/step, "
                       f"CPU ops {sum(e.count for e in events if e.device_type.name == 'CPU') / steps:.0f}/step")
                 print(events.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60))
@@ -232,15 +238,26 @@ def main(argv=None):
     parser.add_argument("--size", default="1b")
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--shared-process", action="store_true",
+                        help="run the variants that leave no process-wide state in one process (less start-up time)")
     parser.add_argument("--profile", action="store_true", help="print a per-kernel profile of 3 steps per variant")
     parser.add_argument("--work", default=None, help="scratch folder (the saved QLoRA base)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.variant:  # a worker process
+    if args.variant:  # a worker process: one or several variants, one after the other
+        import gc
+
+        import torch
+
+        rows = []
+        for variant in args.variant.split(","):
+            rows.append(worker(argparse.Namespace(**{**vars(args), "variant": variant})))
+            gc.collect()
+            torch.cuda.empty_cache()
         with open(args.result, "w") as f:
-            json.dump(worker(args), f)
+            json.dump(rows, f)
         return
     os.makedirs(args.out, exist_ok=True)
     work = args.work or tempfile.mkdtemp(prefix="fastkern-e2e-work-")
@@ -249,11 +266,15 @@ def main(argv=None):
     for mode in args.modes.split(","):
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; known: {MODES}")
-        for variant in args.variants.split(","):
-            if variant not in VARIANTS:
-                raise SystemExit(f"unknown variant {variant!r}; known: {VARIANTS}")
-            result = os.path.join(work, f"{mode}-{variant}.json")
-            cmd = [sys.executable, __file__, "--mode", mode, "--variant", variant, "--result", result,
+        variants = args.variants.split(",")
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; known: {VARIANTS}")
+        shared = [v for v in variants if v not in ISOLATED] if args.shared_process else []
+        groups = ([shared] if shared else []) + [[v] for v in variants if v not in shared]
+        for group in groups:
+            result = os.path.join(work, f"{mode}-{'-'.join(group)}.json")
+            cmd = [sys.executable, __file__, "--mode", mode, "--variant", ",".join(group), "--result", result,
                    "--work", work, "--steps", str(args.steps), "--reference-steps", str(args.reference_steps),
                    "--size", args.size, "--length", str(args.length), "--batch", str(args.batch)]
             cmd += ["--accuracy"] if args.accuracy else []
@@ -263,15 +284,16 @@ def main(argv=None):
             if args.profile:
                 print("\n".join(line for line in proc.stdout.splitlines() if line.strip()), flush=True)
             if proc.returncode != 0 or not os.path.exists(result):
-                rows.append(dict(mode=mode, variant=variant, step_ms=float("nan"), tokens_per_s=0.0, peak_gib=0.0,
-                                 losses=[], step_times_s=[], report="",
-                                 error=f"worker exit {proc.returncode}: {proc.stderr[-300:]}"))
+                new = [dict(mode=mode, variant=v, step_ms=float("nan"), tokens_per_s=0.0, peak_gib=0.0, losses=[],
+                            step_times_s=[], report="", error=f"worker exit {proc.returncode}: {proc.stderr[-300:]}")
+                       for v in group]
             else:
                 with open(result) as f:
-                    rows.append(json.load(f))
-            r = rows[-1]
-            print(f"{mode:7s} {variant:20s} {r['step_ms']:8.1f} ms {r['peak_gib']:6.2f} GiB  "
-                  f"({time.time() - t0:.0f} s) {r['error'] or ''}", flush=True)
+                    new = json.load(f)
+            rows += new
+            for r in new:
+                print(f"{mode:7s} {r['variant']:20s} {r['step_ms']:8.1f} ms {r['peak_gib']:6.2f} GiB  "
+                      f"({time.time() - t0:.0f} s for {','.join(group)}) {r['error'] or ''}", flush=True)
             with open(os.path.join(args.out, "e2e.json"), "w") as f:
                 json.dump(dict(args=vars(args), rows=rows), f, indent=1)
     text = tables(rows)

@@ -163,6 +163,7 @@ def _model_type(hf_model: nn.Module | None) -> str | None:
 def _patchers() -> list[Patcher]:
     from .attention import ATTENTION_PATCHER
     from .checkpointing import CHECKPOINTING_PATCHER
+    from .compile import COMPILE_PATCHER
     from .lora import LORA_PATCHER
     from .loss import LOSS_PATCHER
     from .mlp import MLP_PATCHER
@@ -171,7 +172,7 @@ def _patchers() -> list[Patcher]:
     from .tiled_mlp import TILED_MLP_PATCHER  # after MLP_PATCHER: it wraps the fused MLP forward
 
     return [MLP_PATCHER, NORM_PATCHER, CHECKPOINTING_PATCHER, LORA_PATCHER, ATTENTION_PATCHER, PACKING_PATCHER,
-            LOSS_PATCHER, TILED_MLP_PATCHER]
+            LOSS_PATCHER, TILED_MLP_PATCHER, COMPILE_PATCHER]
 
 
 def patch_model(model: nn.Module, **options: Any) -> PatchReport:
@@ -179,21 +180,30 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
 
     Options (keyword, default in brackets):
       mlp [True]: fused SwiGLU/GeGLU in the MLP of every supported family.
-      norm [False]: RMSNorm modules run fastkern.ops.rms_norm, which saves the input and one fp32 rstd
+      norm [True]: RMSNorm modules run fastkern.ops.rms_norm, which saves the input and one fp32 rstd
         per row for backward instead of an fp32 copy of the input. See docs/trainers.md.
       rope [True]: attention modules rotate q and k with the fused in-place fastkern.ops.rope (one
         launch for q and k) instead of transformers' apply_rotary_pos_emb. See docs/rope.md.
       packing [True]: packed (padding-free) batches, as TRL's collators give them (position_ids restarting
         per document, optional cu_seq_lens_*), attend within each document under sdpa and eager, cache on
         or off, without a [T, T] mask; other batches run transformers' own attention. See docs/packing.md.
-      lora [False]: PEFT LoRA layers over nn.Linear or bitsandbytes nf4 Linear4bit run fastkern's
+      lora [True]: PEFT LoRA layers over nn.Linear or bitsandbytes nf4 Linear4bit run fastkern's
         lora_linear when exactly equivalent (else PEFT's own forward). See docs/nf4_lora.md.
       checkpointing [None]: "offload" turns gradient checkpointing on for the decoder layers with their
         saved inputs offloaded to CPU memory on a side stream; gradient_checkpointing_enable() called
         later (by you, the Trainer or TRL) keeps offloading. See docs/offload_checkpointing.md.
-      loss [False]: the *ForCausalLM forward computes its loss with fastkern.ops.fused_linear_cross_entropy
-        when given labels, without building logits (logits None unless return_logits=True), and TRL
-        1.16's fused LM head uses fastkern.ops.fused_linear_logprobs for it. See docs/linear_cross_entropy.md.
+      loss [True]: the *ForCausalLM forward computes its loss with fastkern.ops.fused_linear_cross_entropy
+        when given labels, without building logits in a training step (logits None there unless
+        return_logits=True; eval and no-grad calls still return them), and TRL 1.16's fused LM head uses
+        fastkern.ops.fused_linear_logprobs for it, whether patched before or after the trainer is built.
+        See docs/linear_cross_entropy.md.
+      tiled_mlp ["auto"]: decoder MLPs run over token tiles when one [tokens, intermediate] activation of
+        a call would pass 512 MiB (True: always; an int: above that many tokens). See docs/long_context.md.
+      compile [False]: each decoder layer runs through torch.compile (regional compilation, this
+        instance's layers only), cutting the host work of host-bound steps. See docs/e2e.md.
+
+    Every default is the fastest configuration measured end to end that is at least as accurate as the
+    unpatched model against a high-precision reference (docs/e2e.md); pass ``option=False`` to opt out.
 
     Works on a transformers PreTrainedModel, a PEFT model wrapping one, or the model a TRL trainer
     holds. Calling it again patches nothing twice; :func:`unpatch_model` undoes it.
