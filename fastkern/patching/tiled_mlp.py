@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.tiled_mlp import DEFAULT_TILE_BYTES, tiled_mlp
-from .core import PatchContext, fastkern_forward_kind, instance_forward
+from .core import PatchContext, fastkern_forward_kind, instance_forward, signed_forward
 from .report import PatchReport
 
 _KIND = "tiled_mlp"
@@ -92,7 +92,8 @@ def tiled_fused_mlp_forward(self, *args, **kwargs):
     return _forward(self, args, kwargs)
 
 
-_OURS = (tiled_mlp_forward, tiled_fused_mlp_forward)
+# Bound as signed_forward copies (the class forward's signature, same code): recognised by their code.
+_OURS = (tiled_mlp_forward.__code__, tiled_fused_mlp_forward.__code__)
 
 
 def _min_tokens(value) -> int | None:
@@ -125,14 +126,23 @@ def _probe(module: nn.Module, cfg: TiledMLPConfig, hidden: int) -> str | None:
     if param is None or param.device.type == "meta":
         return "skip-probe: parameters on the meta device"
     dtype = param.dtype if param.dtype in _PROBE_TOL else torch.float32
-    x = torch.randn(1, 5, hidden, dtype=dtype, device=param.device)
+    # A private generator: patching leaves the global RNG stream as it was.
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, 5, hidden, generator=gen, device="cpu").to(device=param.device, dtype=dtype)
     inner = types.MethodType(_inner_forward(module, cfg), module)
+    # Eval mode for the probe (flags restored after): active dropout (e.g. PEFT's lora_dropout) would
+    # draw different masks for the two runs, and would consume the global RNG.
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
         with torch.no_grad():
             expected = inner(x).double()
             got = tiled_mlp(inner, x, [], rows=3).double()
     except Exception as exc:  # an MLP that cannot run on a tile is not tiled
         return f"the MLP failed on a tile: {type(exc).__name__}: {exc}"
+    finally:
+        for m, training in modes:
+            m.training = training
     err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
     tol = _PROBE_TOL[dtype]
     if not err <= tol:
@@ -153,7 +163,7 @@ class TiledMLPPatcher:
             if section is None:
                 continue
             current = module.__dict__.get("forward")
-            if getattr(current, "__func__", None) in _OURS:
+            if getattr(getattr(current, "__func__", None), "__code__", None) in _OURS:
                 ctx.report.add_skipped(name, _KIND, "already patched")
                 continue
             wraps_fused = current is not None and fastkern_forward_kind(module) == "mlp"
@@ -185,7 +195,8 @@ class TiledMLPPatcher:
                 detail += f" ({verdict.removeprefix('skip-probe: ')}; not probed)"
             module.__dict__["_fastkern_tiled_mlp"] = cfg
             fn = tiled_fused_mlp_forward if wraps_fused else tiled_mlp_forward
-            module.__dict__["forward"] = types.MethodType(fn, module)
+            # Presenting the class forward's signature: callers (and transformers) bind by parameter name.
+            module.__dict__["forward"] = types.MethodType(signed_forward(fn, type(module)), module)
             ctx.report.add_patched(name, _KIND, detail)
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:
