@@ -79,11 +79,15 @@ def lce_rows_kernel(
             u_valid = tl.where(mask, u, 0.0)
             u_masked = tl.where(mask, u, float("-inf"))
             m_new = tl.maximum(m, tl.max(u_masked, axis=0))
-            rescale = tl.exp(m - m_new)
-            e = tl.exp(u_masked - m_new)
+            # While every logit so far is -inf (a masked vocabulary: a -inf bias) the shift is 0, not
+            # -inf: exp(-inf - (-inf)) would be NaN where log_softmax gives -inf for those columns.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            rescale = tl.exp(m - shift)
+            e = tl.exp(u_masked - shift)
             sum_exp = sum_exp * rescale + tl.sum(e, axis=0)
             if HAS_ENTROPY:
-                sum_exp_u = sum_exp_u * rescale + tl.sum(e * u_valid, axis=0)
+                # p log p -> 0 as p -> 0: a -inf logit adds nothing (e * u would be 0 * -inf = NaN).
+                sum_exp_u = sum_exp_u * rescale + tl.sum(tl.where(e > 0.0, e * u_valid, 0.0), axis=0)
             sum_u += tl.sum(u_valid, axis=0)
             target_u += tl.sum(tl.where(cols == target, u_valid, 0.0), axis=0)
             if HAS_TOP1:
@@ -120,7 +124,8 @@ def lce_rows_kernel(
             p = tl.exp(u - lse)
             du = a * p - tl.where(cols == target, b, 0.0) - c
             if HAS_ENTROPY:
-                du += ent * p * (sum_pu - u)
+                # Same limit as in the stats pass: p = 0 (a -inf logit) contributes 0, not 0 * inf.
+                du += tl.where(p > 0.0, ent * p * (sum_pu - u), 0.0)
             dx = du * dudx
             if ROUND_BF16:
                 dx = round_fp32_to_bf16_rtne(dx)

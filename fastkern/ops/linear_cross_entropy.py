@@ -16,6 +16,8 @@ log-prob op keep per-row statistics instead and recompute the logits in backward
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -250,6 +252,14 @@ def _(hidden, weight, bias, labels, ignore_index, coefs, lse, sum_pu, logit_scal
 
 
 
+def token_losses(lse: Tensor, target_u: Tensor, sum_u: Tensor, eps: float, v: int) -> Tensor:
+    """Per-token cross-entropy with label smoothing ``eps`` from the row statistics."""
+    loss = lse - (1.0 - eps) * target_u
+    # sum_u enters only with label smoothing: it is -inf when a logit is (a masked vocabulary), and
+    # 0 * -inf would make the loss NaN where F.cross_entropy is finite.
+    return loss - (eps / v) * sum_u if eps else loss
+
+
 def _finish(grads, dtypes, needs):
     """Gradients in their input's dtype, None where not needed."""
     return tuple(g.to(dt) if need else None for g, dt, need in zip(grads, dtypes, needs))
@@ -271,7 +281,9 @@ class _ReducedLoss(torch.autograd.Function):
             lse, target_u, sum_u = lce_stats_op(hidden, weight, bias, labels, ignore_index, logit_scale,
                                                 softcap, 1.0, False, chunk_size, _OP)[:3]
             gh = gw = gb = hidden.new_empty(0)
-        loss = ((lse - (1.0 - eps) * target_u - (eps / v) * sum_u) * row_weight).sum()
+        # Ignored rows (weight 0) contribute nothing, even when their statistics are NaN (a NaN hidden
+        # state under an ignored label), as in F.cross_entropy.
+        loss = torch.where(row_weight != 0, token_losses(lse, target_u, sum_u, eps, v) * row_weight, 0.0).sum()
         ctx.needs = needs
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         if torch.compiler.is_compiling():
@@ -310,7 +322,7 @@ class _PerTokenLoss(torch.autograd.Function):
         lse, target_u, sum_u = lce_stats_op(hidden, weight, bias, labels, ignore_index, logit_scale, softcap,
                                             1.0, False, chunk_size, _OP, False, needs[1])[:3]
         valid = labels != ignore_index
-        loss = torch.where(valid, lse - (1.0 - eps) * target_u - (eps / v) * sum_u, 0.0)
+        loss = torch.where(valid, token_losses(lse, target_u, sum_u, eps, v), 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.opts, ctx.eps, ctx.needs = opts, eps, needs
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -347,8 +359,29 @@ def check_head(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, chu
                             f"{hidden.device}; cast one of them")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{op}: `bias` must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{op}: `chunk_size` must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
+
+
+def check_num_items(op: str, num_items_in_batch, reduction: str) -> None:
+    if reduction == "none":
+        raise ValueError(f"{op}: `num_items_in_batch` divides a summed loss; it needs reduction 'mean' or 'sum'")
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{op}: `num_items_in_batch` must be a number or a tensor, got {num_items_in_batch!r}")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"{op}: `num_items_in_batch` must hold one number, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+        if torch.compiler.is_compiling():  # a data-dependent check: one host sync, not traceable
+            return
+        value = num_items_in_batch.item()
+    else:
+        value = num_items_in_batch
+    # Not `value <= 0`: NaN must fail too. A count of 0 (no target in the whole accumulated batch) would
+    # give inf or NaN; the caller has to skip such a step rather than divide by it.
+    if not value > 0:
+        raise ValueError(f"{op}: `num_items_in_batch` must be > 0 (the number of target tokens across the "
+                         f"accumulated batch), got {value}")
 
 
 def check_index_tensor(op: str, name: str, t, hidden: Tensor) -> None:
@@ -394,8 +427,11 @@ def fused_linear_cross_entropy(
         raise ValueError(f"{op}: `label_smoothing` must be in [0, 1], got {label_smoothing}")
     if softcap is not None and not float(softcap) > 0:
         raise ValueError(f"{op}: `softcap` must be > 0 or None, got {softcap}")
-    if num_items_in_batch is not None and reduction == "none":
-        raise ValueError(f"{op}: `num_items_in_batch` divides a summed loss; it needs reduction 'mean' or 'sum'")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"{op}: `ignore_index` must be an int (the label value to skip; -100 in transformers), got "
+                        f"{ignore_index!r}")
+    if num_items_in_batch is not None:
+        check_num_items(op, num_items_in_batch, reduction)
     h2, y = as_rows(hidden), labels.reshape(-1)
     opts = (int(ignore_index), float(logit_scale), None if softcap is None else float(softcap), chunk_size or 0)
     needs = needs_grads(hidden, weight, bias)

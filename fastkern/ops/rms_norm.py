@@ -54,6 +54,12 @@ def _path(t: Tensor) -> str:
     return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
 
 
+def _dense_weight(weight: Tensor) -> Tensor:
+    # The kernels index the [n_cols] weight with unit stride; a strided one (a view of a larger
+    # parameter) is copied, as small as one row of x.
+    return weight if weight.stride(0) == 1 else weight.contiguous()
+
+
 def _forward_impl(x: Tensor, weight: Tensor, eps: float, weight_offset: float, cast_before_weight: bool):
     path = _path(x)
     if path == "reference" or x.numel() == 0:
@@ -61,6 +67,7 @@ def _forward_impl(x: Tensor, weight: Tensor, eps: float, weight_offset: float, c
         return y.contiguous(), rstd.float()
     from ..kernels.rms_norm import rms_norm_forward_kernel
 
+    weight = _dense_weight(weight)
     rows_view = as_rows(x)
     n_rows, n_cols = rows_view.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -87,6 +94,7 @@ def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, we
         return dx.contiguous(), dw
     from ..kernels.rms_norm import rms_norm_backward_kernel
 
+    weight = _dense_weight(weight)
     x_rows, dy_rows = as_rows(x), as_rows(grad_out)
     n_rows, n_cols = x_rows.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -4,13 +4,15 @@
 Driven by the ``[causal_lm]`` section of a family's spec (class, backbone attribute, head
 attribute). The patched forward is bound on the model instance. When it gets ``labels`` (or
 ``shift_labels``) it runs the backbone, keeps the positions ``logits_to_keep`` selects, shifts the
-labels as transformers' ForCausalLMLoss does (pad with -100, drop the first), and returns the fused
+labels as transformers' ForCausalLMLoss does (pad with -100, drop the first; as there, the labels
+are those of the kept positions, and a count mismatch raises ValueError), and returns the fused
 loss with ``logits=None`` in a training step (training mode with autograd recording); in eval mode or
 under no_grad the logits are computed by the head as the original would; ``return_logits=True`` /
 ``False`` forces either. Without labels it is the original forward. Honoured: ``num_items_in_batch``
 (gradient accumulation), ``logits_to_keep``, ``config.final_logit_softcapping`` (Gemma 2/3) and a
 logit scale from the config (``logit_scale``, or 1 / ``logits_scaling``). A head that is not a plain
-nn.Linear at call time (e.g. a PEFT-wrapped lm_head) falls back to the original forward.
+nn.Linear at call time (e.g. a PEFT-wrapped lm_head) falls back to the original forward. Under FSDP2 or
+with DTensor parameters the head is gathered once per call (head_weight_bias; docs/multi_gpu.md).
 
 The same patch registers the model's head with fastkern.integrations.trl, so TRL's fused LM head
 uses fastkern's log-prob kernel for this model (see that module for the TRL versions supported).
@@ -42,7 +44,14 @@ def config_softcap_and_scale(config) -> tuple[float | None, float]:
 
 
 def _keep(t: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    """The positions (dim 1) transformers' slice_logits_to_keep would keep."""
+    """The hidden states the original forward projects: transformers' own slice_logits_to_keep where it
+    has one (int, 1-D positions, 2-D positions or a boolean mask), else the int / 1-D forms it had."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        slice_logits_to_keep = None
+    if slice_logits_to_keep is not None:
+        return slice_logits_to_keep(t, logits_to_keep)
     if isinstance(logits_to_keep, int):
         return t if logits_to_keep == 0 else t[:, -logits_to_keep:]
     return t[:, logits_to_keep]
@@ -57,6 +66,55 @@ def _cache_field(output_type: type) -> str:
 
 def _original(self, kwargs):
     return type(self).forward(self, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _distributed_types() -> tuple[type | None, type | None]:
+    """(DTensor, FSDPModule), or (None, None) on a torch build without torch.distributed."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None, None
+    return DTensor, FSDPModule
+
+
+def is_linear_head(head) -> bool:
+    """Whether ``head`` computes exactly nn.Linear's forward: an nn.Linear, or one that FSDP2's fully_shard
+    re-classed in place (class FSDPLinear with bases (FSDPModule, nn.Linear), which only adds hooks)."""
+    if type(head) is nn.Linear:
+        return True
+    _, fsdp_module = _distributed_types()
+    return fsdp_module is not None and type(head).__bases__ == (fsdp_module, nn.Linear)
+
+
+def head_weight_bias(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias as plain tensors (fastkern's kernels take no DTensor), autograd kept.
+
+    Under FSDP2 a module's parameters are DTensor shards except between its unshard and its reshard. A
+    head in the FSDP group of the model that calls this is unsharded already (plain tensors). A head with
+    its own group (``fully_shard(lm_head)``) is never called here, so it is unsharded through FSDP: its
+    gradient then lands on the unsharded parameter, which FSDP reduce-scatters at the end of backward (the
+    root's final callback runs post-backward for groups whose forward did not run). ``full_tensor()``
+    there would hand each rank the shard of its own gradient, never averaged over the ranks. Any other
+    DTensor (tensor parallel, a parameter made with distribute_tensor) is gathered with ``full_tensor()``
+    once per call: differentiable, its backward gives each rank its shard of the gradient, and the owner
+    of the DTensor does whatever reduction its layout needs.
+    """
+    dtensor, fsdp_module = _distributed_types()
+    if dtensor is None:
+        return head.weight, head.bias
+    if isinstance(head, fsdp_module) and isinstance(head.weight, dtensor):
+        head.unshard()
+    weight, bias = (p.full_tensor() if isinstance(p, dtensor) else p for p in (head.weight, head.bias))
+    return weight, bias
+
+
+def release_head(head: nn.Module) -> None:
+    """Reshard an FSDP2 head :func:`head_weight_bias` unsharded when no backward will do it (no grad)."""
+    _, fsdp_module = _distributed_types()
+    if fsdp_module is not None and isinstance(head, fsdp_module) and not torch.is_grad_enabled():
+        head.reshard()
 
 
 @instance_forward("loss")
@@ -79,7 +137,7 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
     router = state[2] if state is not None and len(state) > 2 else None
     wants_router = router is not None and (kwargs[router] if kwargs.get(router) is not None
                                            else bool(getattr(self.config, router, False)))
-    if (labels is None and shift_labels is None) or type(head) is not nn.Linear or wants_router:
+    if (labels is None and shift_labels is None) or not is_linear_head(head) or wants_router:
         if shift_labels is not None:
             kwargs["shift_labels"] = shift_labels
         return _original(self, dict(kwargs, input_ids=input_ids, labels=labels, logits_to_keep=logits_to_keep))
@@ -95,8 +153,18 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
     hidden = _keep(outputs.last_hidden_state, logits_to_keep)
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=_IGNORE_INDEX)[..., 1:]
-    shift_labels = _keep(shift_labels.to(hidden.device), logits_to_keep)
-    weight, bias = head.weight, head.bias
+    shift_labels = shift_labels.to(hidden.device)
+    # As in transformers' ForCausalLMLoss, labels (or shift_labels) are the targets of the kept positions
+    # only: they are shifted as given and never sliced by logits_to_keep. Slicing full-length labels
+    # instead would keep the -100 the shift puts last, a silent loss of 0 for logits_to_keep=1; where
+    # the counts differ, transformers' cross-entropy raises, and so does this.
+    n_kept = hidden.numel() // hidden.shape[-1] if hidden.shape[-1] else 0
+    if shift_labels.numel() != n_kept:
+        raise ValueError(
+            f"fastkern loss: logits_to_keep={logits_to_keep!r} keeps {n_kept} positions but the labels give "
+            f"{shift_labels.numel()} targets; as in transformers, pass labels (or shift_labels) for the kept "
+            f"positions only")
+    weight, bias = head_weight_bias(head)
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
     softcap, scale = config_softcap_and_scale(self.config)
     loss = fused_linear_cross_entropy(
@@ -111,9 +179,13 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
     if return_logits is None:
         return_logits = not (self.training and torch.is_grad_enabled())
     if return_logits:
-        logits = head(hidden) * scale
+        # A gathered or FSDP-unsharded weight is used as it is: calling an FSDP head would reshard it after
+        # its forward, under the weight the loss saved for backward.
+        direct = type(head) is nn.Linear and weight is head.weight
+        logits = (head(hidden) if direct else F.linear(hidden, weight, bias)) * scale
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
+    release_head(head)
     cache = getattr(outputs, _cache_field(type(outputs)), None)
     out = output_type(loss=loss, logits=logits, hidden_states=getattr(outputs, "hidden_states", None),
                       attentions=getattr(outputs, "attentions", None), **{_cache_field(output_type): cache})
@@ -156,7 +228,7 @@ class LossPatcher:
             if not hasattr(module, backbone) or head is None:
                 ctx.report.add_skipped(name, "loss", f"{type(module).__name__} has no {backbone!r} or {head_name!r}")
                 continue
-            if type(head) is not nn.Linear:
+            if not is_linear_head(head):
                 ctx.report.add_skipped(name, "loss", f"{head_name} is {type(head).__name__}, not nn.Linear")
                 continue
             softcap, scale = config_softcap_and_scale(module.config)

@@ -51,7 +51,8 @@ def lce_rows_reference(
         stats["sum_u"].copy_(u.sum(1))
         if has_entropy:
             p = torch.exp(u - lse.unsqueeze(1))
-            stats["sum_pu"].copy_((p * u).sum(1))
+            # p u -> 0 as p -> 0: a -inf logit (masked vocabulary) adds nothing, not 0 * -inf = NaN.
+            stats["sum_pu"].copy_(torch.where(p > 0, p * u, 0.0).sum(1))
         if "max_u" in stats:
             stats["max_u"].copy_(u.max(1).values)
             cols = torch.arange(u.shape[1], device=u.device)
@@ -65,7 +66,8 @@ def lce_rows_reference(
     onehot_b = torch.where(has_target, coefs["b"].to(ct), torch.zeros_like(coefs["b"], dtype=ct))
     du.scatter_add_(1, safe_targets, -onehot_b.unsqueeze(1))
     if has_entropy:
-        du += coefs["e"].to(ct).unsqueeze(1) * p * (stats["sum_pu"].to(ct).unsqueeze(1) - u)
+        entropy_term = coefs["e"].to(ct).unsqueeze(1) * p * (stats["sum_pu"].to(ct).unsqueeze(1) - u)
+        du += torch.where(p > 0, entropy_term, 0.0)
     x.copy_(du * dudx)
 
 
@@ -100,5 +102,8 @@ def linear_logprobs_reference(hidden, weight, targets, *, bias=None, temperature
     """(log p(target), entropy) per token, with full [N, V] logits."""
     z = _logits(hidden, weight, bias, logit_scale, softcap) / temperature
     logp = torch.log_softmax(z, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    # p log p -> 0 as p -> 0: a -inf logit adds nothing to the entropy. Masked before the product, so
+    # the gradient through the unused branch is 0 too (not 0 * -inf).
+    entropy = -(p * torch.where(p > 0, logp, 0.0)).sum(-1)
     return logp.gather(1, targets.unsqueeze(1)).squeeze(1), entropy

@@ -92,12 +92,36 @@ def test_logits_to_keep_and_no_labels_is_the_original_forward():
     plain = model(input_ids=ids, logits_to_keep=3).logits
     fastkern.patch_model(model, loss=True, **OFF)
     torch.testing.assert_close(model(input_ids=ids, logits_to_keep=3).logits, plain)
+
+
+@pytest.mark.parametrize("keep", [1, 3, "positions", "mask"])
+def test_logits_to_keep_with_labels_as_transformers(keep):
+    """As transformers' loss: the targets are those of the kept positions; full-length labels with
+    logits_to_keep != 0 raise there and here. Full-length labels used to be sliced after the shift,
+    which gave loss 0.0 for logits_to_keep=1 (the shift's -100 was all that was kept)."""
+    model = tiny_model("qwen2")
+    ids = batch()
     labels = labels_for(ids)
-    out = model(input_ids=ids, labels=labels, logits_to_keep=3)
-    full = model(input_ids=ids, labels=labels, return_logits=True).logits
-    kept = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:][:, -3:]
-    expected = torch.nn.functional.cross_entropy(full[:, -3:].reshape(-1, 131), kept.reshape(-1))
-    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    shifted[:, -1] = 7  # a real target at the last position, so logits_to_keep=1 has one per row
+    if keep == "positions":
+        keep = torch.tensor([[1, 4, 5], [0, 2, 9]])
+        targets = torch.take_along_dim(shifted, keep, dim=1)
+    elif keep == "mask":
+        keep = torch.zeros(ids.shape, dtype=torch.bool)
+        keep[0, 2:7] = keep[1, 1:4] = True
+        targets = shifted[keep]
+    else:
+        targets = shifted[:, -keep:].contiguous()  # transformers views shift_labels flat
+    want = model(input_ids=ids, labels=targets, shift_labels=targets, logits_to_keep=keep).loss
+    with pytest.raises(ValueError):
+        model(input_ids=ids, labels=labels, logits_to_keep=keep)
+    fastkern.patch_model(model, loss=True, **OFF)
+    got = model(input_ids=ids, labels=targets, shift_labels=targets, logits_to_keep=keep).loss
+    assert torch.isfinite(want) and want.item() != 0.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(input_ids=ids, labels=labels, logits_to_keep=keep)
 
 
 def test_bf16_model_within_tolerance_of_its_own_loss():
@@ -119,9 +143,9 @@ def test_per_instance_and_trl_registration_is_undone():
     fastkern.patch_model(a, loss=True, **OFF)
     assert fastkern_forward_kind(b) is None
     if trl_hook.trl_version() is not None:
-        assert id(a.lm_head.weight) in trl_hook._REGISTERED and trl_hook.installed()
+        assert trl_hook.is_registered(a) and trl_hook.installed()
     fastkern.unpatch_model(a)
-    assert id(a.lm_head.weight) not in trl_hook._REGISTERED
+    assert not trl_hook.is_registered(a)
     assert not trl_hook.installed()
 
 
