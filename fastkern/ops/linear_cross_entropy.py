@@ -398,7 +398,7 @@ def check_index_tensor(op: str, name: str, t, hidden: Tensor) -> None:
 def fused_linear_cross_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, ignore_index: int = -100,
     reduction: str = "mean", label_smoothing: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
-    num_items_in_batch=None, chunk_size: int | None = None,
+    num_items_in_batch=None, chunk_size: int | None = None, impl: str = "auto",
 ) -> Tensor:
     """Cross-entropy of ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (no tanh
     when softcap is None) against ``labels``, without building the [N, V] logits.
@@ -411,6 +411,8 @@ def fused_linear_cross_entropy(
     come back in the inputs' dtype, and are not computed for tensors that do not require grad (a frozen
     LoRA head costs two GEMMs, not three). ``chunk_size``: tokens per chunk; None picks it from free
     device memory at each call. Labels outside [0, V) (other than ignore_index) raise ValueError.
+    ``impl``: "chunked" (cuBLAS chunks), "onchip" (Triton GEMM with the logit tiles kept on chip, no
+    chunk buffer; fastkern/ops/linear_cross_entropy_onchip.py) or "auto" (currently "chunked").
 
     >>> import torch, torch.nn.functional as F, fastkern
     >>> h, w, y = torch.randn(5, 8), torch.randn(11, 8), torch.tensor([1, 0, -100, 10, 3])
@@ -435,6 +437,14 @@ def fused_linear_cross_entropy(
     h2, y = as_rows(hidden), labels.reshape(-1)
     opts = (int(ignore_index), float(logit_scale), None if softcap is None else float(softcap), chunk_size or 0)
     needs = needs_grads(hidden, weight, bias)
+    from . import linear_cross_entropy_onchip as onchip
+
+    if onchip.use_onchip(op, impl, h2):
+        out = onchip.onchip_cross_entropy(
+            h2, weight, bias, y, op=op, ignore_index=int(ignore_index), reduction=reduction,
+            label_smoothing=float(label_smoothing), logit_scale=float(logit_scale), softcap=softcap,
+            num_items_in_batch=num_items_in_batch, needs=needs)
+        return out.view(labels.shape) if reduction == "none" else out
     if reduction == "none":
         out = _PerTokenLoss.apply(h2, weight, bias, y, float(label_smoothing), opts, needs)
         return out.view(labels.shape)

@@ -55,7 +55,7 @@ class _LogProbs(torch.autograd.Function):
 def fused_linear_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None, temperature: float = 1.0,
     softcap: float | None = None, logit_scale: float = 1.0, return_entropy: bool = False,
-    chunk_size: int | None = None,
+    chunk_size: int | None = None, impl: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``log_softmax(z / temperature)[targets]`` per token, z as in
     :func:`fastkern.ops.fused_linear_cross_entropy`, and with ``return_entropy`` also the entropy of that
@@ -63,7 +63,7 @@ def fused_linear_logprobs(
 
     hidden [..., H], weight [V, H], bias [V] (same dtype), targets [...] int64 in [0, V) (out-of-range
     targets raise ValueError). ``chunk_size``: tokens per chunk; None picks it from free device memory
-    at each call.
+    at each call. ``impl``: "chunked", "onchip" or "auto", as in fused_linear_cross_entropy.
 
     >>> import torch, fastkern
     >>> h, w, t = torch.randn(4, 8), torch.randn(11, 8), torch.tensor([1, 0, 7, 10])
@@ -81,7 +81,15 @@ def fused_linear_logprobs(
     opts = (float(logit_scale), None if softcap is None else float(softcap), 1.0 / float(temperature),
             bool(return_entropy), chunk_size or 0)
     h2, t = as_rows(hidden), targets.reshape(-1)
-    logp, entropy, _, _ = _LogProbs.apply(h2, weight, bias, t, opts, needs_grads(hidden, weight, bias), False)
+    from . import linear_cross_entropy_onchip as onchip
+
+    if onchip.use_onchip(op, impl, h2):
+        logp, entropy, _, _ = onchip.onchip_logprobs(
+            h2, weight, bias, t, op=op, temperature=float(temperature), logit_scale=float(logit_scale),
+            softcap=softcap, return_entropy=bool(return_entropy), return_top1=False,
+            needs=needs_grads(hidden, weight, bias))
+    else:
+        logp, entropy, _, _ = _LogProbs.apply(h2, weight, bias, t, opts, needs_grads(hidden, weight, bias), False)
     if return_entropy:
         return logp.view(targets.shape), entropy.view(targets.shape)
     return logp.view(targets.shape)
@@ -89,7 +97,7 @@ def fused_linear_logprobs(
 
 def logprobs_entropy_top1(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                           temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
-                          return_entropy: bool = False):
+                          return_entropy: bool = False, impl: str = "auto"):
     """(log_probs, entropy or None, is_top1, mean_logits) for [N, H] hidden: what TRL's fused head asks
     for (fastkern/integrations/trl.py). is_top1: the target is the first argmax of the logits;
     mean_logits: the mean of the transformed logits. Neither is differentiable."""
@@ -97,6 +105,14 @@ def logprobs_entropy_top1(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
     check_index_tensor(_OP, "targets", targets, hidden)
     opts = (float(logit_scale), None if softcap is None else float(softcap), 1.0 / float(temperature),
             bool(return_entropy), 0)
+    from . import linear_cross_entropy_onchip as onchip
+
+    if onchip.use_onchip(_OP, impl, hidden):
+        logp, entropy, is_top1, mean_logits = onchip.onchip_logprobs(
+            hidden, weight, bias, targets, op=_OP, temperature=float(temperature), logit_scale=float(logit_scale),
+            softcap=softcap, return_entropy=bool(return_entropy), return_top1=True,
+            needs=needs_grads(hidden, weight, bias))
+        return logp, entropy if return_entropy else None, is_top1, mean_logits
     logp, entropy, is_top1, mean_logits = _LogProbs.apply(hidden, weight, bias, targets, opts,
                                                           needs_grads(hidden, weight, bias), True)
     return logp, entropy if return_entropy else None, is_top1, mean_logits
