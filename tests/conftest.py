@@ -24,6 +24,11 @@ settings.load_profile("ci")
 
 
 def pytest_collection_modifyitems(config, items):
+    if torch.cuda.device_count() < 2:
+        skip_multi = pytest.mark.skip(reason="needs 2 CUDA devices: run `pytest -m multigpu` on a 2-GPU machine")
+        for item in items:
+            if "multigpu" in item.keywords:
+                item.add_marker(skip_multi)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device: run `pytest -m gpu` on the GPU machine")

@@ -11,12 +11,19 @@ head of a model registered by patch_model(loss=True), and whose ``outputs`` fast
 other call (other models, or the output ``log_sum_sq_probs`` of DPO's WPO weighting) goes to TRL's own
 function unchanged. The swap is undone when the last registered model is unpatched.
 
+Which model a call belongs to is decided per call, from the model and not from a parameter id taken at
+patch time: FSDP2 and accelerate replace parameter objects after patching, FSDP2 hands the head's
+unsharded parameter to the forward, and TRL gathers a DTensor head with ``full_tensor()`` (a new tensor
+every call) before its function. See :func:`_owner`.
+
 On any other TRL version nothing is installed, patch_model's report says so, and TRL's own kernel
 runs. tests/integrations/test_trl_fused_head.py fails loudly if TRL moves the hook.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 import weakref
 
 import torch
@@ -24,8 +31,11 @@ import torch
 SUPPORTED_TRL = ("1.16.",)
 _FASTKERN_OUTPUTS = {"log_probs", "entropy", "is_top1", "mean_logits"}
 
-# id(weight parameter) -> weak reference to the model that owns it as its LM head.
-_REGISTERED: dict[int, weakref.ref] = {}
+# id(model) -> (weak reference to the model, handle of the forward hook on its backbone). Keyed by the
+# model: a parameter id would go stale when FSDP replaces the parameter, and could be reused by another.
+_REGISTERED: dict[int, tuple[weakref.ref, object]] = {}
+# The registered model whose backbone forward finished last on this thread, consumed by the next call.
+_LAST_BACKBONE = threading.local()
 _ORIGINAL: dict[str, object] = {}
 
 
@@ -48,8 +58,12 @@ class FastkernChunkedLogProb:
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
         original = _ORIGINAL["function"]
-        owner = _REGISTERED.get(id(weight))
-        if owner is None or owner() is None or not set(outputs) <= _FASTKERN_OUTPUTS:
+        head = _owner(hidden, weight)
+        if not set(outputs) <= _FASTKERN_OUTPUTS:
+            head = None
+        if head is not None:
+            weight, bias = _weight_for(head, weight, bias)
+        if head is None or _any_dtensor(hidden, weight, bias, targets):
             return original.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
                                   logit_scale, outputs)
         if hidden.dtype != weight.dtype:  # TRL's cast_lm_head_to_fp32 hands an fp32 hidden to a bf16 head
@@ -57,8 +71,90 @@ class FastkernChunkedLogProb:
             bias = None if bias is None else bias.to(hidden.dtype)
         logp, entropy, is_top1, mean_logits = fused_logprobs(hidden, weight, bias, targets, temperature,
                                                              final_logit_softcapping, logit_scale, "entropy" in outputs)
+        _release(head)
         return (logp, entropy, None, mean_logits if "mean_logits" in outputs else None,
                 is_top1 if "is_top1" in outputs else None)
+
+
+def _registered_models():
+    for ref, _ in list(_REGISTERED.values()):
+        model = ref()
+        if model is not None:
+            yield model
+
+
+def _owner(hidden, weight):
+    """The LM head of the registered model this call computes, or None (then TRL's own function runs).
+
+    1. ``weight`` is the current ``weight`` of a registered model's head, looked up now: plain and DDP
+       models, an FSDP2 head in an unsharded group (the unsharded parameter is what the module holds during
+       the forward), ZeRO-3 (gathered in place, same object).
+    2. ``weight`` is a plain tensor where the head holds a DTensor: TRL gathered it with ``full_tensor()``,
+       a new tensor unrelated to the parameter (no shared storage; no autograd link when the head is
+       frozen). The model is then the one whose backbone forward just ran on this thread (TRL calls its
+       function right after the backbone, in the same forward), and the gathered tensor must have that
+       head's global shape and dtype, the hidden size matching. A stale mark (a backbone run on its own)
+       could only match a call with the same head shape and dtype, and the call is consumed either way.
+    """
+    marked = getattr(_LAST_BACKBONE, "model", None)
+    _LAST_BACKBONE.model = None
+    for model in _registered_models():
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is weight:
+            return head
+    model = marked() if marked is not None else None
+    if model is None or id(model) not in _REGISTERED or type(weight) is not torch.Tensor:
+        return None
+    head = model.get_output_embeddings()
+    dtensor = _dtensor_type()
+    param = getattr(head, "weight", None)
+    if (dtensor is not None and isinstance(param, dtensor) and weight.shape == param.shape
+            and weight.dtype == param.dtype and hidden.shape[-1] == weight.shape[-1]):
+        return head
+    return None
+
+
+def _weight_for(head, weight, bias):
+    """The plain weight and bias to compute with, given what TRL passed for ``head``.
+
+    A plain head: what TRL passed. A DTensor head that TRL did not gather: gathered here. A trainable head
+    in its own FSDP2 group: unsharded through FSDP (fastkern.patching.loss.head_weight_bias) so that FSDP
+    reduce-scatters its gradient; the gradient of TRL's ``full_tensor()`` copy would reach each rank's
+    shard unaveraged. A frozen DTensor head: TRL's gathered copy (no gradient to get wrong)."""
+    from ..patching.loss import _distributed_types, head_weight_bias
+
+    dtensor, fsdp_module = _distributed_types()
+    if dtensor is None or not isinstance(head.weight, dtensor):
+        return weight, bias
+    if isinstance(weight, dtensor) or (head.weight.requires_grad and isinstance(head, fsdp_module)):
+        return head_weight_bias(head)
+    return weight, bias
+
+
+@functools.lru_cache(maxsize=None)
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def _any_dtensor(*tensors) -> bool:
+    """fastkern's ops take plain tensors only; a DTensor left here (e.g. tensor-parallel activations) goes
+    to TRL's function, which handles what TRL supports."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+
+
+def _release(head) -> None:
+    from ..patching.loss import release_head
+
+    release_head(head)
+
+
+def _mark_backbone(model_ref, module, args, output):
+    _LAST_BACKBONE.model = model_ref
 
 
 def fused_logprobs(hidden, weight, bias, targets, temperature, softcap, logit_scale, want_entropy):
@@ -99,14 +195,29 @@ def register(model: torch.nn.Module) -> str | None:
 
     if not hasattr(trl_utils, "_ChunkedLogProbFunction") or not hasattr(trl_utils, "add_fused_lm_head"):
         return f"TRL {version}: trl.trainer.utils._ChunkedLogProbFunction not found; TRL's own kernel runs"
-    head = model.get_output_embeddings()
     _install()
-    _REGISTERED[id(head.weight)] = weakref.ref(model)
+    if not is_registered(model):
+        # TRL's fused forward runs `model.base_model` (the backbone) through its __call__, then its function:
+        # a forward hook there marks the model for the gathered-weight case of _owner. PEFT calls the
+        # CausalLM's forward directly (no hooks on it), but the backbone is still called as a module.
+        ref = weakref.ref(model)
+        backbone = getattr(model, "base_model", None)
+        handle = (backbone.register_forward_hook(functools.partial(_mark_backbone, ref))
+                  if isinstance(backbone, torch.nn.Module) and backbone is not model else None)
+        _REGISTERED[id(model)] = (ref, handle)
     return f"TRL {version} fused LM head -> fastkern.ops.fused_linear_logprobs for this model"
 
 
+def is_registered(model: torch.nn.Module) -> bool:
+    entry = _REGISTERED.get(id(model))
+    return entry is not None and entry[0]() is model
+
+
 def unregister(model: torch.nn.Module) -> None:
-    for key in [k for k, ref in _REGISTERED.items() if ref() is model or ref() is None]:
-        del _REGISTERED[key]
+    for key, (ref, handle) in list(_REGISTERED.items()):
+        if ref() is model or ref() is None:
+            if handle is not None:
+                handle.remove()
+            del _REGISTERED[key]
     if not _REGISTERED and installed():
         _uninstall()

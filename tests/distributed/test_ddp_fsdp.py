@@ -1,0 +1,141 @@
+"""Patched models under DDP and FSDP2 on CPU: 2 processes, gloo, one SGD step of a tiny Llama.
+
+Both ranks run every scenario of tests/distributed/_worker.py in one spawn (process start-up and the first
+Triton-interpreter launch dominate the cost); the single-process references run here. What is checked:
+
+* DDP: parameters after the step identical on both ranks and equal (fp32) to one process stepping on the
+  concatenated batch; see _worker's docstring for the loss normalisation that makes this exact.
+* FSDP2 (``fully_shard`` per decoder layer and on the root; torch's CPU/gloo path): patched loss and
+  gradients equal to the unpatched FSDP run and to the single process; the same with the lm_head in an FSDP
+  group of its own (fused loss still taken, gradient reduce-scattered), with offloaded checkpointing, and
+  through TRL's fused LM head (which gathers the head with ``full_tensor()``) routed to fastkern.
+* A DTensor lm_head without FSDP: each rank's shard gets its shard of the gradient, with the patched loss
+  and with TRL's fused head.
+"""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed import _worker
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+trl = pytest.importorskip("trl")
+
+# fp32 across different reduction orders (all-reduce / reduce-scatter sums, fused vs eager loss).
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(out_dir, backend: str) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker.main, args=(_free_port(), str(out_dir), list(_worker.SCENARIOS), backend),
+             nprocs=_worker.WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(_worker.WORLD)]
+
+
+def _references(device: torch.device) -> dict:
+    """Single process on ``device``: the concatenated batch patched and not, and each rank's rows alone."""
+    previous, _worker.DEVICE = _worker.DEVICE, device
+    try:
+        return {True: _worker.reference(True), False: _worker.reference(False),
+                "half": [_worker.reference(True, half=r) for r in range(_worker.WORLD)]}
+    finally:
+        _worker.DEVICE = previous
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _spawn(tmp_path_factory.mktemp("ranks"), "gloo")
+
+
+@pytest.fixture(scope="module")
+def single():
+    return _references(torch.device("cpu"))
+
+
+def _close(got: dict, want: dict, what: str):
+    assert got.keys() == want.keys(), what
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m: f"{what} {name}: {m}")
+
+
+def _matches_single(result, ref, what):
+    torch.testing.assert_close(result["loss"], ref["loss"], **TOL)
+    _close(result["grads"], ref["grads"], f"{what} grads")
+    _close(result["params"], ref["params"], f"{what} params")
+
+
+def check_ddp(ranks, single):
+    r0, r1 = ranks[0]["ddp"], ranks[1]["ddp"]
+    assert r0["logits_none"], "the fused loss did not run under DDP"
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), f"{name} differs across ranks after the step"
+    _matches_single(r0, single[True], "ddp")
+    _matches_single(r0, single[False], "ddp vs unpatched")
+
+
+FSDP_SCENARIOS = ["fsdp", "fsdp_head", "fsdp_offload", "trl_fsdp_head"]
+
+
+def check_fsdp(ranks, single, scenario):
+    for rank in range(_worker.WORLD):
+        got, plain = ranks[rank][scenario], ranks[rank]["fsdp_plain"]
+        if scenario == "trl_fsdp_head":
+            # TRL gathers the sharded head with full_tensor(): a new tensor every call, still routed here
+            assert (got["fastkern_calls"], got["trl_calls"]) == (1, 0), got
+        else:
+            assert got["logits_none"], f"{scenario}: the fused loss did not run (fell back to logits)"
+        torch.testing.assert_close(got["loss"], plain["loss"], **TOL)
+        _close(got["grads"], plain["grads"], f"{scenario} vs unpatched FSDP, rank {rank}, grads")
+        _matches_single(got, single[True], f"{scenario} rank {rank}")
+    for name, p in ranks[0][scenario]["params"].items():
+        assert torch.equal(p, ranks[1][scenario]["params"][name]), f"{scenario}: {name} differs across ranks"
+
+
+def check_dtensor_head(ranks, single, path):
+    for rank in range(_worker.WORLD):
+        got, ref = ranks[rank]["dtensor_head"][path], single["half"][rank]
+        if path == "loss":
+            assert got["logits_none"], "the fused loss did not run with a DTensor head"
+        else:
+            assert (got["fastkern_calls"], got["trl_calls"]) == (1, 0), got
+        torch.testing.assert_close(got["loss"], ref["loss"], **TOL)
+        want = dict(ref["grads"])
+        want["lm_head.weight"] = want["lm_head.weight"].chunk(_worker.WORLD)[rank]  # Shard(0) is torch.chunk
+        _close(got["grads"], want, f"dtensor head via {path}, rank {rank}")
+
+
+def test_ddp_ranks_agree_and_match_single_process(ranks, single):
+    check_ddp(ranks, single)
+
+
+@pytest.mark.parametrize("scenario", FSDP_SCENARIOS)
+def test_fsdp2_matches_unpatched_fsdp_and_single_process(ranks, single, scenario):
+    check_fsdp(ranks, single, scenario)
+
+
+@pytest.mark.parametrize("path", ["loss", "trl"])
+def test_dtensor_head_gets_its_shard_of_the_gradient(ranks, single, path):
+    check_dtensor_head(ranks, single, path)
+
+
+@pytest.mark.multigpu
+def test_same_on_two_gpus_with_nccl(tmp_path):
+    """Every scenario above on cuda:0 and cuda:1 over NCCL, the Triton kernels compiled (not interpreted)."""
+    ranks = _spawn(tmp_path, "nccl")
+    single = _references(torch.device("cuda", 0))
+    check_ddp(ranks, single)
+    for scenario in FSDP_SCENARIOS:
+        check_fsdp(ranks, single, scenario)
+    for path in ("loss", "trl"):
+        check_dtensor_head(ranks, single, path)
