@@ -193,7 +193,9 @@ def onchip_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
         v_chunk = v
     dh = gh if gh_direct else (torch.zeros(n_chunk, h, dtype=torch.float32, device=dev) if need_gh else None)
     dw = gw if gw_direct else (torch.zeros(v_chunk, h, dtype=torch.float32, device=dev) if need_gw else None)
-    dummy = lse
+    # Unused accumulator slots get their own buffers: the autotuner zeroes all three between trials,
+    # so none may alias an input (lse) or another slot.
+    dummies = [torch.zeros(1, dtype=torch.float32, device=dev) for _ in range(3)]
     interp = _interpreted(hidden)
     flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=has_entropy,
                  NEED_GH=need_gh, NEED_GW=need_gw, NEED_GB=need_gb,
@@ -202,7 +204,8 @@ def onchip_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
 
     def launch(r0, r1, v0, v1):
         args = (hidden, weight, bias if bias is not None else hidden, targets, lse, spu, a, b, c, e,
-                dh if dh is not None else dummy, dw if dw is not None else dummy, gb if gb is not None else dummy,
+                dh if dh is not None else dummies[0], dw if dw is not None else dummies[1],
+                gb if gb is not None else dummies[2],
                 n, v, h, r0, r1, v0, v1, 0 if gh_direct else r0, 0 if gw_direct else v0,
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 float(logit_scale), float(softcap or 1.0), float(u_scale))
