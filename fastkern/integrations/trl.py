@@ -61,8 +61,9 @@ class FastkernChunkedLogProb:
         head = _owner(hidden, weight)
         if not set(outputs) <= _FASTKERN_OUTPUTS:
             head = None
+        unsharded = False
         if head is not None:
-            weight, bias = _weight_for(head, weight, bias)
+            weight, bias, unsharded = _weight_for(head, weight, bias)
         if head is None or _any_dtensor(hidden, weight, bias, targets):
             return original.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
                                   logit_scale, outputs)
@@ -71,7 +72,8 @@ class FastkernChunkedLogProb:
             bias = None if bias is None else bias.to(hidden.dtype)
         logp, entropy, is_top1, mean_logits = fused_logprobs(hidden, weight, bias, targets, temperature,
                                                              final_logit_softcapping, logit_scale, "entropy" in outputs)
-        _release(head)
+        if unsharded:
+            _release(head)
         return (logp, entropy, None, mean_logits if "mean_logits" in outputs else None,
                 is_top1 if "is_top1" in outputs else None)
 
@@ -115,7 +117,8 @@ def _owner(hidden, weight):
 
 
 def _weight_for(head, weight, bias):
-    """The plain weight and bias to compute with, given what TRL passed for ``head``.
+    """The plain weight and bias to compute with, given what TRL passed for ``head``, and whether the head
+    was unsharded here.
 
     A plain head: what TRL passed. A DTensor head that TRL did not gather: gathered here. A trainable head
     in its own FSDP2 group: unsharded through FSDP (fastkern.patching.loss.head_weight_bias) so that FSDP
@@ -125,10 +128,10 @@ def _weight_for(head, weight, bias):
 
     dtensor, fsdp_module = _distributed_types()
     if dtensor is None or not isinstance(head.weight, dtensor):
-        return weight, bias
+        return weight, bias, False
     if isinstance(weight, dtensor) or (head.weight.requires_grad and isinstance(head, fsdp_module)):
         return head_weight_bias(head)
-    return weight, bias
+    return weight, bias, False
 
 
 @functools.lru_cache(maxsize=None)

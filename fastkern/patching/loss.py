@@ -88,8 +88,9 @@ def is_linear_head(head) -> bool:
     return fsdp_module is not None and type(head).__bases__ == (fsdp_module, nn.Linear)
 
 
-def head_weight_bias(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The head's weight and bias as plain tensors (fastkern's kernels take no DTensor), autograd kept.
+def head_weight_bias(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """The head's weight and bias as plain tensors (fastkern's kernels take no DTensor), autograd kept, and
+    whether this call unsharded an FSDP2 head (then pass the head to :func:`release_head` after use).
 
     Under FSDP2 a module's parameters are DTensor shards except between its unshard and its reshard. A
     head in the FSDP group of the model that calls this is unsharded already (plain tensors). A head with
@@ -103,17 +104,17 @@ def head_weight_bias(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     """
     dtensor, fsdp_module = _distributed_types()
     if dtensor is None:
-        return head.weight, head.bias
-    if isinstance(head, fsdp_module) and isinstance(head.weight, dtensor):
+        return head.weight, head.bias, False
+    unshard = isinstance(head, fsdp_module) and isinstance(head.weight, dtensor)
+    if unshard:
         head.unshard()
     weight, bias = (p.full_tensor() if isinstance(p, dtensor) else p for p in (head.weight, head.bias))
-    return weight, bias
+    return weight, bias, unshard
 
 
 def release_head(head: nn.Module) -> None:
-    """Reshard an FSDP2 head :func:`head_weight_bias` unsharded when no backward will do it (no grad)."""
-    _, fsdp_module = _distributed_types()
-    if fsdp_module is not None and isinstance(head, fsdp_module) and not torch.is_grad_enabled():
+    """Reshard an FSDP2 head that :func:`head_weight_bias` unsharded, when no backward will (no grad)."""
+    if not torch.is_grad_enabled():
         head.reshard()
 
 
@@ -164,7 +165,7 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
             f"fastkern loss: logits_to_keep={logits_to_keep!r} keeps {n_kept} positions but the labels give "
             f"{shift_labels.numel()} targets; as in transformers, pass labels (or shift_labels) for the kept "
             f"positions only")
-    weight, bias = head_weight_bias(head)
+    weight, bias, unsharded = head_weight_bias(head)
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
     softcap, scale = config_softcap_and_scale(self.config)
     loss = fused_linear_cross_entropy(
@@ -185,7 +186,8 @@ def fused_loss_causal_lm_forward(self, input_ids=None, attention_mask=None, posi
         logits = (head(hidden) if direct else F.linear(hidden, weight, bias)) * scale
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-    release_head(head)
+    if unsharded:
+        release_head(head)
     cache = getattr(outputs, _cache_field(type(outputs)), None)
     out = output_type(loss=loss, logits=logits, hidden_states=getattr(outputs, "hidden_states", None),
                       attentions=getattr(outputs, "attentions", None), **{_cache_field(output_type): cache})

@@ -40,11 +40,11 @@ def rows(t, rank):
     return t[2 * rank:2 * rank + 2]
 
 
-def model(patched=True, **options):
+def model(patched=True, tied=False, **options):
     import fastkern
     from tests.models import tiny_model
 
-    m = tiny_model("llama").to(DEVICE).train()
+    m = tiny_model("llama", tie_word_embeddings=tied).to(DEVICE).train()
     if patched:
         fastkern.patch_model(m, **options)
     return m
@@ -66,14 +66,14 @@ def _full(t):
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
 
 
-def reference(patched: bool, half: int | None = None):
+def reference(patched: bool, half: int | None = None, tied: bool = False):
     """Single process: the concatenated batch with the global count (half=None), or one rank's rows alone
     with their own count (half=r). Returns loss, gradients, parameters after the SGD step."""
     ids, labels, n = data()
     if half is not None:
         ids, labels = rows(ids, half), rows(labels, half)
         n = int((labels[:, 1:] != -100).sum())
-    m = model(patched)
+    m = model(patched, tied)
     loss = m(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(n, device=DEVICE)).loss
     grads, params = step(m, loss)
     return {"loss": loss.detach().cpu(), "grads": grads, "params": params}
@@ -86,6 +86,24 @@ def _fsdp(m, head: bool):
         fully_shard(layer)
     if head:  # the lm_head in an FSDP group of its own: never unsharded by the root's forward
         fully_shard(m.lm_head)
+    fully_shard(m)
+    return m
+
+
+def _fsdp_as_accelerate(m):
+    """The units accelerate 1.16's fsdp2_prepare_model makes for a transformers model: each decoder layer
+    (TRANSFORMER_BASED_WRAP), the input embedding when untied, the tail [final norm, lm_head] (with the
+    embedding when tied) kept unsharded after forward, then the root. The head is then a member of a group
+    that the final norm's forward unshards, and its own forward never runs."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in m.model.layers:
+        fully_shard(layer)
+    tied = m.lm_head.weight is m.model.embed_tokens.weight
+    if not tied:
+        fully_shard(m.model.embed_tokens)
+    fully_shard([m.model.norm, m.model.embed_tokens, m.lm_head] if tied else [m.model.norm, m.lm_head],
+                reshard_after_forward=False)
     fully_shard(m)
     return m
 
@@ -148,6 +166,14 @@ def scenario_fsdp_head(rank):
     return _global_step(rank, _fsdp(model(True), head=True))
 
 
+def scenario_fsdp_accelerate(rank):
+    return _global_step(rank, _fsdp_as_accelerate(model(True)))
+
+
+def scenario_fsdp_accelerate_tied(rank):
+    return _global_step(rank, _fsdp_as_accelerate(model(True, tied=True)))
+
+
 def scenario_fsdp_offload(rank):
     # Offloaded checkpointing composed with FSDP2 (on CPU the saved inputs stay in place: only CUDA tensors
     # are copied out, so this checks the composition, not the copies).
@@ -207,6 +233,8 @@ SCENARIOS = {
     "fsdp_plain": scenario_fsdp_plain,
     "fsdp": scenario_fsdp,
     "fsdp_head": scenario_fsdp_head,
+    "fsdp_accelerate": scenario_fsdp_accelerate,
+    "fsdp_accelerate_tied": scenario_fsdp_accelerate_tied,
     "fsdp_offload": scenario_fsdp_offload,
     "trl_fsdp_head": scenario_trl_fsdp_head,
     "dtensor_head": scenario_dtensor_head,

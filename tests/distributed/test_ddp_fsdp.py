@@ -7,8 +7,9 @@ Triton-interpreter launch dominate the cost); the single-process references run 
   concatenated batch; see _worker's docstring for the loss normalisation that makes this exact.
 * FSDP2 (``fully_shard`` per decoder layer and on the root; torch's CPU/gloo path): patched loss and
   gradients equal to the unpatched FSDP run and to the single process; the same with the lm_head in an FSDP
-  group of its own (fused loss still taken, gradient reduce-scattered), with offloaded checkpointing, and
-  through TRL's fused LM head (which gathers the head with ``full_tensor()``) routed to fastkern.
+  group of its own (fused loss still taken, gradient reduce-scattered), with accelerate's units (the head in
+  a [norm, head] unit, untied and tied), with offloaded checkpointing, and through TRL's fused LM head
+  (which gathers the head with ``full_tensor()``) routed to fastkern.
 * A DTensor lm_head without FSDP: each rank's shard gets its shard of the gradient, with the patched loss
   and with TRL's fused head.
 """
@@ -48,6 +49,7 @@ def _references(device: torch.device) -> dict:
     previous, _worker.DEVICE = _worker.DEVICE, device
     try:
         return {True: _worker.reference(True), False: _worker.reference(False),
+                "tied": _worker.reference(True, tied=True),
                 "half": [_worker.reference(True, half=r) for r in range(_worker.WORLD)]}
     finally:
         _worker.DEVICE = previous
@@ -84,7 +86,7 @@ def check_ddp(ranks, single):
     _matches_single(r0, single[False], "ddp vs unpatched")
 
 
-FSDP_SCENARIOS = ["fsdp", "fsdp_head", "fsdp_offload", "trl_fsdp_head"]
+FSDP_SCENARIOS = ["fsdp", "fsdp_head", "fsdp_accelerate", "fsdp_offload", "trl_fsdp_head"]
 
 
 def check_fsdp(ranks, single, scenario):
@@ -100,6 +102,15 @@ def check_fsdp(ranks, single, scenario):
         _matches_single(got, single[True], f"{scenario} rank {rank}")
     for name, p in ranks[0][scenario]["params"].items():
         assert torch.equal(p, ranks[1][scenario]["params"][name]), f"{scenario}: {name} differs across ranks"
+
+
+def check_fsdp_tied(ranks, single):
+    """accelerate's layout with tied embeddings (embedding, norm and head in one unit), against one process
+    with the same tied model."""
+    for rank in range(_worker.WORLD):
+        got = ranks[rank]["fsdp_accelerate_tied"]
+        assert got["logits_none"], "the fused loss did not run"
+        _matches_single(got, single["tied"], f"tied rank {rank}")
 
 
 def check_dtensor_head(ranks, single, path):
@@ -124,6 +135,10 @@ def test_fsdp2_matches_unpatched_fsdp_and_single_process(ranks, single, scenario
     check_fsdp(ranks, single, scenario)
 
 
+def test_fsdp2_accelerate_layout_with_tied_embeddings(ranks, single):
+    check_fsdp_tied(ranks, single)
+
+
 @pytest.mark.parametrize("path", ["loss", "trl"])
 def test_dtensor_head_gets_its_shard_of_the_gradient(ranks, single, path):
     check_dtensor_head(ranks, single, path)
@@ -137,5 +152,6 @@ def test_same_on_two_gpus_with_nccl(tmp_path):
     check_ddp(ranks, single)
     for scenario in FSDP_SCENARIOS:
         check_fsdp(ranks, single, scenario)
+    check_fsdp_tied(ranks, single)
     for path in ("loss", "trl"):
         check_dtensor_head(ranks, single, path)
