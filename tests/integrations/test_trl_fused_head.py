@@ -147,3 +147,31 @@ def test_tiny_sft_run_is_computed_by_fastkern_and_matches_plain_trl(monkeypatch)
     accumulated = _sft(True, 1, 4)
     for (l0, g0), (l1, g1) in zip(patched, accumulated, strict=True):
         assert abs(l0 - l1) <= 1e-4 * abs(l0) and abs(g0 - g1) <= 1e-3 * abs(g0), (patched, accumulated)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_patching_after_trl_bound_its_head_routes_the_same(when, monkeypatch):
+    """patch_model before or after TRL's trainer init (which binds add_fused_lm_head on the instance) takes
+    the same path: TRL's fused head computes its log-probs with fastkern either way, and the report says
+    so instead of skipping the loss patch."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = tiny_model("llama").train()
+    if when == "before":
+        report = fastkern.patch_model(model)
+        add_fused_lm_head(model)
+    else:
+        add_fused_lm_head(model)  # what SFTTrainer / GRPOTrainer / DPOTrainer do at init
+        report = fastkern.patch_model(model)
+    assert report.patched_names("loss") == [""], report
+    assert not any(e.kind == "loss" for e in report.skipped), report
+    if when == "after":
+        assert "TRL's fused LM head" in str(report)
+    calls = Calls(monkeypatch)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    out.loss.backward()
+    assert calls.fastkern == 1 and calls.trl == 0
+    fastkern.unpatch_model(model)
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)  # TRL's wrapper stays and works unpatched
+    assert calls.trl == 1 and torch.isfinite(out.loss)

@@ -1,5 +1,6 @@
 """patch_model(loss=True) on every family: the fused loss equals the model's own loss and gradients,
-logits are not built, num_items_in_batch / softcap / logit scale are honoured; per instance; reversible."""
+logits are not built in a training step (returned in eval mode and under no_grad), num_items_in_batch /
+softcap / logit scale are honoured; per instance; reversible."""
 
 import gc
 
@@ -11,7 +12,7 @@ from fastkern.integrations import trl as trl_hook
 from fastkern.patching.core import fastkern_forward_kind
 from tests.models import batch, families_with, tiny_model
 
-OFF = dict(mlp=False, lora=False, packing=False, rope=False)
+OFF = dict(mlp=False, lora=False, packing=False, rope=False, norm=False, tiled_mlp=False)
 
 
 def run(model, ids, labels, **kw):
@@ -38,7 +39,7 @@ def assert_same(out0, grads0, out1, grads1):
 @pytest.mark.parametrize("family", families_with("causal_lm"))
 def test_family_same_loss_and_grads_without_logits(family):
     overrides = {"final_logit_softcapping": 0.7} if family in ("gemma2", "gemma3") else {}
-    model = tiny_model(family, **overrides)
+    model = tiny_model(family, **overrides).train()  # a training step: the fused loss skips the logits
     ids = batch()
     labels = labels_for(ids)
     out0, grads0 = run(model, ids, labels)
@@ -50,6 +51,9 @@ def test_family_same_loss_and_grads_without_logits(family):
     out1, grads1 = run(model, ids, labels)
     assert out1.logits is None
     assert_same(out0, grads0, out1, grads1)
+    with torch.no_grad():  # evaluation: the logits come back as the original forward gives them
+        evaluated = model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(evaluated.logits, out0.logits.detach(), rtol=1e-5, atol=1e-5)
     restored = fastkern.unpatch_model(model)
     assert [e.kind for e in restored.patched] == ["loss"]
     assert "forward" not in model.__dict__
@@ -149,10 +153,13 @@ def test_per_instance_and_trl_registration_is_undone():
     assert not trl_hook.installed()
 
 
-def test_option_is_off_by_default():
+def test_option_is_on_by_default_and_can_be_turned_off():
     model = tiny_model("llama")
-    report = fastkern.patch_model(model, **OFF)
-    assert not report.patched_names("loss") and fastkern_forward_kind(model) is None
+    assert fastkern.patch_model(model, **OFF).patched_names("loss") == [""]
+    assert fastkern_forward_kind(model) == "loss"
+    other = tiny_model("llama")
+    report = fastkern.patch_model(other, **OFF, loss=False)
+    assert not report.patched_names("loss") and fastkern_forward_kind(other) is None
 
 
 def test_unpatched_under_a_foreign_wrapper_falls_back_to_the_original():
