@@ -14,3 +14,5 @@ __all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "rms_norm", "r
 
 # Composed of torch attention kernels (no Triton kernel of its own), so not listed with the dispatched ops above.
 from .document_attention import document_attention  # noqa: E402
+# Runs a module's own forward over token tiles (autograd composition, no Triton kernel of its own).
+from .tiled_mlp import tiled_mlp  # noqa: E402
