@@ -173,8 +173,8 @@ def main():
         ref = reference(h, w, y, softcap, n)
         impls = {"fastkern (default chunk)": fastkern_ce()}
         if v == V:
-            # Frozen heads default to 512-token chunks (FROZEN_CHUNK_ROWS); 2048 was the default before.
-            # The smallest chunk of each kind is the one that fits the memory target (the time
+            # Frozen heads default to 512-token chunks (FROZEN_CHUNK_ROWS); 2048 shows what larger ones buy.
+            # The smallest chunk of each kind is the one that fits the memory target (the time
             # that costs is the trade-off docs/linear_cross_entropy.md explains).
             chunks = (256, 1024, 4096) if trainable else (128, 256, 2048)
             impls.update({f"fastkern chunk={c}": fastkern_ce(c) for c in chunks})

@@ -165,7 +165,7 @@ def main():
     started = time.time()
     rows = []
     ce, lp = loss_impls(), logprob_impls()
-    # In the order of priority: the V128256 rows, GRPO's log-probs, then the larger vocabularies.
+    # Most important first: the V128256 rows, GRPO's log-probs, then the larger vocabularies.
     plan = [(8192, 128256, ce, ""), (32768, 128256, ce, ""), (8192, 128256, lp, " logprobs+entropy")]
     plan += [] if args.quick else [(8192, 151936, ce, ""), (8192, 262144, ce, "")]
     for n, v, impls, what in plan:

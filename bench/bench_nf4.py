@@ -200,7 +200,7 @@ def sweep(packed, state, double_quant, nbytes):
     truth = torch.empty_like(out)
     dequantize_into(truth, s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset, s.blocksize, s.nested_blocksize)
     configs = [(block, warps, "") for block in (1024, 2048, 4096, 8192) for warps in (2, 4, 8)]
-    # Streaming stores (".cs") next to the default ones, at the configs near the best of runs C and E2.
+    # Streaming stores (".cs") next to the default ones, at the configs near the best of the sweep.
     configs += [(block, warps, ".cs") for block in (2048, 4096) for warps in (2, 4)]
     for block, warps, store_cache in configs:
         out.fill_(float("nan"))

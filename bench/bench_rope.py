@@ -20,7 +20,7 @@ What is timed:
 * peak extra MiB: torch.cuda.max_memory_allocated during one fwd+bwd minus what was allocated
   before it (inputs and upstream gradients excluded).
 Bandwidth counts the fewest bytes: fwd reads and writes q and k once and reads cos and sin; fwd+bwd
-twice that. Copy bandwidth of the H100 used for the percentage: 3.0 TB/s (GUIDE.md).
+twice that. Copy bandwidth of the H100 used for the percentage: 3.0 TB/s (measured device-to-device copy).
 """
 
 import argparse

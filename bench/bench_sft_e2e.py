@@ -4,7 +4,7 @@
     python3 bench/bench_sft_e2e.py --out DIR --variants "mlp;mlp,rope;mlp,lora;mlp,rope,lora,loss"
     python3 bench/bench_sft_e2e.py --out DIR --qlora --variants "mlp,rope,packing;mlp,rope,packing,lora"
 
-Shape (GUIDE.md section 1): hidden 2048, intermediate 8192, 16 layers, 32/8 heads, vocab 128256;
+Shape (Llama-3.2-1B): hidden 2048, intermediate 8192, 16 layers, 32/8 heads, vocab 128256;
 LoRA r16 on all linear layers; gradient checkpointing on; batch 2 x 4096; bf16. Step time is the
 median over steps after two warm-up steps, synchronized; peak memory is torch's peak allocated.
 Later issues report their effect through this bench (patch options select what is patched).

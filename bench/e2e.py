@@ -17,7 +17,7 @@ Modes: lora (r16 on all linear layers), full (full fine-tuning), qlora (NF4 doub
 transformers' BitsAndBytesConfig loads it, LoRA r16), packed (lora with SFTConfig(packing=True) over
 documents of mixed length).
 
-Model: Llama-3.2-1B shape (GUIDE.md section 1), random init, bf16, gradient checkpointing on (TRL's
+Model: Llama-3.2-1B shape, random init, bf16, gradient checkpointing on (TRL's
 default), batch 2 x 4096, AdamW, constant lr. Step time: median over the steps after two warm-up steps,
 synchronized; memory: torch's peak allocated over the run. Loss accuracy (docs/e2e.md): each variant's
 loss trajectory vs the fp32 reference run's, relative deviation, next to TRL default's.

@@ -3,7 +3,7 @@
     python3 bench/host_qlora_gpu.py
 
 Why: the TRL SFT QLoRA step is host-bound on the lent H200 host (~280 ms wall for ~200 ms of
-kernels, docs/benchmarks.md I6) and the fused NF4 layers do 12% less GPU work without a wall-clock
+kernels, docs/nf4_lora.md) and the fused NF4 layers do 12% less GPU work without a wall-clock
 gain, so the question is how much more host time a fused NF4 call costs than PEFT's and where.
 Layer 2048 -> 8192 (a Llama-1B gate/up projection), r16, bf16, NF4 double quant, M = 512 (host time
 does not depend on M; the GPU queue never fills in 20 calls). Rows: mean host microseconds per call,

@@ -11,7 +11,7 @@ One run is one launch (one variant, one mode) with --out DIR (default .); the pa
 
 Variants: trl (TRL 1.16 default: its fused LM head, no other kernels), fastkern (``patch_model(model)``
 with no options, before the trainer is built). Modes: lora (r16 on all linear layers), full.
-Model: Llama-3.2-1B shape (GUIDE.md section 1) by default, or --size 8b (Llama-3.1-8B shape), random init,
+Model: Llama-3.2-1B shape by default, or --size 8b (Llama-3.1-8B shape), random init,
 bf16, TRL's default gradient checkpointing, batch 2 x 4096 per rank, AdamW, constant lr. Step time: median
 over the steps after --warmup, synchronized; tokens/s counts the tokens of all ranks; peak: torch's peak
 allocated per rank. Rank 0 writes DIR/multi_gpu-<parallel>-<mode>-<variant>-<world>.json.

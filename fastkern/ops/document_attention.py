@@ -137,9 +137,8 @@ def select_backend(query, key, *, bounds, scale=None, sliding_window=None, softc
         return "varlen"
     # "auto" takes varlen only for token-major contiguous q and k: the layout the end-to-end SFT run
     # measured. Other layouts (transformers' own rope hands over head-major tensors) go per document.
-    # varlen on head-major input is correct (GPU test, H100 run D1; the mismatch an earlier bench
-    # showed was its own constant loss, docs/packing.md), but whether its contiguous copy beats
-    # per-document SDPA has not been measured yet.
+    # varlen on head-major input is correct (GPU test on the H100), but whether its contiguous copy
+    # beats per-document SDPA has not been measured.
     if reason is None and query.is_contiguous() and key.is_contiguous():
         return "varlen"
     return "eager" if softcap is not None else "sdpa"
