@@ -338,7 +338,7 @@ def main():
     parser.add_argument("--variants", default="defaults", help="';'-separated, see the module docstring")
     parser.add_argument("--profile", action="store_true", help="print each row's top CUDA kernels")
     parser.add_argument("--memory-peak", action="store_true",
-                        help="record one step's allocator history and print what is alive at its peak (H200 run G3: "
+                        help="record one step's allocator history and print what is alive at its peak (on the H200, "
                              "patched rows with lora=True that followed a recorded row in the same process failed with "
                              "a SystemError in Function.apply; not understood, docs/benchmarks.md: record one variant "
                              "per process if that happens)")

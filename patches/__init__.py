@@ -1,1 +1,1 @@
-"""Per-family patch specs (TOML), shipped as package data of fastkern.patches. See docs/patches.md."""
+"""Per-family patch specs (TOML), shipped as package data of fastkern.patches. See CONTRIBUTING.md ("Adding a model family") and docs/families.md."""

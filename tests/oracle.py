@@ -1,4 +1,4 @@
-"""The test oracle (GUIDE.md section 5).
+"""The test oracle.
 
 A result passes when, on the positions where the float64 oracle is finite, its relative error norm
 ||x - oracle|| / ||oracle|| is below the dtype's bound AND at most 2x the error of the same
