@@ -10,6 +10,8 @@ Triton-interpreter launch dominate the cost); the single-process references run 
   group of its own (fused loss still taken, gradient reduce-scattered), with accelerate's units (the head in
   a [norm, head] unit, untied and tied), with offloaded checkpointing, and through TRL's fused LM head
   (which gathers the head with ``full_tensor()``) routed to fastkern.
+* (2 GPUs only) QLoRA (NF4, bf16 and uint8 quant_storage) under FSDP2: the NF4 bytes sharded, the quant
+  state usable, fastkern's NF4 LoRA path taken, loss and gradients equal to the unsharded model's.
 * A DTensor lm_head without FSDP: each rank's shard gets its shard of the gradient, with the patched loss
   and with TRL's fused head.
 """
@@ -39,7 +41,8 @@ def _free_port() -> int:
 def _spawn(out_dir, backend: str) -> list[dict]:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker.main, args=(_free_port(), str(out_dir), list(_worker.SCENARIOS), backend),
+    names = [n for n in _worker.SCENARIOS if backend == "nccl" or n not in _worker.GPU_ONLY]
+    mp.spawn(_worker.main, args=(_free_port(), str(out_dir), names, backend),
              nprocs=_worker.WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(_worker.WORLD)]
 
@@ -126,6 +129,16 @@ def check_dtensor_head(ranks, single, path):
         _close(got["grads"], want, f"dtensor head via {path}, rank {rank}")
 
 
+def check_qlora(ranks):
+    for rank in range(_worker.WORLD):
+        for storage, (plain, sharded) in ranks[rank]["qlora_fsdp"].items():
+            assert plain["nf4_path"] and sharded["nf4_path"], "fastkern's NF4 LoRA path was not taken"
+            # the NF4 bytes are sharded (each rank holds about half of them), the quant state stays usable
+            assert sharded["sharded_bytes_fraction"] <= 0.5 + 1e-3 and sharded["quant_state_kept"], storage
+            torch.testing.assert_close(sharded["loss"], plain["loss"], **TOL)
+            _close(sharded["grads"], plain["grads"], f"qlora {storage} rank {rank}")
+
+
 def test_ddp_ranks_agree_and_match_single_process(ranks, single):
     check_ddp(ranks, single)
 
@@ -153,5 +166,6 @@ def test_same_on_two_gpus_with_nccl(tmp_path):
     for scenario in FSDP_SCENARIOS:
         check_fsdp(ranks, single, scenario)
     check_fsdp_tied(ranks, single)
+    check_qlora(ranks)
     for path in ("loss", "trl"):
         check_dtensor_head(ranks, single, path)
