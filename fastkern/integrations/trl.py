@@ -59,7 +59,8 @@ class FastkernChunkedLogProb:
               logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
         original = _ORIGINAL["function"]
         head = _owner(hidden, weight)
-        if not set(outputs) <= _FASTKERN_OUTPUTS:
+        # ZeRO-3: TRL gathers the head only around this call; fastkern's backward would read it partitioned.
+        if not set(outputs) <= _FASTKERN_OUTPUTS or (head is not None and _zero3(head.weight)):
             head = None
         unsharded = False
         if head is not None:
@@ -148,6 +149,12 @@ def _any_dtensor(*tensors) -> bool:
     to TRL's function, which handles what TRL supports."""
     dtensor = _dtensor_type()
     return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+
+
+def _zero3(param) -> bool:
+    from ..patching.loss import zero3_partitioned
+
+    return zero3_partitioned(param)
 
 
 def _release(head) -> None:

@@ -81,11 +81,20 @@ def _distributed_types() -> tuple[type | None, type | None]:
 
 def is_linear_head(head) -> bool:
     """Whether ``head`` computes exactly nn.Linear's forward: an nn.Linear, or one that FSDP2's fully_shard
-    re-classed in place (class FSDPLinear with bases (FSDPModule, nn.Linear), which only adds hooks)."""
+    re-classed in place (class FSDPLinear with bases (FSDPModule, nn.Linear), which only adds hooks).
+    A DeepSpeed ZeRO-3 head is not taken: its weight is gathered only inside its own forward's hooks and
+    partitioned again before the fused loss's backward would read it; the original forward runs then."""
+    if zero3_partitioned(getattr(head, "weight", None)):
+        return False
     if type(head) is nn.Linear:
         return True
     _, fsdp_module = _distributed_types()
     return fsdp_module is not None and type(head).__bases__ == (fsdp_module, nn.Linear)
+
+
+def zero3_partitioned(param) -> bool:
+    """Whether ``param`` is managed by DeepSpeed ZeRO-3 (it carries ZeRO-3's ``ds_status``)."""
+    return hasattr(param, "ds_status")
 
 
 def head_weight_bias(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
