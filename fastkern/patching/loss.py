@@ -240,7 +240,9 @@ class LossPatcher:
                 ctx.report.add_skipped(name, "loss", f"{type(module).__name__} has no {backbone!r} or {head_name!r}")
                 continue
             if not is_linear_head(head):
-                ctx.report.add_skipped(name, "loss", f"{head_name} is {type(head).__name__}, not nn.Linear")
+                why = (f"{head_name} is partitioned by DeepSpeed ZeRO-3" if zero3_partitioned(head.weight)
+                       else f"{head_name} is {type(head).__name__}, not nn.Linear")
+                ctx.report.add_skipped(name, "loss", why)
                 continue
             softcap, scale = config_softcap_and_scale(module.config)
             detail = f"{type(module).__name__} loss -> fused_linear_cross_entropy (logits not built"
