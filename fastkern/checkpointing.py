@@ -39,6 +39,47 @@ from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 # Saved tensors smaller than this stay where they are: the copy would cost more than the memory is worth.
 DEFAULT_MIN_BYTES = 1 << 20
+# Without an explicit ``host_bytes``, the pool may hold this fraction of the host's available RAM
+# (MemAvailable when the budget is first needed). Pinned memory cannot be swapped out, so a pool that
+# grows into the rest of RAM gets the process OOM-killed; half leaves room for the data loader, the
+# optimizer's CPU side and other processes on the machine.
+DEFAULT_HOST_FRACTION = 0.5
+# A new host buffer is also refused when it would leave less than this much RAM available right now:
+# the budget is read once, and other processes (or this one) may have taken memory since.
+HOST_RESERVE_BYTES = 1 << 30
+
+
+def _available_host_bytes() -> int | None:
+    """RAM the host can still give without swapping (Linux MemAvailable, else psutil), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _pinned_capacity(nbytes: int) -> int:
+    """What PyTorch's pinned host allocator really reserves for ``nbytes``: it rounds every request up to
+    a power of two (ATen/core/CachingHostAllocator.h, ``PowerOf2Ceil``), so the pool asks for that size
+    outright: the rounding costs the same either way, and the whole block can then be reused."""
+    return 1 << max(nbytes - 1, 1).bit_length()
+
+
+def _release_cached_pinned() -> None:
+    """Give PyTorch's cached (freed) pinned blocks back to the OS so dropped pool buffers stop counting.
+    Blocks that a pending copy still reads stay cached (the allocator waits for their events)."""
+    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):  # torch >= 2.13, older
+        fn = getattr(torch._C, name, None)
+        if fn is not None:
+            fn()
+            return
 
 
 def _streamed(device: torch.device) -> bool:
@@ -69,6 +110,10 @@ class OffloadStats:
     offloaded: int = 0  # saved tensors copied to host memory
     kept: int = 0  # saved tensors left in place (small, parameters, not on a CUDA device, no host memory)
     bytes_offloaded: int = 0
+    # Saved tensors that were worth moving but stayed on the device: the host budget was reached, or
+    # host memory could not be had. Also counted in ``kept``.
+    kept_on_device: int = 0
+    bytes_kept_on_device: int = 0
     prefetched: int = 0  # unpacks whose copy back had been started ahead of time
     fetched_on_demand: int = 0  # unpacks that had to start their copy back themselves
 
@@ -91,35 +136,59 @@ class HostBufferPool:
     A request takes the smallest free buffer that fits. When none fits, the free ones are all too small
     for the workload as it is now, so they are released before a new buffer is allocated: the pool holds
     at most (tensors alive at once) buffers of the largest size seen, whatever the sequence lengths do.
+
+    ``max_bytes`` caps ``bytes_held`` (None: no cap). Pinned buffers are sized as the pinned allocator
+    really reserves them (a power of two), so ``bytes_held`` is the host memory the pool costs.
     """
 
-    def __init__(self, pin_memory: bool = True):
+    def __init__(self, pin_memory: bool = True, max_bytes: int | None = None):
         self.pin_memory = pin_memory
+        self.max_bytes = max_bytes
         self._pin_failed = False
         self._free: list[_HostBuffer] = []
         # Reentrant: a saved tensor freed while the lock is held runs its finalizer (release) right there.
         self._lock = threading.RLock()
         self.bytes_held = 0  # free and in use
+        self.peak_bytes_held = 0
         self.buffers_held = 0
         self.allocations = 0
 
     def acquire(self, nbytes: int, pinned: bool) -> _HostBuffer | None:
-        """A buffer of at least ``nbytes``, or None if host memory cannot be had at all."""
+        """A buffer of at least ``nbytes``, or None if the budget or host memory does not allow one."""
+        return self.acquire_or_reason(nbytes, pinned)[0]
+
+    def acquire_or_reason(self, nbytes: int, pinned: bool) -> tuple[_HostBuffer | None, str | None]:
+        """(buffer, None), or (None, "budget") when the pool would pass ``max_bytes`` or leave less than
+        HOST_RESERVE_BYTES of RAM available, or (None, "memory") when the allocation failed."""
         with self._lock:
             fits = [b for b in self._free if b.capacity >= nbytes]
             if fits:
                 best = min(fits, key=lambda b: b.capacity)
                 self._free.remove(best)
-                return best
+                return best, None
             self._drop(self._free)
             self._free = []
-            data = self._allocate(_round_capacity(nbytes), pinned)
+            pinned = pinned and self.pin_memory and not self._pin_failed
+            capacity = _pinned_capacity(nbytes) if pinned else _round_capacity(nbytes)
+            if not self._allowed(capacity):
+                if capacity > nbytes and not pinned and self._allowed(nbytes):
+                    capacity = nbytes  # pageable memory is not rounded: the exact size may still fit
+                else:
+                    return None, "budget"
+            data = self._allocate(capacity, pinned)
             if data is None:
-                return None
+                return None, "memory"
             self.bytes_held += data.numel()
+            self.peak_bytes_held = max(self.peak_bytes_held, self.bytes_held)
             self.buffers_held += 1
             self.allocations += 1
-            return _HostBuffer(data)
+            return _HostBuffer(data), None
+
+    def _allowed(self, capacity: int) -> bool:
+        if self.max_bytes is not None and self.bytes_held + capacity > self.max_bytes:
+            return False
+        available = _available_host_bytes()  # only read for a new buffer: a few times per run
+        return available is None or capacity + HOST_RESERVE_BYTES <= available
 
     def release(self, buffer: _HostBuffer) -> None:
         with self._lock:
@@ -132,9 +201,15 @@ class HostBufferPool:
             self._free = []
 
     def _drop(self, buffers: list[_HostBuffer]) -> None:
+        pinned = False
         for b in buffers:
             self.bytes_held -= b.capacity
             self.buffers_held -= 1
+            pinned = pinned or b.data.is_pinned()
+        if pinned:
+            # Freed pinned memory stays in PyTorch's host cache; released, it no longer counts anywhere.
+            buffers.clear()
+            _release_cached_pinned()
 
     def _allocate(self, capacity: int, pinned: bool) -> torch.Tensor | None:
         if pinned and self.pin_memory and not self._pin_failed:
@@ -204,14 +279,29 @@ class ActivationOffloader:
         pin_memory: use pinned host memory (falls back to pageable memory with a warning).
         offload_cpu_tensors: also copy CPU tensors into the pool. Only useful to exercise the bookkeeping
             on a machine without a GPU; normally CPU tensors are left as they are.
+        host_bytes: cap on the host memory the pool holds (pinned buffers counted as allocated, i.e.
+            rounded up to a power of two). None: ``host_fraction`` of the host's available RAM, read when
+            the budget is first needed (first offloaded tensor, or :meth:`host_budget`). Saved tensors
+            that do not fit stay on the device, counted in ``stats.kept_on_device`` /
+            ``stats.bytes_kept_on_device`` (a warning the first time).
+        host_fraction: the fraction of available RAM used when ``host_bytes`` is None (default 0.5).
     """
 
-    def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, pin_memory: bool = True, offload_cpu_tensors: bool = False):
-        if min_bytes < 0:
-            raise ValueError(f"ActivationOffloader: min_bytes must be >= 0, got {min_bytes}")
+    def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, pin_memory: bool = True, offload_cpu_tensors: bool = False,
+                 host_bytes: int | None = None, host_fraction: float = DEFAULT_HOST_FRACTION):
+        if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
+            raise ValueError(f"ActivationOffloader: min_bytes must be an int >= 0, got {min_bytes!r}")
+        if host_bytes is not None and (isinstance(host_bytes, bool) or not isinstance(host_bytes, int) or host_bytes < 0):
+            raise ValueError(f"ActivationOffloader: host_bytes must be None or an int >= 0 (bytes), got {host_bytes!r}")
+        if isinstance(host_fraction, bool) or not isinstance(host_fraction, (int, float)) or not 0 < host_fraction <= 1:
+            raise ValueError(f"ActivationOffloader: host_fraction must be a number in (0, 1], got {host_fraction!r}")
         self.min_bytes = min_bytes
         self.offload_cpu_tensors = offload_cpu_tensors
+        self.host_bytes = host_bytes  # as asked; the resolved cap is pool.max_bytes
+        self.host_fraction = float(host_fraction)
         self.pool = HostBufferPool(pin_memory)
+        self._budget_resolved = False
+        self._warned_budget = False
         self.stats = OffloadStats()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._live: dict[int, weakref.ref] = {}  # seq -> offloaded item, in pack order
@@ -220,11 +310,37 @@ class ActivationOffloader:
 
     def __deepcopy__(self, memo):
         # A copied model gets its own pool and streams; buffers and events are never shared.
-        return ActivationOffloader(self.min_bytes, self.pool.pin_memory, self.offload_cpu_tensors)
+        return ActivationOffloader(self.min_bytes, self.pool.pin_memory, self.offload_cpu_tensors,
+                                   self.host_bytes, self.host_fraction)
 
     def __repr__(self) -> str:
-        return (f"ActivationOffloader(min_bytes={self.min_bytes}, host_bytes={self.pool.bytes_held}, "
-                f"live={len(self._live)}, stats={self.stats})")
+        budget = self.pool.max_bytes if self._budget_resolved else "unresolved"
+        return (f"ActivationOffloader(min_bytes={self.min_bytes}, host_budget={budget}, "
+                f"host_held={self.pool.bytes_held}, live={len(self._live)}, stats={self.stats})")
+
+    def host_budget(self) -> int:
+        """The cap on the pool's host memory, resolved (and fixed) on first call: ``host_bytes`` if given,
+        else ``host_fraction`` x MemAvailable. If available RAM cannot be read (no /proc/meminfo, no
+        psutil), the budget is 0 with a warning: every saved tensor stays on the device."""
+        with self._lock:
+            if not self._budget_resolved:
+                budget = self.host_bytes
+                if budget is None:
+                    available = _available_host_bytes()
+                    if available is None:
+                        warnings.warn(
+                            "fastkern offload_checkpoint: the host's available RAM cannot be read (no "
+                            "/proc/meminfo, psutil not installed), so no host budget can be derived; saved "
+                            "inputs stay on the device. Pass host_bytes to offload.",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                        budget = 0
+                    else:
+                        budget = int(available * self.host_fraction)
+                self.pool.max_bytes = budget
+                self._budget_resolved = True
+            return self.pool.max_bytes
 
     def checkpoint(self, function: Callable, *args, **kwargs):
         """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)`` with the
@@ -274,9 +390,23 @@ class ActivationOffloader:
             self.stats.kept += 1
             return t
         nbytes = t.numel() * t.element_size()
-        buffer = self.pool.acquire(nbytes, pinned=_streamed(t.device))
-        if buffer is None:  # no host memory at all: keeping it on the device beats failing
+        self.host_budget()
+        buffer, reason = self.pool.acquire_or_reason(nbytes, pinned=_streamed(t.device))
+        if buffer is None:  # over budget or no host memory: keeping it on the device beats failing
             self.stats.kept += 1
+            self.stats.kept_on_device += 1
+            self.stats.bytes_kept_on_device += nbytes
+            if not self._warned_budget:
+                self._warned_budget = True
+                why = (f"the host budget of {self.pool.max_bytes / 2**30:.2f} GiB is reached (pool holds "
+                       f"{self.pool.bytes_held / 2**30:.2f} GiB)" if reason == "budget" else
+                       "host memory could not be allocated")
+                warnings.warn(
+                    f"fastkern offload_checkpoint: {why}; saved inputs that do not fit stay on the device "
+                    "(counted in stats.kept_on_device / bytes_kept_on_device; warned once per offloader)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return t
         dense = _is_dense(t)
         flat = buffer.data[:nbytes].view(t.dtype)

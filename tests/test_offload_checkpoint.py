@@ -526,3 +526,113 @@ def test_gpu_peak_lower_while_the_cpu_runs_ahead():
         del logits, h
         torch.cuda.synchronize()
     assert peaks["plain"] - peaks["offload"] >= (depth - 2) * layer_bytes, (peaks, layer_bytes)
+
+
+# ------------------------------------------------------------------------------- host memory budget
+
+
+@pytest.fixture
+def available(monkeypatch):
+    """Fake MemAvailable (bytes) for the budget and the per-allocation check; set ``available.bytes``."""
+    import fastkern.checkpointing as module
+
+    class Available:
+        bytes = 64 << 30
+
+    monkeypatch.setattr(module, "_available_host_bytes", lambda: Available.bytes)
+    return Available
+
+
+def test_budget_caps_the_pool_and_the_rest_stays_in_place(available):
+    # Each layer input here is 2*5*24*4 = 960 bytes, held in a 64 KiB (minimum granule) pageable buffer:
+    # a budget of two buffers offloads two of the four inputs per step and keeps the other two.
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True, host_bytes=2 * 65536)
+    models = _models(0.3, offloader=offloader)
+    batches = [torch.randn(2, 5, 24)]
+    plain = _train(models["plain"], batches)
+    with pytest.warns(RuntimeWarning, match="host budget of 0.00 GiB is reached"):
+        got = _train(models["offload"], batches)
+    _assert_same(got, plain)
+    stats = offloader.stats
+    assert (stats.offloaded, stats.kept_on_device, stats.bytes_kept_on_device) == (2, 2, 2 * 960)
+    assert offloader.pool.bytes_held == offloader.pool.peak_bytes_held == 2 * 65536
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per offloader, not per step
+        for _ in range(3):
+            _assert_same(_train(models["offload"], batches), plain)
+    assert offloader.pool.allocations == 2  # buffers reused across steps, none allocated after the first
+    assert (stats.offloaded, stats.kept_on_device) == (8, 8) and offloader.live_tensors == 0
+
+
+def test_default_budget_is_a_fraction_of_available_ram(available):
+    available.bytes = 8 << 30
+    assert ActivationOffloader().host_budget() == 4 << 30  # DEFAULT_HOST_FRACTION = 0.5
+    quarter = ActivationOffloader(host_fraction=0.25)
+    available.bytes = 16 << 30  # read once, on first need: later changes do not move the budget
+    assert quarter.host_budget() == 4 << 30
+    available.bytes = 1 << 40
+    assert quarter.host_budget() == 4 << 30
+    assert ActivationOffloader(host_bytes=123).host_budget() == 123  # explicit: RAM not consulted
+
+
+def test_unreadable_available_ram_keeps_everything_on_the_device(available):
+    available.bytes = None
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True)
+    models = _models(0.0, offloader=offloader)
+    x = torch.randn(2, 5, 24)
+    with pytest.warns(RuntimeWarning, match="available RAM cannot be read"):
+        got = _train(models["offload"], [x])
+    _assert_same(got, _train(models["plain"], [x]))
+    assert offloader.host_budget() == 0 and offloader.stats.offloaded == 0 and offloader.stats.kept_on_device == 4
+
+
+def test_new_buffer_refused_when_ram_available_now_is_low(available):
+    """A budget read earlier does not force an allocation the host can no longer give: a new buffer must
+    leave HOST_RESERVE_BYTES available (a pageable one may shrink to the exact size to fit)."""
+    from fastkern.checkpointing import HOST_RESERVE_BYTES
+
+    pool = HostBufferPool(pin_memory=False, max_bytes=1 << 40)
+    available.bytes = HOST_RESERVE_BYTES + 65535  # a 64 KiB buffer does not fit, 960 bytes do
+    assert pool.acquire(960, pinned=False).capacity == 960
+    available.bytes = HOST_RESERVE_BYTES + 100
+    assert pool.acquire_or_reason(960, pinned=False) == (None, "budget")
+    offloader = ActivationOffloader(min_bytes=0, offload_cpu_tensors=True, host_bytes=1 << 40)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="host budget"):
+        (g,) = torch.autograd.grad(offload_checkpoint(torch.sin, x, offloader=offloader).sum(), [x])
+    torch.testing.assert_close(g, x.cos(), rtol=0, atol=0)
+    assert offloader.stats.offloaded == 0 and offloader.stats.bytes_kept_on_device == 960
+
+
+def test_pinned_buffers_are_counted_at_their_power_of_two_size(monkeypatch, available):
+    """PyTorch's pinned allocator rounds every request up to a power of two: the pool asks for that size
+    and counts it against the budget (fake pinned allocator: no CUDA here)."""
+    real_empty = torch.empty
+    sizes = []
+
+    def fake_pinned(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            sizes.append(args[0])
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", fake_pinned)
+    pool = HostBufferPool(pin_memory=True, max_bytes=6 << 20)
+    first = pool.acquire(3 * 2**20 + 1, pinned=True)
+    assert sizes == [4 << 20] and first.capacity == 4 << 20 and pool.bytes_held == 4 << 20
+    assert pool.acquire_or_reason(3 * 2**20, pinned=True) == (None, "budget")  # 4 + 4 MiB > 6 MiB
+    second = pool.acquire(2 << 20, pinned=True)  # 4 + 2 MiB: fits exactly
+    assert second.capacity == 2 << 20 and pool.bytes_held == 6 << 20 and sizes == [4 << 20, 2 << 20]
+    pool.release(first)
+    assert pool.acquire(3 << 20, pinned=True) is first  # reused, nothing allocated
+    assert pool.allocations == 2
+
+
+def test_budget_argument_errors():
+    for bad in (-1, 1.5, True, "1G"):
+        with pytest.raises(ValueError, match="host_bytes must be None or an int"):
+            ActivationOffloader(host_bytes=bad)
+    for bad in (0, -0.5, 1.5, "0.5", None):
+        with pytest.raises(ValueError, match="host_fraction must be a number in"):
+            ActivationOffloader(host_fraction=bad)
+    clone = copy.deepcopy(ActivationOffloader(host_bytes=5 << 20, host_fraction=0.3))
+    assert (clone.host_bytes, clone.host_fraction) == (5 << 20, 0.3)

@@ -38,7 +38,34 @@ from .core import PatchContext
 from .report import PatchReport
 
 _KIND = "checkpointing"
-_VALUES = (None, "offload")
+# Keys of the dict form ``checkpointing={"offload": True, "host_bytes": N}``; each but "offload" is an
+# ActivationOffloader argument.
+_DICT_KEYS = ("offload", "host_bytes", "host_fraction", "min_bytes")
+
+
+def _offloader_kwargs(value) -> dict | None:
+    """The option's value -> ActivationOffloader keyword arguments (None: not patched); ValueError if bad."""
+    if value is None or value == "offload":
+        return None if value is None else {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"fastkern.patch_model: checkpointing must be None, \"offload\" or a dict like "
+            f"{{\"offload\": True, \"host_bytes\": 64 << 30}}, got {value!r}"
+        )
+    unknown = sorted(set(value) - set(_DICT_KEYS), key=str)
+    if unknown:
+        raise ValueError(f"fastkern.patch_model: checkpointing: unknown keys {unknown}; expected some of {_DICT_KEYS}")
+    if value.get("offload") is not True:
+        raise ValueError(
+            "fastkern.patch_model: checkpointing as a dict needs \"offload\": True (offloading is the only "
+            f"checkpointing fastkern patches), got {value!r}"
+        )
+    kwargs = {k: v for k, v in value.items() if k != "offload"}
+    try:
+        ActivationOffloader(**kwargs)  # validates the values with the offloader's own messages
+    except ValueError as exc:
+        raise ValueError(f"fastkern.patch_model: checkpointing: {exc}") from None
+    return kwargs
 
 
 class OffloadCheckpointFunction:
@@ -91,8 +118,8 @@ def _offloading(offloader: ActivationOffloader, func):
 
 
 class _PatchState:
-    def __init__(self):
-        self.offloader = ActivationOffloader()
+    def __init__(self, offloader_kwargs: dict | None = None):
+        self.offloader = ActivationOffloader(**(offloader_kwargs or {}))
         self.enabled_by_patch = False
         self.enabled_since_patch = False
         self.saved_flags: dict[nn.Module, dict] = {}  # module -> the two attributes as they were
@@ -141,8 +168,9 @@ class CheckpointingPatcher:
     default = None
 
     def apply(self, ctx: PatchContext, value) -> None:
-        if value not in _VALUES:
-            raise ValueError(f"fastkern.patch_model: checkpointing must be one of {_VALUES}, got {value!r}")
+        offloader_kwargs = _offloader_kwargs(value)
+        if offloader_kwargs is None:
+            return
         hf = ctx.hf_model
         if hf is None:
             return
@@ -165,7 +193,7 @@ class CheckpointingPatcher:
         if not layers:
             ctx.report.add_skipped("", _KIND, "no GradientCheckpointingLayer in the model")
             return
-        state = _PatchState()
+        state = _PatchState(offloader_kwargs)
         for m in owners:
             m._set_gradient_checkpointing = _OffloadingSetter(m, state, m.__dict__.get("_set_gradient_checkpointing"))
         if any(layer.gradient_checkpointing for layer in layers):
@@ -189,6 +217,14 @@ class CheckpointingPatcher:
         ctx.report.notes.append(
             "checkpointing: gradient_checkpointing_enable()/activation_checkpointing_enable() on this model "
             "(by you, the Trainer or TRL) keep offloading until unpatch_model"
+        )
+        # Resolved now, so the budget reflects the RAM available when the model is patched.
+        budget = state.offloader.host_budget()
+        source = ("host_bytes" if state.offloader.host_bytes is not None
+                  else f"{state.offloader.host_fraction:g} of the RAM available now")
+        ctx.report.notes.append(
+            f"checkpointing: offloaded inputs may use {budget / 2**30:.2f} GiB of host memory ({source}); past "
+            "that they stay on the device, counted in model_offloader(model).stats.bytes_kept_on_device"
         )
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:

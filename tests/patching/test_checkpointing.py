@@ -217,3 +217,58 @@ def test_trl_sft_trainer_gradient_checkpointing_runs_offloaded():
     assert offloader.stats.offloaded == 2 * n_layers and offloader.stats.prefetched == 2 * (n_layers - 1)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_host_budget_option_and_report(monkeypatch):
+    import fastkern.checkpointing as module
+
+    monkeypatch.setattr(module, "_available_host_bytes", lambda: 8 << 30)
+    from fastkern.patching.core import _patchers
+
+    off = {p.option: None for p in _patchers()}
+    model = tiny_model("llama")
+    report = fastkern.patch_model(model, **(off | {"checkpointing": "offload"}))
+    assert model_offloader(model).pool.max_bytes == 4 << 30  # half of the (fake) available RAM
+    assert "4.00 GiB of host memory (0.5 of the RAM available now)" in str(report)
+    fastkern.unpatch_model(model)
+    report = fastkern.patch_model(model, **(off | {"checkpointing": {"offload": True, "host_bytes": 3 << 30}}))
+    assert model_offloader(model).pool.max_bytes == 3 << 30 and "(host_bytes)" in str(report)
+    fastkern.unpatch_model(model)
+    fastkern.patch_model(model, **(off | {"checkpointing": {"offload": True, "host_fraction": 0.25, "min_bytes": 0}}))
+    offloader = model_offloader(model)
+    assert offloader.pool.max_bytes == 2 << 30 and offloader.min_bytes == 0
+    fastkern.unpatch_model(model)
+
+
+def test_host_budget_overflow_keeps_gradients_and_counts_bytes():
+    ids = batch()
+    model = tiny_model("llama")
+    enable(model, gc_kwargs={"use_reentrant": False})
+    plain = grads(model, ids)
+    disable(model)
+    from fastkern.patching.core import _patchers
+
+    fastkern.patch_model(model, **({p.option: None for p in _patchers()} | {"checkpointing": {"offload": True, "host_bytes": 0}}))
+    offloader = move_everything(model)
+    with pytest.warns(RuntimeWarning, match="host budget of 0.00 GiB"):
+        got = grads(model, ids)
+    assert_same(got, plain)
+    assert offloader.stats.offloaded == 0 and offloader.stats.kept_on_device == 2
+    assert offloader.stats.bytes_kept_on_device == 2 * ids.numel() * model.config.hidden_size * 4
+
+
+@pytest.mark.parametrize("value, match", [
+    (True, "must be None, \"offload\" or a dict"),
+    ("plain", "must be None, \"offload\" or a dict"),
+    ({"host_bytes": 1}, "needs \"offload\": True"),
+    ({"offload": False, "host_bytes": 1}, "needs \"offload\": True"),
+    ({"offload": True, "host_gib": 1}, "unknown keys \\['host_gib'\\]"),
+    ({"offload": True, "host_bytes": -1}, "host_bytes must be None or an int"),
+    ({"offload": True, "host_bytes": 2.5e9}, "host_bytes must be None or an int"),
+    ({"offload": True, "host_fraction": 2}, "host_fraction must be a number in"),
+])
+def test_bad_checkpointing_values(value, match):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=match):
+        fastkern.patch_model(model, checkpointing=value)
+    assert model_offloader(model) is None
