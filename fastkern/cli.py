@@ -1,4 +1,4 @@
-"""The `fastkern` console script: `fastkern env` and `fastkern demo`."""
+"""The `fastkern` console script: `fastkern env`, `fastkern demo` and `fastkern capacity`."""
 
 from __future__ import annotations
 
@@ -30,11 +30,58 @@ def env_main() -> int:
     return 0
 
 
+def capacity_main(argv) -> int:
+    import argparse
+
+    from .capacity import GIB, SIZES, plan_memory
+
+    parser = argparse.ArgumentParser(
+        prog="fastkern capacity",
+        description="Predicted device and host peak of one training step and the longest sequence that fits "
+                    "(fastkern.plan_memory; a prediction from docs/long_context.md, not yet validated on a GPU).")
+    shape = parser.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--size", choices=sorted(SIZES), help="a known model shape")
+    shape.add_argument("--config", help="a transformers model directory or hub name (its config.json)")
+    parser.add_argument("--seq-len", type=int, default=131072, help="tokens per sequence (default 131072)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank on every decoder Linear (default 16)")
+    parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
+    parser.add_argument("--qlora", action="store_true", help="decoder weights in NF4 (double quantization)")
+    parser.add_argument("--checkpointing", choices=("offload", "device", "none"), default="offload")
+    parser.add_argument("--tiled-mlp", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--device-gib", type=float, help="device budget in GiB")
+    parser.add_argument("--host-gib", type=float, help="host budget of the offloaded checkpoints in GiB")
+    args = parser.parse_args(argv)
+    if args.full and args.qlora:
+        parser.error("--full and --qlora exclude each other")
+    for name in ("device_gib", "host_gib"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    model = args.size
+    if args.config:
+        from transformers import AutoConfig
+
+        model = AutoConfig.from_pretrained(args.config)
+    options = {"checkpointing": None if args.checkpointing == "none" else args.checkpointing,
+               "tiled_mlp": {"auto": "auto", "on": True, "off": False}[args.tiled_mlp]}
+    as_bytes = lambda gib: None if gib is None else int(gib * GIB)  # noqa: E731
+    try:
+        plan = plan_memory(model, args.seq_len, batch=args.batch, lora_rank=None if args.full else args.lora_r,
+                           qlora=args.qlora, options=options, device_bytes=as_bytes(args.device_gib),
+                           host_bytes=as_bytes(args.host_gib))
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(plan)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: fastkern {env,demo} [options]\n  env   versions, device, Triton, which path each op takes\n"
-              "  demo  TRL SFT fine-tune of a small model, unpatched vs patched (fastkern demo --help)")
+        print("usage: fastkern {env,demo,capacity} [options]\n  env   versions, device, Triton, which path each op takes\n"
+              "  demo  TRL SFT fine-tune of a small model, unpatched vs patched (fastkern demo --help)\n"
+              "  capacity  predicted device/host peak and longest sequence (fastkern capacity --help)")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "env":
@@ -43,7 +90,9 @@ def main(argv=None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
-    print(f"fastkern: unknown command {command!r} (expected env or demo)", file=sys.stderr)
+    if command == "capacity":
+        return capacity_main(rest)
+    print(f"fastkern: unknown command {command!r} (expected env, demo or capacity)", file=sys.stderr)
     return 2
 
 
