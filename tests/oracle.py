@@ -106,3 +106,36 @@ def assert_within_reference_rule(patched: dict, unpatched: dict, reference: dict
         bound = factor * dev_u + floor
         assert dev_p <= bound, (f"{key}: patched deviates {dev_p:.3e} from the reference, more than "
                                 f"{factor} x unpatched {dev_u:.3e} + {floor:.0e} = {bound:.3e}")
+
+
+def reference_rule_batches(vocab: int, steps: int, seed: int = 11):
+    """`steps` (ids, labels) batches of 2 x 13 tokens, a masked 3-token prefix in row 0 (a prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (2, 13), generator=g)
+        labels = ids.clone()
+        labels[0, :3] = -100
+        out.append((ids, labels))
+    return out
+
+
+def train_for_reference_rule(model, batches, lr: float = 0.05) -> dict:
+    """SGD steps on `batches`: the loss per step, the first step's gradients and the weight updates after
+    the last, all in float64, for assert_within_reference_rule. SGD keeps updates proportional to the
+    gradients (Adam's normalisation turns rounding noise in near-zero gradients into lr-sized steps)."""
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().double().clone() for n, p in params.items()}
+    opt = torch.optim.SGD(params.values(), lr=lr)
+    losses, first_grads = [], None
+    for ids, labels in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        if first_grads is None:
+            first_grads = torch.cat([params[n].grad.double().flatten() for n in params])
+        losses.append(loss.detach().double())
+        opt.step()
+    updates = torch.cat([(p.detach().double() - start[n]).flatten() for n, p in params.items()])
+    return dict(loss=torch.stack(losses), grads=first_grads, updates=updates)

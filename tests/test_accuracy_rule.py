@@ -14,9 +14,6 @@ and require, for the loss trajectory, the first step's gradients and the weight 
 last step, that the patched run's relative deviation from the reference is at most 1.05x the
 unpatched run's plus a small floor. Full fine-tuning and LoRA (PEFT adapters on every linear layer),
 every family in tests/models.py with a float64 run (not the MoE ones: grouped_mm has no float64).
-
-SGD keeps updates proportional to the gradients (Adam's normalisation turns rounding noise in
-near-zero gradients into lr-sized steps, which would compare noise with noise).
 """
 
 import copy
@@ -26,7 +23,7 @@ import torch
 
 import fastkern
 from tests.models import FLOAT64_FAMILIES, tiny_model
-from tests.oracle import assert_within_reference_rule
+from tests.oracle import assert_within_reference_rule, reference_rule_batches, train_for_reference_rule
 
 peft = pytest.importorskip("peft")
 
@@ -35,53 +32,23 @@ ALL_OPTIONS = dict(loss=True, lora=True, norm=True, mlp=True, rope=True, packing
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _batches(vocab: int, steps: int):
-    g = torch.Generator().manual_seed(11)
-    out = []
-    for _ in range(steps):
-        ids = torch.randint(0, vocab, (2, 13), generator=g)
-        labels = ids.clone()
-        labels[0, :3] = -100  # a prompt-like masked prefix
-        out.append((ids, labels))
-    return out
-
-
 def _with_lora(model):
     torch.manual_seed(3)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False)
     return peft.get_peft_model(model, cfg)
 
 
-def _train(model, batches, lr=0.05):
-    """Loss per step, gradients of the first step and the weight updates after the last, all in float64."""
-    model.train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    start = {n: p.detach().double().clone() for n, p in params.items()}
-    opt = torch.optim.SGD(params.values(), lr=lr)
-    losses, first_grads = [], None
-    for ids, labels in batches:
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        if first_grads is None:
-            first_grads = torch.cat([params[n].grad.double().flatten() for n in params])
-        losses.append(loss.detach().double())
-        opt.step()
-    updates = torch.cat([(p.detach().double() - start[n]).flatten() for n, p in params.items()])
-    return dict(loss=torch.stack(losses), grads=first_grads, updates=updates)
-
-
 def _three_runs(family, dtype, lora, options):
     base = tiny_model(family, dtype=torch.float64)
     if lora:
         base = _with_lora(base)
-    batches = _batches(base.config.vocab_size, STEPS)
-    reference = _train(copy.deepcopy(base), batches)
-    plain = _train(copy.deepcopy(base).to(dtype), batches)
+    batches = reference_rule_batches(base.config.vocab_size, STEPS)
+    reference = train_for_reference_rule(copy.deepcopy(base), batches)
+    plain = train_for_reference_rule(copy.deepcopy(base).to(dtype), batches)
     model = copy.deepcopy(base).to(dtype)
     report = fastkern.patch_model(model, **options)
     assert report.patched, f"nothing patched for {family}: {report}"
-    patched = _train(model, batches)
+    patched = train_for_reference_rule(model, batches)
     return reference, plain, patched, report
 
 

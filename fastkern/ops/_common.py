@@ -14,6 +14,9 @@ INT32_MAX = 2**31 - 1
 def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if type(t).__name__ == "DTensor":  # name check: no torch.distributed import on this hot path
+        raise TypeError(f"{op}: `{name}` is a DTensor (a sharded parameter); pass a plain tensor, e.g. its "
+                        f"full_tensor() or the unsharded parameter inside the FSDP unit's forward")
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{op}: `{name}` has dtype {t.dtype}; supported dtypes: {allowed}")

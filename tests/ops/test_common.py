@@ -2,6 +2,8 @@
 
 import contextlib
 
+import pytest
+
 import torch
 
 from fastkern.ops import _common
@@ -43,3 +45,27 @@ def test_device_guard_is_a_no_op_for_cpu_tensors():
         pass
     with guard:  # the shared no-op guard can be entered again
         pass
+
+
+def test_dtensor_argument_is_refused_by_name():
+    """A sharded parameter reaching an op directly gets a fastkern error naming the argument, not torch's
+    mixed Tensor/DTensor dispatch error from deep inside."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fastkern.ops import rms_norm
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        weight = distribute_tensor(torch.ones(8), mesh, [Shard(0)])
+        with pytest.raises(TypeError, match="`weight` is a DTensor"):
+            rms_norm(torch.randn(3, 8), weight, 1e-6)
+    finally:
+        if created:
+            dist.destroy_process_group()

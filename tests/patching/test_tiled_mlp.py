@@ -12,11 +12,9 @@ from fastkern.patching import tiled_mlp as tiled_module
 from fastkern.patching.core import _patchers, fastkern_forward_kind
 from fastkern.patching.tiled_mlp import tiled_fused_mlp_forward, tiled_mlp_forward
 from tests.models import batch, families_with, tiny_model
-from tests.oracle import rel_err
+from tests.oracle import assert_within_reference_rule, reference_rule_batches, train_for_reference_rule
 
 TILE_ROWS = 4  # tiny models: force tiles of 4 tokens so every call runs in several tiles
-FACTOR = 1.05  # the model-level rule: patched deviation <= 1.05 x untiled deviation + floor
-FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
 # A spread of MLP shapes: silu and gelu(tanh), separate and fused gate_up projections (phi3, glm4), hybrid
 # linear attention (qwen3_5). Every family with an [mlp] section is patched the same way; the whole list
 # would cost minutes of CPU here.
@@ -34,42 +32,8 @@ def mlp_modules(model):
     return [m for n, m in model.named_modules() if n.endswith(".mlp")]
 
 
-def _batches(vocab, steps=2, seed=11):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(steps):
-        ids = torch.randint(0, vocab, (2, 13), generator=g)
-        labels = ids.clone()
-        labels[0, :3] = -100
-        out.append((ids, labels))
-    return out
-
-
-def _train(model, batches, lr=0.05):
-    """Loss per step, first-step gradients and final weight updates (float64), SGD as in test_accuracy_rule."""
-    model.train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    start = {n: p.detach().double().clone() for n, p in params.items()}
-    opt = torch.optim.SGD(params.values(), lr=lr)
-    losses, first = [], None
-    for ids, labels in batches:
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        if first is None:
-            first = torch.cat([params[n].grad.double().flatten() for n in params])
-        losses.append(loss.detach().double())
-        opt.step()
-    updates = torch.cat([(p.detach().double() - start[n]).flatten() for n, p in params.items()])
-    return dict(loss=torch.stack(losses), grads=first, updates=updates)
-
-
 def _assert_rule(tiled, untiled, reference, dtype):
-    for key in reference:
-        assert torch.isfinite(tiled[key]).all(), key
-        dev_t, dev_u = rel_err(tiled[key], reference[key]), rel_err(untiled[key], reference[key])
-        bound = FACTOR * dev_u + FLOOR[dtype]
-        assert dev_t <= bound, f"{key}: tiled deviates {dev_t:.3e}, untiled {dev_u:.3e}, bound {bound:.3e}"
+    assert_within_reference_rule(tiled, untiled, reference, dtype)
 
 
 def _count_rows(model):
@@ -90,17 +54,17 @@ def _runs(family, dtype, lora=False, gc=None):
         torch.manual_seed(3)
         base = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                          lora_dropout=0.0, init_lora_weights=False))
-    batches = _batches(base.config.vocab_size)
-    reference = _train(copy.deepcopy(base), batches)
+    batches = reference_rule_batches(base.config.vocab_size, steps=2)
+    reference = train_for_reference_rule(copy.deepcopy(base), batches)
     options = {} if gc is None else {"checkpointing": gc}
     untiled_model = copy.deepcopy(base).to(dtype)
     fastkern.patch_model(untiled_model, tiled_mlp=False, **options)
-    untiled = _train(untiled_model, batches)
+    untiled = train_for_reference_rule(untiled_model, batches)
     model = copy.deepcopy(base).to(dtype)
     report = fastkern.patch_model(model, tiled_mlp=True, **options)
     assert len(report.patched_names("tiled_mlp")) == 2, report
     seen = _count_rows(model)
-    tiled = _train(model, batches)
+    tiled = train_for_reference_rule(model, batches)
     assert seen and max(seen) <= TILE_ROWS, seen  # forward and backward recompute only ever saw tiles
     return reference, untiled, tiled
 
@@ -137,8 +101,8 @@ def test_moe_families_dense_mlps(family, small_tiles):
     fastkern.patch_model(plain, tiled_mlp=False)
     report = fastkern.patch_model(model, tiled_mlp=True)
     assert report.patched_names("tiled_mlp"), report
-    batches = _batches(model.config.vocab_size)
-    got, want = _train(model, batches), _train(plain, batches)
+    batches = reference_rule_batches(model.config.vocab_size, steps=2)
+    got, want = train_for_reference_rule(model, batches), train_for_reference_rule(plain, batches)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
 
@@ -150,8 +114,8 @@ def test_tiled_under_transformers_checkpointing(small_tiles):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fastkern.patch_model(plain, tiled_mlp=False)
     fastkern.patch_model(model, tiled_mlp=True)
-    batches = _batches(model.config.vocab_size)
-    got, want = _train(model, batches), _train(plain, batches)
+    batches = reference_rule_batches(model.config.vocab_size, steps=2)
+    got, want = train_for_reference_rule(model, batches), train_for_reference_rule(plain, batches)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
 
