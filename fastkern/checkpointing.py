@@ -119,10 +119,11 @@ class OffloadStats:
 
 
 class _HostBuffer:
-    __slots__ = ("data", "last_copy")
+    __slots__ = ("data", "last_copy", "pinned")
 
-    def __init__(self, data: torch.Tensor):
+    def __init__(self, data: torch.Tensor, pinned: bool = False):
         self.data = data  # 1-D uint8, pinned when possible
+        self.pinned = pinned  # from PyTorch's pinned allocator (known at allocation; no is_pinned() query)
         self.last_copy: torch.cuda.Event | None = None  # the latest copy issued into or out of it
 
     @property
@@ -178,11 +179,12 @@ class HostBufferPool:
             data = self._allocate(capacity, pinned)
             if data is None:
                 return None, "memory"
+            pinned = pinned and not self._pin_failed  # False if this very allocation fell back
             self.bytes_held += data.numel()
             self.peak_bytes_held = max(self.peak_bytes_held, self.bytes_held)
             self.buffers_held += 1
             self.allocations += 1
-            return _HostBuffer(data), None
+            return _HostBuffer(data, pinned), None
 
     def _allowed(self, capacity: int) -> bool:
         if self.max_bytes is not None and self.bytes_held + capacity > self.max_bytes:
@@ -205,7 +207,7 @@ class HostBufferPool:
         for b in buffers:
             self.bytes_held -= b.capacity
             self.buffers_held -= 1
-            pinned = pinned or b.data.is_pinned()
+            pinned = pinned or b.pinned
         if pinned:
             # Freed pinned memory stays in PyTorch's host cache; released, it no longer counts anywhere.
             buffers.clear()

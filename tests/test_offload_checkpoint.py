@@ -625,6 +625,14 @@ def test_pinned_buffers_are_counted_at_their_power_of_two_size(monkeypatch, avai
     pool.release(first)
     assert pool.acquire(3 << 20, pinned=True) is first  # reused, nothing allocated
     assert pool.allocations == 2
+    import fastkern.checkpointing as module
+
+    released = []
+    monkeypatch.setattr(module, "_release_cached_pinned", lambda: released.append(pool.bytes_held))
+    pool.release(first)
+    pool.release(second)
+    assert pool.acquire(5 << 20, pinned=True) is None  # both too small: dropped, 8 MiB over the budget
+    assert pool.bytes_held == 0 and released == [0]  # dropped pinned memory handed back to the OS
 
 
 def test_budget_argument_errors():
