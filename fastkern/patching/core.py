@@ -191,7 +191,9 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
         lora_linear when exactly equivalent (else PEFT's own forward). See docs/nf4_lora.md.
       checkpointing [None]: "offload" turns gradient checkpointing on for the decoder layers with their
         saved inputs offloaded to CPU memory on a side stream; gradient_checkpointing_enable() called
-        later (by you, the Trainer or TRL) keeps offloading. See docs/offload_checkpointing.md.
+        later (by you, the Trainer or TRL) keeps offloading. The pinned host memory is capped at half
+        the available RAM (inputs past the cap stay on the GPU); {"offload": True, "host_bytes": N} or
+        {"offload": True, "host_fraction": f} sets the cap. See docs/offload_checkpointing.md.
       loss [True]: the *ForCausalLM forward computes its loss with fastkern.ops.fused_linear_cross_entropy
         when given labels, without building logits in a training step (logits None there unless
         return_logits=True; eval and no-grad calls still return them), and TRL 1.16's fused LM head uses
