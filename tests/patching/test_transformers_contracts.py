@@ -306,6 +306,20 @@ def test_compile_fullgraph_forward_backward(option):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_compile_fullgraph_forward_backward_every_family(family):
+    """The defaults on every other family: one graph forward, and a backward, under fullgraph=True
+    (Dynamo + AOTAutograd only; the families' MoE and attention variants are what differs)."""
+    model = tiny_model(family).train()
+    patch(model, "default")
+    ids = documents()[2]
+    counter = compile_counter()
+    got = torch.compile(model, fullgraph=True, backend=counter)(input_ids=ids, labels=ids, use_cache=False).loss
+    got.backward()
+    assert counter.frame_count == 1
+    assert torch.isfinite(got)
+
+
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_compiled_generate_with_static_cache_compiles_as_unpatched(option):
     ids = documents()[2]
