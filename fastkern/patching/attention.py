@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ..ops.rope import rope
 from . import packing
-from .core import PatchContext, instance_forward
+from .context import PatchContext, instance_forward
 from .report import PatchReport
 
 # Relative error norm allowed between the original and the patched attention in the probe.
@@ -281,11 +281,6 @@ def _required_attributes(module: nn.Module, config: AttentionConfig) -> list[str
 
 
 class AttentionPatcher:
-    option = "rope"
-    # On: end to end on the H100 (docs/benchmarks.md) it made the TRL SFT step faster (303.7 vs 310.5 ms
-    # with mlp alone) and keeps q/k in the token-major layout varlen flash attention takes for packed batches.
-    default = True
-
     def apply(self, ctx: PatchContext, value) -> None:
         classes = {}
         for spec, section in ctx.section("attention"):

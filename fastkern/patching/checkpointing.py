@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..checkpointing import ActivationOffloader
-from .core import PatchContext
+from .context import PatchContext
 from .report import PatchReport
 
 _KIND = "checkpointing"
@@ -164,9 +164,6 @@ def _snapshot(module: nn.Module) -> dict:
 
 
 class CheckpointingPatcher:
-    option = "checkpointing"
-    default = None
-
     def apply(self, ctx: PatchContext, value) -> None:
         offloader_kwargs = _offloader_kwargs(value)
         if offloader_kwargs is None:

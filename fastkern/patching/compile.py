@@ -25,7 +25,7 @@ import weakref
 
 import torch.nn as nn
 
-from .core import PatchContext
+from .context import PatchContext
 from .report import PatchReport
 
 _KIND = "compile"
@@ -44,12 +44,7 @@ def _decoder_layers(model: nn.Module):
 
 
 class CompilePatcher:
-    option = "compile"
-    default = False
-
     def apply(self, ctx: PatchContext, value) -> None:
-        if value is not True:
-            raise TypeError(f"fastkern.patch_model: compile must be True or False, got {value!r}")
         for name, module in _decoder_layers(ctx.model):
             if getattr(module, "_compiled_call_impl", None) is not None:
                 ctx.report.add_skipped(name, _KIND, "already compiled (nn.Module.compile was called on it)")

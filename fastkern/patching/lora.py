@@ -31,7 +31,7 @@ from ..integrations.peft import (
     static_blocker,
 )
 from ..ops.lora_linear import lora_linear
-from .core import PatchContext, instance_forward
+from .context import PatchContext, instance_forward
 from .report import PatchReport
 
 
@@ -158,13 +158,6 @@ def fused_lora_forward(self, x, *args, **kwargs):
 
 
 class LoRAPatcher:
-    option = "lora"
-    # On by default: measured faster end to end (TRL SFT dense LoRA, H200: -13% step, -0.5 GiB) and, judged
-    # against an fp32/fp64 reference run, at least as accurate as PEFT's own forward (its rounding differs
-    # from PEFT's, not its error: tests/test_accuracy_rule.py). Falls back to PEFT's forward per call for
-    # what it does not implement (variants, active dropout, lora_bias, adapter_names).
-    default = True
-
     def apply(self, ctx: PatchContext, value) -> None:
         classes = lora_layer_classes()
         if not classes:

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.linear_cross_entropy import fused_linear_cross_entropy
-from .core import PatchContext, instance_forward
+from .context import PatchContext, instance_forward
 from .report import PatchReport
 
 _REQUIRED_KEYS = ("class", "backbone", "head")
@@ -225,9 +225,6 @@ def _bound_by_trl_fused_head(module: nn.Module) -> bool:
 
 
 class LossPatcher:
-    option = "loss"
-    default = True
-
     def apply(self, ctx: PatchContext, value) -> None:
         classes = ctx.section_classes("causal_lm", _REQUIRED_KEYS, "loss", check=_check_section)
         for name, module in ctx.named_modules():

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..ops.glu import geglu, swiglu
 from ..reference.glu import activation_reference
-from .core import PatchContext, instance_forward
+from .context import PatchContext, instance_forward
 from .report import PatchReport
 
 _REQUIRED_KEYS = ("class", "down", "act", "activation")
@@ -106,9 +106,6 @@ def _probe(module: nn.Module, config: tuple, in_features: int) -> str | None:
 
 
 class MLPPatcher:
-    option = "mlp"
-    default = True
-
     def apply(self, ctx: PatchContext, value) -> None:
         classes = ctx.section_classes("mlp", _REQUIRED_KEYS, "MLP", check=_check_projections)
         probed: dict[tuple[type, torch.dtype], str | None] = {}

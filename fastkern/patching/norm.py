@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.rms_norm import rms_norm
-from .core import PatchContext, instance_forward
+from .context import PatchContext, instance_forward
 from .report import PatchReport
 
 _REQUIRED_KEYS = ("class", "form", "eps")
@@ -88,12 +88,7 @@ def _probe(module: nn.Module, config: tuple) -> str | None:
 
 
 class NormPatcher:
-    option = "norm"
-    default = True
-
     def apply(self, ctx: PatchContext, value) -> None:
-        if not value:
-            return
         classes = ctx.section_classes(
             "norm", _REQUIRED_KEYS, "norms",
             check=lambda s: None if s["form"] in _FORMS else f"form {s['form']!r} is not one of {sorted(_FORMS)}")

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.document_attention import document_attention
-from .core import PatchContext, fastkern_forward_kind, instance_forward
+from .context import PatchContext, fastkern_forward_kind, instance_forward
 from .report import PatchReport
 
 _KIND = "packing"
@@ -226,12 +226,7 @@ def _documents_of_call(backbone: nn.Module, arguments: dict, extra: dict) -> Pac
 
 
 class PackingPatcher:
-    option = _KIND
-    default = True
-
     def apply(self, ctx: PatchContext, value) -> None:
-        if value is not True:
-            raise ValueError(f"fastkern.patch_model: packing must be True or False, got {value!r}")
         backbones = {}
         for spec, section in ctx.section("packing"):
             try:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.tiled_mlp import DEFAULT_TILE_BYTES, tiled_mlp
-from .core import PatchContext, fastkern_forward_kind, instance_forward, signed_forward
+from .context import PatchContext, fastkern_forward_kind, instance_forward, signed_forward
 from .report import PatchReport
 
 _KIND = "tiled_mlp"
@@ -151,9 +151,6 @@ def _probe(module: nn.Module, cfg: TiledMLPConfig, hidden: int) -> str | None:
 
 
 class TiledMLPPatcher:
-    option = "tiled_mlp"
-    default = "auto"
-
     def apply(self, ctx: PatchContext, value) -> None:
         min_tokens = _min_tokens(value)
         classes = _mlp_classes(ctx)
