@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 
 
-def env_main() -> int:
+def env_main(argv=()) -> int:
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="fastkern env",
+        description="Print the versions of torch, Triton and the integrations, the device, which path "
+                    "(triton, interpreter or reference) each op takes for CPU and CUDA tensors, and the "
+                    "patch specs.").parse_args(argv)
     import torch
 
     from . import runtime
@@ -21,13 +28,29 @@ def env_main() -> int:
     cuda = runtime.path_for(torch.empty(0, device="cuda")) if torch.cuda.is_available() else "no cuda device"
     import inspect
 
-    ops = __import__("fastkern.ops", fromlist=["__all__"])
+    from . import ops
+
+    composed = _composed_op_paths(torch)
     for op in sorted(n for n in ops.__all__ if inspect.isfunction(getattr(ops, n))):
-        print(f"    {op:<28} {cpu} / {cuda}")
+        print(f"    {op:<28} {composed.get(op, f'{cpu} / {cuda}')}")
     if not runtime.triton_available():
         print("  triton is not installed: every op runs its PyTorch reference")
     print("  patch specs:", ", ".join(f"{s.family} ({', '.join(s.sections)})" for s in load_specs()))
     return 0
+
+
+def _composed_op_paths(torch) -> dict[str, str]:
+    """Ops built from torch's own kernels have no Triton path: say what runs instead."""
+    from .ops.document_attention import select_backend
+
+    def attention(device, dtype):
+        q = torch.empty(1, 1, 64, device=device, dtype=dtype)
+        return select_backend(q, q, bounds=[0, 1])
+
+    cuda = (f"{attention('cuda', torch.bfloat16)} for fp16/bf16, else sdpa" if torch.cuda.is_available()
+            else "no cuda device")
+    return {"document_attention": f"torch {attention('cpu', torch.float32)} / {cuda}",
+            "tiled_mlp": "the module's own forward, tile by tile (any device)"}
 
 
 def capacity_main(argv) -> int:
@@ -76,16 +99,28 @@ def capacity_main(argv) -> int:
     return 0
 
 
+USAGE = """usage: fastkern [--version] {env,demo,capacity} [options]
+  env       versions, device, Triton, which path each op takes
+  demo      TRL fine-tune of a small model, unpatched vs patched (fastkern demo --help)
+  capacity  predicted device/host peak and longest sequence (fastkern capacity --help)"""
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: fastkern {env,demo,capacity} [options]\n  env   versions, device, Triton, which path each op takes\n"
-              "  demo  TRL SFT fine-tune of a small model, unpatched vs patched (fastkern demo --help)\n"
-              "  capacity  predicted device/host peak and longest sequence (fastkern capacity --help)")
+        print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print("fastkern", __version__)
         return 0
     command, rest = argv[0], argv[1:]
+    from .demo_common import quiet_bitsandbytes_cpu_notice
+
+    quiet_bitsandbytes_cpu_notice()
     if command == "env":
-        return env_main()
+        return env_main(rest)
     if command == "demo":
         from .demo import main as demo_main
 

@@ -1,6 +1,6 @@
 """`fastkern demo`: fine-tune a small random-init model with TRL's SFTTrainer, unpatched then patched.
 
-The data is generated here: each line is an arithmetic progression of digits modulo 10
+The data is generated in code (fastkern/demo_common.py): each line is an arithmetic progression of digits modulo 10
 ("3 5 7 9 1 ..."), so the next token follows from the previous two and the loss falls within a few
 dozen steps. The tokenizer is a word-level vocabulary built in code: nothing is downloaded.
 
@@ -11,109 +11,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
-import resource
 import statistics
+import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 
 import torch
 
-DIGITS = [str(i) for i in range(10)]
-
-SIZES = {
-    # name: LlamaConfig kwargs (vocab_size is set from the option)
-    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
-}
-
-
-@dataclass
-class RunResult:
-    label: str
-    final_loss: float
-    losses: list[float]
-    tokens_per_s: float
-    step_s: float
-    peak_memory: str
-    report: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *DIGITS])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
-
-
-def build_dataset(n_rows: int, length: int, seed: int = 0, min_length: int | None = None):
-    """n_rows documents of `length` tokens, or of a uniform random length in [min_length, length]."""
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n_rows):
-        start, step = rng.randrange(10), rng.randrange(1, 10)
-        n_tokens = length if min_length is None else rng.randint(min_length, length)
-        rows.append(" ".join(DIGITS[(start + i * step) % 10] for i in range(n_tokens - 1)))
-    return Dataset.from_dict({"text": rows})
-
-
-def build_model(size: str, vocab_size: int, dtype: torch.dtype, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=8192, **SIZES[size])
-    return LlamaForCausalLM(config).to(dtype)
-
-
-def peak_memory_text() -> str:
-    """Peak memory of the run just finished: the GPU's peak allocation, or the process's max RSS on CPU."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU peak allocated)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
-
-
-def device_and_path() -> str:
-    """'<device>; kernels: <path> path' for the demos' headers."""
-    from . import runtime
-
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else "CPU"
-    return f"{device}; kernels: {runtime.path_for(torch.empty(0, device='cuda' if cuda else 'cpu'))} path"
-
-
-class _StepTimer:
-    """A TrainerCallback (built lazily) recording wall time per optimizer step, synchronized on CUDA."""
-
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class StepTimer(TrainerCallback):
-            def __init__(self):
-                self.times, self._t0 = [], None
-
-            def _sync(self):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-
-            def on_step_begin(self, args, state, control, **kw):
-                self._sync()
-                self._t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                self._sync()
-                self.times.append(time.perf_counter() - self._t0)
-
-        return StepTimer()
+# Re-exported: the benches and tests build their models and data through fastkern.demo.
+from .demo_common import (DIGITS, SIZES, MissingExtraError, RunResult, build_dataset, build_model,  # noqa: F401
+                          build_tokenizer, cpu_note, device_and_path, peak_memory_text, quiet_bitsandbytes_cpu_notice,
+                          require_trl, step_timer)
 
 
 def run_sft(label: str, model, tokenizer, dataset, *, steps: int, batch: int, length: int, lr: float,
@@ -129,7 +36,7 @@ def run_sft(label: str, model, tokenizer, dataset, *, steps: int, batch: int, le
         torch.manual_seed(0)  # the same adapter init in the unpatched and the patched run
         model = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, target_modules="all-linear", lora_dropout=0.0))
     report = fastkern.patch_model(model, **(patch_options or {})) if patch else None
-    timer = _StepTimer()
+    timer = step_timer()
     with tempfile.TemporaryDirectory() as out_dir:
         config = SFTConfig(
             output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
@@ -202,11 +109,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    run_demo(parse_args(argv))
+    quiet_bitsandbytes_cpu_notice()
+    args = parse_args(argv)
+    try:
+        run_demo(args)
+    except MissingExtraError as exc:
+        print(f"fastkern demo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def run_demo(args) -> list[RunResult]:
+    require_trl()
     if args.task == "grpo":
         from .demo_grpo import run_grpo_demo
 
@@ -236,6 +150,8 @@ def run_demo(args) -> list[RunResult]:
     print(format_table(results))
     print()
     print(results[1].report)
+    if note := cpu_note():
+        print(f"\n{note}")
     first, last = results[1].losses[0], results[1].final_loss
     print(f"\nloss fell from {first:.3f} to {last:.3f} (patched); unpatched ended at {results[0].final_loss:.3f}")
     return results

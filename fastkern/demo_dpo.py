@@ -15,7 +15,8 @@ import tempfile
 
 import torch
 
-from .demo import DIGITS, RunResult, _StepTimer, build_model, build_tokenizer, device_and_path, peak_memory_text
+from .demo_common import (DIGITS, RunResult, build_model, build_tokenizer, cpu_note, device_and_path, peak_memory_text,
+                          step_timer)
 
 
 def build_pairs(n_pairs: int, completion_tokens: int = 4, seed: int = 0):
@@ -53,7 +54,7 @@ def run_dpo(label: str, model, ref_model, tokenizer, dataset, args, patch: bool,
         logging_steps=1, save_strategy="no", report_to="none", seed=0, data_seed=0, bf16=args.dtype == "bf16",
         gradient_checkpointing=args.gradient_checkpointing, use_cpu=not cuda, disable_tqdm=True,
     )
-    timer = _StepTimer()
+    timer = step_timer()
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)
@@ -105,4 +106,6 @@ def run_dpo_demo(args) -> list[RunResult]:
     print(format_table(results))
     print()
     print(results[1].report)
+    if note := cpu_note():
+        print(f"\n{note}")
     return results

@@ -14,7 +14,8 @@ import tempfile
 
 import torch
 
-from .demo import DIGITS, RunResult, _StepTimer, build_model, build_tokenizer, device_and_path, peak_memory_text
+from .demo_common import (DIGITS, RunResult, build_model, build_tokenizer, cpu_note, device_and_path, peak_memory_text,
+                          step_timer)
 
 
 def build_prompts(n_prompts: int, seed: int = 0):
@@ -61,7 +62,7 @@ def run_grpo(label: str, model, tokenizer, dataset, args, patch: bool, out_dir: 
         save_strategy="no", report_to="none", seed=0, data_seed=0, bf16=args.dtype == "bf16",
         gradient_checkpointing=args.gradient_checkpointing, use_cpu=not cuda, disable_tqdm=True,
     )
-    timer = _StepTimer()
+    timer = step_timer()
     trainer = GRPOTrainer(model=model, reward_funcs=progression_reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)
@@ -115,4 +116,6 @@ def run_grpo_demo(args) -> list[RunResult]:
     print(format_table(results))
     print()
     print(results[1].report)
+    if note := cpu_note():
+        print(f"\n{note}")
     return results

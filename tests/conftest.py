@@ -14,6 +14,12 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from fastkern.demo_common import quiet_bitsandbytes_cpu_notice  # noqa: E402
+
+# bitsandbytes logs, at import on every CPU run, that its optional hub CPU kernel did not load; it then
+# runs its built-in CPU code, which is what the tests exercise anyway. Only that one message is dropped.
+quiet_bitsandbytes_cpu_notice()
+
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], derandomize=False)
 # ci: bounded so the whole CPU suite stays well under 20 minutes on 2 cores (interpreter is slow).
 settings.register_profile("ci", max_examples=12, **_COMMON)

@@ -9,10 +9,10 @@ from .linear_cross_entropy import fused_linear_cross_entropy
 from .linear_logprobs import fused_linear_logprobs
 from .rms_norm import rms_norm
 from .rope import rope
+# The two below have no Triton kernel of their own: document_attention is composed of torch's attention
+# kernels, tiled_mlp runs a module's own forward over token tiles.
+from .document_attention import document_attention
+from .tiled_mlp import tiled_mlp
 
-__all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "rms_norm", "rope", "swiglu", "geglu", "lora_linear", "nf4_dequantize", "nf4_quantize", "nf4_matmul", "NF4State"]
-
-# Composed of torch attention kernels (no Triton kernel of its own), so not listed with the dispatched ops above.
-from .document_attention import document_attention  # noqa: E402
-# Runs a module's own forward over token tiles (autograd composition, no Triton kernel of its own).
-from .tiled_mlp import tiled_mlp  # noqa: E402
+__all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "rms_norm", "rope", "swiglu", "geglu", "lora_linear",
+           "nf4_dequantize", "nf4_quantize", "nf4_matmul", "NF4State", "document_attention", "tiled_mlp"]
