@@ -39,12 +39,18 @@ def test_device_guard_enters_the_tensors_device_only_when_it_is_not_current(monk
     assert entered == [1]  # another GPU: switch to it for the launch
 
 
-def test_device_guard_is_a_no_op_for_cpu_tensors():
+def test_device_guard_is_a_no_op_for_cpu_tensors(monkeypatch):
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CPU launch must not query or switch the CUDA device")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_cuda)
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
     guard = _common.device_guard(torch.empty(2))
-    with guard:
-        pass
-    with guard:  # the shared no-op guard can be entered again
-        pass
+    assert isinstance(guard, contextlib.nullcontext)
+    assert _common.device_guard(torch.empty(3)) is guard  # one shared guard: nothing is built per launch
+    for _ in range(2):  # the shared guard can be entered again
+        with guard as entered:
+            assert entered is None
 
 
 def test_dtensor_argument_is_refused_by_name():

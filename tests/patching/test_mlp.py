@@ -140,9 +140,17 @@ def test_instance_forward_owned_by_someone_else_is_skipped():
 
 
 def test_every_shipped_spec_resolves_in_installed_transformers():
+    """Each [mlp] class named in patches/*.toml is an nn.Module class of that name in its family's module
+    (resolve raises LookupError when transformers renamed or moved it)."""
+    resolved = {}
     for spec in spec_module.load_specs():
         if "mlp" in spec.sections:
-            spec.resolve(spec.sections["mlp"]["class"])
+            name = spec.sections["mlp"]["class"]
+            cls = spec.resolve(name)
+            assert isinstance(cls, type) and issubclass(cls, torch.nn.Module), (spec.source, cls)
+            assert cls.__name__ == name.rsplit(".", 1)[-1], (spec.source, cls)
+            resolved[spec.family] = cls
+    assert "llama" in resolved and len(resolved) > 1  # the specs were read, not an empty loop
 
 
 def test_peft_wrapped_model():
