@@ -15,10 +15,6 @@ import triton.language as tl
 
 from .bf16 import round_fp32_to_bf16_rtne
 
-ACT_SILU = 0
-ACT_GELU_TANH = 1
-ACT_GELU_ERF = 2
-
 # Constants are written as literals inside the kernels: the compiler rejects plain-float globals,
 # and the interpreter mishandles tl.constexpr globals on the left of an arithmetic operator.
 #   k = sqrt(2/pi) = 0.7978845608028654, 2k = 1.5957691216057308, c = 0.044715 (tanh approximation of GELU)

@@ -6,9 +6,23 @@ import contextlib
 
 import torch
 
+from .. import runtime
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT32_MAX = 2**31 - 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host ints, for launch grids (triton.cdiv needs triton imported; the reference
+    path runs without it)."""
+    return -(-a // b)
+
+
+def op_path(t: torch.Tensor) -> str:
+    """The path an op takes for `t` (fastkern.runtime.path_for), except that float64 always takes the
+    reference: the kernels have no float64 variant, and float64 is how the tests ask for the oracle."""
+    return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
 
 
 def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES) -> None:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import runtime
 from ..reference.glu import glu_backward_reference, glu_forward_reference
-from ._common import FLOAT_DTYPES, INT32_MAX, as_rows, check_like, check_tensor, device_guard, needs_int64
+from ._common import (FLOAT_DTYPES, INT32_MAX, as_rows, cdiv, check_like,
+                      check_tensor, device_guard, needs_int64, op_path)
 
+# The kernels' ACTIVATION constexpr: the branches of _activation in fastkern/kernels/glu.py.
 _ACTIVATION_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 
@@ -34,10 +35,6 @@ def launch_config(n_cols: int) -> tuple[int, int]:
     return block, 4 if block >= 512 else 2
 
 
-def _path(t: Tensor) -> str:
-    return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
-
-
 def _round_bf16(t: Tensor, path: str) -> bool:
     """Whether the kernel must round bf16 by hand: bf16 under the interpreter (fastkern/kernels/bf16.py)."""
     return path == "interpreter" and t.dtype == torch.bfloat16
@@ -49,7 +46,7 @@ def _row_layout(tensors: list[Tensor], block, num_warps):
     rows, cols = views[0].shape
     default_block, default_warps = launch_config(cols)
     block, num_warps = block or default_block, num_warps or default_warps
-    return views, cols, (rows, triton_cdiv(cols, block)), block, num_warps
+    return views, cols, (rows, cdiv(cols, block)), block, num_warps
 
 
 def _is_flat(tensors: tuple[Tensor, ...], flat: bool | None) -> bool:
@@ -79,7 +76,7 @@ def _launch_forward(gate: Tensor, up: Tensor, out: Tensor, activation: str, bloc
         default_block, default_warps = launch_config(n)
         block, num_warps = block or default_block, num_warps or default_warps
         with device_guard(gate):
-            glu_forward_kernel[(triton_cdiv(n, block),)](
+            glu_forward_kernel[(cdiv(n, block),)](
                 gate, up, out, n, 0, 1, 0, 1, 0, 1, ACTIVATION=act, BLOCK=block,
                 INT64_OFFSETS=force_int64 or flat_needs_int64(n, block), FLAT=True, ROUND_BF16=round_bf16,
                 num_warps=num_warps)
@@ -105,7 +102,7 @@ def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, bl
         default_block, default_warps = launch_config(n)
         block, num_warps = block or default_block, num_warps or default_warps
         with device_guard(gate):
-            glu_backward_kernel[(triton_cdiv(n, block),)](
+            glu_backward_kernel[(cdiv(n, block),)](
                 grad_out, gate, up, grad_gate, grad_up, n, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, ACTIVATION=act,
                 BLOCK=block, INT64_OFFSETS=force_int64 or flat_needs_int64(n, block), FLAT=True,
                 ROUND_BF16=round_bf16, num_warps=num_warps)
@@ -123,10 +120,6 @@ def _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation: str, bl
         )
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _writable_rows(t: Tensor) -> Tensor | None:
     """A [rows, cols] view sharing t's storage, or None if t's leading dims cannot be merged."""
     try:
@@ -138,7 +131,7 @@ def _writable_rows(t: Tensor) -> Tensor | None:
 def _forward_impl(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     if gate.numel() == 0:
         return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    path = _path(gate)
+    path = op_path(gate)
     if path == "reference":
         return glu_forward_reference(gate, up, activation).contiguous()
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -147,7 +140,7 @@ def _forward_impl(gate: Tensor, up: Tensor, activation: str) -> Tensor:
 
 
 def _backward_impl(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple[Tensor, Tensor]:
-    path = "reference" if gate.numel() == 0 else _path(gate)
+    path = "reference" if gate.numel() == 0 else op_path(gate)
     if path == "reference":
         grad_gate, grad_up = glu_backward_reference(grad_out, gate, up, activation)
         return grad_gate.contiguous(), grad_up.contiguous()
@@ -162,7 +155,7 @@ def _backward_into_inputs_impl(grad_out: Tensor, gate: Tensor, up: Tensor, activ
     if gate.numel() == 0:
         return
     g_rows, u_rows = _writable_rows(gate), _writable_rows(up)
-    path = _path(gate)
+    path = op_path(gate)
     if path == "reference" or g_rows is None or u_rows is None:
         grad_gate, grad_up = glu_backward_reference(grad_out, gate, up, activation)
         gate.copy_(grad_gate)

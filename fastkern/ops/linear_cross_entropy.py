@@ -21,9 +21,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from .. import runtime
 from ..reference.linear_cross_entropy import lce_rows_reference
-from ._common import as_rows, check_tensor, device_guard
+from ._common import as_rows, check_tensor, device_guard, op_path
 
 _OP = "fastkern.ops.fused_linear_cross_entropy"
 # The logits chunk (input dtype) is sized to this many bytes unless free device memory is lower.
@@ -58,10 +57,6 @@ def chunk_rows(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.devic
     if rows >= 256:
         rows -= rows % 128  # GEMM-friendly tile multiple
     return max(1, min(rows, n_rows))
-
-
-def _path(t: Tensor) -> str:
-    return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
 
 
 def _launch_rows(x, targets, stats, coefs, *, logit_scale, softcap, u_scale, compute_stats, has_entropy,
@@ -128,7 +123,7 @@ def run_chunks(hidden, weight, bias, targets, stats, coefs, *, logit_scale, soft
         gw = torch.empty(weight.shape, dtype=grad_weight_dtype(weight), device=weight.device)
     if grads and need_gb:
         gb = torch.zeros(v, dtype=torch.float64 if bias.dtype == torch.float64 else torch.float32, device=bias.device)
-    path = _path(hidden)
+    path = op_path(hidden)
     buf = torch.empty(min(rows, n), v, dtype=hidden.dtype, device=hidden.device)
     w_t = weight.t()
     for start in range(0, n, rows):

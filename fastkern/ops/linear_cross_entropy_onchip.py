@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import runtime
-from ._common import device_guard
+from ._common import cdiv, device_guard
 from .linear_cross_entropy import _finish, check_targets
 
 # fp32 accumulator budgets of the backward. dW is accumulated one vocabulary chunk at a time into an
@@ -125,19 +125,15 @@ def onchip_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
         with device_guard(hidden):
             if interp:
                 block_n = _INTERP_FWD["BLOCK_N"]
-                lce_onchip_fwd_kernel[(triton_cdiv(n, block_n), splits)](*args, **flags, **_INTERP_FWD)
+                lce_onchip_fwd_kernel[(cdiv(n, block_n), splits)](*args, **flags, **_INTERP_FWD)
             else:
                 fwd, _ = _tuned_kernels()
-                fwd[(triton_cdiv(n, FWD_BLOCK_N), splits)](*args, **flags, BLOCK_N=FWD_BLOCK_N)
+                fwd[(cdiv(n, FWD_BLOCK_N), splits)](*args, **flags, BLOCK_N=FWD_BLOCK_N)
     else:
         part[0].fill_(float("-inf"))
         part[1:5].zero_()
         part[5].fill_(float("-inf"))
     return combine_splits(part, has_entropy, has_top1)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def combine_splits(part: Tensor, has_entropy: bool, has_top1: bool) -> dict[str, Tensor]:
@@ -212,11 +208,11 @@ def onchip_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
         with device_guard(hidden):
             if interp:
                 cfg = _INTERP_BWD
-                grid = (triton_cdiv(r1 - r0, cfg["BLOCK_N"]) * triton_cdiv(v1 - v0, cfg["BLOCK_V"]),)
+                grid = (cdiv(r1 - r0, cfg["BLOCK_N"]) * cdiv(v1 - v0, cfg["BLOCK_V"]),)
                 lce_onchip_bwd_kernel[grid](*args, **flags, **cfg)
             else:
                 _, bwd = _tuned_kernels()
-                grid = lambda meta: (triton_cdiv(r1 - r0, meta["BLOCK_N"]) * triton_cdiv(v1 - v0, meta["BLOCK_V"]),)  # noqa: E731
+                grid = lambda meta: (cdiv(r1 - r0, meta["BLOCK_N"]) * cdiv(v1 - v0, meta["BLOCK_V"]),)  # noqa: E731
                 bwd[grid](*args, **flags)
 
     for r0 in range(0, n, n_chunk):

@@ -24,7 +24,7 @@ from ..reference.nf4 import (  # noqa: F401  (NF4State is re-exported)
     nf4_dequantize_reference,
     nf4_quantize_reference,
 )
-from ._common import KERNEL_DTYPES, INT32_MAX, check_tensor, device_guard
+from ._common import INT32_MAX, KERNEL_DTYPES, cdiv, check_tensor, device_guard
 
 # Weight elements per program and warps: 2048 elements = 1 KiB of codes in, 4 KiB of bf16 out, two
 # warps. The best of the bench/bench_nf4.py sweep with double quantization on the H100 (0.0551 ms for
@@ -226,10 +226,6 @@ def flatten_state(op: str, packed: Tensor, quant_state, dtype: torch.dtype | Non
     return flat._replace(packed=packed if packed.dtype == torch.uint8 else packed.view(torch.uint8))
 
 
-def _path(t: Tensor) -> str:
-    return runtime.path_for(t)
-
-
 def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, blocksize: int,
                     nested_blocksize: int, block: int = _DEQUANT_BLOCK, num_warps: int = _DEQUANT_WARPS,
                     store_cache: str = "") -> None:
@@ -241,7 +237,7 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
     rows, cols = out.shape
     if out.numel() == 0:
         return
-    if _path(packed) == "reference":
+    if runtime.path_for(packed) == "reference":
         scales = block_scales_reference(absmax, nested_blocksize, code2, absmax2, offset)
         out.copy_(nf4_dequantize_reference(packed, code, scales, blocksize, rows, cols, out.dtype))
         return
@@ -262,11 +258,11 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
         out_mode = 1
     else:
         out_mode = 2
-    grid = (triton_cdiv(n, block),)
+    grid = (cdiv(n, block),)
     int64 = (rows - 1) * out.stride(0) + cols + 2 * block >= INT32_MAX or n + 2 * block >= INT32_MAX
     # The GPU's fp32->bf16 conversion already rounds to nearest even; the interpreter truncates, so
     # there the kernel rounds on the bits itself (bit-exactness is tested on CPU).
-    round_by_hand = out.dtype == torch.bfloat16 and _path(packed) == "interpreter"
+    round_by_hand = out.dtype == torch.bfloat16 and runtime.path_for(packed) == "interpreter"
     with device_guard(packed):
         nf4_dequantize_kernel[grid](
             packed, code, absmax, absmax2 if nested else absmax, code2 if nested else code,
@@ -276,10 +272,6 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
             OUT_MODE=out_mode, ROUND_BF16=round_by_hand, BLOCK=block, INT64_OFFSETS=int64, EVEN=n % block == 0,
             STORE_CACHE=store_cache, num_warps=num_warps, enable_fp_fusion=False,
         )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _dequantize_new(packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize, rows, cols, dtype):

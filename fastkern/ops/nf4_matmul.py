@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import runtime
 from ..reference.nf4 import block_scales_reference, nf4_matmul_reference
-from ._common import FLOAT_DTYPES, INT32_MAX, KERNEL_DTYPES, as_rows, check_tensor, device_guard, needs_int64
+from ._common import (FLOAT_DTYPES, INT32_MAX, KERNEL_DTYPES, as_rows, cdiv,
+                      check_tensor, device_guard, needs_int64, op_path)
 from .nf4 import flatten_state
 
 _GROUP_M = 8
@@ -43,10 +43,6 @@ def _interpreter_config(m: int, n: int, k: int) -> tuple[int, int, int]:
     return fit(m, 64), fit(n, 128), fit(k, 128)
 
 
-def _path(x: Tensor) -> str:
-    return "reference" if x.dtype == torch.float64 else runtime.path_for(x)
-
-
 def matmul_into(out: Tensor, x: Tensor, packed: Tensor, code: Tensor, absmax: Tensor, absmax2: Tensor | None,
                 code2: Tensor | None, offset: Tensor | None, blocksize: int, nested_blocksize: int, n_rows: int,
                 n_cols: int, transpose: bool, *, block_m: int | None = None, block_p: int | None = None,
@@ -62,7 +58,7 @@ def matmul_into(out: Tensor, x: Tensor, packed: Tensor, code: Tensor, absmax: Te
     m, r = x.shape
     p = out.shape[1]
     assert out.stride(1) == 1, "matmul_into needs a unit column stride for out"
-    interpreted = _path(x) == "interpreter"
+    interpreted = op_path(x) == "interpreter"
     if interpreted:
         bm, bp, br = _interpreter_config(m, p, r)
         warps, stages = 4, 1
@@ -81,7 +77,7 @@ def matmul_into(out: Tensor, x: Tensor, packed: Tensor, code: Tensor, absmax: Te
     int64 = (needs_int64(x, out, slack=max(bm, bp, br))
              or (n_rows + max(bp, br)) * (n_cols + max(bp, br)) >= INT32_MAX)
     round_by_hand = interpreted and x.dtype == torch.bfloat16
-    grid = (triton_cdiv(m, bm) * triton_cdiv(p, bp),)
+    grid = (cdiv(m, bm) * cdiv(p, bp),)
     with device_guard(x):
         nf4_matmul_kernel[grid](
             x, packed, code, absmax, absmax2 if nested else absmax, code2 if nested else code,
@@ -97,10 +93,6 @@ def matmul_into(out: Tensor, x: Tensor, packed: Tensor, code: Tensor, absmax: Te
         )
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _matmul_impl(x: Tensor, packed: Tensor, code: Tensor, absmax: Tensor, absmax2: Tensor | None,
                  code2: Tensor | None, offset: Tensor | None, blocksize: int, nested_blocksize: int, n_rows: int,
                  n_cols: int, transpose: bool) -> Tensor:
@@ -108,7 +100,7 @@ def _matmul_impl(x: Tensor, packed: Tensor, code: Tensor, absmax: Tensor, absmax
     p = n_cols if transpose else n_rows
     x2 = as_rows(x)
     m, r = x2.shape
-    if x2.numel() == 0 or _path(x) == "reference":
+    if x2.numel() == 0 or op_path(x) == "reference":
         scales = block_scales_reference(absmax, nested_blocksize, code2, absmax2, offset)
         out = nf4_matmul_reference(x2, packed, code, scales, blocksize, n_rows, n_cols, transpose)
         return out.reshape(*x.shape[:-1], p).clone(memory_format=torch.contiguous_format)

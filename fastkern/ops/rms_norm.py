@@ -19,9 +19,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from .. import runtime
 from ..reference.rms_norm import rms_norm_backward_reference, rms_norm_reference
-from ._common import FLOAT_DTYPES, as_rows, check_tensor, device_guard, needs_int64
+from ._common import FLOAT_DTYPES, as_rows, check_tensor, device_guard, needs_int64, op_path
 
 _OP = "fastkern.ops.rms_norm"
 # Programs per backward launch when a weight gradient is reduced across rows: enough to fill an H100
@@ -50,10 +49,6 @@ def launch_config(n_cols: int, tile_elements: int = _TILE_ELEMENTS) -> tuple[int
     return block_m, block, warps
 
 
-def _path(t: Tensor) -> str:
-    return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
-
-
 def _dense_weight(weight: Tensor) -> Tensor:
     # The kernels index the [n_cols] weight with unit stride; a strided one (a view of a larger
     # parameter) is copied, as small as one row of x.
@@ -61,7 +56,7 @@ def _dense_weight(weight: Tensor) -> Tensor:
 
 
 def _forward_impl(x: Tensor, weight: Tensor, eps: float, weight_offset: float, cast_before_weight: bool):
-    path = _path(x)
+    path = op_path(x)
     if path == "reference" or x.numel() == 0:
         y, rstd = rms_norm_reference(x, weight, eps, weight_offset, cast_before_weight)
         return y.contiguous(), rstd.float()
@@ -85,7 +80,7 @@ def _forward_impl(x: Tensor, weight: Tensor, eps: float, weight_offset: float, c
 
 def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, weight_offset: float,
                    cast_before_weight: bool, need_weight_grad: bool):
-    path = _path(x)
+    path = op_path(x)
     if path == "reference" or x.numel() == 0:
         dx, dw = rms_norm_backward_reference(grad_out, x, weight, rstd, weight_offset, cast_before_weight,
                                              need_weight_grad)

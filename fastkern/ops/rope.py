@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import runtime
 from ..reference.rope import rotate_reference
-from ._common import FLOAT_DTYPES, INT32_MAX, check_tensor, device_guard, reach
+from ._common import FLOAT_DTYPES, INT32_MAX, cdiv, check_tensor, device_guard, op_path, reach
 
 _OP = "fastkern.ops.rope"
 
@@ -56,14 +56,6 @@ def launch_config(n_heads: int, half_rotary: int) -> tuple[int, int, int, int, b
     return 2, block_h, block_r, num_warps, True
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _path(t: Tensor) -> str:
-    return "reference" if t.dtype == torch.float64 else runtime.path_for(t)
-
-
 def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, block_h=None, num_warps=None,
             block_t=None, heads_fastest=None, interpreted=None):
     """Rotate q (and k, if not None) into q_out (k_out); outputs may alias inputs. ``heads_fastest``:
@@ -83,9 +75,9 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose, 
         default_t = max(1, min(32, 1 << (max(seq_len, 1) - 1).bit_length()))
     block_t, block_h, num_warps = block_t or default_t, block_h or default_h, num_warps or default_warps
     heads_fastest = default_order if heads_fastest is None else heads_fastest
-    n_q_blocks = _cdiv(n_q_heads, block_h)
-    n_t_blocks = _cdiv(seq_len, block_t)
-    grid = (batch * n_t_blocks * (n_q_blocks + _cdiv(n_k_heads, block_h)),)
+    n_q_blocks = cdiv(n_q_heads, block_h)
+    n_t_blocks = cdiv(seq_len, block_t)
+    grid = (batch * n_t_blocks * (n_q_blocks + cdiv(n_k_heads, block_h)),)
     if k is None:  # the kernel never reads k when it has no k blocks; q stands in for the pointer
         k, k_out = q, q_out
     # Strides are read once per tensor (each read is a host round trip through the tensor API) and
@@ -127,7 +119,7 @@ def _rotate_into(x, out, cos, sin, position_ids, interleaved, transpose) -> None
 def _rotate_qk_in_place(q, k, cos, sin, position_ids, interleaved, transpose) -> None:
     if q.numel() == 0 and k.numel() == 0:
         return
-    path = _path(q)
+    path = op_path(q)
     if path == "reference":
         _rotate_into(q, q, cos, sin, position_ids, interleaved, transpose)
         _rotate_into(k, k, cos, sin, position_ids, interleaved, transpose)
@@ -139,7 +131,7 @@ def _rotate_qk_into(q, k, q_out, k_out, cos, sin, position_ids, interleaved, tra
     """q_out, k_out (new tensors of q's and k's shapes; k may be None) = the rotation of q, k."""
     if q.numel() == 0 and (k is None or k.numel() == 0):
         return
-    path = _path(q)
+    path = op_path(q)
     if path == "reference":
         _rotate_into(q, q_out, cos, sin, position_ids, interleaved, transpose)
         if k is not None:
