@@ -11,6 +11,7 @@ catches it) naming the option and the accepted values, before any module of the 
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,8 +28,8 @@ from .tiled_mlp import TILED_MLP_PATCHER, _min_tokens
 
 
 class OptionError(TypeError, ValueError):
-    """An invalid ``patch_model`` option value. Both a TypeError and a ValueError: the options raised
-    one or the other before they shared this table, and callers catching either keep working."""
+    """An invalid ``patch_model`` option value. Both a TypeError (a value of the wrong kind) and a
+    ValueError (a value out of range), since a bad option can be either: a caller may catch either."""
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,6 @@ def validate(options: dict[str, Any]) -> dict[str, Any]:
 
 def options_doc(indent: str = "  ") -> str:
     """The options as the patch_model docstring lists them: keyword, default, accepted values, doc."""
-    import textwrap
-
     lines = []
     for o in OPTIONS:
         head = f"{o.name} [{o.default!r}; {o.accepted}]: "
