@@ -105,7 +105,7 @@ def _owner(hidden, weight):
         head = model.get_output_embeddings()
         if head is not None and head.weight is weight:
             return head
-    model = marked() if marked is not None else None
+    model = marked() if isinstance(marked, weakref.ref) else None
     if model is None or id(model) not in _REGISTERED or type(weight) is not torch.Tensor:
         return None
     head = model.get_output_embeddings()
@@ -164,6 +164,11 @@ def _release(head) -> None:
 
 
 def _mark_backbone(model_ref, module, args, output):
+    # Traced by Dynamo (a compiled model), a store into a thread-local is replayed as a graph side effect and
+    # can leave another object there; the gathered-weight case it serves does not arise in a compiled
+    # backbone call, so the mark is skipped there.
+    if torch.compiler.is_compiling():
+        return
     _LAST_BACKBONE.model = model_ref
 
 

@@ -175,3 +175,31 @@ def test_patching_after_trl_bound_its_head_routes_the_same(when, monkeypatch):
     fastkern.unpatch_model(model)
     out = model(input_ids=ids, labels=ids, fused_lm_head=True)  # TRL's wrapper stays and works unpatched
     assert calls.trl == 1 and torch.isfinite(out.loss)
+
+
+def test_compiled_patched_model_leaves_no_stale_mark_for_another_model(monkeypatch):
+    """A patched model run under torch.compile must not leave state that a later TRL fused-head call of
+    another model reads (the backbone mark used for gathered FSDP heads was replayed by Dynamo and then
+    called as a model)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    compiled = tiny_model("mistral").train()
+    fastkern.patch_model(compiled)
+    ids = torch.randint(0, compiled.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    torch.compile(compiled, fullgraph=True, backend="eager")(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    model = tiny_model("llama").train()
+    fastkern.patch_model(model)
+    add_fused_lm_head(model)
+    calls = Calls(monkeypatch)
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert torch.isfinite(out.loss) and calls.fastkern == 1 and calls.trl == 0
+    # A weight that is no registered head (e.g. a copy a wrapper made) consults the backbone mark: it must
+    # be absent or a model reference, never something that runs a forward when called.
+    head = model.get_output_embeddings()
+    hidden = torch.randn(4, head.weight.shape[1])
+    targets = torch.randint(0, head.weight.shape[0], (4,))
+    torch.compile(compiled, fullgraph=True, backend="eager")(input_ids=ids, use_cache=False)
+    logp = trl_hook.FastkernChunkedLogProb.apply(hidden, head.weight.detach().clone(), None, targets, 1.0, 256)[0]
+    assert torch.isfinite(logp).all() and calls.trl == 1
+    torch._dynamo.reset()

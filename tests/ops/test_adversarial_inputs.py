@@ -493,9 +493,13 @@ def test_linear_logprobs_property(data, n, h, v, masked, huge, temperature, dtyp
     if huge:
         # Near one-hot rows: the entropy (~1e-20) is lse - E[u], two numbers ~1e3 apart by less than
         # their fp32 spacing, so it is resolved only to that spacing (a known limit of the formula).
+        # Logits rounded to the input dtype (as PyTorch's own matmul rounds them) move every row's
+        # entropy by up to PyTorch's own error, so that error (x2, as the oracle rule allows) adds to it.
         assert torch.isfinite(ent).all() == torch.isfinite(want_ent).all()
         spacing = 8 * torch.finfo(torch.float32).eps * (z.float().abs().max().item() if z.numel() else 0.0) / temperature
-        torch.testing.assert_close(ent.double(), want_ent.detach(), rtol=0, atol=spacing)
+        finite = torch.isfinite(want_ent)
+        own = (same_ent.double() - want_ent.detach())[finite].abs().max().item() if finite.any() else 0.0
+        torch.testing.assert_close(ent.double(), want_ent.detach(), rtol=0, atol=spacing + 2 * own)
     else:
         assert_close(ent, want_ent, dtype, same_ent, name="entropy")
     keep = torch.isfinite(want_lp)
