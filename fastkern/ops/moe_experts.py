@@ -1,0 +1,313 @@
+"""Routed SwiGLU experts of an MoE layer through grouped GEMMs: ``moe_experts``.
+
+out[t] = sum_k w[t, k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = top_k_index[t, k],
+with the experts' weights stacked as transformers 5 stores them: gate_up [E, 2I, H] (the gate's rows
+first) and down [E, H, I]. Differentiable in x, the routing weights, gate_up and down.
+
+Path: the (token, expert) pairs are sorted by expert once per call (``_routing``, device ops only, no
+host sync), then one launch over all experts computes gate and up with the SwiGLU in its epilogue
+(fastkern/kernels/moe_experts.py), one launch the down projection scaled by the routing weight, and
+one the sum over the top-k. Backward is four launches: the down projection's input gradient with the
+routing-weight gradient and the SwiGLU backward in its epilogue, the gate_up input gradient, and one
+per-expert weight-gradient launch for each weight. Saved for backward: gate and up per pair
+([N * K, 2I]); h = silu(gate) * up is recomputed from them.
+
+Fused epilogue rather than a grouped GEMM followed by fastkern's GLU kernel: the GLU would read gate
+and up back from memory and write h once more ([N * K, 3I] of extra traffic per layer and step), and
+the backward's SwiGLU can ride on the down projection's input-gradient GEMM, whose output tile is
+exactly the d(h) tile it needs.
+
+Dispatch per call like the other ops (fastkern.runtime.path_for): the Triton kernels on CUDA, the same
+kernels under the interpreter on CPU with TRITON_INTERPRET=1, else fastkern/reference/moe_experts.py;
+float64 always takes the reference. Custom ops ``fastkern::moe_experts_forward`` / ``_backward`` with
+fake implementations let torch.compile trace it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..reference.moe_experts import moe_experts_backward_reference, moe_experts_forward_reference
+from ._common import FLOAT_DTYPES, INT32_MAX, cdiv, check_like, check_tensor, device_guard, op_path
+
+_OP = "fastkern.ops.moe_experts"
+
+
+def _tiles(path: str) -> dict:
+    """Tile sizes. GPU values are a first choice for H100/H200-class parts (not tuned on a GPU); the
+    interpreter gets small tiles, since its cost grows with the work of masked lanes."""
+    if path == "interpreter":
+        return dict(BM=16, BN_GU=16, BN=32, BK=16, BR=32, BC=32, BM_W=16, warps=4, stages=1)
+    return dict(BM=64, BN_GU=64, BN=128, BK=64, BR=128, BC=64, BM_W=32, warps=8, stages=3)
+
+
+def _routing(top_k_index: Tensor, n_experts: int, block_m: int):
+    """Pairs s = t * K + k sorted by expert, each expert's run padded to a multiple of block_m.
+
+    Returns (pair_ids [n_blocks * block_m] int32 with -1 in the padding, block_expert [n_blocks] int32
+    with -1 for unused blocks, seg_start [E] int32, counts [E] int32). n_blocks is the bound
+    cdiv(S, block_m) + E, so nothing here waits for the device. Ids outside [0, E) go to no expert.
+    """
+    ids = top_k_index.reshape(-1).long()
+    s_total = ids.numel()
+    dev = ids.device
+    key = torch.where((ids >= 0) & (ids < n_experts), ids, n_experts)
+    counts_all = torch.zeros(n_experts + 1, dtype=torch.int64, device=dev)
+    counts_all.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts_all[:n_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    seg_end = torch.cumsum(padded, 0)
+    seg_start = seg_end - padded
+    n_blocks = cdiv(s_total, block_m) + n_experts
+    slots = n_blocks * block_m
+    sorted_key, order = torch.sort(key, stable=True)
+    compact_start = torch.cumsum(counts_all, 0) - counts_all
+    rank = torch.arange(s_total, device=dev) - compact_start[sorted_key]
+    # Pairs routed to no expert land in one dump slot past the end, cut off below.
+    start_ext = torch.cat([seg_start, torch.full((1,), slots, dtype=torch.int64, device=dev)])
+    dest = torch.where(sorted_key < n_experts, start_ext[sorted_key] + rank, slots)
+    pair_ids = torch.full((slots + 1,), -1, dtype=torch.int64, device=dev)
+    pair_ids.scatter_(0, dest, order)
+    block_start = torch.arange(n_blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(seg_end, block_start, right=True)
+    block_expert = torch.where(block_expert < n_experts, block_expert, -1)
+    return (pair_ids[:slots].to(torch.int32), block_expert.to(torch.int32), seg_start.to(torch.int32),
+            counts.to(torch.int32))
+
+
+def _round_bf16(t: Tensor, path: str) -> bool:
+    return path == "interpreter" and t.dtype == torch.bfloat16
+
+
+def _combine(y: Tensor, ids: Tensor, n: int, k: int, n_experts: int, dtype, tiles, round_bf16) -> Tensor:
+    from ..kernels.moe_experts import moe_combine_kernel
+
+    h = y.shape[1]
+    out = torch.empty(n, h, dtype=dtype, device=y.device)
+    block_h = min(1024, max(16, 1 << (h - 1).bit_length()))
+    moe_combine_kernel[(n, cdiv(h, block_h))](
+        y, ids, out, h, k, n_experts, y.stride(0), out.stride(0), out.stride(1),
+        BLOCK_H=block_h, ROUND_BF16=round_bf16, num_warps=4)
+    return out
+
+
+def _forward_kernels(x, ids, tw, gate_up, down, path):
+    from ..kernels.moe_experts import grouped_rows_kernel, moe_gate_up_kernel
+
+    n, k = ids.shape
+    n_experts, two_i, hidden = gate_up.shape
+    inter = two_i // 2
+    s_total = n * k
+    t = _tiles(path)
+    rb = _round_bf16(x, path)
+    pair_ids, block_expert, _, _ = _routing(ids, n_experts, t["BM"])
+    n_blocks = block_expert.numel()
+    gu = torch.empty(s_total, two_i, dtype=x.dtype, device=x.device)
+    h = torch.empty(s_total, inter, dtype=x.dtype, device=x.device)
+    moe_gate_up_kernel[(n_blocks, cdiv(inter, t["BN_GU"]))](
+        x, gate_up, pair_ids, block_expert, gu, h, inter, hidden, k, inter * gate_up.stride(1),
+        x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), gu.stride(0), h.stride(0),
+        BLOCK_M=t["BM"], BLOCK_N=t["BN_GU"], BLOCK_K=t["BK"], ROUND_BF16=rb,
+        num_warps=t["warps"], num_stages=t["stages"])
+    y = torch.empty(s_total, hidden, dtype=x.dtype, device=x.device)
+    grouped_rows_kernel[(n_blocks, cdiv(hidden, t["BN"]))](
+        h, down, pair_ids, block_expert, tw, y, hidden, inter,
+        h.stride(0), down.stride(0), down.stride(2), down.stride(1), y.stride(0),
+        HAS_SCALE=True, BLOCK_M=t["BM"], BLOCK_N=t["BN"], BLOCK_K=t["BK"], ROUND_BF16=rb,
+        num_warps=t["warps"], num_stages=t["stages"])
+    del h
+    out = _combine(y, ids, n, k, n_experts, x.dtype, t, rb)
+    return out, gu
+
+
+def _backward_kernels(grad_out, x, ids, tw, gate_up, down, gu, path, need_weight_grads):
+    from ..kernels.moe_experts import expert_weight_grad_kernel, grouped_rows_kernel, moe_down_backward_kernel
+
+    n, k = ids.shape
+    n_experts, two_i, hidden = gate_up.shape
+    inter = two_i // 2
+    s_total = n * k
+    t = _tiles(path)
+    rb = _round_bf16(x, path)
+    pair_ids, block_expert, seg_start, counts = _routing(ids, n_experts, t["BM"])
+    n_blocks = block_expert.numel()
+    n_tiles_i = cdiv(inter, t["BN"])
+    dgu = torch.empty(s_total, two_i, dtype=x.dtype, device=x.device)
+    # Zero-filled: pairs routed to no expert are never written and get a zero routing-weight gradient.
+    dw_part = torch.zeros(s_total, n_tiles_i, dtype=torch.float32, device=x.device)
+    moe_down_backward_kernel[(n_blocks, n_tiles_i)](
+        grad_out, down, pair_ids, block_expert, tw, gu, dgu, dw_part, inter, hidden, k, n_tiles_i,
+        grad_out.stride(0), grad_out.stride(1), down.stride(0), down.stride(1), down.stride(2),
+        gu.stride(0), dgu.stride(0),
+        BLOCK_M=t["BM"], BLOCK_N=t["BN"], BLOCK_K=t["BK"], ROUND_BF16=rb,
+        num_warps=t["warps"], num_stages=t["stages"])
+    dtw = dw_part.sum(1).view(n, k).to(tw.dtype)
+    dx_pairs = torch.empty(s_total, hidden, dtype=x.dtype, device=x.device)
+    grouped_rows_kernel[(n_blocks, cdiv(hidden, t["BN"]))](
+        dgu, gate_up, pair_ids, block_expert, tw, dx_pairs, hidden, two_i,
+        dgu.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), dx_pairs.stride(0),
+        HAS_SCALE=False, BLOCK_M=t["BM"], BLOCK_N=t["BN"], BLOCK_K=t["BK"], ROUND_BF16=rb,
+        num_warps=t["warps"], num_stages=t["stages"])
+    dx = _combine(dx_pairs, ids, n, k, n_experts, x.dtype, t, rb)
+    del dx_pairs
+    d_gate_up = d_down = None
+    if need_weight_grads[0]:
+        d_gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=x.device)
+        expert_weight_grad_kernel[(n_experts, cdiv(two_i, t["BR"]) * cdiv(hidden, t["BC"]))](
+            dgu, x, tw, pair_ids, seg_start, counts, d_gate_up, two_i, hidden, k, 0,
+            dgu.stride(0), dgu.stride(1), x.stride(0), x.stride(1),
+            d_gate_up.stride(0), d_gate_up.stride(1), d_gate_up.stride(2),
+            L_BY_TOKEN=False, L_SCALED=False, R_BY_TOKEN=True, R_SWIGLU=False,
+            BLOCK_R=t["BR"], BLOCK_C=t["BC"], BLOCK_M=t["BM_W"], ROUND_BF16=rb,
+            num_warps=t["warps"], num_stages=t["stages"])
+    if need_weight_grads[1]:
+        d_down = torch.empty(down.shape, dtype=down.dtype, device=x.device)
+        expert_weight_grad_kernel[(n_experts, cdiv(hidden, t["BR"]) * cdiv(inter, t["BC"]))](
+            grad_out, gu, tw, pair_ids, seg_start, counts, d_down, hidden, inter, k, inter * gu.stride(1),
+            grad_out.stride(0), grad_out.stride(1), gu.stride(0), gu.stride(1),
+            d_down.stride(0), d_down.stride(1), d_down.stride(2),
+            L_BY_TOKEN=True, L_SCALED=True, R_BY_TOKEN=False, R_SWIGLU=True,
+            BLOCK_R=t["BR"], BLOCK_C=t["BC"], BLOCK_M=t["BM_W"], ROUND_BF16=rb,
+            num_warps=t["warps"], num_stages=t["stages"])
+    return dx, dtw, d_gate_up, d_down
+
+
+def _forward_impl(x, ids, tw, gate_up, down) -> tuple[Tensor, Tensor]:
+    n, k = ids.shape
+    if n == 0 or k == 0 or gate_up.shape[0] == 0:
+        return (torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device),
+                torch.zeros(n * k, gate_up.shape[1], dtype=x.dtype, device=x.device))
+    path = op_path(x)
+    if path == "reference":
+        return moe_experts_forward_reference(x, ids, tw, gate_up, down)
+    ids, tw = ids.contiguous(), tw.contiguous()
+    with device_guard(x):
+        return _forward_kernels(x, ids, tw, gate_up, down, path)
+
+
+def _backward_impl(grad_out, x, ids, tw, gate_up, down, gu, need_weight_grads=(True, True)):
+    n, k = ids.shape
+    if n == 0 or k == 0 or gate_up.shape[0] == 0:
+        return (torch.zeros_like(x, memory_format=torch.contiguous_format), torch.zeros_like(tw),
+                torch.zeros_like(gate_up), torch.zeros_like(down))
+    grad_out = grad_out.to(x.dtype)
+    path = op_path(x)
+    if path == "reference":
+        return moe_experts_backward_reference(grad_out, x, ids, tw, gate_up, down, gu)
+    ids, tw = ids.contiguous(), tw.contiguous()
+    with device_guard(x):
+        dx, dtw, dgu, dd = _backward_kernels(grad_out, x, ids, tw, gate_up, down, gu, path, need_weight_grads)
+    return (dx, dtw, dgu if dgu is not None else torch.zeros_like(gate_up),
+            dd if dd is not None else torch.zeros_like(down))
+
+
+@torch.library.custom_op("fastkern::moe_experts_forward", mutates_args=())
+def moe_experts_forward_op(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor,
+                           down: Tensor) -> tuple[Tensor, Tensor]:
+    return _forward_impl(x, top_k_index, top_k_weights, gate_up, down)
+
+
+@moe_experts_forward_op.register_fake
+def _(x, top_k_index, top_k_weights, gate_up, down):
+    n, k = top_k_index.shape
+    return (x.new_empty(n, x.shape[1]), x.new_empty(n * k, gate_up.shape[1]))
+
+
+@torch.library.custom_op("fastkern::moe_experts_backward", mutates_args=())
+def moe_experts_backward_op(grad_out: Tensor, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                            gate_up: Tensor, down: Tensor, gate_up_out: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backward_impl(grad_out, x, top_k_index, top_k_weights, gate_up, down, gate_up_out)
+
+
+@moe_experts_backward_op.register_fake
+def _(grad_out, x, top_k_index, top_k_weights, gate_up, down, gate_up_out):
+    return (x.new_empty(x.shape), top_k_weights.new_empty(top_k_weights.shape),
+            gate_up.new_empty(gate_up.shape), down.new_empty(down.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x, ids, tw, gate_up, down = inputs
+    ctx.save_for_backward(x, ids, tw, gate_up, down, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _op_backward(ctx, grad_out, _grad_gu):
+    x, ids, tw, gate_up, down, gu = ctx.saved_tensors
+    dx, dtw, dgu, dd = moe_experts_backward_op(grad_out, x, ids, tw, gate_up, down, gu)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, None, dtw if need[2] else None, dgu if need[3] else None,
+            dd if need[4] else None)
+
+
+moe_experts_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class MoEExpertsFunction(torch.autograd.Function):
+    """Eager autograd for the same math, calling the implementations directly (no custom-op wrapper
+    cost per call) and skipping the weight-gradient launches for frozen experts."""
+
+    @staticmethod
+    def forward(ctx, x, ids, tw, gate_up, down):
+        out, gu = _forward_impl(x, ids, tw, gate_up, down)
+        ctx.save_for_backward(x, ids, tw, gate_up, down, gu)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, ids, tw, gate_up, down, gu = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dtw, dgu, dd = _backward_impl(grad_out, x, ids, tw, gate_up, down, gu, (need[3], need[4]))
+        return (dx if need[0] else None, None, dtw if need[2] else None, dgu if need[3] else None,
+                dd if need[4] else None)
+
+
+def _check(x, top_k_index, top_k_weights, gate_up, down) -> None:
+    check_tensor(_OP, "hidden_states", x, dtypes=FLOAT_DTYPES)
+    check_tensor(_OP, "gate_up", gate_up, dtypes=FLOAT_DTYPES)
+    check_tensor(_OP, "down", down, dtypes=FLOAT_DTYPES)
+    check_tensor(_OP, "top_k_weights", top_k_weights, dtypes=FLOAT_DTYPES)
+    check_tensor(_OP, "top_k_index", top_k_index, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
+    check_like(_OP, "hidden_states", x, "gate_up", gate_up, shape=False)
+    check_like(_OP, "hidden_states", x, "down", down, shape=False)
+    for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if t.device != x.device:
+            raise ValueError(f"{_OP}: `{name}` is on {t.device} but `hidden_states` is on {x.device}")
+    if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3 or top_k_index.dim() != 2:
+        raise ValueError(f"{_OP}: expected hidden_states [N, H], top_k_index [N, K], gate_up [E, 2I, H], down "
+                         f"[E, H, I]; got {tuple(x.shape)}, {tuple(top_k_index.shape)}, {tuple(gate_up.shape)}, "
+                         f"{tuple(down.shape)}")
+    n, hidden = x.shape
+    e, two_i, h2 = gate_up.shape
+    if two_i % 2 or h2 != hidden or tuple(down.shape) != (e, hidden, two_i // 2):
+        raise ValueError(f"{_OP}: gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit "
+                         f"[E, 2I, H] / [E, H, I] with H = {hidden}")
+    if top_k_index.shape[0] != n or top_k_weights.shape != top_k_index.shape:
+        raise ValueError(f"{_OP}: top_k_index {tuple(top_k_index.shape)} and top_k_weights "
+                         f"{tuple(top_k_weights.shape)} must both be [N, K] with N = {n}")
+    # Pair ids and the padded pair layout are int32 in the kernels.
+    if top_k_index.numel() + e * 64 + 64 > INT32_MAX:
+        raise ValueError(f"{_OP}: {top_k_index.numel()} (token, expert) pairs is past the int32 pair index")
+
+
+def moe_experts(hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor,
+                down: Tensor) -> Tensor:
+    """Routed SwiGLU experts: ``sum_k w[t, k] * down[e] @ (silu(g) * u)``, ``[g; u] = gate_up[e] @ x[t]``.
+
+    hidden_states [N, H] (any strides), top_k_index [N, K] integer expert ids (an id outside [0, E)
+    routes the pair to no expert), top_k_weights [N, K] (any float dtype; its gradient comes back in
+    it), gate_up [E, 2I, H] with the gate's I rows first, down [E, H, I]; the weights any strides, same
+    dtype as hidden_states. Math in fp32; gate, up, the activation and each pair's weighted output are
+    rounded to the input dtype (as a bf16 model computes them); the top-k sum is in fp32.
+
+    >>> import torch
+    >>> from fastkern.ops.moe_experts import moe_experts
+    >>> x, ids, w = torch.randn(3, 8), torch.tensor([[0, 1], [1, 0], [1, 1]]), torch.rand(3, 2)
+    >>> moe_experts(x, ids, w, torch.randn(2, 12, 8), torch.randn(2, 8, 6)).shape
+    torch.Size([3, 8])
+    """
+    _check(hidden_states, top_k_index, top_k_weights, gate_up, down)
+    if torch.compiler.is_compiling():
+        return moe_experts_forward_op(hidden_states, top_k_index, top_k_weights, gate_up, down)[0]
+    return MoEExpertsFunction.apply(hidden_states, top_k_index, top_k_weights, gate_up, down)
