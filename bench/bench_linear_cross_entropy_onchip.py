@@ -20,13 +20,11 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import fastkern  # noqa: E402
+import fastkern
 
 H = 4096
 GIB = 2**30

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastkern
 from fastkern.patching.checkpointing import model_offloader
-from fastkern.patching.core import _patchers
+from fastkern.patching.options import OPTIONS
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 2048, 8192, 16, 32, 8, 128256
 DEVICE = "cuda"
@@ -45,7 +45,7 @@ GIB = 2**30
 # Relative error allowed vs plain checkpointing under deterministic kernels (copies are exact).
 TOLERANCE = 5e-3
 # Every other patch_model option off: this bench measures checkpointing alone.
-CHECKPOINTING_ONLY = {p.option: None for p in _patchers()} | {"checkpointing": "offload"}
+CHECKPOINTING_ONLY = {o.name: None for o in OPTIONS} | {"checkpointing": "offload"}
 
 
 def build(lora_rank):

@@ -38,15 +38,15 @@ def parse_options(text):
 
 def only_options(only: str) -> dict:
     """patch_model options with exactly the comma-separated ones in `only` enabled."""
-    from fastkern.patching.core import _patchers
+    from fastkern.patching.options import OPTIONS
 
     wanted = set(filter(None, only.split(",")))
     options = {}
-    for patcher in _patchers():
-        if patcher.option == "checkpointing":
+    for option in OPTIONS:
+        if option.name == "checkpointing":
             options["checkpointing"] = "offload" if "offload" in wanted else None
         else:
-            options[patcher.option] = patcher.option in wanted
+            options[option.name] = option.name in wanted
     unknown = wanted - set(options) - {"offload"}
     if unknown:
         raise SystemExit(f"unknown options {sorted(unknown)}; known: {sorted(options)} and offload")

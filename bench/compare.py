@@ -1,41 +1,51 @@
-"""Compare a pytest-benchmark JSON to a committed baseline; exit 1 on a regression.
+"""Compare two results files (bench/schema.py); exit 1 when a median got slower than the threshold.
 
-    python3 bench/compare.py BASELINE.json CURRENT.json [--threshold 0.10]
+    python bench/compare.py BASELINE.json CURRENT.json [--threshold 0.10]
 
-Benches are matched by name; a bench whose median grew by more than the threshold fails. Benches
-missing from either side are listed, not failed (peers may be absent on one machine).
+Rows are matched by (op, case, shape, dtype, impl); a matched row whose median time grew by more than
+the threshold fails. Rows present on one side only, or untimed on either (an error row), are listed, not
+failed (a peer may be missing on one machine). Rows measured on different devices are compared as asked,
+with both device names printed first.
 """
 
+from __future__ import annotations
+
 import argparse
-import json
 import sys
 
-
-def medians(path):
-    with open(path) as f:
-        data = json.load(f)
-    return {b["fullname"]: b["stats"]["median"] for b in data["benchmarks"]}, data.get("machine_info", {})
+import schema
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("baseline")
     parser.add_argument("current")
     parser.add_argument("--threshold", type=float, default=0.10)
     args = parser.parse_args(argv)
-    base, base_info = medians(args.baseline)
-    cur, _ = medians(args.current)
+    base = {schema.key(r): r for r in schema.read(args.baseline)}
+    cur = {schema.key(r): r for r in schema.read(args.current)}
+    devices = lambda rows: sorted({r["device"] for r in rows.values()})  # noqa: E731
+    print(f"baseline: {args.baseline} ({', '.join(devices(base))}; commit {_commits(base)})")
+    print(f"current:  {args.current} ({', '.join(devices(cur))}; commit {_commits(cur)})")
     failed = False
-    print(f"baseline: {args.baseline} ({base_info.get('node', '?')})")
-    for name in sorted(base.keys() | cur.keys()):
-        if name not in base or name not in cur:
-            print(f"  only in {'current' if name in cur else 'baseline'}: {name}")
+    for k in sorted(base.keys() | cur.keys()):
+        name = " | ".join(k)
+        if k not in base or k not in cur:
+            print(f"  only in {'current' if k in cur else 'baseline'}: {name}")
             continue
-        change = cur[name] / base[name] - 1
-        flag = "REGRESSION" if change > args.threshold else "ok"
-        failed |= change > args.threshold
-        print(f"  {flag:<10} {change:+7.1%}  {base[name] * 1e3:9.3f} ms -> {cur[name] * 1e3:9.3f} ms  {name}")
+        old, new = base[k]["ms"], cur[k]["ms"]
+        if old is None or new is None:
+            print(f"  not timed in {'baseline' if old is None else 'current'}: {name}")
+            continue
+        change = new / old - 1
+        slower = change > args.threshold
+        failed |= slower
+        print(f"  {'REGRESSION' if slower else 'ok':<10} {change:+7.1%}  {old:9.4f} ms -> {new:9.4f} ms  {name}")
     return 1 if failed else 0
+
+
+def _commits(rows: dict) -> str:
+    return ", ".join(sorted({str(r["commit"])[:12] for r in rows.values()}))
 
 
 if __name__ == "__main__":

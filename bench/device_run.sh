@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install carried wheels, run GPU tests, run benches, pack results into $OUT.
 #   device run (carry .device):  bash bench/device_run.sh [bench names...]
-# With names (e.g. `glu rope`), only bench/bench_<name>.py run; the GPU tests of those ops run first,
+# With names (e.g. `glu rope`), only those benches run (bench/run.py --ops <name> for an op with
+# bench/cases/<name>.py, else bench/bench_<name>.py); the GPU tests of those ops run first,
 # (a name written `test:glu` runs the GPU tests only, no bench),
 # one file at a time with its own time limit, so a bench only counts once its tests pass and a slow
 # file cannot starve the others. The device returns at most 8 files: everything is written to a work
@@ -25,7 +26,7 @@ for a in "$@"; do
   if [[ $a == test:* ]]; then names+=("${a#test:}"); else names+=("$a"); benches+=("$a"); fi
 done
 if [ ${#names[@]} -eq 0 ]; then
-  names=($(ls bench/bench_*.py | sed 's#bench/bench_##; s#\.py##'))
+  names=($(ls bench/cases/*.py bench/bench_*.py | sed 's#bench/cases/##; s#bench/bench_##; s#\.py##'))
   benches=("${names[@]}")
 fi
 # Seconds per GPU test file, from the H100 runs of 2026-11-23 (first compile of every kernel variant
@@ -45,12 +46,11 @@ for n in "${names[@]}"; do
   done
 done
 for n in "${benches[@]}"; do
-  [ -f "bench/bench_${n}.py" ] || continue
   echo "=== bench ${n} (t=${SECONDS}s)"
-  timeout 300 python3 "bench/bench_${n}.py" --out "$W" 2>&1 | tee "$W/bench_${n}.log" | tail -40 || status=1
-  if [ -f "bench/test_bench_${n}.py" ]; then
-    timeout 200 python3 -m pytest -q -p no:cacheprovider "bench/test_bench_${n}.py" --benchmark-json="$W/pytest_bench_${n}.json" \
-      --benchmark-columns=median,iqr,rounds 2>&1 | tail -15 || status=1
+  if [ -f "bench/cases/${n}.py" ]; then
+    timeout 300 python3 bench/run.py --ops "$n" --out "$W/$n" 2>&1 | tee "$W/bench_${n}.log" | tail -40 || status=1
+  elif [ -f "bench/bench_${n}.py" ]; then
+    timeout 300 python3 "bench/bench_${n}.py" --out "$W" 2>&1 | tee "$W/bench_${n}.log" | tail -40 || status=1
   fi
   pack
 done

@@ -1,60 +1,95 @@
-"""Plot docs/benchmarks.png from a device run's JSON files.
+"""Tables and plots from results files (bench/schema.py): the tables of docs/benchmarks.md and its figure.
 
-    python3 bench/plot.py DIR [--out docs/benchmarks.png]
+    python bench/plot.py DIR/results.json [MORE.json ...] [--ops glu,rope] [--png docs/benchmarks.png]
 
-Left: SwiGLU/GeGLU fwd+bwd effective bandwidth at 16384x14336 bf16 per implementation, against the
-measured 3.00 TB/s copy ceiling. Right: the end-to-end SFT step time, unpatched vs patched.
+Prints one markdown table per (op, case, shape, dtype): implementation, median ms, throughput, peak
+memory and the check or error, with the device, software and commit they came from. ``--png`` also draws,
+per op, the fwd+bwd throughput (or, where a case has none, the time) of each implementation at the
+largest shape measured.
 """
 
+from __future__ import annotations
+
 import argparse
-import json
-import os
+import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import schema
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("dir")
-    parser.add_argument("--out", default="docs/benchmarks.png")
-    args = parser.parse_args()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    glu = json.load(open(os.path.join(args.dir, "bench_glu.json")))
-    rows = [r for r in glu["results"] if r.get("rows") == 16384 and "fwd_bwd_tbps" in r]
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    acts = ["silu", "gelu_tanh"]
-    width = 0.8 / len(impls)
-    ax = axes[0]
-    for i, impl in enumerate(impls):
-        vals = [next((r["fwd_bwd_tbps"] for r in rows if r["impl"] == impl and r["act"] == a), 0) for a in acts]
-        ax.bar([j + i * width for j in range(len(acts))], vals, width, label=impl)
-    ax.axhline(3.0, color="k", linestyle="--", linewidth=1, label="copy bandwidth 3.00 TB/s")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(acts))], ["SwiGLU", "GeGLU(tanh)"])
-    ax.set_ylabel("fwd+bwd effective TB/s (higher is better)")
-    ax.set_title(f"16384x14336 bf16, {glu['device']}")
-    ax.legend(fontsize=7, loc="lower right")
-    e2e_path = os.path.join(args.dir, "bench_sft_e2e.json")
-    ax = axes[1]
-    if os.path.exists(e2e_path):
-        e2e = json.load(open(e2e_path))
-        labels = [r["label"].replace("TRL default ", "TRL ").replace(": ", ":\n") for r in e2e["results"]]
-        colors = ["tab:gray" if "unpatched" in r["label"] else "tab:blue" for r in e2e["results"]]
-        ax.bar(labels, [r["step_s"] * 1e3 for r in e2e["results"]], color=colors)
-        ax.tick_params(axis="x", labelsize=8)
-        ax.set_ylabel("step time, ms (lower is better)")
-        a = e2e.get("args", {})
-        data = (f"packed docs of {a['mixed']}..{a['length']} tokens" if a.get("packing") and a.get("mixed")
-                else f"B{a.get('batch', 2)}xT{a.get('length', 4096)}")
-        ax.set_title(f"TRL SFT, Llama-1B shape, LoRA r{a.get('lora', 16)}, {data}", fontsize=10)
-    else:
-        ax.set_visible(False)
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def tables(rows: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["case"], r["shape"], r["dtype"]), []).append(r)
+    out = []
+    for (op, case, shape, dtype), group in groups.items():
+        first = group[0]
+        out.append(f"### {op}: {case}, {shape}, {dtype}")
+        out.append(f"{first['device']}; torch {first['torch']}, triton {first['triton']}, transformers "
+                   f"{first['transformers']}; fastkern {str(first['commit'])[:12]}")
+        out.append("")
+        unit = next((r["throughput_unit"] for r in group if r["throughput_unit"]), None)
+        out.append(f"| impl | ms (median) | {unit or 'throughput'} | peak extra MiB | check / note |")
+        out.append("|---|---|---|---|---|")
+        for r in group:
+            notes = ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in r["extra"].items())
+            out.append(f"| {r['impl']} | {_fmt(r['ms'])} | {_fmt(r['throughput'], 2)} | {_fmt(r['peak_mib'], 0)} | "
+                       f"{r['error'] or notes} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def png(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r["ms"] is not None and "fwd+bwd" in r["case"]]
+    ops = list(dict.fromkeys(r["op"] for r in timed))
+    if not ops:
+        raise SystemExit("plot: no timed fwd+bwd rows to draw")
+    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4.5), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        mine = [r for r in timed if r["op"] == op]
+        largest = max(mine, key=lambda r: (r["throughput"] is not None, _size(r["shape"])))
+        picked = [r for r in mine if (r["case"], r["shape"]) == (largest["case"], largest["shape"])]
+        use_tp = all(r["throughput"] is not None for r in picked)
+        ax.bar([r["impl"] for r in picked], [r["throughput"] if use_tp else r["ms"] for r in picked])
+        ax.set_ylabel(f"{picked[0]['throughput_unit']} (higher is better)" if use_tp else "ms (lower is better)")
+        ax.set_title(f"{op}: {largest['case']}\n{largest['shape']} {largest['dtype']}, {largest['device']}", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print("wrote", args.out)
+    fig.savefig(path, dpi=110)
+    print("wrote", path)
+
+
+def _size(shape: str) -> int:
+    """A sort key for 'largest': the product of the numbers in the shape text."""
+    total = 1
+    for part in shape.replace("x", " ").replace("×", " ").split():
+        digits = "".join(c for c in part if c.isdigit())
+        total *= int(digits) if digits else 1
+    return total
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+")
+    parser.add_argument("--ops", default=None, help="comma-separated: only these ops")
+    parser.add_argument("--png", default=None, help="also draw the figure to this path")
+    args = parser.parse_args(argv)
+    rows = [r for path in args.results for r in schema.read(path)]
+    if args.ops:
+        rows = [r for r in rows if r["op"] in args.ops.split(",")]
+    print(tables(rows))
+    if args.png:
+        png(rows, args.png)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Packed-batch attention on one GPU: transformers' SDPA (block-diagonal [1, 1, T, T] mask) vs patch_model(packing=True).
 
-    python3 bench/bench_packed_attention.py --out DIR          # H100: Llama-1B shape, one 32K-token row
-    python3 bench/bench_packed_attention.py --smoke --out DIR  # CPU, tiny shape (CI runs this)
+    python bench/run.py --ops packed_attention --out DIR               # GPU: Llama-1B shape, one 32K-token row
+    python bench/run.py --ops packed_attention --tiny --device cpu --out DIR   # tiny shape, fp32 (CI runs this)
 
 Model: 2 decoder layers of Llama-3.2-1B's shape (hidden 2048, 32 query / 8 key-value heads, head_dim 64,
 intermediate 8192; vocab shrunk to 1024 so the LM head does not dominate), bf16, random init. Batch: one
@@ -23,20 +23,13 @@ the table. transformers' own row is reported, not trusted. The loss is the mean 
 8-column projection of the last hidden state: a plain mean square of LlamaModel's output would be constant
 (the final RMSNorm gives every token unit RMS), its gradient pure rounding noise (on the H100 every row,
 transformers' included, then disagreed with every other by ~1.2 relative). Then each row is timed: fwd+bwd of the
-two layers plus that loss, median of triton.testing.do_bench (CUDA
-events; falls back to a wall-clock median on CPU), and peak memory (torch.cuda.max_memory_allocated
-during one fwd+bwd minus what was allocated before it). Prints a markdown table and writes
-packed_attention.json to --out. Budget: well under a minute on an H100.
+two layers plus that loss (bench/measure.py: do_bench median on CUDA), and peak extra memory.
+Budget: well under a minute on an H100.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import random
-import statistics
-import time
 
 import torch
 
@@ -130,36 +123,12 @@ def backends_used(fn) -> list[str]:
     return sorted(seen) or ["none (no packed attention call)"]
 
 
-def median_ms(fn, device: str) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=3, rep=200, return_mode="median"))
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def peak_extra_mib(fn, device: str) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def run(shape: dict, device: str, dtype: torch.dtype) -> dict:
+def run(bench) -> None:
     import fastkern
 
+    shape, device, dtype = (SMOKE if bench.tiny else FULL), bench.device, bench.dtype
     model = build_model(shape, dtype, device)
     batch, lengths = make_batch(shape, device)
-    rows = []
     reference = per_document_reference(model, batch, lengths)
     tol = 5e-2 if dtype != torch.float32 else 1e-4
     variants = {"transformers sdpa": None, "fastkern packing": dict(rope=False),
@@ -175,55 +144,9 @@ def run(shape: dict, device: str, dtype: torch.dtype) -> dict:
         loss_ok = torch.allclose(loss.float(), reference[0].float(), rtol=tol)
         print(f"{label}: loss {loss.item():.6f} vs per-document {reference[0].item():.6f}, grad rel err {rel:.2e}")
         if options is not None and not (loss_ok and rel < tol):
-            raise SystemExit(f"{label}: disagrees with the per-document reference (tolerance {tol:g})")
-        ms = median_ms(lambda: fwd_bwd(model, batch), device)
-        mib = peak_extra_mib(lambda: fwd_bwd(model, batch), device)
-        rows.append(dict(impl=label, fwd_bwd_ms=ms, peak_extra_mib=mib, grad_rel_err=rel, note=note))
+            raise AssertionError(f"{label}: disagrees with the per-document reference (tolerance {tol:g})")
+        ms = bench.ms(lambda: fwd_bwd(model, batch), warmup=3, rep=200)
+        mib = bench.peak_mib(lambda: fwd_bwd(model, batch))
+        bench.add("packed_attention", "2 layers fwd+bwd", f"1x{shape['tokens']} tokens, {len(lengths)} documents "
+                  f"(longest {max(lengths)})", label, ms=ms, peak_mib=mib, grad_rel_err=rel, note=note)
     fastkern.unpatch_model(model)
-    return dict(shape=shape, documents=len(lengths), max_document=max(lengths), device=device_name(device),
-                dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
-                transformers=__import__("transformers").__version__, rows=rows)
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
-
-
-def table(result: dict) -> str:
-    s = result["shape"]
-    lines = [
-        f"Packed attention, 2 Llama-1B layers, 1 row x {s['tokens']} tokens, {result['documents']} documents "
-        f"(longest {result['max_document']}), {result['dtype']}, fwd+bwd; {result['device']}, torch "
-        f"{result['torch']}, transformers {result['transformers']}",
-        "",
-        "| impl | fwd+bwd ms (median) | peak extra MiB | grad rel err vs per-document | note |",
-        "|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        mib = "n/a (cpu)" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
-        lines.append(f"| {r['impl']} | {r['fwd_bwd_ms']:.2f} | {mib} | {r['grad_rel_err']:.1e} | {r['note']} |")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (fp32): checks the script runs")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        result = run(SMOKE, "cpu", torch.float32)
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("bench_packed_attention: needs a CUDA GPU (use --smoke on CPU)")
-        result = run(FULL, "cuda", torch.bfloat16)
-    print(table(result))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "packed_attention.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

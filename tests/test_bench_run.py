@@ -1,0 +1,56 @@
+"""bench/run.py --tiny on the CPU: every ported case runs, checks its implementations and writes rows in the
+one schema (bench/schema.py); bench/plot.py turns the file into tables. CPU times mean nothing: only that
+the cases run and their checks pass is asserted."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OPS = "glu,rope,rms_norm,linear_cross_entropy,packed_attention"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--ops", OPS, "--tiny", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out / "results.json", json.loads((out / "results.json").read_text()), done.stdout
+
+
+def test_every_op_writes_checked_rows_in_the_schema(results):
+    _, data, _ = results
+    assert data["schema"] == "fastkern-bench/1"
+    rows = data["rows"]
+    fields = {"op", "case", "shape", "dtype", "impl", "ms", "peak_mib", "throughput", "throughput_unit", "device",
+              "torch", "triton", "transformers", "commit", "error", "extra"}
+    assert all(set(r) == fields for r in rows)
+    assert {r["op"] for r in rows} == set(OPS.split(",")) | {"copy"}
+    fastkern_rows = [r for r in rows if r["impl"].startswith("fastkern")]
+    assert fastkern_rows and all(r["error"] is None and r["ms"] > 0 for r in fastkern_rows)
+    # Every checked fastkern row agreed with its fp32 reference to fp32 accuracy (the bench's own bar is 2e-2).
+    checked = [r["extra"]["rel_err"] for r in fastkern_rows if "rel_err" in r["extra"]]
+    assert checked and max(checked) < 1e-4
+    packed = [r for r in rows if r["op"] == "packed_attention"]
+    assert [r["impl"] for r in packed] == ["transformers sdpa", "fastkern packing", "fastkern packing + rope"]
+    assert all(r["extra"]["grad_rel_err"] < 1e-4 for r in packed)
+    assert all(r["device"].startswith("cpu") and r["dtype"] == "float32" for r in rows if r["op"] != "copy")
+
+
+def test_plot_makes_the_tables(results):
+    path, _, printed = results
+    assert "| fastkern |" in printed
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "plot.py"), str(path), "--ops", "glu"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "### glu: swiglu fwd+bwd, 3x40, float32" in done.stdout and "rope" not in done.stdout
+
+
+def test_unknown_op_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--ops", "glu,nope", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown ops ['nope']" in done.stderr
