@@ -27,7 +27,7 @@ import plot
 import schema
 from measure import Bench
 
-OPS = ("glu", "rope", "rms_norm", "linear_cross_entropy", "packed_attention")
+OPS = ("glu", "rope", "rms_norm", "linear_cross_entropy", "lora_linear", "nf4", "packed_attention")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -73,7 +73,7 @@ def run_base(args, rev: str) -> int:
     """Run this runner in a child process importing fastkern as of ``rev``; rows go to OUT/base.json."""
     sha = subprocess.run(["git", "-C", HERE, "rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tree:
-        archive = subprocess.run(["git", "-C", HERE, "archive", sha, "fastkern"], capture_output=True, check=True).stdout
+        archive = subprocess.run(["git", "-C", os.path.dirname(HERE), "archive", sha, "fastkern"], capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
         child = [sys.executable, os.path.join(HERE, "run.py"), "--ops", ",".join(args.ops), "--device", args.device,
                  "--out", os.path.join(args.out, "base"), "--commit", sha] + (["--tiny"] if args.tiny else [])
