@@ -22,6 +22,7 @@ from .context import Patcher
 from .lora import LORA_PATCHER
 from .loss import LOSS_PATCHER
 from .mlp import MLP_PATCHER
+from .moe import MOE_PATCHER
 from .norm import NORM_PATCHER
 from .packing import PACKING_PATCHER
 from .tiled_mlp import TILED_MLP_PATCHER, _min_tokens
@@ -96,12 +97,20 @@ _BOOL = "True or False"
 #   after packing would find those forwards taken and skip them.
 # - compile last: it compiles each decoder layer's call, so every fastkern forward inside a layer is bound
 #   before the layer is marked compiled and the compiled graph traces the patched forwards.
-# - mlp, norm, checkpointing, lora and loss touch disjoint modules (or, for checkpointing, no forward);
+# - mlp, moe, norm, checkpointing, lora and loss touch disjoint modules (or, for checkpointing, no forward);
 #   their relative order does not change what is patched, only the order of the report's entries.
 OPTIONS: tuple[Option, ...] = (
     Option("mlp", True, _BOOL, _is_true,
            "fused SwiGLU/GeGLU in the MLP of every supported family.",
            MLP_PATCHER),
+    # Off: not measured on a GPU (bench/bench_moe.py is the measurement to run); correct on CPU under the
+    # Triton interpreter (tests/ops/test_moe_experts.py, tests/patching/test_moe.py).
+    Option("moe", False, _BOOL, _is_true,
+           "the routed experts of MoE families (mixtral, qwen2_moe, qwen3_moe) run fastkern.ops.moe_experts: "
+           "grouped Triton GEMMs over all experts with the SwiGLU fused in, instead of transformers' experts "
+           "forward; the router and its load-balancing loss are untouched. Off by default: not measured on a "
+           "GPU. Experts whose parameters PEFT targets keep transformers' forward. See docs/families.md.",
+           MOE_PATCHER),
     Option("norm", True, _BOOL, _is_true,
            "RMSNorm modules run fastkern.ops.rms_norm, which saves the input and one fp32 rstd per row for "
            "backward instead of an fp32 copy of the input. See docs/trainers.md.",
