@@ -2,8 +2,9 @@
 
 Tiers: the Triton kernels in fastkern/kernels/glu.py, launched by ``_launch_*`` below; three custom
 ops (``fastkern::glu_forward``, ``fastkern::glu_backward``, ``fastkern::glu_backward_into_inputs``)
-with fake implementations so torch.compile(fullgraph=True) traces through them; autograd registered
-on the forward op; and the public functions :func:`swiglu` and :func:`geglu`.
+with fake implementations so torch.compile(fullgraph=True) traces through them; one autograd
+definition (``_setup_context`` / ``_backward``) that ops/_autograd.py registers on the forward op and
+turns into the eager autograd.Function; and the public functions :func:`swiglu` and :func:`geglu`.
 
 Each custom op dispatches per call (fastkern.runtime.path_for): compiled kernel on CUDA, the same
 kernel under Triton's interpreter on CPU when TRITON_INTERPRET=1, the PyTorch reference otherwise.
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..reference.glu import glu_backward_reference, glu_forward_reference
+from ._autograd import AutogradOp, when_compiling
 from ._common import (FLOAT_DTYPES, INT32_MAX, as_rows, cdiv, check_like,
                       check_tensor, device_guard, needs_int64, op_path)
 
@@ -164,19 +166,10 @@ def _backward_into_inputs_impl(grad_out: Tensor, gate: Tensor, up: Tensor, activ
     _launch_backward(grad_out, gate, up, gate, up, activation, round_bf16=_round_bf16(gate, path))
 
 
-# Custom ops: what torch.compile sees (fake impls give it shapes; autograd is registered on the
-# forward op). Eager calls take the lighter autograd.Function below: the custom-op autograd wrapper
-# costs ~0.5 ms of host time per forward+backward, measured on the H100 host (docs/glu.md).
-@torch.library.custom_op("fastkern::glu_forward", mutates_args=())
-def glu_forward_op(gate: Tensor, up: Tensor, activation: str, overwrite_inputs_in_backward: bool) -> Tensor:
-    return _forward_impl(gate, up, activation)
-
-
-@glu_forward_op.register_fake
-def _(gate, up, activation, overwrite_inputs_in_backward):
-    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-
-
+# Custom ops: what torch.compile sees (fake impls give it shapes). The forward op and its autograd
+# come from one definition (ops/_autograd.py), which also gives eager calls a lighter
+# autograd.Function: the custom-op autograd wrapper costs ~0.5 ms of host time per forward+backward,
+# measured on the H100 host (docs/glu.md).
 @torch.library.custom_op("fastkern::glu_backward", mutates_args=())
 def glu_backward_op(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     return _backward_impl(grad_out, gate, up, activation)
@@ -198,6 +191,27 @@ def _(grad_out, gate, up, activation):
     return None
 
 
+def _backward_into_inputs_eager(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) -> None:
+    _backward_into_inputs_impl(grad_out, gate, up, activation)
+    # A Triton store is invisible to autograd: bump the version counters so any other node that saved
+    # gate or up fails loudly instead of reading gradients as activations (the custom op, run eagerly,
+    # bumps them too, as it declares gate and up mutated; under torch.compile the mutation is functionalized).
+    torch.autograd.graph.increment_version(gate)
+    torch.autograd.graph.increment_version(up)
+
+
+_glu_backward = when_compiling(glu_backward_op, _backward_impl)
+_glu_backward_into_inputs = when_compiling(glu_backward_into_inputs_op, _backward_into_inputs_eager)
+
+
+def _glu_forward(gate: Tensor, up: Tensor, activation: str, overwrite_inputs_in_backward: bool) -> Tensor:
+    return _forward_impl(gate, up, activation)
+
+
+def _fake_forward(gate, up, activation, overwrite_inputs_in_backward):
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
 def _setup_context(ctx, inputs, output):
     gate, up, activation, overwrite = inputs
     ctx.save_for_backward(gate, up)
@@ -209,39 +223,16 @@ def _backward(ctx, grad_out):
     gate, up = ctx.saved_tensors
     grad_out = grad_out.to(gate.dtype)
     if ctx.overwrite:
-        glu_backward_into_inputs_op(grad_out, gate, up, ctx.activation)
+        _glu_backward_into_inputs(grad_out, gate, up, ctx.activation)
         return gate, up, None, None
-    grad_gate, grad_up = glu_backward_op(grad_out, gate, up, ctx.activation)
+    grad_gate, grad_up = _glu_backward(grad_out, gate, up, ctx.activation)
     return (grad_gate if ctx.needs_input_grad[0] else None,
             grad_up if ctx.needs_input_grad[1] else None, None, None)
 
 
-glu_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class GLUFunction(torch.autograd.Function):
-    """Eager-mode autograd for the same math, calling the implementations directly."""
-
-    @staticmethod
-    def forward(ctx, gate, up, activation, overwrite):
-        ctx.save_for_backward(gate, up)
-        ctx.activation, ctx.overwrite = activation, overwrite
-        return _forward_impl(gate, up, activation)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        gate, up = ctx.saved_tensors
-        grad_out = grad_out.to(gate.dtype)
-        if ctx.overwrite:
-            _backward_into_inputs_impl(grad_out, gate, up, ctx.activation)
-            # A Triton store is invisible to autograd: bump the version counters so any other node
-            # that saved gate or up fails loudly instead of reading gradients as activations.
-            torch.autograd.graph.increment_version(gate)
-            torch.autograd.graph.increment_version(up)
-            return gate, up, None, None
-        grad_gate, grad_up = _backward_impl(grad_out, gate, up, ctx.activation)
-        return (grad_gate if ctx.needs_input_grad[0] else None,
-                grad_up if ctx.needs_input_grad[1] else None, None, None)
+_GLU = AutogradOp("glu_forward", _glu_forward, fake=_fake_forward, setup_context=_setup_context, backward=_backward)
+glu_forward_op = _GLU.op
+GLUFunction = _GLU.function
 
 
 def _can_overwrite(gate: Tensor, up: Tensor) -> bool:
@@ -263,9 +254,7 @@ def _glu(op: str, gate: Tensor, up: Tensor, activation: str, overwrite_inputs_in
     check_tensor(op, "up", up, dtypes=FLOAT_DTYPES)
     check_like(op, "gate", gate, "up", up)
     overwrite = bool(overwrite_inputs_in_backward) and _can_overwrite(gate, up)
-    if torch.compiler.is_compiling():
-        return glu_forward_op(gate, up, activation, overwrite)
-    return GLUFunction.apply(gate, up, activation, overwrite)
+    return _GLU(gate, up, activation, overwrite)
 
 
 def swiglu(gate: Tensor, up: Tensor, *, overwrite_inputs_in_backward: bool = False) -> Tensor:

@@ -320,3 +320,25 @@ def test_geglu_tanh_negative_tail_keeps_its_digits():
     for got, want in ((out.detach(), ref.detach()), (g.grad, g64.grad)):
         want = want[representable]
         assert ((got[representable].double() - want).abs() / want.abs()).max().item() < 1e-4
+
+
+@pytest.mark.parametrize("path", ["eager function", "custom op"])
+def test_overwrite_bumps_version_counters_on_both_paths(path):
+    # Backward writes d(gate), d(up) into gate's and up's storage: every path must bump their version
+    # counters, so another node that saved gate fails loudly instead of reading a gradient.
+    g0, u0 = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    gate, up = g0 * 1, u0 * 1
+    if path == "custom op":
+        out = glu_forward_op(gate, up, "silu", True)
+    else:
+        out = fastkern.ops.swiglu(gate, up, overwrite_inputs_in_backward=True)
+    versions = gate._version, up._version
+    out.sum().backward()
+    assert gate._version > versions[0] and up._version > versions[1]
+    gate, up = g0 * 1, u0 * 1
+    saved_elsewhere = (gate * gate).sum()
+    out = glu_forward_op(gate, up, "silu", True) if path == "custom op" else fastkern.ops.swiglu(
+        gate, up, overwrite_inputs_in_backward=True)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved_elsewhere.backward()

@@ -1,0 +1,112 @@
+"""One autograd definition per op, two ways to run it: a custom op for torch.compile, an eager Function.
+
+An op is defined once, as (forward, fake, setup_context, backward):
+
+* ``forward(*args)``: the implementation (dispatching to kernel / interpreter / reference itself),
+  annotated so that ``torch.library.custom_op`` can infer the op's schema from it;
+* ``fake(*args)``: output shapes and dtypes for torch.compile;
+* ``setup_context(ctx, inputs, output)``: what backward needs (``torch.library.register_autograd``'s
+  contract: ``inputs`` is the tuple of forward's arguments, ``output`` its return value);
+* ``backward(ctx, *grads)``: one gradient (or None) per argument of forward.
+
+:class:`AutogradOp` turns that into (a) the custom op ``fastkern::<name>`` with the fake and the
+autograd registered on it (what torch.compile sees, and the name compiled graphs and exported
+programs record), and (b) an eager ``torch.autograd.Function`` whose forward calls the same
+``forward`` and ``setup_context`` and whose backward *is* ``backward``. Calling the AutogradOp picks
+(a) while torch.compile traces and (b) otherwise: the custom-op autograd wrapper costs more host
+time per call than a Function (docs/benchmarks.md, "Host cost of an op call"), and on the GPU a
+fine-tuning step of a small model is host-bound.
+
+A backward usually calls kernels of its own (a ``*_backward`` custom op). :func:`when_compiling`
+makes the one call that backward writes go to the custom op under torch.compile (so the traced
+backward graph holds an opaque op with a fake, not a kernel launch) and straight to the
+implementation eagerly. ``torch.compiler.is_compiling()`` is true for the whole compilation,
+AOTAutograd's tracing of the registered backward included.
+
+``aux_outputs``: trailing outputs of forward that exist only for backward (RMSNorm's rstd, the
+LoRA product x @ A.T). The custom op returns them (torch.compile needs every tensor forward makes
+as an output to save it) and marks them non-differentiable; the eager Function returns only the
+leading outputs; either way ``backward`` receives gradients of the leading outputs only, and calling
+the AutogradOp returns only those.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def when_compiling(compiled: Callable, eager: Callable) -> Callable:
+    """A function calling ``compiled`` while torch.compile traces and ``eager`` otherwise (same arguments)."""
+    is_compiling = torch.compiler.is_compiling
+
+    def call(*args):
+        if is_compiling():
+            return compiled(*args)
+        return eager(*args)
+
+    call.__name__ = getattr(eager, "__name__", "call")
+    call.__doc__ = f"{call.__name__} eagerly, {getattr(compiled, '__name__', compiled)} under torch.compile."
+    return call
+
+
+class AutogradOp:
+    """``fastkern::<name>`` from one (forward, fake, setup_context, backward) definition (module docstring).
+
+    Attributes: ``op`` (the custom op), ``function`` (the eager autograd.Function); calling the
+    instance runs the op through the one that fits (``op`` under torch.compile, ``function``
+    eagerly) and returns forward's leading (non-auxiliary) outputs.
+    """
+
+    def __init__(self, name: str, forward: Callable, *, fake: Callable, setup_context: Callable,
+                 backward: Callable, aux_outputs: int = 0):
+        self.op = torch.library.custom_op(f"fastkern::{name}", forward, mutates_args=())
+        self.op.register_fake(fake)
+        if aux_outputs:
+            def op_setup_context(ctx, inputs, output):
+                setup_context(ctx, inputs, output)
+                ctx.mark_non_differentiable(*output[-aux_outputs:])
+
+            def op_backward(ctx, *grads):
+                return backward(ctx, *grads[:-aux_outputs])
+
+            self.op.register_autograd(op_backward, setup_context=op_setup_context)
+        else:
+            self.op.register_autograd(backward, setup_context=setup_context)
+        self.function = _eager_function(name, forward, setup_context, backward, aux_outputs)
+        self._aux_outputs = aux_outputs
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            output = self.op(*args)
+            if self._aux_outputs:
+                leading = output[:-self._aux_outputs]
+                return leading[0] if len(leading) == 1 else leading
+            return output
+        return self.function.apply(*args)
+
+
+def _eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
+                    aux_outputs: int) -> type:
+    """The autograd.Function running the definition eagerly: forward + setup_context, then backward."""
+    if aux_outputs:
+        def function_forward(ctx, *args):
+            output = forward(*args)
+            setup_context(ctx, args, output)
+            leading = output[:-aux_outputs]
+            return leading[0] if len(leading) == 1 else leading
+    else:
+        def function_forward(ctx, *args):
+            output = forward(*args)
+            setup_context(ctx, args, output)
+            return output
+
+    class_name = "".join(part.capitalize() for part in name.split("_")) + "Function"
+    return type(class_name, (torch.autograd.Function,), {
+        "__doc__": f"Eager autograd of fastkern::{name}: its forward, setup_context and backward, without "
+                   f"the custom-op dispatch.",
+        "__module__": getattr(forward, "__module__", __name__),
+        "forward": staticmethod(function_forward),
+        "backward": staticmethod(backward),
+    })
