@@ -1,19 +1,24 @@
-"""Tiny random-init models of every family in patches/, built from configs (no downloads)."""
+"""Tiny random-init models of every family in patches/, built from configs (no downloads).
+
+The families are the files in patches/; each needs its tiny config in TINY_CONFIGS below (a family file
+without one fails tests/patching/test_families.py and every tiny_model call for it, naming the file).
+"""
 
 import inspect
 
 import torch
 import transformers
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
-            "olmo2", "olmo3", "granite", "glm", "glm4", "smollm3", "cohere", "cohere2", "qwen3_5", "phi3",
-            "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"]
+from fastkern.patching.specs import load_specs
+
+FAMILIES = [s.family for s in load_specs()]
 # Families whose attention runs under eager only in these tests: transformers' sdpa refuses Gemma2's logit
 # softcap, and gpt-oss's attention sinks exist only in its eager function (and flash/flex kernels).
 EAGER_ONLY = {"gemma2", "gpt_oss"}
-# transformers' MoE experts run grouped_mm, which has no float64 kernel: these families have no float64
-# reference run (the accuracy-rule tests use the others).
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}
+# The MoE families (their loss section passes the router logits on). transformers' MoE experts run
+# grouped_mm, which has no float64 kernel: these families have no float64 reference run (the
+# accuracy-rule tests use the others).
+MOE = {s.family for s in load_specs() if "router_logits" in s.sections.get("causal_lm", {})}
 FLOAT64_FAMILIES = [f for f in FAMILIES if f not in MOE]
 # Token ids inside the tiny vocabulary (some configs default to ids past it, e.g. GLM's pad 151329).
 _SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -28,62 +33,52 @@ _COMMON = dict(
 
 # Per family: the config class and what differs from _COMMON. Options a family's forward has (multipliers,
 # qk norms, NoPE layers, sliding layers, dense layers among MoE ones) are switched on so the tests cover them.
-_NEW_FAMILIES = {
-    "olmo2": (transformers.Olmo2Config, {}),
-    "olmo3": (transformers.Olmo3Config, dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4)),
-    "granite": (transformers.GraniteConfig, dict(embedding_multiplier=2.0, residual_multiplier=0.5,
+TINY_CONFIGS = {
+    "llama": (transformers.LlamaConfig, {}),
+    "mistral": (transformers.MistralConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=16)),
+    "gemma": (transformers.GemmaConfig, dict(head_dim=16)),
+    "gemma2": (transformers.Gemma2Config, dict(head_dim=16)),
+    "gemma3": (transformers.Gemma3TextConfig, dict(head_dim=16)),
+    "olmo2": (transformers.Olmo2Config, dict(_SPECIAL)),
+    "olmo3": (transformers.Olmo3Config, dict(_SPECIAL, layer_types=["sliding_attention", "full_attention"],
+                                             sliding_window=4)),
+    "granite": (transformers.GraniteConfig, dict(_SPECIAL, embedding_multiplier=2.0, residual_multiplier=0.5,
                                                  attention_multiplier=0.2, logits_scaling=4.0)),
-    "glm": (transformers.GlmConfig, dict(head_dim=16)),  # partial_rotary_factor 0.5 by default
-    "glm4": (transformers.Glm4Config, dict(head_dim=16)),
-    "smollm3": (transformers.SmolLM3Config, dict(no_rope_layers=[1, 0])),  # layer 1 is NoPE
-    "cohere": (transformers.CohereConfig, dict(use_qk_norm=True, logit_scale=0.5)),
-    "cohere2": (transformers.Cohere2Config, dict(layer_types=["sliding_attention", "full_attention"],
+    "glm": (transformers.GlmConfig, dict(_SPECIAL, head_dim=16)),  # partial_rotary_factor 0.5 by default
+    "glm4": (transformers.Glm4Config, dict(_SPECIAL, head_dim=16)),
+    "smollm3": (transformers.SmolLM3Config, dict(_SPECIAL, no_rope_layers=[1, 0])),  # layer 1 is NoPE
+    "cohere": (transformers.CohereConfig, dict(_SPECIAL, use_qk_norm=True, logit_scale=0.5)),
+    "cohere2": (transformers.Cohere2Config, dict(_SPECIAL, layer_types=["sliding_attention", "full_attention"],
                                                  sliding_window=4, logit_scale=0.5)),
     "qwen3_5": (transformers.Qwen3_5TextConfig, dict(
-        head_dim=16, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        _SPECIAL, head_dim=16, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
         linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)),
-    "phi3": (transformers.Phi3Config, dict(partial_rotary_factor=0.5)),
-    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, **_MOE)),
-    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_experts=4, moe_intermediate_size=32,
+    # partial rotary (rotary_dim = head_dim / 2), fused qkv_proj and gate_up_proj
+    "phi3": (transformers.Phi3Config, dict(_SPECIAL, partial_rotary_factor=0.5)),
+    "mixtral": (transformers.MixtralConfig, dict(_SPECIAL, num_local_experts=4, **_MOE)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(_SPECIAL, num_experts=4, moe_intermediate_size=32,
                                                     shared_expert_intermediate_size=48, **_MOE)),
     # layer 0 dense (mlp_only_layers), layer 1 MoE
-    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(head_dim=16, num_experts=4, moe_intermediate_size=32,
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(_SPECIAL, head_dim=16, num_experts=4, moe_intermediate_size=32,
                                                     mlp_only_layers=[0], **_MOE)),
-    "gpt_oss": (transformers.GptOssConfig, dict(head_dim=16, num_local_experts=4, sliding_window=4,
+    "gpt_oss": (transformers.GptOssConfig, dict(_SPECIAL, head_dim=16, num_local_experts=4, sliding_window=4,
                                                 layer_types=["sliding_attention", "full_attention"], **_MOE)),
 }
 
 
 def tiny_config(family: str, **overrides):
-    kw = dict(_COMMON)
-    if family == "llama":
-        cls = transformers.LlamaConfig
-    elif family == "mistral":
-        cls = transformers.MistralConfig
-    elif family == "qwen2":
-        cls = transformers.Qwen2Config
-    elif family == "qwen3":
-        cls, kw["head_dim"] = transformers.Qwen3Config, 16
-    elif family == "gemma":
-        cls, kw["head_dim"] = transformers.GemmaConfig, 16
-    elif family == "gemma2":
-        cls, kw["head_dim"] = transformers.Gemma2Config, 16
-    elif family == "gemma3":
-        cls, kw["head_dim"] = transformers.Gemma3TextConfig, 16
-    elif family in _NEW_FAMILIES:
-        cls, extra = _NEW_FAMILIES[family]
-        kw.update(_SPECIAL, **extra)
-    else:
-        raise ValueError(family)
-    kw.update(overrides)
-    config = cls(**kw)
+    if family not in TINY_CONFIGS:
+        known = "patches/" + family + ".toml exists" if family in FAMILIES else "no such family in patches/"
+        raise KeyError(f"{family!r} has no tiny config in tests/models.py TINY_CONFIGS ({known})")
+    cls, extra = TINY_CONFIGS[family]
+    config = cls(**{**_COMMON, **extra, **overrides})
     config._attn_implementation = "eager" if family in EAGER_ONLY else "sdpa"
     return config
 
 
 def family_spec(family: str):
-    from fastkern.patching.specs import load_specs
-
     return next(s for s in load_specs() if s.family == family)
 
 
@@ -92,9 +87,13 @@ def families_with(section: str) -> list[str]:
     return [f for f in FAMILIES if section in family_spec(f).sections]
 
 
-def tiny_model(family: str, dtype=torch.float32, seed=0, **overrides):
+def tiny_model(family: str, dtype=torch.float32, seed=0, attn: str | None = None, **overrides):
+    """The family's tiny causal LM, seeded; ``attn`` overrides the attention implementation (sdpa, or eager
+    for EAGER_ONLY)."""
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
+    if attn is not None:
+        config._attn_implementation = attn
     direct = {"gemma3": transformers.Gemma3ForCausalLM, "qwen3_5": transformers.Qwen3_5ForCausalLM}
     model_cls = direct.get(family, transformers.AutoModelForCausalLM)
     if family in direct:

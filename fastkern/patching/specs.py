@@ -18,6 +18,48 @@ from typing import Any
 
 _TOP_LEVEL_KEYS = {"family", "model_types", "module", "description"}
 
+# Every key a section may have, with the value the loader fills in when a family file leaves the key out
+# (None: no default; the key is optional, or required and then checked by the section's patcher, which
+# reports a missing one as a problem). Defaults are the names most transformers families use, so a
+# family file names its classes and states only what differs. A new section or key is added here, once,
+# next to the patcher that reads it; any key not listed here is an error naming the file and section.
+SECTION_KEYS: dict[str, dict[str, Any]] = {
+    # fastkern/patching/mlp.py and tiled_mlp.py. gate/up are not filled in when gate_up (one fused
+    # [gate | up] projection) is given: see _DEFAULT_UNLESS.
+    "mlp": {"class": None, "gate": "gate_proj", "up": "up_proj", "gate_up": None, "down": "down_proj",
+            "act": "act_fn", "activation": "silu"},
+    # fastkern/patching/attention.py (and packing.py, which reads this section too); that patcher owns
+    # the defaults of its optional keys (no sliding window, per-head qk norm, half-split rope layout).
+    "attention": {"class": None, "fused_qkv": None, "q_norm": None, "k_norm": None, "qk_norm_scope": None,
+                  "qk_norm_if": None, "sliding_window": None, "softcap": None, "rope_layout": None,
+                  "rope_if": None, "sinks": None},
+    "packing": {"class": None},  # fastkern/patching/packing.py
+    "causal_lm": {"class": None, "backbone": "model", "head": "lm_head", "router_logits": None},  # loss.py
+    "norm": {"class": None, "form": "llama", "eps": "variance_epsilon"},  # fastkern/patching/norm.py
+    # fastkern/patching/moe.py: an experts module with stacked [E, 2I, H] gate|up and [E, H, I] down weights.
+    "moe_experts": {"class": None, "gate_up": "gate_up_proj", "down": "down_proj", "act": "act_fn",
+                    "activation": "silu"},
+}
+# (section, key) -> the key whose presence turns that default off.
+_DEFAULT_UNLESS = {("mlp", "gate"): "gate_up", ("mlp", "up"): "gate_up"}
+
+
+def _with_defaults(name: str, section: dict[str, Any], source: str) -> dict[str, Any]:
+    """``section`` checked against SECTION_KEYS[name], its left-out keys filled in (key order: the
+    file's keys, then the filled-in ones)."""
+    if name not in SECTION_KEYS:
+        raise ValueError(f"{source}: unknown section [{name}]; known sections: {sorted(SECTION_KEYS)}")
+    keys = SECTION_KEYS[name]
+    unknown = sorted(set(section) - set(keys))
+    if unknown:
+        raise ValueError(f"{source} [{name}]: unknown keys {unknown}; allowed: {sorted(keys)}")
+    filled = dict(section)
+    for key, default in keys.items():
+        unless = _DEFAULT_UNLESS.get((name, key))
+        if default is not None and key not in filled and not (unless and unless in section):
+            filled[key] = default
+    return filled
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -42,19 +84,21 @@ class FamilySpec:
 
 
 def parse_spec(text: str, source: str) -> FamilySpec:
+    """One family file. ``module`` defaults to transformers.models.<family>.modeling_<family> and
+    ``model_types`` to [family]; each section is checked and completed by _with_defaults."""
     data = tomllib.loads(text)
-    missing = [k for k in ("family", "model_types", "module") if k not in data]
-    if missing:
-        raise ValueError(f"{source}: missing keys {missing}")
+    if "family" not in data:
+        raise ValueError(f"{source}: missing key 'family'")
+    family = data["family"]
     sections = {k: v for k, v in data.items() if isinstance(v, dict)}
     unknown = set(data) - _TOP_LEVEL_KEYS - set(sections)
     if unknown:
         raise ValueError(f"{source}: unknown top-level keys {sorted(unknown)}")
     return FamilySpec(
-        family=data["family"],
-        model_types=tuple(data["model_types"]),
-        module=data["module"],
-        sections=sections,
+        family=family,
+        model_types=tuple(data.get("model_types", [family])),
+        module=data.get("module", f"transformers.models.{family}.modeling_{family}"),
+        sections={name: _with_defaults(name, section, source) for name, section in sections.items()},
         source=source,
     )
 
@@ -81,7 +125,3 @@ def specs_for_model_type(model_type: str | None) -> list[FamilySpec]:
     if model_type is None:
         return []
     return [s for s in load_specs() if model_type in s.model_types]
-
-
-def supported_model_types() -> list[str]:
-    return sorted({t for s in load_specs() for t in s.model_types})

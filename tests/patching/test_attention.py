@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import transformers
 
 import fastkern
 from fastkern.patching import attention as attention_module
@@ -16,24 +15,8 @@ ROPE_ONLY = dict(mlp=False, loss=False, norm=False)
 ALL_FAMILIES = families_with("attention")
 
 
-def tiny_phi3(dtype=torch.float32, attn="sdpa", seed=0):
-    torch.manual_seed(seed)
-    config = transformers.Phi3Config(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=131, max_position_embeddings=256, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )
-    config._attn_implementation = attn
-    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
-
-
 def make(family, dtype=torch.float32, attn=None):
-    if family == "phi3":
-        return tiny_phi3(dtype, attn or "sdpa")
-    model = tiny_model(family, dtype)
-    if attn is not None:
-        model.config._attn_implementation = attn
-    return model
+    return tiny_model(family, dtype, attn=attn)
 
 
 def run(model, ids, **kwargs):

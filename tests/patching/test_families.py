@@ -5,12 +5,22 @@ import pytest
 import torch
 
 import fastkern
-from tests.models import FAMILIES, batch, family_spec, tiny_model
+from tests.models import FAMILIES, TINY_CONFIGS, batch, family_spec, tiny_model
 
-# Families whose spec files were added after the first seven (those have their own model-level tests).
-ADDED = FAMILIES[FAMILIES.index("olmo2"):]
+# Every family but the first seven (those have their own model-level tests).
+FIRST = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"}
+ADDED = [f for f in FAMILIES if f not in FIRST]
 # spec section -> the patch_model option (report kind) that applies it
 SECTION_KIND = {"mlp": "mlp", "norm": "norm", "attention": "rope", "packing": "packing", "causal_lm": "loss"}
+
+
+def test_every_family_file_has_a_tiny_config():
+    # FAMILIES is read from patches/: a new family file without a tiny config fails here, by name.
+    assert len(FAMILIES) >= 21 and FIRST <= set(FAMILIES)
+    assert not set(FAMILIES) - set(TINY_CONFIGS), f"patches/ families without a tiny config: {set(FAMILIES) - set(TINY_CONFIGS)}"
+    assert not set(TINY_CONFIGS) - set(FAMILIES), f"tiny configs without a family file: {set(TINY_CONFIGS) - set(FAMILIES)}"
+    with pytest.raises(KeyError, match="no tiny config in tests/models.py"):
+        tiny_model("not_a_family")
 
 
 @pytest.mark.parametrize("family", ADDED)

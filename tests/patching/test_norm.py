@@ -130,7 +130,7 @@ def test_unknown_form_and_missing_class_are_problems_not_crashes(monkeypatch):
     for section, expected in (
         ('[norm]\nclass = "LlamaRMSNorm"\nform = "layer"\neps = "variance_epsilon"\n', "form 'layer' is not one of"),
         ('[norm]\nclass = "LlamaRMSNormRenamed"\nform = "llama"\neps = "variance_epsilon"\n', "not found in the installed"),
-        ('[norm]\nclass = "LlamaRMSNorm"\neps = "variance_epsilon"\n', "missing keys ['form']"),
+        ('[norm]\nform = "llama"\neps = "variance_epsilon"\n', "missing keys ['class']"),
     ):
         monkeypatch.setattr(spec_module, "load_specs", lambda s=spec(section): (s,))
         report = fastkern.patch_model(tiny_model("llama"), norm=True)

@@ -371,9 +371,7 @@ def test_trl_sft_padding_free_matches_padded_training(monkeypatch):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_phi3_fused_qkv_partial_rotary_and_window(attn):
-    from tests.patching.test_attention import tiny_phi3
-
-    model = tiny_phi3(attn=attn).train()
+    model = tiny_model("phi3", attn=attn).train()
     model.config.sliding_window = 3
     docs = documents()
     want = run_alone(model, docs, use_cache=True)
