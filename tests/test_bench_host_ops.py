@@ -1,0 +1,40 @@
+"""bench/host_ops.py on a tiny model: the counters see the step's host work and attribute it per layer."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastkern import runtime
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+def _host_ops():
+    spec = importlib.util.spec_from_file_location("bench_host_ops", Path(__file__).resolve().parents[1] / "bench" / "host_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(runtime.path_for(torch.empty(0)) != "interpreter", reason="needs TRITON_INTERPRET=1")
+def test_counts_per_layer_full_finetune(tmp_path):
+    result = _host_ops().main(["--modes", "full", "--layers", "1,2", "--out", str(tmp_path), "--top", "50"])
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"unpatched", "fastkern"}
+    plain, patched = rows["unpatched"]["per_layer"], rows["fastkern"]["per_layer"]
+    # Unpatched runs no fastkern kernel; patched runs its kernels in forward, recompute and backward.
+    assert plain["total"]["launches"] == 0
+    assert patched["forward"]["launches"] > 0 and patched["backward"]["launches"] > patched["forward"]["launches"]
+    for per_layer in (plain, patched):
+        for metric in ("aten", "py", "c"):
+            assert per_layer["forward"][metric] > 0 and per_layer["backward"][metric] > 0, metric
+    # Work inside a launch is the interpreter's, not the host's on a GPU: none of it is counted, so no
+    # interpreter frame shows among the Python calls.
+    names = [name for name, _ in rows["fastkern"]["top"]["py"]]
+    assert not any("triton/runtime/interpreter" in name for name in names)
+    # The fused kernels replace transformers' elementwise RMSNorm / SwiGLU / rope ops.
+    assert patched["total"]["aten"] < plain["total"]["aten"]
+    assert (tmp_path / "host_ops.json").exists() and "| full | fastkern |" in (tmp_path / "host_ops.md").read_text()
