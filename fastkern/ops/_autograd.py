@@ -17,11 +17,12 @@ programs record), and (b) an eager ``torch.autograd.Function`` whose forward cal
 time per call than a Function (docs/benchmarks.md, "Host cost of an op call"), and on the GPU a
 fine-tuning step of a small model is host-bound.
 
-A backward usually calls kernels of its own (a ``*_backward`` custom op). :func:`when_compiling`
-makes the one call that backward writes go to the custom op under torch.compile (so the traced
-backward graph holds an opaque op with a fake, not a kernel launch) and straight to the
-implementation eagerly. ``torch.compiler.is_compiling()`` is true for the whole compilation,
-AOTAutograd's tracing of the registered backward included.
+A backward usually calls kernels of its own (a ``*_backward`` custom op). :func:`backward_dispatch`
+makes the one call that backward writes go to that custom op when the backward runs as the custom
+op's registered autograd (so a traced backward graph, from torch.compile, aot_function or export,
+holds an opaque op with a fake, not a kernel launch) and straight to the implementation when it
+runs as the eager Function's backward. (``torch.compiler.is_compiling()`` cannot tell: it is false
+under aot_function and opcheck's tracing.)
 
 ``aux_outputs``: trailing outputs of forward that exist only for backward (RMSNorm's rstd, the
 LoRA product x @ A.T). The custom op returns them (torch.compile needs every tensor forward makes
@@ -32,23 +33,41 @@ the AutogradOp returns only those.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
 
 
-def when_compiling(compiled: Callable, eager: Callable) -> Callable:
-    """A function calling ``compiled`` while torch.compile traces and ``eager`` otherwise (same arguments)."""
-    is_compiling = torch.compiler.is_compiling
+# Set while the custom op's registered backward runs (traced by torch.compile / AOTAutograd / export,
+# or run eagerly when someone calls the custom op directly); thread-local, as autograd may run
+# backward on a device thread.
+_in_op_backward = threading.local()
+
+
+def backward_dispatch(op: Callable, impl: Callable) -> Callable:
+    """A function calling ``op`` (a custom op) inside a custom op's registered backward and ``impl``
+    (same arguments) inside the eager Function's backward or anywhere else."""
+    state = _in_op_backward
 
     def call(*args):
-        if is_compiling():
-            return compiled(*args)
-        return eager(*args)
+        if getattr(state, "active", False):
+            return op(*args)
+        return impl(*args)
 
-    call.__name__ = getattr(eager, "__name__", "call")
-    call.__doc__ = f"{call.__name__} eagerly, {getattr(compiled, '__name__', compiled)} under torch.compile."
+    call.__name__ = getattr(impl, "__name__", "call")
     return call
+
+
+def _flagged(backward: Callable) -> Callable:
+    def op_backward(ctx, *grads):
+        previous = getattr(_in_op_backward, "active", False)
+        _in_op_backward.active = True
+        try:
+            return backward(ctx, *grads)
+        finally:
+            _in_op_backward.active = previous
+    return op_backward
 
 
 class AutogradOp:
@@ -68,12 +87,12 @@ class AutogradOp:
                 setup_context(ctx, inputs, output)
                 ctx.mark_non_differentiable(*output[-aux_outputs:])
 
-            def op_backward(ctx, *grads):
+            def leading_backward(ctx, *grads):
                 return backward(ctx, *grads[:-aux_outputs])
 
-            self.op.register_autograd(op_backward, setup_context=op_setup_context)
+            self.op.register_autograd(_flagged(leading_backward), setup_context=op_setup_context)
         else:
-            self.op.register_autograd(backward, setup_context=setup_context)
+            self.op.register_autograd(_flagged(backward), setup_context=setup_context)
         self.function = _eager_function(name, forward, setup_context, backward, aux_outputs)
         self._aux_outputs = aux_outputs
 

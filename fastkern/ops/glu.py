@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..reference.glu import glu_backward_reference, glu_forward_reference
-from ._autograd import AutogradOp, when_compiling
+from ._autograd import AutogradOp, backward_dispatch
 from ._common import (FLOAT_DTYPES, INT32_MAX, as_rows, cdiv, check_like,
                       check_tensor, device_guard, needs_int64, op_path)
 
@@ -200,8 +200,8 @@ def _backward_into_inputs_eager(grad_out: Tensor, gate: Tensor, up: Tensor, acti
     torch.autograd.graph.increment_version(up)
 
 
-_glu_backward = when_compiling(glu_backward_op, _backward_impl)
-_glu_backward_into_inputs = when_compiling(glu_backward_into_inputs_op, _backward_into_inputs_eager)
+_glu_backward = backward_dispatch(glu_backward_op, _backward_impl)
+_glu_backward_into_inputs = backward_dispatch(glu_backward_into_inputs_op, _backward_into_inputs_eager)
 
 
 def _glu_forward(gate: Tensor, up: Tensor, activation: str, overwrite_inputs_in_backward: bool) -> Tensor:

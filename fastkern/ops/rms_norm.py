@@ -2,8 +2,9 @@
 
 Tiers: the Triton kernels in fastkern/kernels/rms_norm.py, launched below; two custom ops
 (``fastkern::rms_norm_forward`` returns (y, rstd), ``fastkern::rms_norm_backward`` returns (dx, dw))
-with fake implementations, autograd registered on the forward op (what torch.compile sees); a plain
-autograd.Function for eager calls (lighter on the host); and the public :func:`rms_norm`.
+with fake implementations; one autograd definition that ops/_autograd.py registers on the forward op
+(what torch.compile sees) and turns into a plain autograd.Function for eager calls (lighter on the
+host); and the public :func:`rms_norm`.
 
 Why: transformers' RMSNorm saves ``x.float()`` for its backward, an fp32 copy of every normed
 tensor (four per Qwen3 layer: 180 MiB per layer at 9216 tokens of Qwen3-0.6B, the largest item a
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..reference.rms_norm import rms_norm_backward_reference, rms_norm_reference
+from ._autograd import AutogradOp, backward_dispatch
 from ._common import FLOAT_DTYPES, as_rows, check_tensor, device_guard, needs_int64, op_path
 
 _OP = "fastkern.ops.rms_norm"
@@ -117,18 +119,6 @@ def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, we
     return dx, dw
 
 
-@torch.library.custom_op("fastkern::rms_norm_forward", mutates_args=())
-def rms_norm_forward_op(x: Tensor, weight: Tensor, eps: float, weight_offset: float,
-                        cast_before_weight: bool) -> tuple[Tensor, Tensor]:
-    return _forward_impl(x, weight, eps, weight_offset, cast_before_weight)
-
-
-@rms_norm_forward_op.register_fake
-def _(x, weight, eps, weight_offset, cast_before_weight):
-    rows = x.shape[:-1].numel()  # one rstd per row, also when the rows are 0 wide
-    return x.new_empty(x.shape), x.new_empty((rows,), dtype=torch.float32)
-
-
 @torch.library.custom_op("fastkern::rms_norm_backward", mutates_args=())
 def rms_norm_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, weight_offset: float,
                          cast_before_weight: bool, need_weight_grad: bool) -> tuple[Tensor, Tensor]:
@@ -141,37 +131,37 @@ def _(grad_out, x, weight, rstd, weight_offset, cast_before_weight, need_weight_
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
+_rms_norm_backward = backward_dispatch(rms_norm_backward_op, _backward_impl)
+
+
+def _rms_norm_forward(x: Tensor, weight: Tensor, eps: float, weight_offset: float,
+                      cast_before_weight: bool) -> tuple[Tensor, Tensor]:
+    return _forward_impl(x, weight, eps, weight_offset, cast_before_weight)
+
+
+def _fake_forward(x, weight, eps, weight_offset, cast_before_weight):
+    rows = x.shape[:-1].numel()  # one rstd per row, also when the rows are 0 wide
+    return x.new_empty(x.shape), x.new_empty((rows,), dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, eps, weight_offset, cast_before_weight = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.opts = (weight_offset, cast_before_weight)
-    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_y, grad_rstd):
+def _backward(ctx, grad_y):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_backward_op(grad_y, x, weight, rstd, *ctx.opts, ctx.needs_input_grad[1])
+    dx, dw = _rms_norm_backward(grad_y, x, weight, rstd, *ctx.opts, ctx.needs_input_grad[1])
     return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None, None, None, None)
 
 
-rms_norm_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """Eager-mode autograd for the same math, calling the implementations directly."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps, weight_offset, cast_before_weight):
-        y, rstd = _forward_impl(x, weight, eps, weight_offset, cast_before_weight)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.opts = (weight_offset, cast_before_weight)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward_impl(grad_y, x, weight, rstd, *ctx.opts, ctx.needs_input_grad[1])
-        return (dx if ctx.needs_input_grad[0] else None, dw, None, None, None)
+# One autograd definition (ops/_autograd.py): the custom op fastkern::rms_norm_forward returns (y, rstd)
+# for torch.compile, rstd marked non-differentiable; the eager Function returns y.
+_RMS_NORM = AutogradOp("rms_norm_forward", _rms_norm_forward, fake=_fake_forward, setup_context=_setup_context,
+                       backward=_backward, aux_outputs=1)
+rms_norm_forward_op = _RMS_NORM.op
+RMSNormFunction = _RMS_NORM.function
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, weight_offset: float = 0.0,
@@ -207,6 +197,4 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, weight_offset: flo
     if eps < 0:
         raise ValueError(f"{_OP}: `eps` must be >= 0, got {eps}")
     args = (x, weight, float(eps), float(weight_offset), bool(cast_before_weight))
-    if torch.compiler.is_compiling():
-        return rms_norm_forward_op(*args)[0]
-    return RMSNormFunction.apply(*args)
+    return _RMS_NORM(*args)
