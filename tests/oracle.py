@@ -31,11 +31,14 @@ def rel_err(x: torch.Tensor, oracle: torch.Tensor, tiny: float = 0.0) -> float:
 
 
 def assert_close(actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype, torch_same_dtype=None, name="out",
-                 model_level=False):
+                 model_level=False, ill_conditioned=False):
     """`actual` vs the float64 `oracle`; `torch_same_dtype` is PyTorch's own result in `dtype`.
 
     model_level: errors of a whole model compound past the per-op bound, so only the relative
     criterion (2x PyTorch's own error in the same dtype, plus the floor) applies.
+    ill_conditioned: a result that cancels (a gradient summing terms of both signs to a small value,
+    e.g. one hidden unit against three classes) can lose more than the dtype's bound in any
+    implementation; it passes under the dtype's bound OR under 2x PyTorch's own error plus the floor.
     """
     assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
     a, o = actual.detach().double().cpu(), oracle.detach().double().cpu()
@@ -49,9 +52,14 @@ def assert_close(actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype,
     bound = REL_TOL[dtype]
     if torch_same_dtype is not None:
         relative = 2 * rel_err(torch_same_dtype, o, tiny) + FLOOR[dtype]
-        bound = relative if model_level else min(bound, relative)
-    elif model_level:
-        raise ValueError("model_level comparisons need PyTorch's own same-dtype result")
+        if model_level:
+            bound = relative
+        elif ill_conditioned:
+            bound = max(bound, relative)
+        else:
+            bound = min(bound, relative)
+    elif model_level or ill_conditioned:
+        raise ValueError("model_level and ill_conditioned comparisons need PyTorch's own same-dtype result")
     assert err <= bound, f"{name}: relative error {err:.3e} > bound {bound:.3e} ({dtype})"
 
 
