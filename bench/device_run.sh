@@ -2,7 +2,8 @@
 # One call on the GPU machine: install carried wheels, run GPU tests, run benches, pack results into $OUT.
 #   device run (carry .device):  bash bench/device_run.sh [bench names...]
 # With names (e.g. `glu rope`), only those benches run (bench/run.py --ops <name> for an op with
-# bench/cases/<name>.py, else bench/bench_<name>.py); the GPU tests of those ops run first,
+# bench/cases/<name>.py, else python3 -m bench.e2e.<name> for bench/e2e/<name>.py, e.g. sft, grpo_dpo,
+# offload, long_context); the GPU tests of those ops run first,
 # (a name written `test:glu` runs the GPU tests only, no bench),
 # one file at a time with its own time limit, so a bench only counts once its tests pass and a slow
 # file cannot starve the others. The device returns at most 8 files: everything is written to a work
@@ -26,11 +27,11 @@ for a in "$@"; do
   if [[ $a == test:* ]]; then names+=("${a#test:}"); else names+=("$a"); benches+=("$a"); fi
 done
 if [ ${#names[@]} -eq 0 ]; then
-  names=($(ls bench/cases/*.py bench/bench_*.py | sed 's#bench/cases/##; s#bench/bench_##; s#\.py##'))
+  names=($(ls bench/cases/*.py | sed 's#bench/cases/##; s#\.py##') sft_options grpo_dpo offload)
   benches=("${names[@]}")
 fi
-# Seconds per GPU test file, from the H100 runs of 2026-11-23 (first compile of every kernel variant
-# included); files not listed get 60.
+# Seconds per GPU test file, measured on an H100 (first compile of every kernel variant included);
+# files not listed get 60.
 declare -A LIMIT=([glu]=120 [rms_norm]=120 [rope]=240 [linear_cross_entropy]=180 [linear_logprobs]=60 [nf4]=30 [nf4_matmul]=120 [lora_linear]=40
                   [document_attention]=40 [offload_checkpoint]=120 [grpo_dpo]=240)
 status=0
@@ -49,8 +50,8 @@ for n in "${benches[@]}"; do
   echo "=== bench ${n} (t=${SECONDS}s)"
   if [ -f "bench/cases/${n}.py" ]; then
     timeout 300 python3 bench/run.py --ops "$n" --out "$W/$n" 2>&1 | tee "$W/bench_${n}.log" | tail -40 || status=1
-  elif [ -f "bench/bench_${n}.py" ]; then
-    timeout 300 python3 "bench/bench_${n}.py" --out "$W" 2>&1 | tee "$W/bench_${n}.log" | tail -40 || status=1
+  elif [ -f "bench/e2e/${n}.py" ]; then
+    timeout 300 python3 -m "bench.e2e.${n}" --out "$W/$n" 2>&1 | tee "$W/bench_${n}.log" | tail -40 || status=1
   fi
   pack
 done

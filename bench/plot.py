@@ -4,8 +4,8 @@
 
 Prints one markdown table per (op, case, shape, dtype): implementation, median ms, throughput, peak
 memory and the check or error, with the device, software and commit they came from. ``--png`` also draws,
-per op, the fwd+bwd throughput (or, where a case has none, the time) of each implementation at the
-largest shape measured.
+per op, the fwd+bwd (or training-step) throughput (or, where a case has none, the time) of each
+implementation at the largest shape measured.
 """
 
 from __future__ import annotations
@@ -32,14 +32,22 @@ def tables(rows: list[dict]) -> str:
                    f"{first['transformers']}; fastkern {str(first['commit'])[:12]}")
         out.append("")
         unit = next((r["throughput_unit"] for r in group if r["throughput_unit"]), None)
-        out.append(f"| impl | ms (median) | {unit or 'throughput'} | peak extra MiB | check / note |")
+        scope = next((r["peak_scope"] for r in group if r["peak_scope"]), "extra")
+        out.append(f"| impl | ms (median) | {unit or 'throughput'} | peak {scope} MiB | check / note |")
         out.append("|---|---|---|---|---|")
         for r in group:
-            notes = ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in r["extra"].items())
             out.append(f"| {r['impl']} | {_fmt(r['ms'])} | {_fmt(r['throughput'], 2)} | {_fmt(r['peak_mib'], 0)} | "
-                       f"{r['error'] or notes} |")
+                       f"{r['error'] or _notes(r)} |")
         out.append("")
     return "\n".join(out)
+
+
+def _notes(row: dict) -> str:
+    """The loss and the short scalar extras of a row (lists such as a loss trajectory, and multi-line text
+    such as a patch report, stay in the file)."""
+    items = ([("loss", row["loss"])] if row["loss"] is not None else []) + list(row["extra"].items())
+    return ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in items
+                     if not isinstance(v, (list, dict)) and not (isinstance(v, str) and ("\n" in v or not v)))
 
 
 def png(rows: list[dict], path: str) -> None:
@@ -48,10 +56,10 @@ def png(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if r["ms"] is not None and "fwd+bwd" in r["case"]]
+    timed = [r for r in rows if r["ms"] is not None and ("fwd+bwd" in r["case"] or "step" in r["case"])]
     ops = list(dict.fromkeys(r["op"] for r in timed))
     if not ops:
-        raise SystemExit("plot: no timed fwd+bwd rows to draw")
+        raise SystemExit("plot: no timed fwd+bwd or training-step rows to draw")
     fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4.5), squeeze=False)
     for ax, op in zip(axes[0], ops):
         mine = [r for r in timed if r["op"] == op]

@@ -1,17 +1,21 @@
 """The one row schema of every bench result, and the one JSON file shape that holds rows.
 
-A results file is ``{"schema": "fastkern-bench/1", "rows": [row, ...]}``. A row is one implementation
-timed one way on one input:
+A results file is ``{"schema": "fastkern-bench/2", "rows": [row, ...]}``. A row is one implementation
+timed one way on one input: a kernel call (bench/cases/) or a training step (bench/e2e/):
 
     op               the op (``glu``, ``rope``, ``rms_norm``, ...; ``copy`` for the copy ceiling)
     case             what was timed and how (``swiglu fwd+bwd``, ``fwd+bwd GPU (CUDA graph)``, ...)
     shape            the input, as text (``16384x14336``, ``B4 T4096 Hq32 Hk8 D128``)
     dtype            ``bfloat16``, ``float32``, ...
     impl             the implementation (``fastkern``, ``torch eager``, ``liger``, ...)
-    ms               median milliseconds (None when the row was not timed: see ``error``)
-    peak_mib         peak memory allocated during one call beyond what was allocated before it (None
-                     where not measured: CPU)
-    throughput       effective GB/s (bytes that must move) or TFLOP/s (GEMM work), ``throughput_unit``
+    ms               median milliseconds of a call or a step (None when the row was not timed: see ``error``)
+    peak_mib         peak memory in MiB, of the kind ``peak_scope`` names (None where not measured: CPU)
+    peak_scope       ``extra``: peak allocated during one call beyond what was allocated before it (the
+                     cases); ``total``: torch's peak allocated over the run, model included (training
+                     steps); ``host``: the process's peak resident set (CPU runs); None iff no peak
+    throughput       effective GB/s (bytes that must move), TFLOP/s (GEMM work) or tokens/s (training
+                     tokens of all ranks per second), ``throughput_unit``
+    loss             the training loss of the run's last step (bench/e2e/), else None
     device, torch, triton, transformers, commit
                      where it ran: the device's name, the versions, the fastkern commit (``+dirty``
                      when the working tree had changes)
@@ -28,13 +32,14 @@ import os
 import platform
 import subprocess
 
-SCHEMA = "fastkern-bench/1"
-UNITS = ("GB/s", "TFLOP/s", None)
+SCHEMA = "fastkern-bench/2"
+UNITS = ("GB/s", "TFLOP/s", "tokens/s", None)
+PEAK_SCOPES = ("extra", "total", "host", None)
 # field -> accepted types (None: the value may be null)
 FIELDS = {
     "op": (str,), "case": (str,), "shape": (str,), "dtype": (str,), "impl": (str,),
-    "ms": (float, int, type(None)), "peak_mib": (float, int, type(None)),
-    "throughput": (float, int, type(None)), "throughput_unit": (str, type(None)),
+    "ms": (float, int, type(None)), "peak_mib": (float, int, type(None)), "peak_scope": (str, type(None)),
+    "throughput": (float, int, type(None)), "throughput_unit": (str, type(None)), "loss": (float, int, type(None)),
     "device": (str,), "torch": (str, type(None)), "triton": (str, type(None)),
     "transformers": (str, type(None)), "commit": (str, type(None)),
     "error": (str, type(None)), "extra": (dict,),
@@ -83,9 +88,13 @@ def environment(device: str, commit: str | None = None) -> dict:
 
 
 def make_row(env: dict, *, op: str, case: str, shape: str, dtype: str, impl: str, ms=None, peak_mib=None,
-             throughput=None, throughput_unit=None, error=None, **extra) -> dict:
-    row = dict(op=op, case=case, shape=shape, dtype=dtype, impl=impl, ms=_num(ms), peak_mib=_num(peak_mib),
+             peak_scope=None, throughput=None, throughput_unit=None, loss=None, error=None, **extra) -> dict:
+    """One checked row; ``peak_scope`` defaults to ``extra`` (a case's per-call peak) where a peak is given."""
+    peak_mib = _num(peak_mib)
+    row = dict(op=op, case=case, shape=shape, dtype=dtype, impl=impl, ms=_num(ms), peak_mib=peak_mib,
+               peak_scope=(peak_scope or "extra") if peak_mib is not None else None,
                throughput=_num(throughput), throughput_unit=throughput_unit if throughput is not None else None,
+               loss=_num(loss),
                device=env["device"], torch=env["torch"], triton=env["triton"], transformers=env["transformers"],
                commit=env["commit"], error=error, extra=extra)
     check_row(row)
@@ -110,6 +119,9 @@ def check_row(row: dict) -> None:
             raise ValueError(f"bench row: {name}={row[name]!r} is not {'/'.join(t.__name__ for t in types)}")
     if row["throughput_unit"] not in UNITS:
         raise ValueError(f"bench row: throughput_unit {row['throughput_unit']!r} is not one of {UNITS}")
+    if row["peak_scope"] not in PEAK_SCOPES or (row["peak_scope"] is None) != (row["peak_mib"] is None):
+        raise ValueError(f"bench row: peak_scope {row['peak_scope']!r} must be one of {PEAK_SCOPES[:-1]} exactly "
+                         f"when peak_mib is given ({row['peak_mib']!r})")
     if row["ms"] is None and row["error"] is None:
         raise ValueError(f"bench row: a row without a time says why (error): {row}")
 

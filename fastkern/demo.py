@@ -4,7 +4,7 @@ The data is generated in code (fastkern/demo_common.py): each line is an arithme
 ("3 5 7 9 1 ..."), so the next token follows from the previous two and the loss falls within a few
 dozen steps. The tokenizer is a word-level vocabulary built in code: nothing is downloaded.
 
-The same code drives the end-to-end bench (bench/bench_sft_e2e.py) at the Llama-1B shape.
+The same code drives the end-to-end bench (bench/e2e/sft_options.py) at the Llama-1B shape.
 """
 
 from __future__ import annotations

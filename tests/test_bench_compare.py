@@ -17,7 +17,7 @@ def compare(*args):
 
 def test_compare_against_committed_baseline(tmp_path):
     data = json.loads(BASELINE.read_text())
-    assert data["schema"] == "fastkern-bench/1"
+    assert data["schema"] == "fastkern-bench/2"
     assert any(r["impl"] == "fastkern" and r["shape"] == "16384x14336" and r["case"] == "swiglu fwd+bwd wall"
                for r in data["rows"])
     assert compare(BASELINE, BASELINE).returncode == 0
@@ -47,4 +47,4 @@ def test_a_file_of_another_shape_is_refused(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps({"benchmarks": []}))
     done = compare(path, BASELINE)
-    assert done.returncode != 0 and "not a fastkern-bench/1 results file" in done.stderr
+    assert done.returncode != 0 and "not a fastkern-bench/2 results file" in done.stderr

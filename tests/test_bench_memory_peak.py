@@ -1,12 +1,6 @@
 """bench/memory_peak.py's replay, on a synthetic allocator trace (the recording itself needs CUDA)."""
 
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location("memory_peak", Path(__file__).resolve().parents[1] / "bench" / "memory_peak.py")
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
-peak_report = _module.peak_report
+from bench.memory_peak import peak_report
 
 
 def _alloc(addr, size, where):

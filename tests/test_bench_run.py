@@ -10,7 +10,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OPS = "glu,rope,rms_norm,linear_cross_entropy,linear_cross_entropy_onchip,lora_linear,nf4,packed_attention"
+OPS = "glu,rope,rms_norm,linear_cross_entropy,linear_cross_entropy_onchip,lora_linear,nf4,packed_attention,moe_experts"
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,9 @@ def results(tmp_path_factory):
 
 def test_every_op_writes_checked_rows_in_the_schema(results):
     _, data, _ = results
-    assert data["schema"] == "fastkern-bench/1"
+    assert data["schema"] == "fastkern-bench/2"
     rows = data["rows"]
-    fields = {"op", "case", "shape", "dtype", "impl", "ms", "peak_mib", "throughput", "throughput_unit", "device",
+    fields = {"op", "case", "shape", "dtype", "impl", "ms", "peak_mib", "peak_scope", "throughput", "throughput_unit", "loss", "device",
               "torch", "triton", "transformers", "commit", "error", "extra"}
     assert all(set(r) == fields for r in rows)
     assert {r["op"] for r in rows} == set(OPS.split(",")) - {"linear_cross_entropy_onchip"} | {"copy"}
@@ -40,6 +40,11 @@ def test_every_op_writes_checked_rows_in_the_schema(results):
     assert [r["impl"] for r in packed] == ["transformers sdpa", "fastkern packing", "fastkern packing + rope"]
     assert all(r["extra"]["grad_rel_err"] < 1e-4 for r in packed)
     assert all(r["device"].startswith("cpu") and r["dtype"] == "float32" for r in rows if r["op"] not in ("copy", "nf4"))
+    # Routed experts: fastkern and transformers' eager experts on both layer shapes, checked against fp32 eager.
+    moe = [r for r in rows if r["op"] == "moe_experts" and r["error"] is None]
+    for family in ("qwen3_30b_a3b", "mixtral_8x7b"):
+        assert {"fastkern", "transformers eager"} <= {r["impl"] for r in moe if family in r["shape"]}
+    assert all(r["ms"] > 0 and r["extra"]["rel_err"] < 1e-4 and r["throughput_unit"] == "TFLOP/s" for r in moe)
     # NF4 dequantization is checked bit-exact (an inexact row carries an error, which fastkern rows may not).
     assert {r["dtype"] for r in rows if r["op"] == "nf4"} == {"bfloat16"}
 

@@ -103,7 +103,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("mlp", True, _BOOL, _is_true,
            "fused SwiGLU/GeGLU in the MLP of every supported family.",
            MLP_PATCHER),
-    # Off: not measured on a GPU (bench/bench_moe.py is the measurement to run); correct on CPU under the
+    # Off: not measured on a GPU (bench/cases/moe_experts.py is the measurement to run); correct on CPU under the
     # Triton interpreter (tests/ops/test_moe_experts.py, tests/patching/test_moe.py).
     Option("moe", False, _BOOL, _is_true,
            "the routed experts of MoE families (mixtral, qwen2_moe, qwen3_moe) run fastkern.ops.moe_experts: "

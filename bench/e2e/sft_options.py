@@ -1,29 +1,35 @@
-"""End-to-end: TRL SFTTrainer on a Llama-1B-shape random-init model, unpatched vs patched, one run.
+"""End-to-end, per patch option: TRL SFTTrainer on a Llama-1B-shape random-init model, unpatched vs
+patched with chosen options, in one process (bench/e2e/sft.py compares whole variants, one per process).
 
-    python3 bench/bench_sft_e2e.py --out DIR [--steps 12] [--lora 16] [--options mlp=1,loss=1]
-    python3 bench/bench_sft_e2e.py --out DIR --variants "mlp;mlp,rope;mlp,lora;mlp,rope,lora,loss"
-    python3 bench/bench_sft_e2e.py --out DIR --qlora --variants "mlp,rope,packing;mlp,rope,packing,lora"
+    python -m bench.e2e.sft_options --out DIR [--steps 12] [--lora 16] [--options mlp=1,loss=1]
+    python -m bench.e2e.sft_options --out DIR --variants "mlp;mlp,rope;mlp,lora;mlp,rope,lora,loss"
+    python -m bench.e2e.sft_options --out DIR --qlora --variants "mlp,rope,packing;mlp,rope,packing,lora"
+    python -m bench.e2e.sft_options --tiny --out DIR     # CPU: tiny model, 2 x 32 tokens, 3 steps
 
 Shape (Llama-3.2-1B): hidden 2048, intermediate 8192, 16 layers, 32/8 heads, vocab 128256;
 LoRA r16 on all linear layers; gradient checkpointing on; batch 2 x 4096; bf16. Step time is the
 median over steps after two warm-up steps, synchronized; peak memory is torch's peak allocated.
-Later issues report their effect through this bench (patch options select what is patched).
 With --qlora the base weights are NF4 with double quantization (bitsandbytes, as transformers'
 BitsAndBytesConfig loads them: the random model is saved once and every run loads it quantized),
-compute dtype bf16, LoRA on top (PEFT's bnb Linear4bit layers).
+compute dtype bf16, LoRA on top (PEFT's bnb Linear4bit layers). Writes DIR/sft_options.json: rows of
+bench/schema.py (op ``sft_options``, case ``<lora|qlora|full> train step``, impl the run's label, the
+patch report and per-step times in ``extra``).
 """
 
 import argparse
 import copy
 import gc
-import json
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
 
+from bench.e2e import common
 from fastkern.demo import build_dataset, build_model, build_tokenizer, format_table, run_sft
+
+TINY = dict(size="tiny", vocab=256, length=32, batch=2, steps=3)
 
 
 def parse_options(text):
@@ -53,13 +59,15 @@ def only_options(only: str) -> dict:
     return options
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--size", default="1b")
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--tiny", action="store_true", help="CPU: tiny model, vocab 256, 2 x 32 tokens, 3 steps")
     parser.add_argument("--lora", type=int, default=16)
     parser.add_argument("--options", default="", help="patch_model options, e.g. mlp=1,loss=1")
     parser.add_argument("--only", default="", help="comma-separated options to enable; every other option off")
@@ -71,7 +79,25 @@ def main():
                         help="NF4 (double quant) base weights through BitsAndBytesConfig; needs --lora > 0")
     parser.add_argument("--packing", action="store_true",
                         help="SFTConfig(packing=True): documents packed padding-free into rows of `length`")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tiny:
+        vars(args).update(TINY)
+    return args
+
+
+def row(env, args, result, device) -> dict:
+    """The schema row of one run (``run_sft``'s result)."""
+    mode = "qlora" if args.qlora else "lora" if args.lora else "full"
+    return common.schema.make_row(
+        env, op="sft_options", case=f"{mode} train step", shape=f"{args.size} B{args.batch} T{args.length}",
+        dtype="bfloat16" if device.type == "cuda" else "float32", impl=result.label, ms=result.step_s * 1e3,
+        throughput=result.tokens_per_s, throughput_unit="tokens/s", loss=result.losses[-1] if result.losses else None,
+        losses=result.losses, report=result.report, **result.extra, **common.peak(device))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = common.device()
     runs = [("TRL default (unpatched)", False, {})]
     if args.variants:
         for only in args.variants.split(";"):
@@ -84,6 +110,7 @@ def main():
         if args.only:
             options = only_options(args.only) | options
         runs.append(("fastkern.patch_model", True, options))
+    env = common.environment(device)
     tokenizer = build_tokenizer()
     n_rows = args.steps * args.batch
     if args.mixed:
@@ -98,7 +125,7 @@ def main():
               f"{1 - sum(lengths) / padded:.1%} of a padded batch of {args.batch} (removed by packing)", flush=True)
     if args.qlora and not args.lora:
         raise SystemExit("--qlora trains LoRA adapters on the quantized base: give --lora > 0")
-    base = build_model(args.size, 128256, torch.bfloat16)
+    base = build_model(args.size, args.vocab, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.qlora:
         saved = tempfile.mkdtemp(prefix="fastkern-qlora-")
         base.save_pretrained(saved)
@@ -109,36 +136,36 @@ def main():
 
             quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                        bnb_4bit_compute_dtype=torch.bfloat16)
+            place = torch.cuda.current_device() if device.type == "cuda" else "cpu"
             return AutoModelForCausalLM.from_pretrained(saved, quantization_config=quant, dtype=torch.bfloat16,
-                                                        device_map={"": torch.cuda.current_device()})
+                                                        device_map={"": place})
     else:
         def fresh_model():
-            return copy.deepcopy(base).cuda()
+            return copy.deepcopy(base).to(device)
     results = []
     for label, patch, options in runs:
         gc.collect()
-        torch.cuda.empty_cache()
-        print(f"{label}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated before the model", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            print(f"{label}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated before the model", flush=True)
         model = fresh_model()
         results.append(run_sft(label, model, tokenizer, dataset, steps=args.steps, batch=args.batch, length=args.length,
-                               lr=1e-4, bf16=True, gradient_checkpointing=True, patch=patch, lora=args.lora,
+                               lr=1e-4, bf16=device.type == "cuda", gradient_checkpointing=True, patch=patch, lora=args.lora,
                                patch_options=options, packing=args.packing))
+        results[-1] = (results[-1], row(env, args, results[-1], device))
         del model
-        torch.cuda.empty_cache()
-        print(format_table(results[-1:]), flush=True)
-    table = format_table(results)
-    print(table)
-    for r in results[1:]:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(format_table([results[-1][0]]), flush=True)
+    print(format_table([r for r, _ in results]))
+    for r, _ in results[1:]:
         print(r.label, "\n", r.report)
     if args.qlora:
         shutil.rmtree(saved, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_sft_e2e.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), args=vars(args),
-                       results=[dict(label=r.label, step_s=r.step_s, tokens_per_s=r.tokens_per_s, peak=r.peak_memory,
-                                     final_loss=r.final_loss, losses=r.losses, **r.extra) for r in results],
-                       reports={r.label: r.report for r in results[1:]}), f, indent=1)
+    print("wrote", common.write(args.out, "sft_options", [r for _, r in results]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

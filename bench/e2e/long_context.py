@@ -1,8 +1,8 @@
 """Long-context training on one GPU: peak memory and step time of one LoRA / QLoRA step per sequence length.
 
-    python3 bench/long_context.py --size 8b --qlora --layers 2 --lengths 65536 131072 262144 524288 --out DIR
-    python3 bench/long_context.py --size 1b --lengths 131072 262144 524288 1048576 --out DIR
-    python3 bench/long_context.py --size tiny --lengths 64 128 --out DIR      # CPU, seconds (CI runs this)
+    python -m bench.e2e.long_context --size 8b --qlora --layers 2 --lengths 65536 131072 262144 524288 --out DIR
+    python -m bench.e2e.long_context --size 1b --lengths 131072 262144 524288 1048576 --out DIR
+    python -m bench.e2e.long_context --tiny --out DIR      # CPU, seconds (= --size tiny; the tests run this)
 
 Model: Llama-3.1-8B's shape (hidden 4096, intermediate 14336, 32 layers, 32/8 heads, vocab 128256), or
 Llama-3.2-1B's (2048, 8192, 16 layers, 32/8 heads, tied embeddings), or a tiny one; random init, built
@@ -23,15 +23,16 @@ timed (CUDA synchronized) with the peak of torch.cuda.max_memory_allocated / res
 process's peak host RSS, and the offloader's host pool. The first out-of-memory error ends the sweep
 (recorded, not raised); so does ``--time-budget-s`` (the next length is predicted to take >= 2x the
 last). ``--memory-cap-gib`` caps the device memory through torch.cuda.set_per_process_memory_fraction.
-Writes long_context.json to --out (after every length, so a run cut short keeps what it measured) and
-prints a markdown table.
+Writes DIR/long_context.json (after every length, so a run cut short keeps what it measured): rows of
+bench/schema.py (op ``long_context``, case the training, shape the model and length, impl the variant,
+``peak_mib`` torch's peak allocated on CUDA or the host's max RSS on the CPU; reserved memory, host RSS
+and the offloader's pool in ``extra``), and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -39,6 +40,8 @@ import resource
 import time
 
 import torch
+
+from bench.e2e import common
 
 SIZES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -142,7 +145,7 @@ def _free(model, optimizer) -> None:
         torch.cuda.empty_cache()
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
@@ -197,7 +200,7 @@ def run(args, save=lambda result: None) -> dict:
     vocab = model.config.vocab_size
     out = dict(size=args.size, layers=model.config.num_hidden_layers, qlora=args.qlora, lora_r=args.lora_r,
                variant=args.variant, tiled_mlp=args.tiled_mlp, device=torch.cuda.get_device_name(device) if device.type == "cuda" else
-               platform.processor() or "cpu", torch=torch.__version__, memory_cap_gib=args.memory_cap_gib,
+               platform.processor() or "cpu", device_type=device.type, torch=torch.__version__, memory_cap_gib=args.memory_cap_gib,
                trainable_params=sum(p.numel() for p in trainable), report=report, results=[])
     started = time.perf_counter()
     try:
@@ -214,7 +217,7 @@ def run(args, save=lambda result: None) -> dict:
         try:
             row = measure(model, optimizer, seq_len, vocab, device)
         except Exception as exc:  # noqa: BLE001 - the first failure ends the sweep, recorded
-            oom = _is_oom(exc)
+            oom = is_oom(exc)
             out["results"].append(dict(seq_len=seq_len, ok=False, error="out of memory" if oom else repr(exc)[:500]))
             _free(model, optimizer)
             break
@@ -256,7 +259,36 @@ def parse_args(argv=None):
     p.add_argument("--warmup-len", type=int, default=2048)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=".")
-    return p.parse_args(argv)
+    p.add_argument("--tiny", action="store_true", help="CPU, the tiny shape (--size tiny --device cpu)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.size, args.device = "tiny", "cpu"
+    return args
+
+
+def schema_rows(result: dict) -> list[dict]:
+    """The sweep's rows in bench/schema.py's schema."""
+    cuda = result["device_type"] == "cuda"
+    env = common.environment(torch.device(result["device_type"]))
+    case = f"{'QLoRA NF4' if result['qlora'] else 'LoRA bf16'} r{result['lora_r']} train step"
+    impl = f"{result['variant']} (tiled_mlp {result['tiled_mlp']})"
+    common_extra = dict(memory_cap_gib=result["memory_cap_gib"], trainable_params=result["trainable_params"],
+                        report=result["report"])
+    rows = []
+    for r in result["results"]:
+        shape = f"{result['size']} x{result['layers']} layers T{r['seq_len']}"
+        if r.get("error"):
+            rows.append(common.schema.make_row(env, op="long_context", case=case, shape=shape, dtype="bfloat16",
+                                               impl=impl, error=r["error"], **common_extra))
+            continue
+        peak = r.get("peak_allocated_gib") if cuda else r["host_peak_rss_gib"]
+        extra = {k: v for k, v in r.items() if k not in ("seq_len", "step_s", "tokens_per_s", "loss", "error")}
+        rows.append(common.schema.make_row(
+            env, op="long_context", case=case, shape=shape, dtype="bfloat16", impl=impl, ms=r["step_s"] * 1e3,
+            throughput=r["tokens_per_s"], throughput_unit="tokens/s", loss=r["loss"],
+            peak_mib=None if peak is None else peak * 1024, peak_scope="total" if cuda else "host",
+            error=None if r["ok"] else "loss not finite", **extra, **common_extra))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -268,14 +300,12 @@ def main(argv=None) -> int:
             print("--qlora needs bitsandbytes; not installed")
             return 2
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "long_context.json")
 
     def save(result):
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        return common.write(args.out, "long_context", schema_rows(result))
 
     result = run(args, save)
-    save(result)
+    path = save(result)
     print(table(result))
     print(f"wrote {path}")
     return 0

@@ -1,6 +1,7 @@
 """Offloaded checkpointing on a Llama-1B-shape model: step time, peak memory, longest trainable context.
 
-    python3 bench/bench_offload.py --out DIR [--steps 6] [--cap-gib 16] [--budget-s 170]
+    python -m bench.e2e.offload --out DIR [--steps 6] [--cap-gib 16] [--budget-s 170]
+    python -m bench.e2e.offload --tiny --out DIR     # CPU: tiny shape, B2 x T64, steps 1-2 only (tests run this)
 
 Model: hidden 2048, intermediate 8192, 16 layers, 32/8 heads, vocab 128256, random init, bf16, SDPA;
 LoRA r16 on all linear layers when peft imports (else full fine-tuning). Variants, one model
@@ -16,16 +17,20 @@ checkpointing, and fastkern.patch_model(checkpointing="offload").
 3. Longest context at batch 1 under a per-process cap of --cap-gib (so that the limit is reached in
    seconds rather than minutes of quadratic attention): the loss is computed in checkpointed 1024-token
    chunks (same for every variant) so that logits do not decide the limit; T doubles from 8192 until
-   out of memory, then bisects to 2048 tokens.
+   out of memory, then bisects to 2048 tokens (CUDA only).
+
+Writes DIR/offload.json: one row of bench/schema.py per variant (op ``offload``, case ``train step``,
+``peak_mib`` torch's peak allocated, model included; the peak above the step-start baseline, the saving
+against plain checkpointing, the check's error, the offloader's counters and the longest context in
+``extra``; a variant that is unavailable or wrong is a row with its ``error``).
 """
 
 import argparse
 import contextlib
 import gc
 import inspect
-import json
-import os
 import statistics
+import sys
 import time
 import warnings
 
@@ -34,11 +39,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fastkern
+from bench.e2e import common
 from fastkern.patching.checkpointing import model_offloader
 from fastkern.patching.options import OPTIONS
 
-HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 2048, 8192, 16, 32, 8, 128256
-DEVICE = "cuda"
+SHAPES = {"1b": dict(hidden=2048, inter=8192, layers=16, heads=32, kv_heads=8, vocab=128256),
+          "tiny": dict(hidden=64, inter=128, layers=2, heads=4, kv_heads=2, vocab=256)}
 CHUNK = 1024  # tokens per lm_head chunk in the long-context loss
 LONG_START = 8192
 GIB = 2**30
@@ -48,16 +54,17 @@ TOLERANCE = 5e-3
 CHECKPOINTING_ONLY = {o.name: None for o in OPTIONS} | {"checkpointing": "offload"}
 
 
-def build(lora_rank):
+def build(lora_rank, shape, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
+    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"],
+                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                         num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"],
                          max_position_embeddings=262144, tie_word_embeddings=True)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(DEVICE):
-        hf = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):
+        hf = LlamaForCausalLM(config).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     hf.config.use_cache = False
     try:
         from peft import LoraConfig, get_peft_model
@@ -170,10 +177,10 @@ def rel_err(a, b):
 def correctness(model, hf, variants, ids):
     """Each variant's loss and trainable gradients vs plain checkpointing, relative error norm.
 
-    Run under SDPA's math backend so that the comparison is between deterministic kernels: in a first
-    H100 run under the default (flash) backend every variant, no checkpointing included, differed from
-    the first plain-checkpointing run by 1.3e-2 in bf16 gradients of this random-init model (see
-    flash_noise(), which measures plain against itself). Offloading only copies bytes and recomputes
+    Run under SDPA's math backend so that the comparison is between deterministic kernels: on an H100
+    under the default (flash) backend every variant, no checkpointing included, differed from a
+    plain-checkpointing run by 1.3e-2 in bf16 gradients of this random-init model (flash_noise()
+    measures plain against itself). Offloading only copies bytes and recomputes
     with the same kernels, so every checkpointing variant must reproduce plain checkpointing. No
     checkpointing keeps every layer's attention probabilities under the math backend, so it is
     checked on the first 1024 tokens. Plain checkpointing is also compared with its own earlier run.
@@ -220,29 +227,32 @@ def _loss_and_grads(model, ids, v):
 
 
 def time_steps(model, v, ids, opt, steps):
-    times = []
+    """Median step seconds, the peak (common.peak), the allocation at the step start (CUDA), the
+    offloader's counters and the last loss."""
+    device, cuda = ids.device, ids.device.type == "cuda"
+    times, base = [], 0
     with v:
         for i in range(steps + 2):
-            if i == 2:
+            if i == 2 and cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            torch.cuda.synchronize()
+            common.sync(device)
             t0 = time.perf_counter()
-            hf_loss_step(model, ids, v.context())
+            loss = hf_loss_step(model, ids, v.context())
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            common.sync(device)
             times.append(time.perf_counter() - t0)
         extra = {}
         offloader = model_offloader(model)
         if offloader is not None:
             extra = dict(host_bytes=offloader.pool.bytes_held, **vars(offloader.stats))
-    return statistics.median(times[2:]), torch.cuda.max_memory_allocated(), base, extra
+    return statistics.median(times[2:]), common.peak(device), base, extra, loss.item()
 
 
-def fits(model, hf, v, length):
-    ids = torch.randint(0, VOCAB, (1, length), device=DEVICE)
+def fits(model, hf, v, length, vocab):
+    ids = torch.randint(0, vocab, (1, length), device="cuda")
     ok = True
     try:
         with v:
@@ -256,12 +266,12 @@ def fits(model, hf, v, length):
     return ok
 
 
-def longest_context(model, hf, v, deadline):
+def longest_context(model, hf, v, deadline, vocab):
     good, bad, length = 0, None, LONG_START
     while bad is None:
         if time.perf_counter() > deadline:
             return good, "time budget hit"
-        if fits(model, hf, v, length):
+        if fits(model, hf, v, length, vocab):
             good, length = length, length * 2
         else:
             bad = length
@@ -269,15 +279,15 @@ def longest_context(model, hf, v, deadline):
         if time.perf_counter() > deadline:
             return good, "time budget hit"
         mid = (good + bad) // 2 // (LONG_START // 8) * (LONG_START // 8)
-        if fits(model, hf, v, mid):
+        if fits(model, hf, v, mid, vocab):
             good = mid
         else:
             bad = mid
     return good, f"OOM at {bad}"
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
@@ -285,56 +295,61 @@ def main():
     parser.add_argument("--lora", type=int, default=16)
     parser.add_argument("--cap-gib", type=float, default=16.0)
     parser.add_argument("--budget-s", type=float, default=170.0, help="stop the long-context search this long after start")
-    args = parser.parse_args()
-    start = time.perf_counter()
-    model, hf, training = build(args.lora)
-    variants = [Variant(name, model, hf) for name in VARIANTS]
-    runnable = [v for v in variants if v.available]
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    ids = torch.randint(0, VOCAB, (args.batch, args.length), device=DEVICE, generator=g)
-    errors = correctness(model, hf, runnable, ids)
-    noise = flash_noise(model, next(v for v in variants if v.name == "plain checkpointing"), ids)
-    print(f"correctness (math SDPA, rel err vs plain checkpointing): {errors}; flash run-to-run noise {noise:.1e}")
+    parser.add_argument("--tiny", action="store_true", help="CPU: tiny shape, B2 x T64, 1 timed step, no search")
+    args = parser.parse_args(argv)
+    args.shape = "tiny" if args.tiny else "1b"
+    if args.tiny:
+        args.length, args.steps = 64, 1
+    return args
+
+
+def measure_steps(args, model, variants, errors, ids) -> list[dict]:
+    """Per variant: median step time and peak memory, or why it was not timed."""
     opt = torch.optim.AdamW(trainable(model), lr=1e-5)
-    layer_bytes = args.batch * args.length * HIDDEN * 2
+    cuda = ids.device.type == "cuda"
     rows = []
     for v in variants:
         row = dict(variant=v.name)
         if not v.available:
-            row["status"] = v.why
+            row["error"] = v.why
         elif not errors.get(v.name, float("nan")) < TOLERANCE:
-            row["status"] = f"WRONG: relative error {errors[v.name]:.2e} vs plain checkpointing; not timed"
+            row["error"] = f"wrong: relative error {errors.get(v.name, float('nan')):.2e} vs plain checkpointing; not timed"
         else:
             try:
                 # Whatever an earlier variant (or the correctness pass) left alive would count in this
                 # variant's peak: collect it first, and report the peak above the step-start baseline too.
                 gc.collect()
-                torch.cuda.empty_cache()
-                step_s, peak, base, extra = time_steps(model, v, ids, opt, args.steps)
+                if cuda:
+                    torch.cuda.empty_cache()
+                step_s, peak, base, extra, loss = time_steps(model, v, ids, opt, args.steps)
             except Exception as exc:
                 v.available = False
-                row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+                row["error"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
                 rows.append(row)
                 print(row, flush=True)
                 continue
-            row.update(status="ok", rel_err=errors[v.name], step_s=step_s, peak_gib=peak / GIB,
-                       peak_above_weights_gib=(peak - base) / GIB, **extra)
+            above = (peak["peak_mib"] - base / 2**20) / 1024 if cuda else None
+            row.update(rel_err=errors[v.name], step_s=step_s, loss=loss, peak=peak, peak_above_weights_gib=above, **extra)
         rows.append(row)
         print(row, flush=True)
     plain = next((r for r in rows if r["variant"] == "plain checkpointing" and "step_s" in r), None)
     for r in rows:
         if plain and "step_s" in r:
             r["time_vs_plain"] = r["step_s"] / plain["step_s"] - 1
-            r["saved_vs_plain_mib"] = (plain["peak_gib"] - r["peak_gib"]) * 1024
-            r["saved_above_baseline_mib"] = (plain["peak_above_weights_gib"] - r["peak_above_weights_gib"]) * 1024
-            r["baseline_gib"] = r["peak_gib"] - r["peak_above_weights_gib"]
+            r["saved_vs_plain_mib"] = plain["peak"]["peak_mib"] - r["peak"]["peak_mib"]
+            if cuda:
+                r["saved_above_baseline_mib"] = (plain["peak_above_weights_gib"] - r["peak_above_weights_gib"]) * 1024
+                r["baseline_gib"] = r["peak"]["peak_mib"] / 1024 - r["peak_above_weights_gib"]
+    return rows
 
+
+def longest_contexts(args, model, hf, variants, errors, deadline) -> dict[str, dict]:
+    """Longest trainable T at batch 1 under the --cap-gib cap, per variant (CUDA only)."""
     total = torch.cuda.get_device_properties(0).total_memory
     gc.collect()
     torch.cuda.empty_cache()  # the cap limits reserved memory: cached blocks from above must go first
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total))
-    deadline = start + args.budget_s
-    longest = []
+    longest = {}
     # Most wanted first, in case the time budget runs out.
     order = ["plain checkpointing", "fastkern offload", "transformers offload=True", "TRL activation offloading"]
     for v in sorted(variants, key=lambda v: order.index(v.name) if v.name in order else len(order)):
@@ -343,38 +358,77 @@ def main():
         if v.name != "plain checkpointing" and not errors.get(v.name, 1.0) < TOLERANCE:
             continue
         t0 = time.perf_counter()
-        length, why = longest_context(model, hf, v, deadline)
-        longest.append(dict(variant=v.name, longest_T=length, stop=why, search_s=time.perf_counter() - t0))
-        print(longest[-1], flush=True)
+        length, why = longest_context(model, hf, v, deadline, SHAPES[args.shape]["vocab"])
+        longest[v.name] = dict(longest_T=length, longest_stop=why, longest_search_s=time.perf_counter() - t0,
+                               longest_cap_gib=args.cap_gib)
+        print(v.name, longest[v.name], flush=True)
     torch.cuda.set_per_process_memory_fraction(1.0)
+    return longest
 
-    target_mib = (LAYERS - 2) * args.length * HIDDEN * 2 / 2**20
-    print(f"\nLlama-1B shape, {training}, bf16, B{args.batch} x T{args.length}; {torch.cuda.get_device_name()}")
-    print(f"one layer input = {layer_bytes / 2**20:.0f} MiB; memory target (layers-2) x T x hidden x 2 B = "
-          f"{target_mib:.0f} MiB (x batch {args.batch}: {target_mib * args.batch:.0f} MiB); time target +2 %")
+
+def schema_rows(args, rows, longest, noise, training, device) -> list[dict]:
+    env = common.environment(device)
+    out = []
+    for r in rows:
+        extra = {k: v for k, v in r.items() if k not in ("variant", "step_s", "loss", "peak", "error")}
+        extra.update(longest.get(r["variant"], {}), training=training, flash_noise=noise)
+        out.append(common.schema.make_row(
+            env, op="offload", case="train step", shape=f"llama-{args.shape} B{args.batch} T{args.length}",
+            dtype="bfloat16" if device.type == "cuda" else "float32", impl=r["variant"],
+            ms=r["step_s"] * 1e3 if "step_s" in r else None, loss=r.get("loss"), error=r.get("error"),
+            throughput=args.batch * args.length / r["step_s"] if "step_s" in r else None, throughput_unit="tokens/s",
+            **r.get("peak", {}), **extra))
+    return out
+
+
+def print_tables(args, rows, longest, noise, training, device) -> None:
+    hidden, layers = SHAPES[args.shape]["hidden"], SHAPES[args.shape]["layers"]
+    target_mib = (layers - 2) * args.length * hidden * 2 / 2**20
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (a smoke test, not a measurement)"
+    print(f"\nLlama-{args.shape} shape, {training}, B{args.batch} x T{args.length}; {name}")
+    print(f"one layer input = {args.batch * args.length * hidden * 2 / 2**20:.0f} MiB; memory target (layers-2) x T x "
+          f"hidden x 2 B = {target_mib:.0f} MiB (x batch {args.batch}: {target_mib * args.batch:.0f} MiB); time target +2 %")
     print(f"check: math-SDPA rel err vs plain checkpointing (no checkpointing: first 1024 tokens); plain vs "
-          f"plain on flash SDPA: {noise:.1e}\n")
-    print("| variant | step (s) | vs plain | peak alloc (GiB) | step-start baseline (GiB) | saved vs plain (MiB): "
+          f"plain on the default SDPA backend: {noise:.1e}\n")
+    print("| variant | step (s) | vs plain | peak (GiB) | step-start baseline (GiB) | saved vs plain (MiB): "
           "absolute / above baseline | check |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        if "step_s" in r:
-            print(f"| {r['variant']} | {r['step_s']:.4f} | {r['time_vs_plain']:+.1%} | {r['peak_gib']:.2f} | "
-                  f"{r['baseline_gib']:.3f} | {r['saved_vs_plain_mib']:.0f} / {r['saved_above_baseline_mib']:.0f} | "
-                  f"rel err {r['rel_err']:.1e} |")
-        else:
-            print(f"| {r['variant']} | | | | | | {r['status']} |")
-    print(f"\nLongest T at batch 1 (cap {args.cap_gib} GiB, chunked loss, {LONG_START // 4}-token resolution):\n")
-    print("| variant | longest T | stopped by | search (s) |")
-    print("|---|---|---|---|")
-    for r in longest:
-        print(f"| {r['variant']} | {r['longest_T']} | {r['stop']} | {r['search_s']:.0f} |")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, args=vars(args),
-                       training=training, flash_noise=noise, steps=rows, longest=longest, target_saved_mib=target_mib,
-                       wall_s=time.perf_counter() - start), f, indent=1)
+        if "step_s" not in r:
+            print(f"| {r['variant']} | | | | | | {r['error']} |")
+            continue
+        vs = f"{r['time_vs_plain']:+.1%}" if "time_vs_plain" in r else ""
+        saved = (f"{r['saved_vs_plain_mib']:.0f} / {r.get('saved_above_baseline_mib', float('nan')):.0f}"
+                 if "saved_vs_plain_mib" in r else "")
+        base = f"{r['baseline_gib']:.3f}" if "baseline_gib" in r else "-"
+        print(f"| {r['variant']} | {r['step_s']:.4f} | {vs} | {r['peak']['peak_mib'] / 1024:.2f} ({r['peak']['peak_scope']}) | "
+              f"{base} | {saved} | rel err {r['rel_err']:.1e} |")
+    if longest:
+        print(f"\nLongest T at batch 1 (cap {args.cap_gib} GiB, chunked loss, {LONG_START // 4}-token resolution):\n")
+        print("| variant | longest T | stopped by | search (s) |")
+        print("|---|---|---|---|")
+        for name, r in longest.items():
+            print(f"| {name} | {r['longest_T']} | {r['longest_stop']} | {r['longest_search_s']:.0f} |")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    device = common.device(args.tiny)
+    model, hf, training = build(args.lora, SHAPES[args.shape], device)
+    variants = [Variant(name, model, hf) for name in VARIANTS]
+    runnable = [v for v in variants if v.available]
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, SHAPES[args.shape]["vocab"], (args.batch, args.length), device=device, generator=g)
+    errors = correctness(model, hf, runnable, ids)
+    noise = flash_noise(model, next(v for v in variants if v.name == "plain checkpointing"), ids)
+    print(f"correctness (math SDPA, rel err vs plain checkpointing): {errors}; default-backend run-to-run noise {noise:.1e}")
+    rows = measure_steps(args, model, variants, errors, ids)
+    longest = longest_contexts(args, model, hf, variants, errors, start + args.budget_s) if device.type == "cuda" else {}
+    print_tables(args, rows, longest, noise, training, device)
+    print("wrote", common.write(args.out, "offload", schema_rows(args, rows, longest, noise, training, device)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,12 @@
 """GRPO and DPO steps in stock TRL, unpatched vs fastkern.patch_model(loss=True): peak memory and time.
 
-    python3 bench/bench_grpo_dpo.py --out DIR [--config qwen3-0.6b|tiny] [--budget-s 200] [--tasks grpo,dpo]
+    python -m bench.e2e.grpo_dpo --out DIR [--config qwen3-0.6b|tiny] [--budget-s 200] [--tasks grpo,dpo]
         [--variants "defaults;loss"] [--no-gradient-checkpointing] [--profile]
+    python -m bench.e2e.grpo_dpo --tiny --out DIR     # CPU: the tiny config (the tests run this)
 
 Model: Qwen3-0.6B shape (hidden 1024, intermediate 3072, 28 layers, 16/8 heads, head_dim 128, vocab
 151936, tied embeddings), random init, bf16 weights, SDPA, LoRA r16 on all linear layers, TRL's
-default gradient checkpointing (``--no-gradient-checkpointing`` turns it off, as run B had it). Each
+default gradient checkpointing (``--no-gradient-checkpointing`` turns it off). Each
 variant builds its own model (same seed) and its own trainer, because fastkern must be patched in before TRL wraps the forward (``add_fused_lm_head``).
 
 GRPO (TRL 1.16 GRPOTrainer, loss_type dapo, beta 0.04): 8 completions x 1024 tokens after a 128-token
@@ -32,18 +33,23 @@ default option on), ``defaults,lora,offload`` adds lora=True and checkpointing="
 list without ``defaults`` such as ``loss`` or ``loss,mlp`` turns on exactly those options and every
 other one off, to attribute a difference to one patch. ``--profile`` prints, per row, the CUDA
 kernels of one step by total device time (torch.profiler), to say where a difference comes from.
+
+Writes DIR/grpo_dpo.json: rows of bench/schema.py (op ``grpo_dpo``, case ``grpo step`` / ``dpo step``,
+impl the variant, ``ms`` the step, ``peak_mib`` the peak extra memory, tokens/s over the step's tokens,
+``loss``; the checks' relative errors, the TRL kernel calls and the interleaved median in ``extra``).
 """
 
 import argparse
 import gc
-import json
 import os
+import sys
 import tempfile
 import time
 
 import torch
 
 import fastkern
+from bench.e2e import common
 from fastkern.demo import build_tokenizer
 
 CONFIGS = {
@@ -264,10 +270,7 @@ def measure(task, name, device, dtype, patch, reference, do_bench, checkpointing
             torch.cuda.synchronize()
             row["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
             if memory_peak:  # what is alive at the peak, by allocation site (bench/memory_peak.py)
-                try:  # run as a script (bench/ on sys.path) or imported as bench.bench_grpo_dpo
-                    from memory_peak import peak_report, record
-                except ImportError:
-                    from bench.memory_peak import peak_report, record
+                from bench.memory_peak import peak_report, record
 
                 zero_grads(model)
                 with record() as trace:
@@ -326,9 +329,30 @@ def interleaved_ms(task, name, device, dtype, variants, checkpointing, rounds) -
     return {label: sorted(ts)[len(ts) // 2] for label, ts in times.items()}
 
 
-def main():
+def schema_rows(rows: list[dict], name: str, dtype, device) -> list[dict]:
+    """The bench's rows in bench/schema.py's schema."""
+    env = common.environment(device)
+    gens, p, c = SHAPES[name]["grpo"]
+    dp, dc = SHAPES[name]["dpo"]
+    shapes = dict(grpo=(f"{name} G{gens} P{p} C{c}", gens * (p + c)), dpo=(f"{name} 2x(P{dp} C{dc})", 2 * (dp + dc)))
+    out = []
+    for r in rows:
+        shape, tokens = shapes[r["task"]]
+        ms = r.get("ms") if "error" not in r else None
+        extra = {k: v for k, v in r.items() if k not in ("task", "variant", "ms", "loss", "error", "peak_extra_gib")}
+        peak = r.get("peak_extra_gib")
+        out.append(common.schema.make_row(
+            env, op="grpo_dpo", case=f"{r['task']} step", shape=shape, dtype=str(dtype).removeprefix("torch."),
+            impl=r["variant"], ms=ms, throughput=tokens / ms * 1e3 if ms else None, throughput_unit="tokens/s",
+            peak_mib=None if peak is None else peak * 1024, peak_scope="extra", loss=r.get("loss"),
+            error=r.get("error"), **extra))
+    return out
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--tiny", action="store_true", help="CPU, the tiny config (a smoke test, not a measurement)")
     parser.add_argument("--config", choices=list(CONFIGS), default=None,
                         help="default: qwen3-0.6b on CUDA, tiny on CPU (a smoke test, not a measurement)")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new rows after this")
@@ -344,10 +368,10 @@ def main():
                              "per process if that happens)")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="also time all variants round-robin for ROUNDS rounds (see interleaved_ms)")
-    args = parser.parse_args()
-    cuda = torch.cuda.is_available()
+    args = parser.parse_args(argv)
+    cuda = common.device(args.tiny).type == "cuda"
     device = "cuda" if cuda else "cpu"
-    name = args.config or ("qwen3-0.6b" if cuda else "tiny")
+    name = "tiny" if args.tiny else args.config or ("qwen3-0.6b" if cuda else "tiny")
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda:
         from triton.testing import do_bench
@@ -421,10 +445,11 @@ def main():
               f"{r['trl_kernel_calls']} |")
     patched_report = next((r["report"] for r in rows if r.get("report")), "")
     print("\n" + patched_report)
-    with open(os.path.join(args.out, "bench_grpo_dpo.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                       config=name, gradient_checkpointing=args.gradient_checkpointing, rows=rows), f, indent=1)
+    for r in rows:
+        r["gradient_checkpointing"] = args.gradient_checkpointing
+    print("wrote", common.write(args.out, "grpo_dpo", schema_rows(rows, name, dtype, torch.device(device))))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,25 +2,27 @@
 
 One run is one launch (one variant, one mode) with --out DIR (default .); the parallelism is the launcher's:
 
-    accelerate launch --config_file examples/accelerate/ddp.yaml bench/multi_gpu.py --mode lora --variant fastkern
-    accelerate launch --config_file examples/accelerate/fsdp2.yaml bench/multi_gpu.py --mode full --variant trl
-    torchrun --nproc-per-node 2 bench/multi_gpu.py --mode lora --variant fastkern     # DDP
-    python bench/multi_gpu.py --mode lora --variant fastkern                           # one GPU, the baseline
+    accelerate launch --config_file examples/accelerate/ddp.yaml -m bench.e2e.multi_gpu --mode lora --variant fastkern
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml -m bench.e2e.multi_gpu --mode full --variant trl
+    torchrun --nproc-per-node 2 -m bench.e2e.multi_gpu --mode lora --variant fastkern     # DDP
+    python -m bench.e2e.multi_gpu --mode lora --variant fastkern                           # one GPU, the baseline
 
-    torchrun --nproc-per-node 2 bench/multi_gpu.py --tiny --out DIR     # CPU smoke test (gloo), seconds
+    torchrun --nproc-per-node 2 -m bench.e2e.multi_gpu --tiny --out DIR     # CPU smoke test (gloo), seconds
 
+(from the repository root).
 Variants: trl (TRL 1.16 default: its fused LM head, no other kernels), fastkern (``patch_model(model)``
 with no options, before the trainer is built). Modes: lora (r16 on all linear layers), full.
 Model: Llama-3.2-1B shape by default, or --size 8b (Llama-3.1-8B shape), random init,
 bf16, TRL's default gradient checkpointing, batch 2 x 4096 per rank, AdamW, constant lr. Step time: median
 over the steps after --warmup, synchronized; tokens/s counts the tokens of all ranks; peak: torch's peak
-allocated per rank. Rank 0 writes DIR/multi_gpu-<parallel>-<mode>-<variant>-<world>.json.
+allocated per rank (the process's max RSS on the CPU). Rank 0 writes
+DIR/multi_gpu-<parallel>-<mode>-<variant>-<world>.json: one row of bench/schema.py (op ``multi_gpu``,
+``peak_mib`` the largest rank's peak; every rank's peak, the losses and per-step times in ``extra``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -28,6 +30,8 @@ import tempfile
 import time
 
 import torch
+
+from bench.e2e import common
 
 SIZES_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8)
@@ -129,17 +133,16 @@ def main(argv=None) -> int:
     step_s = statistics.median(warm)
     tokens = args.batch * args.length * accelerator.num_processes
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = dict(parallel=parallel, world=accelerator.num_processes, mode=args.mode, variant=args.variant,
-                  size=args.size, batch_per_rank=args.batch, length=args.length, step_ms=step_s * 1e3,
-                  tokens_per_s=tokens / step_s, peak_gib_per_rank=peaks,
-                  peak_kind="cuda max_memory_allocated" if cuda else "host max RSS", losses=losses,
-                  step_times_s=timer.times,
-                  device=torch.cuda.get_device_name() if cuda else "cpu", report=str(report or ""))
+    row = common.schema.make_row(
+        common.environment(device), op="multi_gpu", case=f"{args.mode} train step",
+        shape=f"{args.size} {parallel} x{accelerator.num_processes} B{args.batch}/rank T{args.length}",
+        dtype=str(dtype).removeprefix("torch."), impl=args.variant, ms=step_s * 1e3, throughput=tokens / step_s,
+        throughput_unit="tokens/s", peak_mib=max(peaks) * 1024, peak_scope="total" if cuda else "host",
+        loss=losses[-1] if losses else None, parallel=parallel, world=accelerator.num_processes,
+        peak_gib_per_rank=peaks, losses=losses, step_times_s=list(timer.times), report=str(report or ""))
     if accelerator.is_main_process:
         os.makedirs(args.out, exist_ok=True)
-        name = f"multi_gpu-{parallel}-{args.mode}-{args.variant}-{accelerator.num_processes}.json"
-        with open(os.path.join(args.out, name), "w") as f:
-            json.dump(result, f, indent=1)
+        common.write(args.out, f"multi_gpu-{parallel}-{args.mode}-{args.variant}-{accelerator.num_processes}", [row])
         print(f"{parallel} x{accelerator.num_processes} {args.mode} {args.variant}: {step_s * 1e3:.1f} ms/step, "
               f"{tokens / step_s:,.0f} tokens/s, peak per rank {', '.join(f'{p:.2f}' for p in peaks)} GiB")
     return 0

@@ -1,7 +1,8 @@
 """End-to-end: an unmodified TRL 1.16 SFT script, per variant, side by side on one GPU.
 
-    python3 bench/e2e.py --out DIR [--modes lora,full,qlora,packed] [--variants trl,trl+liger,fastkern,...]
+    python -m bench.e2e.sft --out DIR [--modes lora,full,qlora,packed] [--variants trl,trl+liger,fastkern,...]
         [--steps 12] [--size 1b] [--length 4096] [--batch 2] [--reference-steps 30]
+    python -m bench.e2e.sft --tiny --out DIR      # CPU: tiny model, a few steps (the tests run this)
 
 Variants (each runs in a fresh process: Liger patches transformers' classes globally, and a fresh
 process gives each variant its own peak memory):
@@ -22,13 +23,15 @@ default), batch 2 x 4096, AdamW, constant lr. Step time: median over the steps a
 synchronized; memory: torch's peak allocated over the run. Loss accuracy (docs/e2e.md): each variant's
 loss trajectory vs the fp32 reference run's, relative deviation, next to TRL default's.
 
-Writes DIR/e2e.json, DIR/e2e.md (the tables) and DIR/e2e.png.
+Writes DIR/sft.json (rows of bench/schema.py: op ``sft``, case ``<mode> train step``, impl the variant,
+the loss trajectory and its deviation from the reference in ``extra``), DIR/sft.md (the tables, with
+ratios against TRL and TRL + Liger) and DIR/sft.png. ``--tiny``: the tiny Llama shape, vocab 256, batch
+2 x 32 tokens, 3 steps, on the CPU (Triton's interpreter or the references: times mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -37,49 +40,56 @@ import sys
 import tempfile
 import time
 
+from bench.e2e import common
+
 VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
             "fastkern-offload", "reference"]
 # Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
 # compiles the whole model) always get their own process; with --shared-process the others share one.
 ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
 MODES = ["lora", "full", "qlora", "packed"]
+TINY = dict(size="tiny", vocab=256, length=32, batch=2, steps=3, reference_steps=3)
 
 
-def _model(args, mode, dtype):
+def _model(args, mode, dtype, device):
     import torch
 
     from fastkern.demo import build_model
 
     if mode != "qlora":
-        return build_model(args.size, 128256, dtype).cuda()
+        return build_model(args.size, args.vocab, dtype).to(device)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     saved = os.path.join(args.work, f"base-{args.size}")
     if not os.path.isdir(saved):
-        build_model(args.size, 128256, torch.bfloat16).save_pretrained(saved)
+        build_model(args.size, args.vocab, torch.bfloat16).save_pretrained(saved)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(saved, quantization_config=quant, dtype=dtype,
-                                                device_map={"": torch.cuda.current_device()})
+    place = torch.cuda.current_device() if device.type == "cuda" else "cpu"
+    return AutoModelForCausalLM.from_pretrained(saved, quantization_config=quant, dtype=dtype, device_map={"": place})
+
+
+def shape_text(args) -> str:
+    return f"{args.size} B{args.batch} T{args.length}"
 
 
 def worker(args) -> dict:
-    """One variant of one mode in this process; returns the result row."""
+    """One variant of one mode in this process; returns its row (bench/schema.py)."""
     import torch
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     import fastkern
-    from fastkern.demo import build_dataset, build_tokenizer
+    from fastkern.demo import build_dataset, build_tokenizer, step_timer
 
     mode, variant = args.mode, args.variant
+    device = common.device(args.tiny)
     reference = variant == "reference"
     if reference:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    dtype = torch.float32 if reference else torch.bfloat16
+    dtype = torch.float32 if reference or device.type == "cpu" else torch.bfloat16
     steps = args.reference_steps if reference or args.accuracy else args.steps
-    model = _model(args, mode, dtype)
+    model = _model(args, mode, dtype, device)
     if mode in ("lora", "qlora", "packed"):
         from peft import LoraConfig, get_peft_model
 
@@ -89,21 +99,10 @@ def worker(args) -> dict:
     patch_options = {"fastkern-offload": {"checkpointing": "offload"}, "fastkern-compile": {"compile": True}}.get(variant, {})
     if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile"):
         report = fastkern.patch_model(model, **patch_options)
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.t0 = [], 0.0
-
-        def on_step_begin(self, *a, **k):
-            torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.t0)
-
-    callbacks = [timer := StepTimer()]
+    callbacks = [timer := step_timer()]
     if args.profile:
+        from transformers import TrainerCallback
+
         callbacks.append(_profiler_callback(TrainerCallback, args.out, f"{mode}-{variant}"))
     packed = mode == "packed"
     n_rows = steps * args.batch * (4 if packed else 1)
@@ -112,28 +111,31 @@ def worker(args) -> dict:
     config = SFTConfig(
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=args.batch, learning_rate=1e-4 if mode != "full" else 1e-5,
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
-        max_length=args.length, bf16=not reference, gradient_checkpointing=True, seed=0, data_seed=0,
+        max_length=args.length, bf16=dtype == torch.bfloat16, gradient_checkpointing=True, seed=0, data_seed=0,
         dataloader_num_workers=0, disable_tqdm=True, packing=packed, use_liger_kernel=variant == "trl+liger",
-        torch_compile=variant == "fastkern+compile",
+        torch_compile=variant == "fastkern+compile", use_cpu=device.type == "cpu",
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=build_tokenizer(),
                          callbacks=callbacks)
     if variant == "fastkern-after-init":
         report = fastkern.patch_model(trainer.model)
-    torch.cuda.reset_peak_memory_stats()
+    common.reset_peak(device)
     error = None
     try:
         trainer.train()
     except Exception as exc:  # a variant that fails is reported as such, not hidden
-        error = f"{type(exc).__name__}: {exc}"[:400]
+        error = common.error_text(exc)
     shutil.rmtree(out_dir, ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     warm = timer.times[2:] if len(timer.times) > 4 else timer.times
-    step_s = statistics.median(warm) if warm else float("nan")
+    step_s = statistics.median(warm) if warm and error is None else None
     tokens = args.batch * args.length
-    return dict(mode=mode, variant=variant, step_ms=step_s * 1e3, tokens_per_s=tokens / step_s if warm else 0.0,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30, losses=losses, step_times_s=timer.times,
-                error=error, report=str(report) if report is not None else "")
+    return common.schema.make_row(
+        common.environment(device), op="sft", case=f"{mode} train step", shape=shape_text(args),
+        dtype=str(dtype).removeprefix("torch."), impl=variant, ms=step_s * 1e3 if step_s else None,
+        throughput=tokens / step_s if step_s else None, throughput_unit="tokens/s",
+        loss=losses[-1] if losses else None, error=error, losses=losses, step_times_s=list(timer.times),
+        report=str(report) if report is not None else "", **(common.peak(device) if error is None else {}))
 
 
 def _profiler_callback(base, out, label, first=4, steps=3):
@@ -178,23 +180,34 @@ def _deviation(losses, reference):
     return num / den
 
 
+def add_deviations(rows: list[dict]) -> None:
+    """extra.loss_deviation of every row of a mode that has a reference run: its loss trajectory's relative
+    deviation from the fp32 reference's (docs/e2e.md's accuracy rule)."""
+    for r in rows:
+        ref = next((x for x in rows if x["case"] == r["case"] and x["impl"] == "reference"), None)
+        if ref is not None and r is not ref and r["extra"].get("losses") and ref["extra"].get("losses"):
+            dev = _deviation(r["extra"]["losses"], ref["extra"]["losses"])
+            if dev == dev:
+                r["extra"]["loss_deviation"] = dev
+
+
 def tables(rows: list[dict]) -> str:
     lines = []
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        mode_rows = {r["variant"]: r for r in rows if r["mode"] == mode}
-        base = mode_rows.get("trl")
-        liger = mode_rows.get("trl+liger")
-        ref = mode_rows.get("reference")
-        lines += [f"### {mode}", "",
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by_impl = {r["impl"]: r for r in rows if r["case"] == case}
+        base, liger = by_impl.get("trl"), by_impl.get("trl+liger")
+        lines += [f"### {case}", "",
                   "| variant | step | tokens/s | vs TRL | vs TRL+Liger | peak | loss dev. vs fp32 ref. | note |",
                   "|---|---|---|---|---|---|---|---|"]
-        for variant, r in mode_rows.items():
-            ok = not r["error"] and r["tokens_per_s"] > 0
-            vs = lambda other: (f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x"
-                                if ok and other and other["tokens_per_s"] > 0 else "")
-            dev = _deviation(r["losses"], ref["losses"]) if ref and variant != "reference" and r["losses"] else None
-            lines.append(f"| {variant} | {r['step_ms']:.1f} ms | {r['tokens_per_s']:,.0f} | {vs(base)} | {vs(liger)} | "
-                         f"{r['peak_gib']:.2f} GiB | {'' if dev is None else f'{dev:.2e}'} | {r['error'] or ''} |")
+        for impl, r in by_impl.items():
+            tps = r["throughput"]
+            vs = lambda other: (f"{tps / other['throughput']:.2f}x"  # noqa: E731
+                                if tps and other and other["throughput"] else "")
+            dev = r["extra"].get("loss_deviation")
+            step = "-" if r["ms"] is None else f"{r['ms']:.1f} ms"
+            peak = "-" if r["peak_mib"] is None else f"{r['peak_mib'] / 1024:.2f} GiB ({r['peak_scope']})"
+            lines.append(f"| {impl} | {step} | {'-' if tps is None else f'{tps:,.0f}'} | {vs(base)} | {vs(liger)} | "
+                         f"{peak} | {'' if dev is None else f'{dev:.2e}'} | {r['error'] or ''} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -207,19 +220,19 @@ def plot(rows: list[dict], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    variants = [v for v in VARIANTS if v != "reference" and any(r["variant"] == v for r in rows)]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    variants = [v for v in VARIANTS if v != "reference" and any(r["impl"] == v for r in rows)]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / max(len(variants), 1)
     for i, variant in enumerate(variants):
         ys = []
-        for mode in modes:
-            base = next((r for r in rows if r["mode"] == mode and r["variant"] == "trl"), None)
-            r = next((r for r in rows if r["mode"] == mode and r["variant"] == variant), None)
-            ok = r and base and r["tokens_per_s"] > 0 and base["tokens_per_s"] > 0
-            ys.append(r["tokens_per_s"] / base["tokens_per_s"] if ok else 0)
-        ax.bar([m + i * width for m in range(len(modes))], ys, width, label=variant)
-    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(modes))], modes)
+        for case in cases:
+            base = next((r for r in rows if r["case"] == case and r["impl"] == "trl"), None)
+            r = next((r for r in rows if r["case"] == case and r["impl"] == variant), None)
+            ok = r and base and r["throughput"] and base["throughput"]
+            ys.append(r["throughput"] / base["throughput"] if ok else 0)
+        ax.bar([m + i * width for m in range(len(cases))], ys, width, label=variant)
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(cases))], cases)
     ax.set_ylabel("tokens/s vs TRL default")
     ax.axhline(1.0, color="k", lw=0.5)
     ax.legend(fontsize=7, ncol=3)
@@ -227,7 +240,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--modes", default="lora,full,qlora")
@@ -236,8 +249,10 @@ def main(argv=None):
     parser.add_argument("--reference-steps", type=int, default=30)
     parser.add_argument("--accuracy", action="store_true", help="every variant runs --reference-steps steps")
     parser.add_argument("--size", default="1b")
+    parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="CPU: tiny model, vocab 256, 2 x 32 tokens, 3 steps")
     parser.add_argument("--shared-process", action="store_true",
                         help="run the variants that leave no process-wide state in one process (less start-up time)")
     parser.add_argument("--profile", action="store_true", help="print a per-kernel profile of 3 steps per variant")
@@ -246,6 +261,63 @@ def main(argv=None):
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.tiny and not args.variant:
+        vars(args).update(TINY)
+    for name in ("out", "work"):  # the workers run from the repository root
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    modes, variants = args.modes.split(","), args.variants.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; known: {MODES}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {VARIANTS}")
+    return args
+
+
+def worker_command(args, mode: str, group: list[str], result: str) -> list[str]:
+    cmd = [sys.executable, "-m", "bench.e2e.sft", "--mode", mode, "--variant", ",".join(group), "--result", result,
+           "--work", args.work, "--steps", str(args.steps), "--reference-steps", str(args.reference_steps),
+           "--size", args.size, "--vocab", str(args.vocab), "--length", str(args.length), "--batch", str(args.batch)]
+    cmd += ["--accuracy"] if args.accuracy else []
+    cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--profile", "--out", args.out] if args.profile else []
+    return cmd
+
+
+def run_workers(args, work: str) -> list[dict]:
+    rows = []
+    for mode in args.modes.split(","):
+        variants = args.variants.split(",")
+        shared = [v for v in variants if v not in ISOLATED] if args.shared_process else []
+        groups = ([shared] if shared else []) + [[v] for v in variants if v not in shared]
+        for group in groups:
+            result = os.path.join(work, f"{mode}-{'-'.join(group)}.json")
+            t0 = time.time()
+            proc = subprocess.run(worker_command(args, mode, group, result), capture_output=True, text=True,
+                                  cwd=common.ROOT)
+            if args.profile:
+                print("\n".join(line for line in proc.stdout.splitlines() if line.strip()), flush=True)
+            if proc.returncode != 0 or not os.path.exists(result):
+                env = common.environment(common.device(args.tiny))
+                new = [common.schema.make_row(env, op="sft", case=f"{mode} train step", shape=shape_text(args),
+                                              dtype="bfloat16", impl=v,
+                                              error=f"worker exit {proc.returncode}: {proc.stderr[-300:]}")
+                       for v in group]
+            else:
+                new = common.schema.read(result)
+            rows += new
+            for r in new:
+                step = "-" if r["ms"] is None else f"{r['ms']:8.1f} ms"
+                print(f"{mode:7s} {r['impl']:20s} {step} ({time.time() - t0:.0f} s for {','.join(group)}) "
+                      f"{r['error'] or ''}", flush=True)
+            common.write(args.out, "sft", rows)  # a run cut short keeps the variants done
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.variant:  # a worker process: one or several variants, one after the other
         import gc
 
@@ -255,55 +327,27 @@ def main(argv=None):
         for variant in args.variant.split(","):
             rows.append(worker(argparse.Namespace(**{**vars(args), "variant": variant})))
             gc.collect()
-            torch.cuda.empty_cache()
-        with open(args.result, "w") as f:
-            json.dump(rows, f)
-        return
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        common.schema.write(args.result, rows)
+        return 0
     os.makedirs(args.out, exist_ok=True)
-    work = args.work or tempfile.mkdtemp(prefix="fastkern-e2e-work-")
+    scratch = args.work is None
+    work = args.work = args.work or tempfile.mkdtemp(prefix="fastkern-e2e-work-")
     os.makedirs(work, exist_ok=True)
-    rows = []
-    for mode in args.modes.split(","):
-        if mode not in MODES:
-            raise SystemExit(f"unknown mode {mode!r}; known: {MODES}")
-        variants = args.variants.split(",")
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown:
-            raise SystemExit(f"unknown variants {unknown}; known: {VARIANTS}")
-        shared = [v for v in variants if v not in ISOLATED] if args.shared_process else []
-        groups = ([shared] if shared else []) + [[v] for v in variants if v not in shared]
-        for group in groups:
-            result = os.path.join(work, f"{mode}-{'-'.join(group)}.json")
-            cmd = [sys.executable, __file__, "--mode", mode, "--variant", ",".join(group), "--result", result,
-                   "--work", work, "--steps", str(args.steps), "--reference-steps", str(args.reference_steps),
-                   "--size", args.size, "--length", str(args.length), "--batch", str(args.batch)]
-            cmd += ["--accuracy"] if args.accuracy else []
-            cmd += ["--profile", "--out", args.out] if args.profile else []
-            t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if args.profile:
-                print("\n".join(line for line in proc.stdout.splitlines() if line.strip()), flush=True)
-            if proc.returncode != 0 or not os.path.exists(result):
-                new = [dict(mode=mode, variant=v, step_ms=float("nan"), tokens_per_s=0.0, peak_gib=0.0, losses=[],
-                            step_times_s=[], report="", error=f"worker exit {proc.returncode}: {proc.stderr[-300:]}")
-                       for v in group]
-            else:
-                with open(result) as f:
-                    new = json.load(f)
-            rows += new
-            for r in new:
-                print(f"{mode:7s} {r['variant']:20s} {r['step_ms']:8.1f} ms {r['peak_gib']:6.2f} GiB  "
-                      f"({time.time() - t0:.0f} s for {','.join(group)}) {r['error'] or ''}", flush=True)
-            with open(os.path.join(args.out, "e2e.json"), "w") as f:
-                json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    rows = run_workers(args, work)
+    add_deviations(rows)
+    path = common.write(args.out, "sft", rows)
     text = tables(rows)
     print(text)
-    with open(os.path.join(args.out, "e2e.md"), "w") as f:
+    with open(os.path.join(args.out, "sft.md"), "w") as f:
         f.write(text + "\n")
-    plot(rows, os.path.join(args.out, "e2e.png"))
-    if not args.work:
+    plot(rows, os.path.join(args.out, "sft.png"))
+    print(f"wrote {path} ({len(rows)} rows)")
+    if scratch:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Routed-experts layer, fwd+bwd: fastkern.ops.moe_experts vs transformers' experts forward (its eager
+per-expert loop and its grouped_mm implementation), and Liger's MoE experts where liger_kernel has one.
+
+Shapes (8K tokens): Qwen3-30B-A3B (H 2048, 128 experts, top-8, I 768) and Mixtral-8x7B (H 4096, 8
+experts, top-2, I 14336). Routing: softmax top-k of random router logits (fixed seed), so every
+implementation sees the same tokens per expert. Each implementation is checked first against the
+eager experts forward in fp32 with the same weights: output and the gradients of the hidden states,
+the routing weights and both expert weights within 2e-2 relative error norm. Rows: fwd+bwd (median)
+with the peak extra memory; throughput counts the expert GEMMs (3 GEMMs of 2·N·k·H·I forward, twice
+that backward).
+
+    python bench/run.py --ops moe_experts --out DIR                       # GPU, bf16
+    python bench/run.py --ops moe_experts --tiny --device cpu --out DIR   # tiny shapes, fp32 (tests run this)
+"""
+
+import torch
+
+from measure import describe, rel_err
+
+SHAPES = {
+    "qwen3_30b_a3b": dict(family="qwen3_moe", hidden=2048, experts=128, top_k=8, inter=768, tokens=8192),
+    "mixtral_8x7b": dict(family="mixtral", hidden=4096, experts=8, top_k=2, inter=14336, tokens=8192),
+}
+TINY = {
+    "qwen3_30b_a3b": dict(family="qwen3_moe", hidden=32, experts=8, top_k=4, inter=16, tokens=24),
+    "mixtral_8x7b": dict(family="mixtral", hidden=48, experts=4, top_k=2, inter=32, tokens=24),
+}
+TOLERANCE = 2e-2
+
+
+def experts_module(shape: dict, implementation: str, dtype, device):
+    """transformers' experts module of the family, weights from a fixed seed (the same for every impl)."""
+    import transformers
+
+    if shape["family"] == "mixtral":
+        config = transformers.MixtralConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"],
+                                            num_local_experts=shape["experts"], num_experts_per_tok=shape["top_k"])
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+    else:
+        config = transformers.Qwen3MoeConfig(hidden_size=shape["hidden"], moe_intermediate_size=shape["inter"],
+                                             num_experts=shape["experts"], num_experts_per_tok=shape["top_k"])
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
+    config._experts_implementation = implementation
+    module = cls(config).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return module
+
+
+def liger_experts():
+    """Liger's MoE experts function if the installed liger_kernel exposes one, else None."""
+    try:
+        import liger_kernel.transformers as lk
+    except Exception:
+        return None
+    return next((getattr(lk, n) for n in ("LigerMoEExperts", "liger_moe_experts", "LigerExperts") if hasattr(lk, n)),
+                None)
+
+
+def implementations(shape, dtype, device):
+    """name -> (module holding the expert weights, fn(x, ids, weights) -> out)."""
+    from fastkern.ops import moe_experts
+
+    impls = {}
+    for impl in ("eager", "grouped_mm"):
+        module = experts_module(shape, impl, dtype, device)
+        impls[f"transformers {impl}"] = (module, module)
+    module = experts_module(shape, "eager", dtype, device)
+    impls["fastkern"] = (module, lambda x, ids, w, m=module: moe_experts(x, ids, w, m.gate_up_proj, m.down_proj))
+    return impls
+
+
+def routing(shape, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    tokens, hidden = shape["tokens"], shape["hidden"]
+    x = torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype)
+    logits = torch.randn(tokens, shape["experts"], generator=g).to(device)
+    weights, ids = torch.topk(torch.softmax(logits, -1), shape["top_k"], dim=-1)
+    weights = (weights / weights.sum(-1, keepdim=True)).to(dtype)
+    grad = torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype)
+    return x, ids, weights, grad
+
+
+def fwd_bwd(module, fn, x0, ids, w0, grad):
+    x, w = x0.detach().requires_grad_(), w0.detach().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    out = fn(x, ids, w)
+    out.backward(grad)
+    return out, x.grad, w.grad, module.gate_up_proj.grad, module.down_proj.grad
+
+
+def check(module, fn, reference, inputs) -> float:
+    """Largest relative error of the output and the four gradients against the fp32 eager experts."""
+    got = fwd_bwd(module, fn, *inputs)
+    x, ids, w, grad = inputs
+    ref = fwd_bwd(reference, reference, x.float(), ids, w.float(), grad.float())
+    return max(rel_err(a, b) for a, b in zip(got, ref))
+
+
+def run(bench):
+    for name, shape in (TINY if bench.tiny else SHAPES).items():
+        text = f"N{shape['tokens']} H{shape['hidden']} E{shape['experts']} top{shape['top_k']} I{shape['inter']} ({name})"
+        inputs = routing(shape, bench.dtype, bench.device)
+        reference = experts_module(shape, "eager", torch.float32, bench.device)
+        flops = 3 * 2 * shape["tokens"] * shape["top_k"] * shape["hidden"] * shape["inter"] * 3  # fwd + 2x bwd
+        if liger_experts() is None:
+            bench.add("moe_experts", "fwd+bwd", text, "liger", error="liger_kernel has no MoE experts function installed")
+        for impl, (module, fn) in implementations(shape, bench.dtype, bench.device).items():
+            try:
+                err = check(module, fn, reference, inputs)
+            except Exception as exc:  # e.g. grouped_mm without a kernel for this device/dtype
+                bench.add("moe_experts", "fwd+bwd", text, impl, error=describe(exc))
+                continue
+            if not err < TOLERANCE:
+                bench.add("moe_experts", "fwd+bwd", text, impl, error=f"wrong result: relative error {err:.2e}")
+                continue
+            ms = bench.ms(lambda: fwd_bwd(module, fn, *inputs))
+            bench.add("moe_experts", "fwd+bwd", text, impl, ms=ms, throughput=flops / ms / 1e9,
+                      throughput_unit="TFLOP/s", peak_mib=bench.peak_mib(lambda: fwd_bwd(module, fn, *inputs)),
+                      rel_err=err)
+            bench.empty_cache()
