@@ -33,10 +33,11 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_OP_MODULES = ("glu", "rms_norm", "nf4_matmul", "rope")
-_KERNELS = {"glu": ("glu_forward_kernel", "glu_backward_kernel"),
-            "rms_norm": ("rms_norm_forward_kernel", "rms_norm_backward_kernel"),
-            "nf4_matmul": ("nf4_matmul_kernel",), "rope": ("rope_qk_kernel",)}
+# kernel module under fastkern.kernels -> (module whose op_path picks the branch, its kernels)
+_KERNELS = {"glu": ("fastkern.ops.glu", ("glu_forward_kernel", "glu_backward_kernel")),
+            "rms_norm": ("fastkern.ops.rms_norm", ("rms_norm_forward_kernel", "rms_norm_backward_kernel")),
+            "nf4_matmul": ("fastkern.experimental.nf4_matmul", ("nf4_matmul_kernel",)),
+            "rope": ("fastkern.ops.rope", ("rope_qk_kernel",))}
 
 
 class _NoLaunch:
@@ -54,9 +55,9 @@ class _NoLaunch:
 def no_op_kernels():
     """Within the block, every op's kernel branch is taken and launches nothing; restored after."""
     saved = []
-    for name, kernels in _KERNELS.items():
+    for name, (op_module_name, kernels) in _KERNELS.items():
         kernel_module = importlib.import_module(f"fastkern.kernels.{name}")
-        op_module = importlib.import_module(f"fastkern.ops.{name}")
+        op_module = importlib.import_module(op_module_name)
         saved += [(kernel_module, k, getattr(kernel_module, k)) for k in kernels]
         saved.append((op_module, "op_path", op_module.op_path))
         for kernel in kernels:
@@ -72,6 +73,7 @@ def no_op_kernels():
 def _cases() -> dict:
     """op name -> a closure running one forward + backward."""
     import fastkern.ops as ops
+    from fastkern.experimental.nf4_matmul import nf4_matmul
 
     torch.manual_seed(0)
     cases = {}
@@ -98,7 +100,7 @@ def _cases() -> dict:
     packed, state = ops.nf4_quantize(torch.randn(32, 64))
     xn = torch.randn(4, 64, requires_grad=True)
     dyn = torch.randn(4, 32)
-    cases["nf4_matmul"] = lambda: ops.nf4_matmul(xn, packed, state).backward(dyn)
+    cases["nf4_matmul"] = lambda: nf4_matmul(xn, packed, state).backward(dyn)
 
     q, k = torch.randn(1, 4, 8, 16, requires_grad=True), torch.randn(1, 2, 8, 16, requires_grad=True)
     cos, sin = torch.randn(1, 8, 16), torch.randn(1, 8, 16)

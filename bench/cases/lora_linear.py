@@ -80,9 +80,9 @@ def build(bench, k, n, r):
     packed, state = q.weight.data, q.weight.quant_state
     dense = bnb.functional.dequantize_4bit(packed, state, quant_type="nf4").float()
     impls["fastkern nf4"] = (lambda x: lora_linear(x, packed, a, b, s, quant_state=state), a, b, dense)
-    import fastkern
+    from cases.nf4 import in_tile_matmul
 
-    nf4_matmul = getattr(fastkern.ops, "nf4_matmul", None)
+    nf4_matmul = in_tile_matmul()  # fastkern.experimental.nf4_matmul
     if nf4_matmul is not None:
         # W dequantized inside the GEMM tiles, never in 16 bits; not what lora_linear does (docs/nf4_lora.md).
         impls["nf4_matmul composed (in-tile, opt-in)"] = (

@@ -1,5 +1,5 @@
 """NF4 dequantization: fastkern vs bitsandbytes vs torch eager / torch.compile of fastkern's reference;
-the in-tile GEMM nf4_matmul vs dequantize + torch.mm; and the dequantize kernel's launch-config sweep.
+the in-tile GEMM fastkern.experimental.nf4_matmul vs dequantize + torch.mm; and the dequantize kernel's launch-config sweep.
 
 Weight 14336x4096 (Llama-3-8B MLP), bf16 out, blocksize 64, double quant on and off. Every
 implementation is checked bit-exact against bitsandbytes (or fastkern's PyTorch reference when
@@ -117,13 +117,23 @@ def sweep(bench, packed, state, shape, nbytes, rows, cols):
                   throughput=nbytes / ms / 1e6, throughput_unit="GB/s")
 
 
+def in_tile_matmul():
+    """fastkern.experimental.nf4_matmul, or fastkern.ops.nf4_matmul in a revision that exported it
+    (bench --base), or None."""
+    try:
+        from fastkern.experimental.nf4_matmul import nf4_matmul
+        return nf4_matmul
+    except ImportError:
+        import fastkern
+        return getattr(fastkern.ops, "nf4_matmul", None)
+
+
 def matmul(bench, rows, cols, ms_list):
-    import fastkern
     from fastkern.ops import nf4_dequantize
 
-    nf4_matmul = getattr(fastkern.ops, "nf4_matmul", None)
+    nf4_matmul = in_tile_matmul()
     if nf4_matmul is None:
-        print("nf4_matmul: not in fastkern.ops")
+        print("nf4_matmul: not in this revision of fastkern")
         return
     torch.manual_seed(0)
     w = torch.randn(rows, cols, device=bench.device, dtype=torch.bfloat16)

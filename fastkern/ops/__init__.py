@@ -4,7 +4,6 @@ PyTorch reference (see fastkern.runtime) and is registered as a torch custom op.
 from .glu import geglu, swiglu
 from .lora_linear import lora_linear
 from .nf4 import NF4State, nf4_dequantize, nf4_quantize
-from .nf4_matmul import nf4_matmul
 from .linear_cross_entropy import fused_linear_cross_entropy
 from .linear_logprobs import fused_linear_logprobs
 from .moe_experts import moe_experts
@@ -16,5 +15,5 @@ from .document_attention import document_attention
 from .tiled_mlp import tiled_mlp
 
 __all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "rms_norm", "rope", "swiglu", "geglu", "lora_linear",
-           "nf4_dequantize", "nf4_quantize", "nf4_matmul", "NF4State", "document_attention", "tiled_mlp",
+           "nf4_dequantize", "nf4_quantize", "NF4State", "document_attention", "tiled_mlp",
            "moe_experts"]

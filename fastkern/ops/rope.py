@@ -1,14 +1,17 @@
 """Rotary position embedding of q and k in one launch, in place (default) or out of place.
 
-Tiers: the Triton kernel in fastkern/kernels/rope.py, launched by ``_launch`` below; custom ops with
-fake implementations so torch.compile(fullgraph=True) traces through them:
+Tiers: the Triton kernel in fastkern/kernels/rope.py, launched by ``_launch`` below; the out-of-place
+rotation defined once, as (forward, fake, setup_context, backward), and turned by ops/_autograd.py
+into the custom op ``fastkern::rope_qk`` (what torch.compile(fullgraph=True) traces; its backward is
+itself with ``transpose`` flipped) and the eager autograd.Function that eager calls take (the custom
+op's dispatch costs more host time than a launch: docs/rope.md, "Host time"); then the eager
+in-place Functions and the public :func:`rope`. Under torch.compile the in-place form is that op
+followed by copies into q and k (functionalization turns mutation into that anyway, and Dynamo need
+not trace ``mark_dirty``).
 
-``fastkern::rope_qk`` returns new tensors, with autograd registered (its backward is itself with
-``transpose`` flipped); then autograd Functions and the public :func:`rope`. Eager calls launch
-through the Functions directly; the custom op is what torch.compile sees (its dispatch costs more
-host time than a launch: docs/rope.md, "Host time"). Under torch.compile the in-place form is that
-op followed by copies into q and k (functionalization turns mutation into that anyway, and Dynamo
-need not trace ``mark_dirty``).
+The eager in-place Functions are not made from that definition: a custom op's autograd cannot mark
+its inputs dirty, and the in-place forms differ in what they mark dirty and return (below). Their
+backward is the definition's math, the rotation of the incoming gradients by -theta into new tensors.
 
 The in-place path has to tell autograd that q and k changed (``ctx.mark_dirty``), and q and k
 arrive as views (transposed projection outputs). Autograd handles a dirtied view by rebasing it
@@ -33,6 +36,7 @@ from torch import Tensor
 
 from .. import runtime
 from ..reference.rope import rotate_reference
+from ._autograd import AutogradOp, backward_dispatch
 from ._common import FLOAT_DTYPES, INT32_MAX, cdiv, check_tensor, device_guard, op_path, reach
 
 _OP = "fastkern.ops.rope"
@@ -146,21 +150,21 @@ def _rotate_qk_into(q, k, q_out, k_out, cos, sin, position_ids, interleaved, tra
             interpreted=path == "interpreter")
 
 
-def _rotate_qk_new(q, k, cos, sin, position_ids, interleaved, transpose) -> tuple[Tensor, Tensor]:
+def _rotate_qk_new(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
+                   interleaved: bool, transpose: bool) -> tuple[Tensor, Tensor]:
+    """The out-of-place rotation: new tensors laid out like q and k. It is the forward of the
+    autograd definition below (annotated so that torch.library.custom_op infers the op's schema)."""
     # empty_like keeps q's strides when q is dense (a transposed view stays one), as the fake does.
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     _rotate_qk_into(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose)
     return q_out, k_out
 
 
-@torch.library.custom_op("fastkern::rope_qk", mutates_args=())
-def rope_qk_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
-               interleaved: bool, transpose: bool) -> tuple[Tensor, Tensor]:
-    return _rotate_qk_new(q, k, cos, sin, position_ids, interleaved, transpose)
-
-
-@rope_qk_op.register_fake
-def _(q, k, cos, sin, position_ids, interleaved, transpose):
+# The out-of-place rotation, defined once (ops/_autograd.py): the custom op fastkern::rope_qk that
+# torch.compile traces, and the eager autograd.Function that eager calls take (a custom op's dispatch
+# costs more host time than the launch: docs/rope.md, "Host time"). The rotation by theta is linear
+# and orthogonal, so its backward is the same op with ``transpose`` flipped (rotation by -theta).
+def _fake_rope_qk(q, k, cos, sin, position_ids, interleaved, transpose):
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -170,30 +174,20 @@ def _setup_context(ctx, inputs, output):
     ctx.interleaved, ctx.transpose = interleaved, transpose
 
 
-def _rope_qk_backward(ctx, grad_q, grad_k):
+def _backward(ctx, grad_q, grad_k):
     cos, sin, position_ids = ctx.saved_tensors
-    grad_q, grad_k = rope_qk_op(grad_q, grad_k, cos, sin, position_ids, ctx.interleaved, not ctx.transpose)
+    # Into new tensors, never into grad_q / grad_k (see _rotate_grad).
+    grad_q, grad_k = _rotate_back(grad_q, grad_k, cos, sin, position_ids, ctx.interleaved, not ctx.transpose)
     return grad_q, grad_k, None, None, None, None, None
 
 
-rope_qk_op.register_autograd(_rope_qk_backward, setup_context=_setup_context)
-
-
-class _RotateQKOutOfPlace(torch.autograd.Function):
-    """Eager autograd for the out-of-place rotation: the same math as rope_qk_op's registered autograd,
-    without the custom-op dispatch (host time) on every forward and backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, position_ids, interleaved):
-        ctx.save_for_backward(cos, sin, position_ids)
-        ctx.interleaved = interleaved
-        return _rotate_qk_new(q, k, cos, sin, position_ids, interleaved, False)
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        cos, sin, position_ids = ctx.saved_tensors
-        grad_q, grad_k = _rotate_qk_new(grad_q, grad_k, cos, sin, position_ids, ctx.interleaved, True)
-        return grad_q, grad_k, None, None, None, None
+_ROPE_QK = AutogradOp("rope_qk", _rotate_qk_new, fake=_fake_rope_qk, setup_context=_setup_context,
+                      backward=_backward)
+rope_qk_op = _ROPE_QK.op
+RopeQKFunction = _ROPE_QK.function
+# In the custom op's registered backward the gradient rotation is the custom op again (a traced
+# backward holds the opaque op, and double backward works); in the eager Function's, a launch.
+_rotate_back = backward_dispatch(rope_qk_op, _rotate_qk_new)
 
 
 def _rotate_grad(grad: Tensor, cos, sin, position_ids, interleaved) -> Tensor:
@@ -364,7 +358,7 @@ def _rope_inplace(q, k, cos, sin, position_ids, interleaved):
         # handle); the copies give q and k the in-place semantics and are dropped from the graph when
         # nothing reads q or k afterwards. Reading q and k before writing also makes aliased q and k
         # come out right here, where the storage checks below cannot be traced.
-        q_rot, k_rot = rope_qk_op(q, k, cos, sin, position_ids, interleaved, False)
+        q_rot, k_rot = _ROPE_QK(q, k, cos, sin, position_ids, interleaved, False)
         q.copy_(q_rot)
         k.copy_(k_rot)
         return q_rot, k_rot
@@ -471,7 +465,5 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Tensor
     _check(q, k, cos, sin, position_ids, rotary_dim, inplace)
     interleaved = bool(interleaved)
     if not inplace:
-        if torch.compiler.is_compiling():
-            return rope_qk_op(q, k, cos, sin, position_ids, interleaved, False)
-        return _RotateQKOutOfPlace.apply(q, k, cos, sin, position_ids, interleaved)
+        return _ROPE_QK(q, k, cos, sin, position_ids, interleaved, False)
     return _rope_inplace(q, k, cos, sin, position_ids, interleaved)

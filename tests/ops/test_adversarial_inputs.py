@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastkern
+from fastkern.experimental.nf4_matmul import nf4_matmul
 from fastkern.ops import (NF4State, fused_linear_cross_entropy, fused_linear_logprobs, lora_linear, nf4_dequantize,
-                          nf4_matmul, nf4_quantize, rms_norm, rope, swiglu, geglu)
+                          nf4_quantize, rms_norm, rope, swiglu, geglu)
 from fastkern.reference.glu import glu_forward_reference
 from fastkern.reference.linear_cross_entropy import linear_cross_entropy_reference, linear_logprobs_reference
 from fastkern.reference.rope import rope_reference

@@ -60,6 +60,8 @@ def test_gpu_nf4_dequantize_past_2_31(double_quant):
 
 @pytest.mark.gpu
 def test_gpu_nf4_matmul_x_out_and_weight_past_2_31():
+    from fastkern.experimental.nf4_matmul import nf4_matmul
+
     k = 4096
     # x [M, K] past 2**31 elements (W small); then W^T product whose output passes it.
     packed, state = fastkern.ops.nf4_quantize(torch.randn(128, k, device="cuda"))
@@ -67,13 +69,13 @@ def test_gpu_nf4_matmul_x_out_and_weight_past_2_31():
     rows = BIG // k
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     assert needs_int64(x)
-    out = fastkern.ops.nf4_matmul(x, packed, state)
+    out = nf4_matmul(x, packed, state)
     for sl in _edges(rows):
         ref = x[sl].double() @ w.T
         assert_close(out[sl], ref, torch.bfloat16, (x[sl] @ w.T.bfloat16()), f"x past 2**31, rows {sl}")
     del x, out
     g = torch.randn(rows, 128, device="cuda", dtype=torch.bfloat16)
-    dx = fastkern.ops.nf4_matmul(g, packed, state, transpose=True)  # [rows, K]: the output passes 2**31
+    dx = nf4_matmul(g, packed, state, transpose=True)  # [rows, K]: the output passes 2**31
     assert dx.numel() > 2**31
     for sl in _edges(rows):
         assert_close(dx[sl], g[sl].double() @ w, torch.bfloat16, g[sl] @ w.bfloat16(), f"out past 2**31, rows {sl}")
@@ -83,7 +85,7 @@ def test_gpu_nf4_matmul_x_out_and_weight_past_2_31():
     packed, state = fastkern.ops.nf4_quantize(big_w, double_quant=True)
     del big_w
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
-    out = fastkern.ops.nf4_matmul(x, packed, state)
+    out = nf4_matmul(x, packed, state)
     n = out.shape[1]
     with runtime.force_reference():
         w_rows = torch.cat([fastkern.ops.nf4_dequantize(packed, state, dtype=torch.bfloat16)[sl] for sl in _edges(n)])

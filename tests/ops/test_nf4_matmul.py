@@ -1,11 +1,10 @@
-"""nf4_matmul (x @ W.T / x @ W with W dequantized inside the GEMM's tiles) against the float64 oracle.
+"""fastkern.experimental.nf4_matmul (x @ W.T / x @ W with W dequantized inside the GEMM's tiles) against
+the float64 oracle.
 
 The oracle multiplies in float64 with the weight nf4_dequantize gives in x's dtype (the same rounded
 values the kernel builds in its tiles), so only the kernel's fp32 accumulation is being judged; the
 identity-matrix test checks the in-tile weight values themselves, exactly.
 """
-
-import importlib
 
 import pytest
 import torch
@@ -13,7 +12,9 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import fastkern
 from fastkern import runtime
-from fastkern.ops import NF4State, nf4_dequantize, nf4_matmul, nf4_quantize
+from fastkern.experimental import nf4_matmul as nf4_matmul_module
+from fastkern.experimental.nf4_matmul import nf4_matmul
+from fastkern.ops import NF4State, nf4_dequantize, nf4_quantize
 from tests.oracle import assert_close, assert_compiled_matches_eager
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -100,7 +101,7 @@ def test_output_rounded_to_nearest(transpose):
 def test_small_tiles(m, n, k, blocksize, tiles, dtype, transpose, poison_empty):
     """The launcher with small tiles: several tiles along every dim, partial tiles at every edge."""
     from fastkern.ops.nf4 import flatten_state
-    from fastkern.ops.nf4_matmul import matmul_into
+    from fastkern.experimental.nf4_matmul import matmul_into
 
     if runtime.path_for(torch.empty(0)) != "interpreter":
         pytest.skip("launches the kernel directly (needs the Triton interpreter or a GPU)")
@@ -172,9 +173,7 @@ def test_nan_in_x_propagates(transpose, poison_empty):
 
 def test_int64_offsets(monkeypatch):
     """The INT64_OFFSETS variant (taken for weights past 2**31 elements) on a small problem."""
-    # (`import fastkern.ops.nf4_matmul` would give the function, which shadows its module in fastkern.ops.)
-    mod = importlib.import_module("fastkern.ops.nf4_matmul")
-    monkeypatch.setattr(mod, "INT32_MAX", 100)
+    monkeypatch.setattr(nf4_matmul_module, "INT32_MAX", 100)
     packed, state = _quantized(30, 50, 32, True, seed=10)
     for transpose in (False, True):
         _check(torch.randn(9, 30 if transpose else 50), packed, state, transpose)
@@ -238,7 +237,7 @@ def test_compile_fullgraph(transpose):
     x = torch.randn(2, 3, n if transpose else k, requires_grad=True)
 
     def f(x):
-        return (fastkern.ops.nf4_matmul(x * 2, packed, state, transpose=transpose) ** 2).sum()
+        return (nf4_matmul(x * 2, packed, state, transpose=transpose) ** 2).sum()
 
     assert_compiled_matches_eager(f, x)
 
@@ -267,7 +266,7 @@ def test_output_can_be_updated_in_place_under_autograd():
     packed, state = fastkern.ops.nf4_quantize(w)
     x = torch.randn(2, 3, 32, requires_grad=True)
     a, b = torch.randn(4, 32, requires_grad=True), torch.randn(24, 4, requires_grad=True)
-    y = fastkern.ops.nf4_matmul(x, packed, state)
+    y = nf4_matmul(x, packed, state)
     assert y._base is None and y.shape == (2, 3, 24)
     y.view(6, 24).addmm_(x.reshape(6, 32) @ a.T, b.T)
     y.sum().backward()
@@ -276,3 +275,10 @@ def test_output_can_be_updated_in_place_under_autograd():
     (x2 @ dense.T + (x2 @ a2.T) @ b2.T).sum().backward()
     for got, want in ((x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+def test_not_in_the_public_api():
+    """Experimental (slower than dequantize + matmul on the GPU, used by no patcher): importable from
+    fastkern.experimental only, so `fastkern env` does not list it."""
+    assert "nf4_matmul" not in fastkern.ops.__all__ and not hasattr(fastkern.ops, "nf4_matmul")
+    assert torch.ops.fastkern.nf4_matmul.default is nf4_matmul_module.nf4_matmul_op._opoverload
+

@@ -398,6 +398,30 @@ def _ops_run_by(fn):
     return seen
 
 
+def test_out_of_place_op_and_eager_function_are_one_definition(poison_empty):
+    """inplace=False takes the eager Function made from the rope_qk definition; the custom op (what
+    torch.compile traces), called directly, runs the same forward and backward, its backward as the
+    custom op again. Same launches, so the same bits; both against the float64 oracle."""
+    q = torch.randn(2, 5, 4, 16).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 5, 2, 16).transpose(1, 2).requires_grad_()
+    cos, sin = frequencies(torch.arange(5)[None], 8, False)  # rotary_dim 8 < D: the tail is carried over
+    gq, gk = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    eager = fastkern.ops.rope(q, k, cos, sin, inplace=False)
+    assert type(eager[0].grad_fn).__name__ == "RopeQkFunctionBackward"
+    eager_grads, op_grads = [], []
+    eager_ops = _ops_run_by(lambda: eager_grads.extend(torch.autograd.grad(eager, (q, k), (gq, gk))))
+    assert "fastkern.rope_qk" not in eager_ops, eager_ops
+    via_op = torch.ops.fastkern.rope_qk(q, k, cos, sin, None, False, False)
+    op_ops = _ops_run_by(lambda: op_grads.extend(torch.autograd.grad(via_op, (q, k), (gq, gk))))
+    assert "fastkern.rope_qk" in op_ops, op_ops
+    for got, want in zip((*via_op, *op_grads), (*eager, *eager_grads)):
+        assert torch.equal(got, want)
+    for name, got, x in (("q", eager[0], q), ("k", eager[1], k)):
+        assert_close(got, oracle(x.detach(), cos, sin), torch.float32, name=name)
+    assert_close(eager_grads[0], oracle(gq, cos, -sin), torch.float32, name="grad q")
+    assert_close(eager_grads[1], oracle(gk, cos, -sin), torch.float32, name="grad k")
+
+
 def test_inplace_on_projection_views_backward_is_one_launch(monkeypatch):
     """q, k as transposed views of whole projection outputs: backward is the kernel plus views and the
     allocation of the new gradients only (no CopySlices copies of the gradient)."""

@@ -1,14 +1,16 @@
 """x @ W.T and x @ W for an NF4 (bitsandbytes format) weight W, dequantized inside the GEMM's tiles.
 
-Opt-in alternative to ``nf4_dequantize`` followed by a cuBLAS GEMM (what ``lora_linear`` does): the
-Triton kernel in fastkern/kernels/nf4_matmul.py reads W's 4-bit codes once per tile and never writes
-the 16-bit weight to memory. Not yet measured on a GPU (docs/nf4_lora.md, bench/bench_nf4.py).
+Experimental, not exported by fastkern.ops and used by no patcher: correct, but on an H100 it runs
+38-83x slower than ``nf4_dequantize`` followed by a cuBLAS GEMM (what ``lora_linear`` does; numbers
+in docs/nf4_lora.md, bench/cases/nf4.py). The Triton kernel in fastkern/kernels/nf4_matmul.py reads
+W's 4-bit codes once per tile and never writes the 16-bit weight to memory.
 
 Tiers: ``_matmul_impl`` (dispatch per call: Triton kernel on CUDA, the same kernel under Triton's
 interpreter on CPU with TRITON_INTERPRET=1, the PyTorch reference otherwise; fp64 always takes the
-reference); the custom op ``fastkern::nf4_matmul`` with a fake implementation and autograd
-registered on it, which is what torch.compile sees; a plain autograd.Function that eager calls take
-(custom-op dispatch costs host time, see docs/glu.md); and the public :func:`nf4_matmul`.
+reference); one autograd definition (``_setup_context`` / ``_backward``) that fastkern/ops/_autograd.py
+turns into the custom op ``fastkern::nf4_matmul`` (fake and autograd registered: what torch.compile
+sees) and the eager autograd.Function that eager calls take (custom-op dispatch costs host time:
+docs/benchmarks.md, "Host cost of an op call"); and :func:`nf4_matmul`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops._autograd import AutogradOp, backward_dispatch
+from ..ops._common import (FLOAT_DTYPES, INT32_MAX, KERNEL_DTYPES, as_rows, cdiv,
+                           check_tensor, device_guard, needs_int64, op_path)
+from ..ops.nf4 import flatten_state
 from ..reference.nf4 import block_scales_reference, nf4_matmul_reference
-from ._common import (FLOAT_DTYPES, INT32_MAX, KERNEL_DTYPES, as_rows, cdiv,
-                      check_tensor, device_guard, needs_int64, op_path)
-from .nf4 import flatten_state
 
 _GROUP_M = 8
 
@@ -27,8 +30,9 @@ _GROUP_M = 8
 def launch_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_P, BLOCK_R, num_warps, num_stages) on the GPU for out [m, n] = x [m, k] @ B [k, n].
 
-    Unmeasured starting point (no GPU run yet): 64x64x64 tiles, 4 warps, 3 stages, and 16- or 32-row
-    tiles when M is small so fewer rows are masked off. tl.dot needs every tile dim >= 16.
+    Not tuned: 64x64x64 tiles, 4 warps, 3 stages, and 16- or 32-row tiles when M is small so fewer
+    rows are masked off (the GPU numbers in docs/nf4_lora.md are at this config; the tile build, not
+    the tile size, is what costs there). tl.dot needs every tile dim >= 16.
     """
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     return block_m, 64, 64, 4, 3
@@ -112,17 +116,8 @@ def _matmul_impl(x: Tensor, packed: Tensor, code: Tensor, absmax: Tensor, absmax
     return out
 
 
-@torch.library.custom_op("fastkern::nf4_matmul", mutates_args=())
-def nf4_matmul_op(
-    x: Tensor, packed: Tensor, code: Tensor, absmax: Tensor, absmax2: Tensor | None, code2: Tensor | None,
-    offset: Tensor | None, blocksize: int, nested_blocksize: int, n_rows: int, n_cols: int, transpose: bool,
-) -> Tensor:
-    return _matmul_impl(x, packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize, n_rows,
-                        n_cols, transpose)
-
-
-@nf4_matmul_op.register_fake
-def _(x, packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize, n_rows, n_cols, transpose):
+def _fake_matmul(x, packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize, n_rows, n_cols,
+                 transpose):
     return x.new_empty((*x.shape[:-1], n_cols if transpose else n_rows))
 
 
@@ -134,37 +129,32 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    # d(x @ B)/dx applied to grad_out is grad_out @ B.T: the same op with ``transpose`` flipped,
+    # differentiable again (double backward) when autograd records the backward.
     blocksize, nested_blocksize, n_rows, n_cols, transpose = ctx.meta
-    grad_x = nf4_matmul_op(grad_out.to(ctx.x_dtype), *ctx.saved_tensors, blocksize, nested_blocksize, n_rows,
-                           n_cols, not transpose)
+    grad_x = _matmul_back(grad_out.to(ctx.x_dtype), *ctx.saved_tensors, blocksize, nested_blocksize, n_rows,
+                          n_cols, not transpose)
     return (grad_x,) + (None,) * 11
 
 
-nf4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+_NF4_MATMUL = AutogradOp("nf4_matmul", _matmul_impl, fake=_fake_matmul, setup_context=_setup_context,
+                         backward=_backward)
+nf4_matmul_op = _NF4_MATMUL.op
+NF4MatmulFunction = _NF4_MATMUL.function
 
 
-class NF4MatmulFunction(torch.autograd.Function):
-    """Eager-mode autograd for the same math, calling the implementation directly.
-
-    d(x @ B)/dx applied to grad_out is grad_out @ B.T: the same op with ``transpose`` flipped. The
-    backward goes through this Function again, so double backward works too.
-    """
-
-    @staticmethod
-    def forward(ctx, x, quant, transpose):
-        ctx.quant, ctx.transpose, ctx.x_dtype = quant, transpose, x.dtype  # frozen tensors, never outputs
-        return _matmul_impl(x, *quant, transpose)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _apply(grad_out.to(ctx.x_dtype), ctx.quant, not ctx.transpose), None, None
-
-
-def _apply(x: Tensor, quant: tuple, transpose: bool) -> Tensor:
+def _apply(x: Tensor, *quant_and_transpose) -> Tensor:
+    if torch.compiler.is_compiling():
+        return nf4_matmul_op(x, *quant_and_transpose)
     if torch.is_grad_enabled() and x.requires_grad:
-        return NF4MatmulFunction.apply(x, quant, transpose)
+        return NF4MatmulFunction.apply(x, *quant_and_transpose)
     # Nothing to differentiate: skip autograd.Function's bookkeeping (host time).
-    return _matmul_impl(x, *quant, transpose)
+    return _matmul_impl(x, *quant_and_transpose)
+
+
+# The backward's product: the custom op inside the custom op's registered backward (traced graphs hold
+# the opaque op), the eager route (Function only when a graph is recorded) inside the eager Function's.
+_matmul_back = backward_dispatch(nf4_matmul_op, _apply)
 
 
 def nf4_matmul(x: Tensor, packed: Tensor, quant_state, *, transpose: bool = False) -> Tensor:
@@ -185,16 +175,17 @@ def nf4_matmul(x: Tensor, packed: Tensor, quant_state, *, transpose: bool = Fals
     (docs/nf4_lora.md). Use the dequantize + matmul form (what ``lora_linear`` does) for speed.
 
     >>> import torch, fastkern
+    >>> from fastkern.experimental.nf4_matmul import nf4_matmul
     >>> w = torch.randn(8, 64)
     >>> packed, state = fastkern.ops.nf4_quantize(w)
     >>> x = torch.randn(3, 64)
-    >>> y = fastkern.ops.nf4_matmul(x, packed, state)
+    >>> y = nf4_matmul(x, packed, state)
     >>> torch.allclose(y, x @ fastkern.ops.nf4_dequantize(packed, state).T, atol=1e-4)
     True
-    >>> fastkern.ops.nf4_matmul(y, packed, state, transpose=True).shape
+    >>> nf4_matmul(y, packed, state, transpose=True).shape
     torch.Size([3, 64])
     """
-    op = "fastkern.ops.nf4_matmul"
+    op = "fastkern.experimental.nf4_matmul"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
     if not isinstance(transpose, bool):
         raise TypeError(f"{op}: `transpose` must be a bool, got {type(transpose).__name__}")
@@ -211,7 +202,5 @@ def nf4_matmul(x: Tensor, packed: Tensor, quant_state, *, transpose: bool = Fals
                          f"{want}")
     if x.device != s.packed.device:
         raise ValueError(f"{op}: `x` is on {x.device} but `packed` is on {s.packed.device}")
-    quant = (s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset, s.blocksize, s.nested_blocksize, n, k)
-    if torch.compiler.is_compiling():
-        return nf4_matmul_op(x, *quant, transpose)
-    return _apply(x, quant, transpose)
+    return _apply(x, s.packed, s.code, s.absmax, s.absmax2, s.code2, s.offset, s.blocksize, s.nested_blocksize,
+                  n, k, transpose)
