@@ -13,6 +13,41 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT32_MAX = 2**31 - 1
 
 
+# Output poisoning, a debugging switch (off by default; the test suite turns it on for every test, see
+# tests/conftest.py): when on, every buffer an op allocates for a kernel to fill comes pre-filled with
+# NaN (integers: a sentinel), so an element a kernel forgets to write shows in the comparison instead of
+# passing with whatever the allocator left there. Off, an allocation costs one global bool check.
+_poison_outputs = False
+POISON_INT = -7
+
+
+def set_output_poisoning(on: bool) -> bool:
+    """Turn output poisoning on or off for this process; returns the previous setting."""
+    global _poison_outputs
+    previous, _poison_outputs = _poison_outputs, bool(on)
+    return previous
+
+
+def output_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty(shape, dtype=dtype, device=device), for a buffer a kernel writes in full: an op's
+    output, gradient or per-row statistic. Poisoned when set_output_poisoning(True) is on. Accumulators
+    a kernel adds into start from torch.zeros instead, and are not allocated through here."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison_outputs:
+        poison_(out)
+    return out
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill t with NaN (floating and complex dtypes) or POISON_INT (integers); bools are left as they are."""
+    if t.numel():
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(POISON_INT)
+    return t
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of host ints, for launch grids (triton.cdiv needs triton imported; the reference
     path runs without it)."""

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..reference.glu import glu_backward_reference, glu_forward_reference
 from ._autograd import AutogradOp, backward_dispatch
 from ._common import (FLOAT_DTYPES, INT32_MAX, as_rows, cdiv, check_like,
-                      check_tensor, device_guard, needs_int64, op_path)
+                      check_tensor, device_guard, needs_int64, op_path, output_buffer)
 
 # The kernels' ACTIVATION constexpr: the branches of _activation in fastkern/kernels/glu.py.
 _ACTIVATION_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
@@ -136,7 +136,7 @@ def _forward_impl(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     path = op_path(gate)
     if path == "reference":
         return glu_forward_reference(gate, up, activation).contiguous()
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    out = output_buffer(gate.shape, gate.dtype, gate.device)
     _launch_forward(gate, up, out, activation, round_bf16=_round_bf16(gate, path))
     return out
 
@@ -146,8 +146,8 @@ def _backward_impl(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) 
     if path == "reference":
         grad_gate, grad_up = glu_backward_reference(grad_out, gate, up, activation)
         return grad_gate.contiguous(), grad_up.contiguous()
-    grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    grad_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    grad_gate = output_buffer(gate.shape, gate.dtype, gate.device)
+    grad_up = output_buffer(up.shape, up.dtype, up.device)
     _launch_backward(grad_out, gate, up, grad_gate, grad_up, activation, round_bf16=_round_bf16(gate, path))
     return grad_gate, grad_up
 

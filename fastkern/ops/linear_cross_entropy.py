@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..reference.linear_cross_entropy import lce_rows_reference
-from ._common import as_rows, check_tensor, device_guard, op_path
+from ._common import as_rows, check_tensor, device_guard, op_path, output_buffer
 
 _OP = "fastkern.ops.fused_linear_cross_entropy"
 # The logits chunk (input dtype) is sized to this many bytes unless free device memory is lower.
@@ -117,14 +117,14 @@ def run_chunks(hidden, weight, bias, targets, stats, coefs, *, logit_scale, soft
     grads = coefs is not None
     rows = chunk_rows(n, v, hidden.dtype, hidden.device, chunk_size,
                       weight_grad=(grads and need_gw) or weight_grad_later)
-    gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grads and need_gh else None
+    gh = output_buffer(hidden.shape, hidden.dtype, hidden.device) if grads and need_gh else None
     gw = gb = None
     if grads and need_gw:
-        gw = torch.empty(weight.shape, dtype=grad_weight_dtype(weight), device=weight.device)
+        gw = output_buffer(weight.shape, grad_weight_dtype(weight), weight.device)
     if grads and need_gb:
         gb = torch.zeros(v, dtype=torch.float64 if bias.dtype == torch.float64 else torch.float32, device=bias.device)
     path = op_path(hidden)
-    buf = torch.empty(min(rows, n), v, dtype=hidden.dtype, device=hidden.device)
+    buf = output_buffer((min(rows, n), v), hidden.dtype, hidden.device)
     w_t = weight.t()
     for start in range(0, n, rows):
         end = min(start + rows, n)
@@ -164,7 +164,7 @@ def grad_weight_dtype(weight: Tensor) -> torch.dtype:
 
 def _new_stats(n: int, device, has_entropy: bool, dtype=torch.float32) -> dict[str, Tensor]:
     names = ("lse", "target_u", "sum_u") + (("sum_pu",) if has_entropy else ())
-    return {k: torch.empty(n, dtype=dtype, device=device) for k in names}
+    return {k: output_buffer(n, dtype, device) for k in names}
 
 
 def _stats_dtype(hidden: Tensor) -> torch.dtype:
@@ -184,8 +184,8 @@ def lce_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
     targets = check_targets(op, labels, weight.shape[0], ignore_index)
     stats = _new_stats(hidden.shape[0], hidden.device, has_entropy, _stats_dtype(hidden))
     if has_top1:
-        stats["max_u"] = torch.empty_like(stats["lse"])
-        stats["max_before_target"] = torch.empty_like(stats["lse"])
+        stats["max_u"] = output_buffer(hidden.shape[0], stats["lse"].dtype, hidden.device)
+        stats["max_before_target"] = output_buffer(hidden.shape[0], stats["lse"].dtype, hidden.device)
     run_chunks(hidden, weight, bias, targets, stats, None, logit_scale=logit_scale, softcap=softcap,
                u_scale=u_scale, compute_stats=True, has_entropy=has_entropy, need_gh=False, need_gw=False,
                need_gb=False, chunk_size=chunk_size, weight_grad_later=weight_grad_later)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import runtime
-from ._common import cdiv, device_guard
+from ._common import cdiv, device_guard, output_buffer
 from .linear_cross_entropy import _finish, check_targets
 
 # fp32 accumulator budgets of the backward. dW is accumulated one vocabulary chunk at a time into an
@@ -115,7 +115,7 @@ def onchip_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
     interp = _interpreted(hidden)
     if splits is None:
         splits = min(_INTERP_SPLITS, max(1, v)) if interp else fwd_splits(n, v, hidden.device)
-    part = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
+    part = output_buffer((6, splits, n), torch.float32, hidden.device)
     if n and v:
         args = (hidden, weight, bias if bias is not None else hidden, targets, part, n, v, h, splits,
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),

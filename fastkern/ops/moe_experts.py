@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..reference.moe_experts import moe_experts_backward_reference, moe_experts_forward_reference
-from ._common import FLOAT_DTYPES, INT32_MAX, cdiv, check_like, check_tensor, device_guard, op_path
+from ._common import FLOAT_DTYPES, INT32_MAX, cdiv, check_like, check_tensor, device_guard, op_path, output_buffer
 
 _OP = "fastkern.ops.moe_experts"
 
@@ -84,7 +84,7 @@ def _combine(y: Tensor, ids: Tensor, n: int, k: int, n_experts: int, dtype, tile
     from ..kernels.moe_experts import moe_combine_kernel
 
     h = y.shape[1]
-    out = torch.empty(n, h, dtype=dtype, device=y.device)
+    out = output_buffer((n, h), dtype, y.device)
     block_h = min(1024, max(16, 1 << (h - 1).bit_length()))
     moe_combine_kernel[(n, cdiv(h, block_h))](
         y, ids, out, h, k, n_experts, y.stride(0), out.stride(0), out.stride(1),
@@ -103,14 +103,14 @@ def _forward_kernels(x, ids, tw, gate_up, down, path):
     rb = _round_bf16(x, path)
     pair_ids, block_expert, _, _ = _routing(ids, n_experts, t["BM"])
     n_blocks = block_expert.numel()
-    gu = torch.empty(s_total, two_i, dtype=x.dtype, device=x.device)
-    h = torch.empty(s_total, inter, dtype=x.dtype, device=x.device)
+    gu = output_buffer((s_total, two_i), x.dtype, x.device)
+    h = output_buffer((s_total, inter), x.dtype, x.device)
     moe_gate_up_kernel[(n_blocks, cdiv(inter, t["BN_GU"]))](
         x, gate_up, pair_ids, block_expert, gu, h, inter, hidden, k, inter * gate_up.stride(1),
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), gu.stride(0), h.stride(0),
         BLOCK_M=t["BM"], BLOCK_N=t["BN_GU"], BLOCK_K=t["BK"], ROUND_BF16=rb,
         num_warps=t["warps"], num_stages=t["stages"])
-    y = torch.empty(s_total, hidden, dtype=x.dtype, device=x.device)
+    y = output_buffer((s_total, hidden), x.dtype, x.device)
     grouped_rows_kernel[(n_blocks, cdiv(hidden, t["BN"]))](
         h, down, pair_ids, block_expert, tw, y, hidden, inter,
         h.stride(0), down.stride(0), down.stride(2), down.stride(1), y.stride(0),
@@ -133,7 +133,7 @@ def _backward_kernels(grad_out, x, ids, tw, gate_up, down, gu, path, need_weight
     pair_ids, block_expert, seg_start, counts = _routing(ids, n_experts, t["BM"])
     n_blocks = block_expert.numel()
     n_tiles_i = cdiv(inter, t["BN"])
-    dgu = torch.empty(s_total, two_i, dtype=x.dtype, device=x.device)
+    dgu = output_buffer((s_total, two_i), x.dtype, x.device)
     # Zero-filled: pairs routed to no expert are never written and get a zero routing-weight gradient.
     dw_part = torch.zeros(s_total, n_tiles_i, dtype=torch.float32, device=x.device)
     moe_down_backward_kernel[(n_blocks, n_tiles_i)](
@@ -143,7 +143,7 @@ def _backward_kernels(grad_out, x, ids, tw, gate_up, down, gu, path, need_weight
         BLOCK_M=t["BM"], BLOCK_N=t["BN"], BLOCK_K=t["BK"], ROUND_BF16=rb,
         num_warps=t["warps"], num_stages=t["stages"])
     dtw = dw_part.sum(1).view(n, k).to(tw.dtype)
-    dx_pairs = torch.empty(s_total, hidden, dtype=x.dtype, device=x.device)
+    dx_pairs = output_buffer((s_total, hidden), x.dtype, x.device)
     grouped_rows_kernel[(n_blocks, cdiv(hidden, t["BN"]))](
         dgu, gate_up, pair_ids, block_expert, tw, dx_pairs, hidden, two_i,
         dgu.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), dx_pairs.stride(0),
@@ -153,7 +153,7 @@ def _backward_kernels(grad_out, x, ids, tw, gate_up, down, gu, path, need_weight
     del dx_pairs
     d_gate_up = d_down = None
     if need_weight_grads[0]:
-        d_gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=x.device)
+        d_gate_up = output_buffer(gate_up.shape, gate_up.dtype, x.device)
         expert_weight_grad_kernel[(n_experts, cdiv(two_i, t["BR"]) * cdiv(hidden, t["BC"]))](
             dgu, x, tw, pair_ids, seg_start, counts, d_gate_up, two_i, hidden, k, 0,
             dgu.stride(0), dgu.stride(1), x.stride(0), x.stride(1),
@@ -162,7 +162,7 @@ def _backward_kernels(grad_out, x, ids, tw, gate_up, down, gu, path, need_weight
             BLOCK_R=t["BR"], BLOCK_C=t["BC"], BLOCK_M=t["BM_W"], ROUND_BF16=rb,
             num_warps=t["warps"], num_stages=t["stages"])
     if need_weight_grads[1]:
-        d_down = torch.empty(down.shape, dtype=down.dtype, device=x.device)
+        d_down = output_buffer(down.shape, down.dtype, x.device)
         expert_weight_grad_kernel[(n_experts, cdiv(hidden, t["BR"]) * cdiv(inter, t["BC"]))](
             grad_out, gu, tw, pair_ids, seg_start, counts, d_down, hidden, inter, k, inter * gu.stride(1),
             grad_out.stride(0), grad_out.stride(1), gu.stride(0), gu.stride(1),

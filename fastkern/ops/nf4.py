@@ -24,7 +24,7 @@ from ..reference.nf4 import (  # noqa: F401  (NF4State is re-exported)
     nf4_dequantize_reference,
     nf4_quantize_reference,
 )
-from ._common import INT32_MAX, KERNEL_DTYPES, cdiv, check_tensor, device_guard
+from ._common import INT32_MAX, KERNEL_DTYPES, cdiv, check_tensor, device_guard, output_buffer
 
 # Weight elements per program and warps: 2048 elements = 1 KiB of codes in, 4 KiB of bf16 out, two
 # warps. The best of the bench/cases/nf4.py sweep with double quantization on the H100 (0.0551 ms for
@@ -275,7 +275,7 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
 
 
 def _dequantize_new(packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize, rows, cols, dtype):
-    out = torch.empty((rows, cols), dtype=dtype, device=packed.device)
+    out = output_buffer((rows, cols), dtype, packed.device)
     dequantize_into(out, packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
     return out
 

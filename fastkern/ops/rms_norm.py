@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..reference.rms_norm import rms_norm_backward_reference, rms_norm_reference
 from ._autograd import AutogradOp, backward_dispatch
-from ._common import FLOAT_DTYPES, as_rows, check_tensor, device_guard, needs_int64, op_path
+from ._common import FLOAT_DTYPES, as_rows, check_tensor, device_guard, needs_int64, op_path, output_buffer
 
 _OP = "fastkern.ops.rms_norm"
 # Programs per backward launch when a weight gradient is reduced across rows: enough to fill an H100
@@ -67,8 +67,8 @@ def _forward_impl(x: Tensor, weight: Tensor, eps: float, weight_offset: float, c
     weight = _dense_weight(weight)
     rows_view = as_rows(x)
     n_rows, n_cols = rows_view.shape
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    y = output_buffer(x.shape, x.dtype, x.device)
+    rstd = output_buffer(n_rows, torch.float32, x.device)
     block_m, block, warps = launch_config(n_cols, _TILE_ELEMENTS)
     with device_guard(x):
         rms_norm_forward_kernel[(-(-n_rows // block_m),)](
@@ -94,7 +94,7 @@ def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, we
     weight = _dense_weight(weight)
     x_rows, dy_rows = as_rows(x), as_rows(grad_out)
     n_rows, n_cols = x_rows.shape
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = output_buffer(x.shape, x.dtype, x.device)
     block_m, block, warps = launch_config(n_cols, _TILE_ELEMENTS)
     tiles = -(-n_rows // block_m)
     if need_weight_grad:
@@ -104,7 +104,7 @@ def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, we
         else:
             rows_per_program = -(-n_rows // min(n_rows, max_programs))
         programs = -(-n_rows // rows_per_program)
-        partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+        partial = output_buffer((programs, n_cols), torch.float32, x.device)
     else:
         programs, rows_per_program, partial = tiles, block_m, rstd  # the kernel never touches partial then
     with device_guard(x):

@@ -39,6 +39,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._common import output_buffer
+
 # Budget for ONE [tile rows, intermediate] tensor in the activation dtype. A tile's backward holds
 # about four of them at once with the fused GLU (gate, up, the GLU output, its gradient; the GLU
 # backward writes d(gate), d(up) over gate and up) and up to six with transformers' unfused MLP, so
@@ -112,7 +114,7 @@ def _run_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, rows: int) -> Tensor:
         y = fn(_tile_view(flat[start:start + rows], lead))
         y = y.reshape(-1, y.shape[-1])
         if out is None:
-            out = torch.empty((n, y.shape[-1]), dtype=y.dtype, device=y.device)
+            out = output_buffer((n, y.shape[-1]), y.dtype, y.device)
         out[start:start + rows] = y
     return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -144,7 +146,7 @@ class TiledMLPFunction(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1]).detach()
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
         n, lead = flat.shape[0], x.dim() - 2
-        dx = torch.empty(flat.shape, dtype=x.dtype, device=x.device) if want_x else None
+        dx = output_buffer(flat.shape, x.dtype, x.device) if want_x else None
         acc: list[Tensor | None] = [None] * len(param_tensors)
         with _replayed(x.device, ctx.rng, ctx.autocast, ctx.autocast_cache):
             for start in range(0, n, ctx.rows):

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fastkern
@@ -24,13 +24,8 @@ from fastkern.reference.glu import glu_forward_reference
 from fastkern.reference.linear_cross_entropy import linear_cross_entropy_reference, linear_logprobs_reference
 from fastkern.reference.rope import rope_reference
 from tests.oracle import assert_close
+from tests.profiles import bounded  # few examples under ci (each runs interpreted kernels), scaled by profile
 
-
-
-def bounded(max_examples: int):
-    """Hypothesis settings: few examples (each runs interpreted kernels), fixtures allowed."""
-    return settings(max_examples=max_examples,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 INF, NAN = float("inf"), float("nan")
 
 

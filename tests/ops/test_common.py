@@ -75,3 +75,41 @@ def test_dtensor_argument_is_refused_by_name():
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def test_output_buffers_are_poisoned_in_tests_and_the_switch_restores():
+    """The suite runs with output poisoning on (tests/conftest.py), so an element a kernel leaves
+    unwritten is NaN (integers: the sentinel); switched off, output_buffer is a plain torch.empty."""
+    assert torch.isnan(_common.output_buffer((3, 5), torch.float32, "cpu")).all()
+    assert torch.isnan(_common.output_buffer(4, torch.bfloat16, "cpu")).all()
+    assert (_common.output_buffer(4, torch.int32, "cpu") == _common.POISON_INT).all()
+    assert _common.output_buffer((0, 7), torch.float32, "cpu").shape == (0, 7)
+    previous = _common.set_output_poisoning(False)
+    try:
+        assert previous is True
+        out = _common.output_buffer((2, 3), torch.float16, "cpu")
+        assert out.shape == (2, 3) and out.dtype == torch.float16
+    finally:
+        _common.set_output_poisoning(previous)
+    assert torch.isnan(_common.output_buffer(2, torch.float32, "cpu")).all()
+
+
+def test_output_poisoning_is_off_by_default():
+    import subprocess
+    import sys
+
+    code = "import fastkern.ops._common as c; print(c._poison_outputs)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_an_unwritten_output_element_fails_the_oracle():
+    """What the poisoning is for: a kernel that skips the last element returns NaN there, and the oracle
+    comparison (NaN never passes) fails."""
+    from tests.oracle import assert_close
+
+    x = torch.randn(5)
+    out = _common.output_buffer(x.shape, x.dtype, x.device)
+    out[:-1] = x[:-1] * 2  # a "kernel" that forgets the last element
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_close(out, x.double() * 2, torch.float32)

@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fastkern
 from fastkern import runtime
 from fastkern.ops.glu import glu_backward_op, glu_forward_op
 from tests.oracle import assert_close
+from tests.profiles import bounded
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ACTS = ["silu", "gelu_tanh", "gelu"]
@@ -227,7 +228,7 @@ class TestBadInput:
 # ---------------------------------------------------------------- GPU (pytest -m gpu on the device)
 
 @pytest.mark.gpu
-@settings(max_examples=12)  # each new shape/dtype/layout compiles a kernel variant: ~40 s for 30 on the H100
+@bounded(12)  # each new shape/dtype/layout compiles a kernel variant: ~40 s for 30 on the H100
 @given(
     dtype=st.sampled_from(DTYPES),
     act=st.sampled_from(ACTS),

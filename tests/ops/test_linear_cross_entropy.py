@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fastkern
@@ -14,6 +14,7 @@ from fastkern.ops import linear_cross_entropy as lce_mod
 from fastkern.reference.linear_cross_entropy import linear_cross_entropy_reference
 from tests.oracle import assert_close as oracle_assert_close
 from tests.oracle import assert_compiled_matches_eager
+from tests.profiles import bounded
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 flce = fastkern.ops.fused_linear_cross_entropy
@@ -122,7 +123,7 @@ def test_cpu_runs_the_triton_kernel_under_the_interpreter():
 
 
 @pytest.mark.usefixtures("poison_empty")
-@settings(max_examples=10)
+@bounded(10)
 @given(
     n=st.sampled_from([1, 2, 7, 33]),
     h=st.sampled_from([1, 5, 16]),
@@ -343,7 +344,7 @@ def test_gpu_gemma_vocab_with_softcap():
 
 
 @pytest.mark.gpu
-@settings(max_examples=6)
+@bounded(6)
 @given(n=st.integers(1, 3000), v=st.integers(65537, 70000), dtype=st.sampled_from(DTYPES),
        reduction=st.sampled_from(["mean", "sum", "none"]), softcap=st.sampled_from([None, 10.0]))
 def test_gpu_vocab_above_65536(n, v, dtype, reduction, softcap):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fastkern
@@ -17,6 +17,7 @@ from fastkern.ops import linear_cross_entropy_onchip as oc
 from fastkern.reference.linear_cross_entropy import linear_cross_entropy_reference, linear_logprobs_reference
 from tests.oracle import assert_compiled_matches_eager
 from tests.ops.test_linear_cross_entropy import assert_close, make_hidden, make_labels, torch_eager
+from tests.profiles import bounded
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 flce = fastkern.ops.fused_linear_cross_entropy
@@ -126,7 +127,7 @@ def run_logprobs(n, h, v, dtype, *, use_bias=False, temperature=1.0, softcap=Non
 
 
 @pytest.mark.usefixtures("poison_empty")
-@settings(max_examples=20)
+@bounded(20)
 @given(
     n=st.sampled_from([1, 7, 33]),
     h=st.sampled_from([5, 40]),
@@ -148,7 +149,7 @@ def test_loss_matches_float64_oracle(n, h, v, dtype, reduction, pattern, use_bia
 
 
 @pytest.mark.usefixtures("poison_empty")
-@settings(max_examples=12)
+@bounded(12)
 @given(
     n=st.sampled_from([3, 20]),
     v=st.sampled_from([13, 131]),
@@ -354,7 +355,7 @@ def test_gpu_logits_past_2_31_elements():
 
 
 @pytest.mark.gpu
-@settings(max_examples=6)
+@bounded(6)
 @given(n=st.integers(1, 3000), v=st.integers(65537, 70000), dtype=st.sampled_from(DTYPES),
        reduction=st.sampled_from(["mean", "none"]), softcap=st.sampled_from([None, 10.0]))
 def test_gpu_odd_shapes(n, v, dtype, reduction, softcap):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fastkern
@@ -12,6 +12,7 @@ from fastkern import runtime
 from fastkern.reference.linear_cross_entropy import linear_logprobs_reference
 from tests.oracle import assert_close as oracle_assert_close
 from tests.oracle import assert_compiled_matches_eager
+from tests.profiles import bounded
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 flp = fastkern.ops.fused_linear_logprobs
@@ -85,7 +86,7 @@ def run_case(n, h, v, dtype, *, use_bias=False, temperature=1.0, softcap=None, l
 
 
 @pytest.mark.usefixtures("poison_empty")
-@settings(max_examples=8)
+@bounded(8)
 @given(
     n=st.sampled_from([1, 3, 17]),
     h=st.sampled_from([1, 7]),
@@ -162,7 +163,7 @@ def test_gpu_real_size(frozen):
 
 
 @pytest.mark.gpu
-@settings(max_examples=4)
+@bounded(4)
 @given(n=st.integers(1, 2000), v=st.integers(65537, 70000), softcap=st.sampled_from([None, 30.0]))
 def test_gpu_vocab_above_65536(n, v, softcap):
     run_case(n, 64, v, torch.bfloat16, softcap=softcap, device="cuda", use_bias=True)

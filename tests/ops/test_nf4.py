@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import example, given, strategies as st
 
 from fastkern.ops import NF4State, nf4_dequantize, nf4_quantize
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 from tests.bnb_reference import bnb_dequantize_4bit  # noqa: E402
+from tests.profiles import bounded  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -29,7 +30,7 @@ def _assert_bitexact(got, ref):
     assert torch.equal(got.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8))
 
 
-@settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@bounded(10)
 @given(
     rows=st.integers(1, 70), cols=st.integers(1, 300), blocksize=st.sampled_from(BLOCKSIZES),
     double_quant=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
@@ -77,7 +78,7 @@ def test_output_dtype_override():
     _assert_bitexact(got, ref)
 
 
-@settings(max_examples=8)
+@bounded(8)
 @given(rows=st.integers(1, 40), cols=st.integers(1, 200), blocksize=st.sampled_from(BLOCKSIZES),
        double_quant=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 @example(rows=39, cols=129, blocksize=128, double_quant=True, dtype=torch.bfloat16, seed=1004)

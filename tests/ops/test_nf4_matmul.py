@@ -8,7 +8,7 @@ identity-matrix test checks the in-tile weight values themselves, exactly.
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import example, given, strategies as st
 
 import fastkern
 from fastkern import runtime
@@ -16,6 +16,7 @@ from fastkern.experimental import nf4_matmul as nf4_matmul_module
 from fastkern.experimental.nf4_matmul import nf4_matmul
 from fastkern.ops import NF4State, nf4_dequantize, nf4_quantize
 from tests.oracle import assert_close, assert_compiled_matches_eager
+from tests.profiles import bounded
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -47,7 +48,7 @@ def _check(x, packed, state, transpose, name="out"):
     return got
 
 
-@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@bounded(8)
 @given(
     m=st.sampled_from([1, 7, 70]), n=st.integers(17, 150), k=st.integers(17, 150),
     blocksize=st.sampled_from([32, 64, 256, 4096]), nested=st.booleans(), dtype=st.sampled_from(DTYPES),

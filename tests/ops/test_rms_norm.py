@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import fastkern
 from fastkern import runtime
 from fastkern.ops._common import needs_int64
 from tests.oracle import assert_close, assert_compiled_matches_eager
+from tests.profiles import bounded
 
 rms_mod = importlib.import_module("fastkern.ops.rms_norm")  # fastkern.ops.rms_norm is the function
 kernels_mod = importlib.import_module("fastkern.kernels.rms_norm")
@@ -545,7 +546,7 @@ class TestBadInput:
 
 
 @pytest.mark.gpu
-@settings(max_examples=12)  # each new width/dtype/layout compiles a kernel variant
+@bounded(12)  # each new width/dtype/layout compiles a kernel variant
 @given(
     dtype=st.sampled_from(DTYPES),
     form=st.sampled_from(list(FORMS)),

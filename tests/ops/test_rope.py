@@ -18,6 +18,7 @@ import fastkern
 rope_module = importlib.import_module("fastkern.ops.rope")
 from fastkern.ops._common import needs_int64
 from tests.oracle import assert_close
+from tests.profiles import bounded
 
 apply_rotary_pos_emb = pytest.importorskip("transformers.models.llama.modeling_llama").apply_rotary_pos_emb
 
@@ -131,7 +132,7 @@ def test_rope_matches_oracle(poison_empty, case, dtype, inplace, table):
         assert torch.equal(got[..., case["rotary_dim"]:], x[..., case["rotary_dim"]:]), name
 
 
-@settings(parent=FIXTURE_OK, max_examples=8)
+@bounded(8)
 @given(case=rope_cases(), dtype=st.sampled_from(DTYPES), inplace=st.booleans())
 def test_rope_gradients(poison_empty, case, dtype, inplace):
     position_ids = positions_for(case)
