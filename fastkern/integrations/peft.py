@@ -4,6 +4,14 @@ A PEFT ``LoraLayer`` keeps per-adapter dicts (lora_A, lora_B, lora_dropout, scal
 lora_bias) and the flags ``disable_adapters`` / ``merged`` / ``active_adapters`` that TRL and users
 toggle at any time, so everything here is read per call. Nothing is imported from PEFT or
 bitsandbytes unless they are installed.
+
+The patched forward (patching/lora.py) reads, on its hot path, the instance attributes behind PEFT's
+properties rather than the properties: ``_disable_adapters`` (``disable_adapters``),
+``merged_adapters`` (``merged`` is ``bool(merged_adapters)``) and ``_active_adapter``
+(``active_adapters`` is ``[_active_adapter]`` for a str, else the list itself), plus the dicts
+``lora_variant``, ``lora_bias`` and ``scaling``. It is bound only to the exact PEFT classes of
+:func:`lora_layer_classes`, which do not override those properties; tests/patching/test_lora.py
+checks the correspondence against the installed PEFT.
 """
 
 from __future__ import annotations

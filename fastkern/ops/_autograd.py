@@ -29,6 +29,12 @@ LoRA product x @ A.T). The custom op returns them (torch.compile needs every ten
 as an output to save it) and marks them non-differentiable; the eager Function returns only the
 leading outputs; either way ``backward`` receives gradients of the leading outputs only, and calling
 the AutogradOp returns only those.
+
+``eager_packed_from``: the eager Function takes forward's arguments from that index on as one tuple
+(``autograd.Function.apply`` spends Python calls per argument; LoRA's op has thirteen, most of them
+options and frozen quantization state). The packed arguments must never need a gradient: backward
+returns None for them, and reads ``ctx.needs_input_grad`` only below that index (the eager Function's
+has one entry for the whole tuple).
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ class AutogradOp:
     """
 
     def __init__(self, name: str, forward: Callable, *, fake: Callable, setup_context: Callable,
-                 backward: Callable, aux_outputs: int = 0):
+                 backward: Callable, aux_outputs: int = 0, eager_packed_from: int | None = None):
         self.op = torch.library.custom_op(f"fastkern::{name}", forward, mutates_args=())
         self.op.register_fake(fake)
         if aux_outputs:
@@ -93,8 +99,9 @@ class AutogradOp:
             self.op.register_autograd(_flagged(leading_backward), setup_context=op_setup_context)
         else:
             self.op.register_autograd(_flagged(backward), setup_context=setup_context)
-        self.function = _eager_function(name, forward, setup_context, backward, aux_outputs)
+        self.function = _eager_function(name, forward, setup_context, backward, aux_outputs, eager_packed_from)
         self._aux_outputs = aux_outputs
+        self._packed_from = eager_packed_from
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():
@@ -103,23 +110,33 @@ class AutogradOp:
                 leading = output[:-self._aux_outputs]
                 return leading[0] if len(leading) == 1 else leading
             return output
+        if self._packed_from is not None:
+            return self.function.apply(*args[:self._packed_from], args[self._packed_from:])
         return self.function.apply(*args)
 
 
 def _eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
-                    aux_outputs: int) -> type:
+                    aux_outputs: int, packed_from: int | None = None) -> type:
     """The autograd.Function running the definition eagerly: forward + setup_context, then backward."""
     if aux_outputs:
         def function_forward(ctx, *args):
+            if packed_from is not None:
+                args = args[:packed_from] + args[packed_from]
             output = forward(*args)
             setup_context(ctx, args, output)
             leading = output[:-aux_outputs]
             return leading[0] if len(leading) == 1 else leading
     else:
         def function_forward(ctx, *args):
+            if packed_from is not None:
+                args = args[:packed_from] + args[packed_from]
             output = forward(*args)
             setup_context(ctx, args, output)
             return output
+    function_backward = backward
+    if packed_from is not None:
+        def function_backward(ctx, *grads):
+            return backward(ctx, *grads)[:packed_from] + (None,)
 
     class_name = "".join(part.capitalize() for part in name.split("_")) + "Function"
     return type(class_name, (torch.autograd.Function,), {
@@ -127,5 +144,5 @@ def _eager_function(name: str, forward: Callable, setup_context: Callable, backw
                    f"the custom-op dispatch.",
         "__module__": getattr(forward, "__module__", __name__),
         "forward": staticmethod(function_forward),
-        "backward": staticmethod(backward),
+        "backward": staticmethod(function_backward),
     })

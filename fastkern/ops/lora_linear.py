@@ -13,11 +13,13 @@ no call copies or concatenates a dense W. With xs = scaling * (x @ A.T) ([M, r],
   ``[dY W | dY B] = dY @ [W | B]`` (N > 2K; dX is then copied out contiguous, see
   ``_concat_backward``); otherwise it takes the dense scheme on the dequantized W.
 
-Tiers: the implementations ``_forward_impl`` / ``_backward_impl``; two custom ops
-(``fastkern::lora_linear_forward`` / ``_backward``) with fake implementations and autograd registered
-on the forward, which is what torch.compile sees; a plain autograd.Function that eager calls take
-(the custom-op autograd wrapper costs hundreds of microseconds of host time per step, see
-docs/glu.md); and the public :func:`lora_linear`.
+Tiers: the implementations ``_forward_impl`` / ``_backward_impl``; one autograd definition
+(``_setup_context`` / ``_backward``) that ops/_autograd.py registers on the custom op
+``fastkern::lora_linear_forward`` (what torch.compile sees; its backward calls
+``fastkern::lora_linear_backward``) and turns into the eager autograd.Function; and the public
+:func:`lora_linear`, which checks its arguments with a few attribute reads when they are plain
+tensors of one dtype and device (the common case: it runs for every LoRA projection of every layer)
+and spells each check out otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import Parameter
 
+from ._autograd import AutogradOp, backward_dispatch
 from ._common import KERNEL_DTYPES, FLOAT_DTYPES, check_tensor
 from .nf4 import FlatNF4, dequantize_into, flatten_state
 
@@ -45,7 +49,7 @@ def _concat_backward(k: int, n: int, nf4: bool) -> bool:
     # Backward: [dY W | dY B] = dY @ [W | B] leaves dX as the first K columns of an [M, K + r] result,
     # a view with row stride K + r. dX must leave this op contiguous: torch 2.11's cuDNN attention
     # backward reads a strided grad_out as if it were contiguous (wrong q/k/v gradients, ~140% error,
-    # found through o_proj: bench/probe_sdpa_strided_grad.py), and other consumers may assume it too.
+    # when dX flows from o_proj into attention), and other consumers may assume it too.
     # Copying dX out costs ~4MK bytes; the beta = 1 scheme instead reads dY a second time for dY @ B
     # (2MN). So the concatenated GEMM pays only when N > 2K (e.g. 4096 -> 14336, gate/up of Llama).
     return nf4 and n > 2 * k
@@ -61,17 +65,14 @@ def _dequantized(weight: Tensor, quant: Quant, lora_b: Tensor, k: int, concat: b
     return buf
 
 
-def _scaled(t: Tensor, scaling: float) -> Tensor:
-    # scaling = lora_alpha / r is often exactly 1 (PEFT's defaults): skip a kernel launch then.
-    return t if scaling == 1.0 else t.mul_(scaling)
-
-
 def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None, quant: Quant,
                   scaling: float) -> tuple[Tensor, Tensor]:
     """x: [M, K]. Returns (y [M, N], xs = scaling * x @ A.T [M, r]); xs is saved for backward."""
     k = x.shape[1]
-    xs = _scaled(F.linear(x, lora_a), scaling)
-    concat = _concat_path(k, lora_b.shape[0], quant is not None)
+    xs = F.linear(x, lora_a)
+    if scaling != 1.0:  # lora_alpha / r is often exactly 1 (PEFT's defaults): skip a kernel launch then
+        xs.mul_(scaling)
+    concat = quant is not None and _concat_path(k, lora_b.shape[0], True)
     w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
     if concat:  # w is [W | B]
         x_cat = torch.cat([x, xs], dim=1)
@@ -86,7 +87,7 @@ def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora
     dy = grad_out.contiguous()
     grad_x = g = None
     if need_x:
-        concat = _concat_backward(k, lora_b.shape[0], quant is not None)
+        concat = quant is not None and _concat_backward(k, lora_b.shape[0], True)
         w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
         if concat:
             both = torch.mm(dy, w)  # w is [W | B]: [dY W | dY B]
@@ -94,93 +95,159 @@ def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora
             # Out of place: dX is a new contiguous [M, K] tensor (see _concat_backward).
             grad_x = torch.addmm(both[:, :k], g, lora_a)
         else:
-            g = _scaled(torch.mm(dy, lora_b), scaling)
+            g = torch.mm(dy, lora_b)
+            if scaling != 1.0:
+                g.mul_(scaling)
             grad_x = torch.mm(g, lora_a).addmm_(dy, w)
     elif need_a:  # no dX wanted (e.g. the first layer's input): W is not needed at all
-        g = _scaled(torch.mm(dy, lora_b), scaling)
+        g = torch.mm(dy, lora_b)
+        if scaling != 1.0:
+            g.mul_(scaling)
     grad_a = torch.mm(g.t(), x) if need_a else None
     grad_b = torch.mm(dy.t(), xs) if need_b else None
     grad_bias = dy.sum(0) if need_bias else None
     return grad_x, grad_a, grad_b, grad_bias
 
 
-def _unpack(code, absmax, absmax2, code2, offset, blocksize, nested_blocksize) -> Quant:
-    return None if code is None else (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
+_OP = "fastkern.ops.lora_linear"
 
 
-@torch.library.custom_op("fastkern::lora_linear_forward", mutates_args=())
-def lora_linear_forward_op(
-    x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None, code: Tensor | None,
-    absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None, offset: Tensor | None, scaling: float,
-    blocksize: int, nested_blocksize: int,
-) -> tuple[Tensor, Tensor]:
-    quant = _unpack(code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
+def _lora_linear_forward(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None,
+                         code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
+                         offset: Tensor | None, scaling: float, blocksize: int,
+                         nested_blocksize: int) -> tuple[Tensor, Tensor]:
+    """(y [M, N], xs = scaling * x @ A.T [M, r]); the NF4 state is ``code``.. ``nested_blocksize``
+    (``code`` None: a dense base)."""
+    quant = None if code is None else (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
     return _forward_impl(x, weight, lora_a, lora_b, bias, quant, scaling)
 
 
-@lora_linear_forward_op.register_fake
-def _(x, weight, lora_a, lora_b, bias, code, absmax, absmax2, code2, offset, scaling, blocksize, nested_blocksize):
+def _fake_forward(x, weight, lora_a, lora_b, bias, code, absmax, absmax2, code2, offset, scaling, blocksize,
+                  nested_blocksize):
     return x.new_empty((x.shape[0], lora_b.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
+
+
+def _lora_linear_backward(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                          code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
+                          offset: Tensor | None, scaling: float, blocksize: int, nested_blocksize: int,
+                          need_x: bool, need_a: bool, need_b: bool, need_bias: bool):
+    quant = None if code is None else (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
+    return _backward_impl(grad_out, x, xs, weight, lora_a, lora_b, quant, scaling, need_x, need_a, need_b, need_bias)
 
 
 @torch.library.custom_op("fastkern::lora_linear_backward", mutates_args=())
 def lora_linear_backward_op(
     grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
-    offset: Tensor | None, scaling: float, blocksize: int, nested_blocksize: int, bias_grad: bool,
+    offset: Tensor | None, scaling: float, blocksize: int, nested_blocksize: int, need_x: bool, need_a: bool,
+    need_b: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dX, dA, dB, dbias); dbias is zeros unless ``bias_grad`` (a custom op cannot return None)."""
-    quant = _unpack(code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
-    grad_x, grad_a, grad_b, grad_bias = _backward_impl(grad_out, x, xs, weight, lora_a, lora_b, quant, scaling,
-                                                       True, True, True, bias_grad)
-    return grad_x, grad_a, grad_b, grad_bias if bias_grad else grad_out.new_zeros(grad_out.shape[1])
+    """(dX, dA, dB, dbias); a gradient not asked for is zeros (a custom op cannot return None)."""
+    grad_x, grad_a, grad_b, grad_bias = _lora_linear_backward(
+        grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, scaling, blocksize,
+        nested_blocksize, need_x, need_a, need_b, need_bias)
+    return (grad_x if need_x else x.new_zeros(x.shape), grad_a if need_a else lora_a.new_zeros(lora_a.shape),
+            grad_b if need_b else lora_b.new_zeros(lora_b.shape),
+            grad_bias if need_bias else grad_out.new_zeros(grad_out.shape[1]))
 
 
 @lora_linear_backward_op.register_fake
 def _(grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, scaling, blocksize,
-      nested_blocksize, bias_grad):
+      nested_blocksize, need_x, need_a, need_b, need_bias):
     return (x.new_empty(x.shape), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape),
             grad_out.new_empty((grad_out.shape[1],)))
 
 
+_backward_call = backward_dispatch(lora_linear_backward_op, _lora_linear_backward)
+
+
 def _setup_context(ctx, inputs, output):
+    # Module parameters (the frozen base weight, and A / B when they are the adapters' own parameters
+    # rather than cast copies) are held on ctx by reference, not saved: saving a tensor costs the
+    # saved-tensor hooks' work (torch.utils.checkpoint's run about ten Python calls per tensor, in
+    # forward and in recomputation) and buys nothing for a parameter, which lives as long as its
+    # module either way. What saving adds is autograd's check that a saved tensor is not modified in
+    # place before backward (an optimizer step between forward and backward, a weight edited under
+    # no_grad): the versions recorded here repeat that check in backward. (Like autograd's, it cannot
+    # see writes through ``.data``.) Activations (x, xs, cast adapters) are saved, so checkpointing
+    # and offloading still free them. The NF4 quantization state is frozen module state too.
     x, weight, lora_a, lora_b, bias, code, absmax, absmax2, code2, offset, scaling, blocksize, nested = inputs
-    ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, code, absmax, absmax2, code2, offset)
-    ctx.scaling, ctx.blocksize, ctx.nested_blocksize = scaling, blocksize, nested
+    # An exact Parameter, or a plain Tensor that is no view, is told by attribute reads alone.
+    held_w = weight.__class__ is Parameter or (
+        (weight.__class__ is not Tensor or weight._base is not None) and _parameter_or_view(weight))
+    held_a = lora_a.__class__ is Parameter or (
+        (lora_a.__class__ is not Tensor or lora_a._base is not None) and _parameter_or_view(lora_a))
+    held_b = lora_b.__class__ is Parameter or (
+        (lora_b.__class__ is not Tensor or lora_b._base is not None) and _parameter_or_view(lora_b))
+    ctx.save_for_backward(x, output[1], None if held_w else weight, None if held_a else lora_a,
+                          None if held_b else lora_b)
+    ctx.held = (weight if held_w else None, lora_a if held_a else None, lora_b if held_b else None)
+    ctx.quant = None if code is None else (code, absmax, absmax2, code2, offset)
+    ctx.versions = ((weight._version, lora_a._version, lora_b._version) if code is None
+                    else _versions(weight, lora_a, lora_b, ctx.quant))
+    ctx.opts = (scaling, blocksize, nested)
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
-def _backward(ctx, grad_out, grad_xs):
-    x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset = ctx.saved_tensors
+def _parameter_or_view(t: Tensor) -> bool:
+    """Whether ``t`` is a Parameter or a view of one (NF4's packed bytes are a flat view of the
+    Params4bit). A view shares its base's version counter, so the version check covers it too."""
+    if t._base is not None:
+        t = t._base
+    return isinstance(t, Parameter)
+
+
+def _versions(weight: Tensor, lora_a: Tensor, lora_b: Tensor, quant) -> tuple[int, ...]:
+    """Version counters of what backward reads by reference (a dense call inlines the first three)."""
+    code, absmax, absmax2, code2, offset = quant
+    return (weight._version, lora_a._version, lora_b._version, code._version, absmax._version,
+            -1 if absmax2 is None else absmax2._version, -1 if code2 is None else code2._version,
+            -1 if offset is None else offset._version)
+
+
+def _modified_error(before: tuple[int, ...], after: tuple[int, ...]) -> RuntimeError:
+    names = ("weight", "lora_A", "lora_B", "quant_state.code", "quant_state.absmax", "quant_state.absmax2",
+             "quant_state.code2", "quant_state.offset")
+    changed = [f"`{n}` (version {b} at forward, {a} now)" for n, b, a in zip(names, before, after) if a != b]
+    return RuntimeError(
+        f"{_OP}: one of the tensors needed for gradient computation has been modified by an inplace "
+        f"operation between forward and backward: {', '.join(changed)}")
+
+
+def _backward(ctx, grad_out):
+    x, xs, weight, lora_a, lora_b = ctx.saved_tensors
+    held_w, held_a, held_b = ctx.held
+    if held_w is not None:
+        weight = held_w
+    if held_a is not None:
+        lora_a = held_a
+    if held_b is not None:
+        lora_b = held_b
+    quant = ctx.quant
+    versions = ((weight._version, lora_a._version, lora_b._version) if quant is None
+                else _versions(weight, lora_a, lora_b, quant))
+    if versions != ctx.versions:
+        raise _modified_error(ctx.versions, versions)
+    code, absmax, absmax2, code2, offset = quant or (None,) * 5
     needs = ctx.needs_input_grad
-    grad_x, grad_a, grad_b, grad_bias = lora_linear_backward_op(
-        grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset,
-        ctx.scaling, ctx.blocksize, ctx.nested_blocksize, ctx.bias_grad and needs[4],
-    )
+    need_bias = ctx.bias_grad and needs[4]
+    grad_x, grad_a, grad_b, grad_bias = _backward_call(
+        grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, *ctx.opts,
+        needs[0], needs[2], needs[3], need_bias)
     return (grad_x if needs[0] else None, None, grad_a if needs[2] else None, grad_b if needs[3] else None,
-            grad_bias if ctx.bias_grad and needs[4] else None, None, None, None, None, None, None, None, None)
+            grad_bias if need_bias else None, None, None, None, None, None, None, None, None)
 
 
-lora_linear_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class LoRALinearFunction(torch.autograd.Function):
-    """Eager-mode autograd for the same math, calling the implementations directly."""
-
-    @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, quant, scaling):
-        out, xs = _forward_impl(x, weight, lora_a, lora_b, bias, quant, scaling)
-        ctx.save_for_backward(x, xs, weight, lora_a, lora_b)
-        ctx.quant, ctx.scaling = quant, scaling  # frozen quant-state tensors, never outputs
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, xs, weight, lora_a, lora_b = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b, grad_bias = _backward_impl(
-            grad_out, x, xs, weight, lora_a, lora_b, ctx.quant, ctx.scaling, needs[0], needs[2], needs[3], needs[4])
-        return grad_x, None, grad_a, grad_b, grad_bias, None, None
+# One autograd definition (ops/_autograd.py): the custom op fastkern::lora_linear_forward returns (y, xs)
+# for torch.compile, xs marked non-differentiable; the eager Function returns y and takes the NF4 state
+# and options (arguments 5..12, never differentiable) as one tuple.
+_LORA_LINEAR = AutogradOp("lora_linear_forward", _lora_linear_forward, fake=_fake_forward,
+                          setup_context=_setup_context, backward=_backward, aux_outputs=1, eager_packed_from=5)
+lora_linear_forward_op = _LORA_LINEAR.op
+LoRALinearFunction = _LORA_LINEAR.function
+_PLAIN = (Tensor, Parameter)
+# The NF4 arguments of a dense call: no state, blocksizes 0.
+_DENSE = (None, None, None, None, None, 0, 0)
 
 
 def _check_operand(op: str, name: str, t: Tensor, x: Tensor) -> None:
@@ -191,6 +258,20 @@ def _check_operand(op: str, name: str, t: Tensor, x: Tensor) -> None:
         raise ValueError(f"{op}: `{name}` is on {t.device} but `x` is on {x.device}")
 
 
+def _check_operands(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling, bias: Tensor | None,
+                    dense: bool) -> None:
+    """Each argument's type, dtype and device, spelled out (errors name the argument)."""
+    check_tensor(_OP, "x", x, dtypes=KERNEL_DTYPES)
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+        raise TypeError(f"{_OP}: `scaling` must be a Python number, got {type(scaling).__name__}")
+    _check_operand(_OP, "lora_A", lora_A, x)
+    _check_operand(_OP, "lora_B", lora_B, x)
+    if bias is not None:
+        _check_operand(_OP, "bias", bias, x)
+    if dense:
+        _check_operand(_OP, "weight", weight, x)
+
+
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, *,
                 bias: Tensor | None = None, quant_state=None) -> Tensor:
     """``x @ W.T + bias + scaling * (x @ lora_A.T) @ lora_B.T``, without separate passes for the LoRA term.
@@ -199,7 +280,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     bitsandbytes ``Params4bit`` (any quant_storage) with ``quant_state`` (bitsandbytes ``QuantState``
     or ``NF4State``). lora_A: [r, K], lora_B: [N, r], bias: [N] or None, all in x's dtype.
     Differentiable in x, lora_A, lora_B and bias; the base weight is frozen (a dense weight that
-    requires grad is rejected rather than silently left without a gradient).
+    requires grad is rejected rather than silently left without a gradient). Parameters are held for
+    backward by reference (modifying one in place before backward raises there, as autograd does for
+    a saved tensor), so saved-tensor hooks (checkpointing, offloading) see only activations.
 
     >>> import torch, fastkern
     >>> x, w = torch.randn(3, 16), torch.randn(8, 16)
@@ -208,52 +291,50 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     >>> torch.allclose(y, x @ w.T + 0.5 * (x @ a.T) @ b.T, atol=1e-4)
     True
     """
-    op = "fastkern.ops.lora_linear"
-    check_tensor(op, "x", x, dtypes=KERNEL_DTYPES)
-    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
-        raise TypeError(f"{op}: `scaling` must be a Python number, got {type(scaling).__name__}")
+    dense = quant_state is None
+    plain = x.__class__ in _PLAIN
+    dtype, device = (x.dtype, x.device) if plain else (None, None)
+    # The common case, told by attribute reads alone: plain tensors (no subclass, e.g. no DTensor) of
+    # one supported dtype on one device and a Python number; anything else gets every check spelled out.
+    if not (plain and dtype in KERNEL_DTYPES and lora_A.__class__ in _PLAIN
+            and lora_A.dtype == dtype and lora_A.device == device and lora_B.__class__ in _PLAIN
+            and lora_B.dtype == dtype and lora_B.device == device
+            and (bias is None or (bias.__class__ in _PLAIN and bias.dtype == dtype and bias.device == device))
+            and (scaling.__class__ is float or scaling.__class__ is int)
+            and (not dense or (weight.__class__ in _PLAIN and weight.dtype == dtype and weight.device == device))):
+        _check_operands(x, weight, lora_A, lora_B, scaling, bias, dense)
+        dtype, device = x.dtype, x.device
     k = x.shape[-1]
-    _check_operand(op, "lora_A", lora_A, x)
-    _check_operand(op, "lora_B", lora_B, x)
-    if bias is not None:
-        _check_operand(op, "bias", bias, x)
-    if lora_A.dim() != 2 or lora_A.shape[1] != k:
-        raise ValueError(f"{op}: `lora_A` must be [r, {k}] for x [..., {k}], got {tuple(lora_A.shape)}")
+    if lora_A.ndim != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"{_OP}: `lora_A` must be [r, {k}] for x [..., {k}], got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    nf4: FlatNF4 | None = None
-    if quant_state is None:
-        _check_operand(op, "weight", weight, x)
-        if weight.dim() != 2 or weight.shape[1] != k:
-            raise ValueError(f"{op}: `weight` must be [N, {k}] for x [..., {k}], got {tuple(weight.shape)}")
+    if dense:
+        if weight.ndim != 2 or weight.shape[1] != k:
+            raise ValueError(f"{_OP}: `weight` must be [N, {k}] for x [..., {k}], got {tuple(weight.shape)}")
         if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{op}: `weight` requires grad; lora_linear treats the base weight as frozen")
+            raise ValueError(f"{_OP}: `weight` requires grad; lora_linear treats the base weight as frozen")
         n = weight.shape[0]
+        w, quant = weight, _DENSE
     else:
-        nf4 = flatten_state(op, weight, quant_state, dtype=x.dtype)
+        nf4 = flatten_state(_OP, weight, quant_state, dtype=dtype)
         n, k_w = nf4.rows_cols
         if len(nf4.shape) != 2 or k_w != k:
-            raise ValueError(f"{op}: `quant_state.shape` {tuple(nf4.shape)} is not [N, {k}] for x [..., {k}]")
-        if weight.device != x.device:
-            raise ValueError(f"{op}: `weight` is on {weight.device} but `x` is on {x.device}")
-    if lora_B.dim() != 2 or lora_B.shape[0] != n or lora_B.shape[1] != r:
-        raise ValueError(f"{op}: `lora_B` must be [{n}, {r}], got {tuple(lora_B.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
-        raise ValueError(f"{op}: `bias` must be [{n}], got {tuple(bias.shape)}")
+            raise ValueError(f"{_OP}: `quant_state.shape` {tuple(nf4.shape)} is not [N, {k}] for x [..., {k}]")
+        if weight.device != device:
+            raise ValueError(f"{_OP}: `weight` is on {weight.device} but `x` is on {device}")
+        w, quant = nf4.packed, (nf4.code, nf4.absmax, nf4.absmax2, nf4.code2, nf4.offset, nf4.blocksize,
+                                nf4.nested_blocksize)
+    if lora_B.ndim != 2 or lora_B.shape[0] != n or lora_B.shape[1] != r:
+        raise ValueError(f"{_OP}: `lora_B` must be [{n}, {r}], got {tuple(lora_B.shape)}")
+    if bias is not None and (bias.ndim != 1 or bias.shape[0] != n):
+        raise ValueError(f"{_OP}: `bias` must be [{n}], got {tuple(bias.shape)}")
     x2d = x.reshape(-1, k)
     scaling = float(scaling)
-    if torch.compiler.is_compiling():
-        if nf4 is None:
-            out, _ = lora_linear_forward_op(x2d, weight, lora_A, lora_B, bias, None, None, None, None, None,
-                                            scaling, 0, 0)
-        else:
-            out, _ = lora_linear_forward_op(x2d, nf4.packed, lora_A, lora_B, bias, nf4.code, nf4.absmax, nf4.absmax2,
-                                            nf4.code2, nf4.offset, scaling, nf4.blocksize, nf4.nested_blocksize)
-    else:
-        quant = None if nf4 is None else nf4[1:8]
-        w = weight if nf4 is None else nf4.packed
-        if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            out = LoRALinearFunction.apply(x2d, w, lora_A, lora_B, bias, quant, scaling)
-        else:  # nothing to differentiate: skip autograd.Function's bookkeeping (~10-20 us of host time)
-            out = _forward_impl(x2d, w, lora_A, lora_B, bias, quant, scaling)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        out = _LORA_LINEAR(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])
+    elif torch.compiler.is_compiling():  # torch.compile sees the custom op, also without gradients
+        out = _LORA_LINEAR(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])
+    else:  # nothing to differentiate: skip autograd's bookkeeping (~10-20 us of host time)
+        out = _forward_impl(x2d, w, lora_A, lora_B, bias, None if dense else quant, scaling)[0]
     return out.view(*x.shape[:-1], n)

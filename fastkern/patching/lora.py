@@ -5,15 +5,18 @@ Patch time: every PEFT ``lora.Linear`` / ``lora.bnb.Linear4bit`` whose configura
 gets an instance forward; the rest (fp4 bases, DoRA and other variants, lora_bias, hooked bases)
 are reported as skipped with the reason.
 
-Call time: the patched forward re-reads ``disable_adapters``, ``merged``, ``active_adapters``,
-``scaling`` and each adapter's dropout/variant, and hands the call to PEFT's own forward whenever
-the fused result would not be exactly PEFT's math (adapters disabled or merged: PEFT's forward is
-the base layer then; ``adapter_names`` or extra arguments; active dropout; variants; dtype or
-device mismatches; forward hooks added to the base layer after patching; autocast unless it would run
-the layer in x's dtype anyway, as TRL's bf16=True does on a bf16 model). So TRL's
-``disable_adapter()`` and ``set_scale`` keep working unchanged. The common case (one plain active
-adapter) is read through ``_one_plain_adapter`` with few Module.__getattr__ calls: this forward runs
-for every LoRA projection of every layer, and its host time adds up at small batch sizes.
+Call time: the patched forward re-reads PEFT's state (adapters disabled, merged adapters, the
+active adapters, ``scaling`` and each adapter's dropout/variant) on every call, and hands the call to
+PEFT's own forward whenever the fused result would not be exactly PEFT's math (adapters disabled or
+merged: PEFT's forward is the base layer then; ``adapter_names`` or extra arguments; active dropout;
+variants; dtype or device mismatches; forward hooks added to the base layer after patching; autocast
+unless it would run the layer in x's dtype anyway, as TRL's bf16=True does on a bf16 model). So TRL's
+``disable_adapter()`` and ``set_scale`` keep working unchanged, with no cache to invalidate. This
+forward runs for every LoRA projection of every layer, and its host time adds up at small batch
+sizes: it reads the attributes PEFT's properties return (``_disable_adapters``, ``merged_adapters``,
+``_active_adapter``; integrations/peft.py) and the ModuleDicts' own ``_modules`` / ``_parameters``
+instead of calling properties and Module.__getattr__, and makes one Python call on the common path
+(``_one_plain_adapter``) before :func:`lora_linear`.
 """
 
 from __future__ import annotations
@@ -47,31 +50,34 @@ def _one_plain_adapter(layer: nn.Module):
     """(lora_A weight, lora_B weight, scaling) when exactly one adapter is active and it is plain LoRA
     right now, else None (then the general path decides, with the same checks spelled out).
 
-    The common case of a LoRA training step, read with as few Module.__getattr__ calls as possible
-    (each costs about a microsecond): the ModuleDicts' and Linears' own ``_modules`` /
-    ``_parameters``. Exact-type checks make that reading authoritative (a parametrized or
-    subclassed Linear, or any other dropout module, goes to the general path).
+    The common case of a LoRA training step, read without property or Module.__getattr__ calls (each
+    costs about a microsecond): ``_active_adapter`` is what PEFT's ``active_adapters`` property reads,
+    the ModuleDicts' and Linears' ``_modules`` / ``_parameters`` are where Module.__getattr__ looks.
+    Exact-type checks make that reading authoritative (a parametrized or subclassed Linear, or any
+    other dropout module, goes to the general path).
     """
-    active = layer.active_adapters
-    if len(active) != 1:
+    active = layer._active_adapter
+    if active.__class__ is str:
+        name = active
+    elif len(active) == 1:
+        name = active[0]
+    else:
         return None
-    name = active[0]
     mods = layer._modules
     lin_a, lin_b = mods["lora_A"]._modules.get(name), mods["lora_B"]._modules.get(name)
-    if type(lin_a) is not nn.Linear or type(lin_b) is not nn.Linear:
+    if lin_a.__class__ is not nn.Linear or lin_b.__class__ is not nn.Linear:
         return None
     params_a, params_b = lin_a._parameters, lin_b._parameters
     if params_a["bias"] is not None or params_b["bias"] is not None:
         return None
-    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False):
+    if name in layer.lora_variant or layer.lora_bias.get(name, False):
         return None
     dropout = mods["lora_dropout"]._modules.get(name)
-    dropout_off = type(dropout) is nn.Identity or (
-        type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training))
-    if not dropout_off:
+    cls = dropout.__class__
+    if not (cls is nn.Identity or (cls is nn.Dropout and (dropout.p == 0 or not dropout.training))):
         return None
     scaling = layer.scaling.get(name)
-    if not isinstance(scaling, (int, float)):
+    if scaling.__class__ is not float and not isinstance(scaling, (int, float)):
         return None
     return params_a["weight"], params_b["weight"], float(scaling)
 
@@ -86,25 +92,12 @@ def _fusable_now(layer: nn.Module, x) -> list[str] | None:
     return names
 
 
-def _dense_forward(base: nn.Linear, x: torch.Tensor, lora) -> torch.Tensor | None:
-    if type(base) is not nn.Linear:  # the base was swapped after patching
-        return None
-    params = base._parameters  # authoritative for an exact nn.Linear
-    w, bias = params["weight"], params["bias"]
-    if w.dtype != x.dtype or w.device != x.device or (w.requires_grad and torch.is_grad_enabled()):
-        return None
-    a, b, s = lora
-    dtype = x.dtype
-    return lora_linear(x, w, _cast(a, dtype), _cast(b, dtype), s, bias=None if bias is None else _cast(bias, dtype))
-
-
-def _nf4_forward(base: nn.Module, x: torch.Tensor, lora) -> torch.Tensor | None:
+def _nf4_forward(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype) -> torch.Tensor | None:
     state = base_quant_state(base)
     if state is None or state.quant_type != "nf4" or getattr(state, "packing_format_for_cpu", False):
         return None
     if base.weight.device != x.device:
         return None
-    compute = getattr(base, "compute_dtype", None) or x.dtype
     if compute not in (torch.float16, torch.bfloat16, torch.float32):
         return None
     a, b, s = lora
@@ -114,47 +107,58 @@ def _nf4_forward(base: nn.Module, x: torch.Tensor, lora) -> torch.Tensor | None:
     return _cast(out, x.dtype)
 
 
-def _autocast_runs_in(x: torch.Tensor, compute: torch.dtype) -> bool:
-    """Under autocast, whether the fused path computes what PEFT computes under autocast.
-
-    TRL's ``bf16=True`` runs the model under autocast (accelerate wraps the forward) also when the
-    weights are bf16 already: then autocast casts PEFT's fp32 adapters and its fp32 copy of x back to
-    bf16 for each product, i.e. the LoRA term is computed in bf16, as the fused path computes it (in
-    ``compute``, adapters cast to it). That holds when x and ``compute`` (x's dtype for a dense base,
-    whose weight ``_dense_forward`` also checks; bitsandbytes' compute_dtype for an NF4 base) are
-    autocast's dtype. With fp32 activations, an fp32 compute dtype or another autocast dtype, PEFT's
-    forward runs.
-
-    NF4 bases were held back until 2026-12-03: TRL SFT with QLoRA trained differently with them. The
-    cause was a strided dX reaching torch 2.11's cuDNN attention backward (fixed in lora_linear); on
-    the H200 the fused NF4 layers now track fp32 training more closely than PEFT + bitsandbytes
-    (docs/nf4_lora.md, bench/qlora_parity.py).
-    """
-    dtype = torch.get_autocast_dtype(x.device.type)
-    return x.dtype == dtype and compute == dtype
+# Under autocast, the fused path computes what PEFT computes only when x and the compute dtype (x's
+# own for a dense base, whose weight is checked to match it; bitsandbytes' compute_dtype for an NF4
+# base) are autocast's dtype. TRL's ``bf16=True`` runs the model under autocast (accelerate wraps the
+# forward) also when the weights are bf16 already: then autocast casts PEFT's fp32 adapters and its
+# fp32 copy of x back to bf16 for each product, i.e. the LoRA term is computed in bf16, as the fused
+# path computes it (adapters cast to the compute dtype). With fp32 activations, an fp32 compute dtype
+# or another autocast dtype, PEFT's forward runs. NF4 bases take the fused path under autocast too:
+# dX leaves lora_linear contiguous, which torch 2.11's cuDNN attention backward needs (a strided dX
+# made QLoRA train differently); the fused NF4 layers track fp32 training at least as closely as PEFT
+# + bitsandbytes do (docs/nf4_lora.md).
 
 
 @instance_forward("lora")
 def fused_lora_forward(self, x, *args, **kwargs):
-    if args or kwargs or self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
+    # PEFT's ``disable_adapters`` and ``merged`` properties read these two attributes (module docstring).
+    if args or kwargs or self._disable_adapters or self.merged_adapters or not isinstance(x, torch.Tensor):
         return _peft_forward(self, x, *args, **kwargs)
     base = self._modules.get("base_layer")
-    if type(base) is not nn.Linear:  # an exact nn.Linear is its own base; anything else: ask PEFT
+    if base.__class__ is not nn.Linear:  # an exact nn.Linear is its own base; anything else: ask PEFT
         base = self.get_base_layer()
     if base._forward_hooks or base._forward_pre_hooks:  # hooks added after patching must run
         return _peft_forward(self, x)
     nf4 = self._fastkern_lora == "nf4"
-    if torch.is_autocast_enabled(x.device.type) and not _autocast_runs_in(
-            x, (getattr(base, "compute_dtype", None) or x.dtype) if nf4 else x.dtype):
+    dtype = x.dtype
+    compute = (getattr(base, "compute_dtype", None) or dtype) if nf4 else dtype
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and not (
+            dtype == compute and compute == torch.get_autocast_dtype(device_type)):  # see the comment above
         return _peft_forward(self, x)
     lora = _one_plain_adapter(self)
     if lora is None:  # several adapters, or one that may not be plain: the full checks
         names = _fusable_now(self, x)
         if names is None:
             return _peft_forward(self, x)
-        lora = combined_lora(self, names, (getattr(base, "compute_dtype", None) or x.dtype) if nf4 else x.dtype)
-    out = (_nf4_forward if nf4 else _dense_forward)(base, x, lora)
-    return _peft_forward(self, x) if out is None else out
+        lora = combined_lora(self, names, compute)
+    if nf4:
+        out = _nf4_forward(base, x, lora, compute)
+        return _peft_forward(self, x) if out is None else out
+    if base.__class__ is not nn.Linear:  # the base was swapped after patching
+        return _peft_forward(self, x)
+    params = base._parameters  # authoritative for an exact nn.Linear
+    w, bias = params["weight"], params["bias"]
+    if w.dtype != dtype or w.device != x.device or (w.requires_grad and torch.is_grad_enabled()):
+        return _peft_forward(self, x)
+    a, b, s = lora
+    if a.dtype != dtype:
+        a = a.to(dtype)
+    if b.dtype != dtype:
+        b = b.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return lora_linear(x, w, a, b, s, bias=bias)
 
 
 class LoRAPatcher:

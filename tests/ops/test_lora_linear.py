@@ -206,6 +206,50 @@ def test_input_gradient_is_contiguous(nf4, n, k):
     assert seen[0].is_contiguous(), f"dX has strides {seen[0].stride()}"
 
 
+def _parameters(w, a, b):
+    # As a module holds them: a frozen base weight (NF4: the packed bytes), trainable adapters.
+    return torch.nn.Parameter(w, requires_grad=False), torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("adapters", ["parameters", "cast copies"])
+def test_saved_tensor_hooks_see_only_activations(nf4, adapters):
+    # Parameters are held for backward by reference: saved-tensor hooks (checkpointing's, offloading's)
+    # pack x and x @ A.T, plus A and B only when they are tensors made by the step (cast copies).
+    x, w, a, b, bias_t, state = _inputs(7, 24, 16, 4, torch.float32, nf4, True, seed=3)
+    weight, pa, pb = _parameters(w, a, b)
+    x = x.requires_grad_()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        la, lb = (pa, pb) if adapters == "parameters" else (pa * 1.0, pb * 1.0)
+        out = lora_linear(x, weight, la, lb, 2.0, bias=bias_t, quant_state=state)
+    # What the op packs: x, x @ A.T (7 x 4) and, when they are cast copies, A and B; never the weight.
+    assert not any(t.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr() for t in packed)
+    assert not any(t is pa or t is pb for t in packed)
+    expect = [(7, 16), (7, 4)] + ([] if adapters == "parameters" else [(4, 16), (24, 4)])
+    assert [tuple(t.shape) for t in packed] == expect
+    out.backward(torch.ones_like(out))
+    # Plain tensors instead of parameters: everything is saved; the gradients are the same bits.
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    lora_linear(leaves[0], w.clone(), leaves[1], leaves[2], 2.0, bias=bias_t, quant_state=state).sum().backward()
+    for name, got, want in zip(("x", "lora_A", "lora_B"), (x.grad, pa.grad, pb.grad), leaves):
+        assert torch.equal(got, want.grad), name
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("which", ["weight", "lora_A", "lora_B"])
+def test_parameter_modified_before_backward_raises(nf4, which):
+    # A parameter held by reference and modified in place between forward and backward (an optimizer
+    # step too early) raises in backward, as autograd does for a saved tensor.
+    x, w, a, b, _, state = _inputs(5, 24, 16, 4, torch.float32, nf4, False, seed=4)
+    weight, pa, pb = _parameters(w, a, b)
+    out = lora_linear(x.requires_grad_(), weight, pa, pb, 0.5, quant_state=state)
+    with torch.no_grad():
+        {"weight": weight, "lora_A": pa, "lora_B": pb}[which].mul_(1)  # bumps the version only
+    with pytest.raises(RuntimeError, match=f"modified by an inplace operation.*`{which}`"):
+        out.sum().backward()
+
+
 def _attention_then_projection(q, k, v, w, a, b, state, reference_weight=None):
     heads, t, d = q.shape[1], q.shape[2], q.shape[3]
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

@@ -147,6 +147,52 @@ def test_disable_adapter_scale_and_several_adapters():
     assert _rel(patched, reference) < 2e-5
 
 
+def test_state_changes_are_read_per_call():
+    # The patched forward reads the attributes behind PEFT's properties (no cache): after every change
+    # of adapters, scaling, enabling or merging, it fuses exactly when PEFT's math allows, and agrees
+    # with PEFT's own forward.
+    model = _peft(_tiny("llama", torch.float32))
+    model.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False))
+    fastkern.patch_model(model, lora=True, loss=False)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(5, 64)
+    calls = []
+    original = fastkern.patching.lora.lora_linear
+
+    def check(fused: bool):
+        # The properties PEFT's code uses and the attributes the patched forward reads agree.
+        active = layer._active_adapter
+        assert layer.active_adapters == ([active] if isinstance(active, str) else active)
+        assert layer.disable_adapters is layer._disable_adapters
+        assert layer.merged == bool(layer.merged_adapters)
+        calls.clear()
+        with torch.no_grad():
+            got = layer(x)
+            want = type(layer).forward(layer, x)
+        assert bool(calls) == fused
+        assert _rel(got, want) < 2e-5
+
+    try:
+        fastkern.patching.lora.lora_linear = lambda *a, **k: calls.append(1) or original(*a, **k)
+        check(fused=True)
+        layer.set_adapter("other")
+        check(fused=True)
+        layer.set_adapter(["default", "other"])
+        check(fused=True)  # two adapters: one combined LoRA
+        layer.set_adapter("default")
+        layer.scaling["default"] = 0.25  # edited in place, as set_scale does
+        check(fused=True)
+        layer.enable_adapters(False)
+        check(fused=False)
+        layer.enable_adapters(True)
+        layer.merge()
+        check(fused=False)
+        layer.unmerge()
+        check(fused=True)
+    finally:
+        fastkern.patching.lora.lora_linear = original
+
+
 def test_eval_dropout_fuses_and_late_base_hooks_fall_back():
     model = _peft(_tiny("llama", torch.float32), dropout=0.1)
     fastkern.patch_model(model, lora=True, loss=False)
