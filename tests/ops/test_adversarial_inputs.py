@@ -624,8 +624,13 @@ def test_lora_linear_property(data, weights, m, r, nf4, use_bias, dtype, poison_
         go = data.draw(layouts(torch.randn(m, n).to(dtype)))
         out.backward(go)
         want.backward(go.double())
-        for name, t, t64 in zip(["x", "lora_A", "lora_B", "bias"], leaves, l64):
-            assert_close(t.grad, t64.grad, dtype, name=f"grad {name}")
+        # PyTorch's own gradients in the input dtype: with one or three rows a gradient can cancel to a
+        # small value that no implementation resolves to the dtype's bound (ill-conditioned).
+        lt = [t.detach().clone().requires_grad_() for t in leaves]
+        own = lt[0] @ w.T + 0.5 * (lt[0] @ lt[1].T) @ lt[2].T + (lt[3] if use_bias else 0.0)
+        own.backward(go)
+        for name, t, t64, tt in zip(["x", "lora_A", "lora_B", "bias"], leaves, l64, lt):
+            assert_close(t.grad, t64.grad, dtype, tt.grad, name=f"grad {name}", ill_conditioned=True)
 
 
 @bounded(8)
