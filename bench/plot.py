@@ -5,15 +5,21 @@
 Prints one markdown table per (op, case, shape, dtype): implementation, median ms, throughput, peak
 memory and the check or error, with the device, software and commit they came from. ``--png`` also draws,
 per op, the fwd+bwd (or training-step) throughput (or, where a case has none, the time) of each
-implementation at the largest shape measured.
+implementation at the largest shape measured. ``--memory-vs-length PNG`` draws peak memory against
+sequence length, one line per (case, implementation), from rows that record ``extra.seq_len`` (the
+long-context bench; extrapolated rows dashed).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
-import schema
+try:  # run as a script (python bench/plot.py): bench/ is on the path
+    import schema
+except ImportError:  # imported as bench.plot
+    from bench import schema
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -36,7 +42,8 @@ def tables(rows: list[dict]) -> str:
         out.append(f"| impl | ms (median) | {unit or 'throughput'} | peak {scope} MiB | check / note |")
         out.append("|---|---|---|---|---|")
         for r in group:
-            out.append(f"| {r['impl']} | {_fmt(r['ms'])} | {_fmt(r['throughput'], 2)} | {_fmt(r['peak_mib'], 0)} | "
+            impl = r["impl"] + (" (extrapolated)" if schema.is_extrapolated(r) else "")
+            out.append(f"| {impl} | {_fmt(r['ms'])} | {_fmt(r['throughput'], 2)} | {_fmt(r['peak_mib'], 0)} | "
                        f"{r['error'] or _notes(r)} |")
         out.append("")
     return "\n".join(out)
@@ -75,6 +82,59 @@ def png(rows: list[dict], path: str) -> None:
     print("wrote", path)
 
 
+def memory_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{label: [(seq_len, peak MiB), ...] sorted by length} for rows with a peak and a sequence length
+    (``extra.seq_len``, else a ``T<n>`` word of the shape); label: case, impl and "extrapolated" where so."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["peak_mib"] is None or r["ms"] is None:
+            continue
+        seq_len = r["extra"].get("seq_len")
+        if seq_len is None:
+            found = re.search(r"\bT(\d+)\b", r["shape"])
+            if found is None:
+                continue
+            seq_len = int(found.group(1))
+        layers = r["extra"].get("layers")
+        label = f"{r['case']}, {r['impl']}" + (f", {layers} layers" if layers is not None else "")
+        label += " (extrapolated)" if schema.is_extrapolated(r) else ""
+        series.setdefault(label, []).append((int(seq_len), float(r["peak_mib"])))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def memory_vs_length_png(rows: list[dict], path: str) -> bool:
+    """Peak memory (GiB) against sequence length per (case, impl); False, with a message, when matplotlib is
+    not installed or no row has both."""
+    series = memory_series(rows)
+    if not series:
+        print("plot: no rows with a peak and a sequence length; no figure drawn")
+        return False
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"plot: matplotlib is not installed; {path} not drawn (pip install matplotlib)")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scopes = {r["peak_scope"] for r in rows if r["peak_mib"] is not None}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] / 1024 for p in points], marker="o",
+                linestyle="--" if label.endswith("(extrapolated)") else "-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel(f"peak memory, GiB ({'/'.join(sorted(scopes))})")
+    devices = sorted({r["device"] for r in rows})
+    ax.set_title(f"peak memory vs sequence length: {', '.join(devices)}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print("wrote", path)
+    return True
+
+
 def _size(shape: str) -> int:
     """A sort key for 'largest': the product of the numbers in the shape text."""
     total = 1
@@ -89,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("results", nargs="+")
     parser.add_argument("--ops", default=None, help="comma-separated: only these ops")
     parser.add_argument("--png", default=None, help="also draw the figure to this path")
+    parser.add_argument("--memory-vs-length", default=None, metavar="PNG",
+                        help="also draw peak memory against sequence length (rows with extra.seq_len)")
     args = parser.parse_args(argv)
     rows = [r for path in args.results for r in schema.read(path)]
     if args.ops:
@@ -96,6 +158,8 @@ def main(argv=None) -> int:
     print(tables(rows))
     if args.png:
         png(rows, args.png)
+    if args.memory_vs_length:
+        memory_vs_length_png(rows, args.memory_vs_length)
     return 0
 
 

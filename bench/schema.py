@@ -21,6 +21,9 @@ timed one way on one input: a kernel call (bench/cases/) or a training step (ben
                      when the working tree had changes)
     error            why the row has no time (a peer that is missing or wrong, out of memory), else None
     extra            anything else the case records (relative error of its check, saved bytes, notes)
+    extrapolated     optional, present only as ``true``: the row was not measured but derived from measured
+                     rows (e.g. a full-depth step from steps at fewer layers, bench/e2e/long_context.py);
+                     such a row has no loss. Rows without the field were measured.
 
 Rows are matched across files (bench/compare.py) by ``key(row)``: (op, case, shape, dtype, impl).
 """
@@ -44,10 +47,16 @@ FIELDS = {
     "transformers": (str, type(None)), "commit": (str, type(None)),
     "error": (str, type(None)), "extra": (dict,),
 }
+# field -> accepted values, for fields a row may leave out
+OPTIONAL_FIELDS = {"extrapolated": (True,)}
 
 
 def key(row: dict) -> tuple:
     return row["op"], row["case"], row["shape"], row["dtype"], row["impl"]
+
+
+def is_extrapolated(row: dict) -> bool:
+    return row.get("extrapolated", False) is True
 
 
 def _version(module: str) -> str | None:
@@ -88,8 +97,10 @@ def environment(device: str, commit: str | None = None) -> dict:
 
 
 def make_row(env: dict, *, op: str, case: str, shape: str, dtype: str, impl: str, ms=None, peak_mib=None,
-             peak_scope=None, throughput=None, throughput_unit=None, loss=None, error=None, **extra) -> dict:
-    """One checked row; ``peak_scope`` defaults to ``extra`` (a case's per-call peak) where a peak is given."""
+             peak_scope=None, throughput=None, throughput_unit=None, loss=None, error=None, extrapolated=False,
+             **extra) -> dict:
+    """One checked row; ``peak_scope`` defaults to ``extra`` (a case's per-call peak) where a peak is given;
+    ``extrapolated=True`` labels a derived row (the field is left out of measured rows)."""
     peak_mib = _num(peak_mib)
     row = dict(op=op, case=case, shape=shape, dtype=dtype, impl=impl, ms=_num(ms), peak_mib=peak_mib,
                peak_scope=(peak_scope or "extra") if peak_mib is not None else None,
@@ -97,6 +108,8 @@ def make_row(env: dict, *, op: str, case: str, shape: str, dtype: str, impl: str
                loss=_num(loss),
                device=env["device"], torch=env["torch"], triton=env["triton"], transformers=env["transformers"],
                commit=env["commit"], error=error, extra=extra)
+    if extrapolated:
+        row["extrapolated"] = True
     check_row(row)
     return row
 
@@ -111,7 +124,7 @@ def _num(value):
 
 def check_row(row: dict) -> None:
     missing = set(FIELDS) - set(row)
-    unknown = set(row) - set(FIELDS)
+    unknown = set(row) - set(FIELDS) - set(OPTIONAL_FIELDS)
     if missing or unknown:
         raise ValueError(f"bench row: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}: {row}")
     for name, types in FIELDS.items():
@@ -124,6 +137,11 @@ def check_row(row: dict) -> None:
                          f"when peak_mib is given ({row['peak_mib']!r})")
     if row["ms"] is None and row["error"] is None:
         raise ValueError(f"bench row: a row without a time says why (error): {row}")
+    for name, values in OPTIONAL_FIELDS.items():
+        if name in row and not any(row[name] is v for v in values):
+            raise ValueError(f"bench row: {name}={row[name]!r} is not one of {values} (leave the field out instead)")
+    if is_extrapolated(row) and row["loss"] is not None:
+        raise ValueError(f"bench row: an extrapolated row ran no step, so it has no loss: {row}")
 
 
 def write(path: str, rows: list[dict]) -> None:
