@@ -1,6 +1,7 @@
 """Host cost of one eager forward+backward call of each autograd op, measured on the CPU.
 
-    python3 bench/host_op_call.py [--calls 2000] [--repeats 5] [--ops glu,rms_norm,...] [--json PATH]
+    python3 bench/host_op_call.py [--calls 2000] [--repeats 5] [--ops glu,rms_norm,...] [--clock wall|thread]
+                                  [--json PATH]
 
 On the GPU a fine-tuning step of a small model is host-bound: what an op costs there is the host
 work of issuing it, which the CPU can measure. The Triton kernels are replaced by no-op launchers
@@ -12,7 +13,9 @@ its dense CPU path at a tiny shape (M=4, K=16, N=16, r=4), where the matmuls cos
 
 Per op and call (one forward and one backward), the columns are:
 
-* ``us``: host time in microseconds, the best of ``--repeats`` means over ``--calls`` calls;
+* ``us``: host time in microseconds, the best of ``--repeats`` means over ``--calls`` calls; wall
+  clock, or with ``--clock thread`` the CPU time of the calling thread (time the process spends
+  descheduled on a busy machine is not counted, so two revisions compare with less noise there);
 * ``py_calls``: Python function calls (cProfile's count over 200 calls, divided);
 * ``aten_ops``: aten operator calls below autograd (a TorchDispatchMode over one call).
 
@@ -38,6 +41,18 @@ _KERNELS = {"glu": ("fastkern.ops.glu", ("glu_forward_kernel", "glu_backward_ker
             "rms_norm": ("fastkern.ops.rms_norm", ("rms_norm_forward_kernel", "rms_norm_backward_kernel")),
             "nf4_matmul": ("fastkern.experimental.nf4_matmul", ("nf4_matmul_kernel",)),
             "rope": ("fastkern.ops.rope", ("rope_qk_kernel",))}
+_CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def _op_module(name: str):
+    """The module of ``name`` in the fastkern being measured; nf4_matmul: fastkern.ops.nf4_matmul in
+    revisions that exported it (asked of fastkern.ops first: importing fastkern.experimental there
+    could find the installed checkout's instead)."""
+    if name == "fastkern.experimental.nf4_matmul":
+        import fastkern.ops
+        if hasattr(fastkern.ops, "nf4_matmul"):
+            return importlib.import_module("fastkern.ops.nf4_matmul")
+    return importlib.import_module(name)
 
 
 class _NoLaunch:
@@ -57,7 +72,7 @@ def no_op_kernels():
     saved = []
     for name, (op_module_name, kernels) in _KERNELS.items():
         kernel_module = importlib.import_module(f"fastkern.kernels.{name}")
-        op_module = importlib.import_module(op_module_name)
+        op_module = _op_module(op_module_name)
         saved += [(kernel_module, k, getattr(kernel_module, k)) for k in kernels]
         saved.append((op_module, "op_path", op_module.op_path))
         for kernel in kernels:
@@ -73,7 +88,7 @@ def no_op_kernels():
 def _cases() -> dict:
     """op name -> a closure running one forward + backward."""
     import fastkern.ops as ops
-    from fastkern.experimental.nf4_matmul import nf4_matmul
+    nf4_matmul = _op_module(_KERNELS["nf4_matmul"][0]).nf4_matmul
 
     torch.manual_seed(0)
     cases = {}
@@ -117,15 +132,15 @@ def _cases() -> dict:
     return cases
 
 
-def time_per_call(step, calls: int, repeats: int) -> float:
+def time_per_call(step, calls: int, repeats: int, clock=time.perf_counter) -> float:
     for _ in range(min(200, calls)):
         step()
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(calls):
             step()
-        best = min(best, (time.perf_counter() - t0) / calls)
+        best = min(best, (clock() - t0) / calls)
     return best * 1e6
 
 
@@ -154,14 +169,14 @@ def aten_ops_per_call(step) -> int:
     return mode.count
 
 
-def measure(names=None, calls: int = 2000, repeats: int = 5) -> dict:
-    """{op: {"us", "py_calls", "aten_ops"}} for the named cases (default all)."""
+def measure(names=None, calls: int = 2000, repeats: int = 5, clock: str = "wall") -> dict:
+    """{op: {"us", "py_calls", "aten_ops"}} for the named cases (default all); ``clock``: wall or thread."""
     rows = {}
     with no_op_kernels():
         cases = _cases()
         for name in names or cases:
             step = cases[name]
-            rows[name] = {"us": round(time_per_call(step, calls, repeats), 2),
+            rows[name] = {"us": round(time_per_call(step, calls, repeats, _CLOCKS[clock]), 2),
                           "py_calls": round(python_calls_per_call(step, min(200, calls)), 1),
                           "aten_ops": aten_ops_per_call(step)}
     return rows
@@ -172,17 +187,20 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ops", default=None, help="comma-separated case names (default: all)")
+    parser.add_argument("--clock", choices=sorted(_CLOCKS), default="wall",
+                        help="wall clock, or the CPU time of the calling thread (less noise on a busy machine)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = measure(args.ops.split(",") if args.ops else None, args.calls, args.repeats)
+    rows = measure(args.ops.split(",") if args.ops else None, args.calls, args.repeats, args.clock)
     import fastkern
-    print(f"fastkern from {fastkern.__file__}, torch {torch.__version__}")
+    print(f"fastkern from {fastkern.__file__}, torch {torch.__version__}, {args.clock} clock")
     print(f"{'op':<15} {'us/call':>9} {'py calls':>9} {'aten ops':>9}")
     for name, row in rows.items():
         print(f"{name:<15} {row['us']:>9.2f} {row['py_calls']:>9.1f} {row['aten_ops']:>9}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "fastkern": fastkern.__file__, "rows": rows}, f, indent=1)
+            json.dump({"torch": torch.__version__, "fastkern": fastkern.__file__, "clock": args.clock, "rows": rows},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -119,13 +119,17 @@ def sweep(bench, packed, state, shape, nbytes, rows, cols):
 
 def in_tile_matmul():
     """fastkern.experimental.nf4_matmul, or fastkern.ops.nf4_matmul in a revision that exported it
-    (bench --base), or None."""
+    (bench --base; asked of fastkern.ops first, as importing fastkern.experimental there could find the
+    installed checkout's), or None."""
+    import fastkern
+
+    if hasattr(fastkern.ops, "nf4_matmul"):
+        return fastkern.ops.nf4_matmul
     try:
         from fastkern.experimental.nf4_matmul import nf4_matmul
-        return nf4_matmul
     except ImportError:
-        import fastkern
-        return getattr(fastkern.ops, "nf4_matmul", None)
+        return None
+    return nf4_matmul
 
 
 def matmul(bench, rows, cols, ms_list):
