@@ -42,10 +42,6 @@ def _peft_forward(layer, x, *args, **kwargs):
     return type(layer).forward(layer, x, *args, **kwargs)
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _one_plain_adapter(layer: nn.Module):
     """(lora_A weight, lora_B weight, scaling) when exactly one adapter is active and it is plain LoRA
     right now, else None (then the general path decides, with the same checks spelled out).
@@ -102,9 +98,16 @@ def _nf4_forward(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype) -
         return None
     a, b, s = lora
     bias = base.bias
-    out = lora_linear(_cast(x, compute), base.weight, _cast(a, compute), _cast(b, compute), s,
-                      bias=None if bias is None else _cast(bias, compute), quant_state=state)
-    return _cast(out, x.dtype)
+    # Casts spelled out (no helper call): this runs for every QLoRA projection.
+    xc = x if x.dtype == compute else x.to(compute)
+    if a.dtype != compute:
+        a = a.to(compute)
+    if b.dtype != compute:
+        b = b.to(compute)
+    if bias is not None and bias.dtype != compute:
+        bias = bias.to(compute)
+    out = lora_linear(xc, base.weight, a, b, s, bias=bias, quant_state=state)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # Under autocast, the fused path computes what PEFT computes only when x and the compute dtype (x's
