@@ -277,9 +277,9 @@ def test_output_can_be_updated_in_place_under_autograd():
     for got, want in ((x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
+
 def test_not_in_the_public_api():
     """Experimental (slower than dequantize + matmul on the GPU, used by no patcher): importable from
     fastkern.experimental only, so `fastkern env` does not list it."""
     assert "nf4_matmul" not in fastkern.ops.__all__ and not hasattr(fastkern.ops, "nf4_matmul")
     assert torch.ops.fastkern.nf4_matmul.default is nf4_matmul_module.nf4_matmul_op._opoverload
-
