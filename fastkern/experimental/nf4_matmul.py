@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..ops._autograd import AutogradOp, backward_dispatch
 from ..ops._common import (FLOAT_DTYPES, INT32_MAX, KERNEL_DTYPES, as_rows, cdiv,
-                           check_tensor, device_guard, needs_int64, op_path)
+                           check_tensor, device_guard, needs_int64, op_path, output_buffer)
 from ..ops.nf4 import flatten_state
 from ..reference.nf4 import block_scales_reference, nf4_matmul_reference
 
@@ -110,7 +110,7 @@ def _matmul_impl(x: Tensor, packed: Tensor, code: Tensor, absmax: Tensor, absmax
         return out.reshape(*x.shape[:-1], p).clone(memory_format=torch.contiguous_format)
     # Allocated in its final shape and written through a [M, P] view, so the op returns a plain tensor,
     # not a view made inside the autograd Function (which autograd forbids modifying in place).
-    out = torch.empty((*x.shape[:-1], p), dtype=x.dtype, device=x.device)
+    out = output_buffer((*x.shape[:-1], p), x.dtype, x.device)
     matmul_into(out.view(m, p), x2, packed, code, absmax, absmax2, code2, offset, blocksize, nested_blocksize,
                 n_rows, n_cols, transpose)
     return out

@@ -38,6 +38,15 @@ def output_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
+def output_like(t: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like(t) (t's strides when t is dense), for a buffer a kernel writes in full; poisoned
+    as output_buffer's are."""
+    out = torch.empty_like(t)
+    if _poison_outputs:
+        poison_(out)
+    return out
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill t with NaN (floating and complex dtypes) or POISON_INT (integers); bools are left as they are."""
     if t.numel():

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from ._autograd import AutogradOp, backward_dispatch
-from ._common import KERNEL_DTYPES, FLOAT_DTYPES, check_tensor
+from ._common import KERNEL_DTYPES, FLOAT_DTYPES, check_tensor, output_buffer
 from .nf4 import FlatNF4, dequantize_into, flatten_state
 
 # (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize) of an NF4 base, or None.
@@ -58,7 +58,7 @@ def _concat_backward(k: int, n: int, nf4: bool) -> bool:
 def _dequantized(weight: Tensor, quant: Quant, lora_b: Tensor, k: int, concat: bool) -> Tensor:
     """W in 16 bits: [N, K], or [W | B] as one [N, K + r] buffer when ``concat``."""
     n, r = lora_b.shape
-    buf = torch.empty((n, k + r if concat else k), dtype=lora_b.dtype, device=lora_b.device)
+    buf = output_buffer((n, k + r if concat else k), lora_b.dtype, lora_b.device)
     dequantize_into(buf[:, :k] if concat else buf, weight, *quant)
     if concat:
         buf[:, k:].copy_(lora_b)

@@ -37,7 +37,7 @@ from torch import Tensor
 from .. import runtime
 from ..reference.rope import rotate_reference
 from ._autograd import AutogradOp, backward_dispatch
-from ._common import FLOAT_DTYPES, INT32_MAX, cdiv, check_tensor, device_guard, op_path, reach
+from ._common import FLOAT_DTYPES, INT32_MAX, cdiv, check_tensor, device_guard, op_path, output_like, reach
 
 _OP = "fastkern.ops.rope"
 
@@ -155,7 +155,7 @@ def _rotate_qk_new(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids:
     """The out-of-place rotation: new tensors laid out like q and k. It is the forward of the
     autograd definition below (annotated so that torch.library.custom_op infers the op's schema)."""
     # empty_like keeps q's strides when q is dense (a transposed view stays one), as the fake does.
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    q_out, k_out = output_like(q), output_like(k)
     _rotate_qk_into(q, k, q_out, k_out, cos, sin, position_ids, interleaved, transpose)
     return q_out, k_out
 
@@ -194,7 +194,7 @@ def _rotate_grad(grad: Tensor, cos, sin, position_ids, interleaved) -> Tensor:
     # Into a new tensor, never into `grad`: an incoming gradient can be the caller's own tensor
     # (torch.autograd.backward(outputs, grad_tensors)) or feed another branch of the graph, and the
     # kernel moves the same bytes either way.
-    out = torch.empty_like(grad)
+    out = output_like(grad)
     _rotate_qk_into(grad, None, out, None, cos, sin, position_ids, interleaved, True)
     return out
 
@@ -285,7 +285,7 @@ class _RotateBasesInPlace(torch.autograd.Function):
         # another one) and rotated into new tensors: never into gradient storage we did not allocate
         # (see _rotate_grad).
         grad_q_base, grad_k_base = grad_q_base.contiguous(), grad_k_base.contiguous()
-        out_q, out_k = torch.empty_like(grad_q_base), torch.empty_like(grad_k_base)
+        out_q, out_k = output_like(grad_q_base), output_like(grad_k_base)
         rebuild_q, rebuild_k = ctx.rebuild
         _rotate_qk_into(rebuild_q(grad_q_base), rebuild_k(grad_k_base), rebuild_q(out_q), rebuild_k(out_k), cos, sin,
                         position_ids, ctx.interleaved, True)
