@@ -20,13 +20,17 @@ WORLD = 2
 VOCAB = 97
 LENGTH = 23  # odd: padded to 24, 12 tokens per rank
 DOCUMENTS = (9, 8, 6)  # the packed row: document 1 crosses the shard boundary at 12
+# This process's device: cpu (gloo), or cuda:<rank> for the multigpu (nccl) variant; set by main() and by
+# the test module for its single-process references.
+DEVICE = torch.device("cpu")
 
 
 def model(patched: bool, kv_heads: int = 2, attn: str = "sdpa", checkpointing: bool = False, **overrides):
     import fastkern
     from tests.models import tiny_model
 
-    m = tiny_model("llama", vocab_size=VOCAB, num_key_value_heads=kv_heads, attn=attn, **overrides).train()
+    m = tiny_model("llama", vocab_size=VOCAB, num_key_value_heads=kv_heads, attn=attn, **overrides)
+    m = m.to(DEVICE).train()
     if checkpointing:
         enable = getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable  # 5.23 renamed it
         enable()
@@ -47,11 +51,11 @@ def data(kind: str):
         position_ids = torch.cat([torch.arange(n) for n in DOCUMENTS]).unsqueeze(0)
         labels = ids.clone()
         labels[position_ids == 0] = -100
-        return ids, labels, position_ids
+        return ids.to(DEVICE), labels.to(DEVICE), position_ids.to(DEVICE)
     ids = torch.randint(3, VOCAB, (2, LENGTH), generator=g)
     labels = ids.clone()
     labels[1, LENGTH - 14:] = -100
-    return ids, labels, None
+    return ids.to(DEVICE), labels.to(DEVICE), None
 
 
 # name -> (batch kind, model options). Every case: sharded over 2 ranks vs one process.
@@ -67,7 +71,7 @@ CASES = {
 
 
 def _grads(m):
-    return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+    return {n: p.grad.detach().cpu().clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
 def reference(case: str):
@@ -78,7 +82,7 @@ def reference(case: str):
     m = model(**options)
     out = m(input_ids=ids, labels=labels, position_ids=position_ids, use_cache=False)
     out.loss.backward()
-    return {"loss": out.loss.detach(), "grads": _grads(m)}
+    return {"loss": out.loss.detach().cpu(), "grads": _grads(m)}
 
 
 def _sharded_step(case: str):
@@ -95,7 +99,7 @@ def _sharded_step(case: str):
     sync_gradients(m)
     report = str(sp)
     sp.undo()
-    return {"loss": loss.detach(), "grads": _grads(m), "token_count": shard.token_count, "report": report,
+    return {"loss": loss.detach().cpu(), "grads": _grads(m), "token_count": shard.token_count, "report": report,
             "logits_none": getattr(out, "logits", None) is None}
 
 
@@ -109,8 +113,9 @@ def scenario_shard(rank):
 
     ids, labels, position_ids = data("packed")
     shard = shard_sequence(ids, labels, position_ids, pad_token_id=0)
-    return {name: getattr(shard, name) for name in
-            ("input_ids", "position_ids", "labels", "shift_labels", "token_count", "start", "stop", "padding")}
+    return {name: (value.cpu() if isinstance(value, torch.Tensor) else value) for name, value in
+            ((n, getattr(shard, n)) for n in ("input_ids", "position_ids", "labels", "shift_labels", "token_count",
+                                              "start", "stop", "padding"))}
 
 
 def _error(fn) -> str:
@@ -178,13 +183,13 @@ def scenario_all_to_all(rank):
     for method in ("all_to_all_single", "send_recv"):
         for shape, scatter_dim, gather_dim in (((2, 4, 3, 2), 1, 2), ((2, 3, 4, 2), 2, 1)):
             g = torch.Generator().manual_seed(11 + rank)
-            x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+            x = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
             out_shape = list(shape)
             out_shape[scatter_dim] //= WORLD
             out_shape[gather_dim] *= WORLD
-            w = torch.randn(out_shape, generator=g, dtype=torch.float64)
+            w = torch.randn(out_shape, generator=g, dtype=torch.float64).to(DEVICE)
             objective, y = _perturbed_objective(x, w, scatter_dim, gather_dim, method)
-            everyone = [torch.empty(shape, dtype=torch.float64) for _ in range(WORLD)]
+            everyone = [torch.empty(shape, dtype=torch.float64, device=DEVICE) for _ in range(WORLD)]
             dist.all_gather(everyone, x.detach())
             # Expected: this rank's chunk of every rank's input along scatter_dim, concatenated along gather_dim.
             expected = torch.cat([t.chunk(WORLD, scatter_dim)[rank] for t in everyone], dim=gather_dim)
@@ -220,10 +225,15 @@ SCENARIOS = {
 }
 
 
-def main(rank: int, port: int, out_dir: str, names: list[str]) -> None:
-    """mp.spawn target: run the named scenarios on this rank, save {name: result} to out_dir/rank<r>.pt."""
+def main(rank: int, port: int, out_dir: str, names: list[str], backend: str = "gloo") -> None:
+    """mp.spawn target: run the named scenarios on this rank, save {name: result} to out_dir/rank<r>.pt.
+    backend "nccl" runs on cuda:<rank> (the multigpu variant)."""
+    global DEVICE
     torch.set_num_threads(1)  # two ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    if backend == "nccl":
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:
         results = {name: SCENARIOS[name](rank) for name in names}

@@ -42,18 +42,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def _spawn(out_dir, backend: str) -> list[dict]:
     import torch.multiprocessing as mp
 
-    out_dir = tmp_path_factory.mktemp("sp_ranks")
-    mp.spawn(_sp_worker.main, args=(_free_port(), str(out_dir), list(_sp_worker.SCENARIOS)),
+    mp.spawn(_sp_worker.main, args=(_free_port(), str(out_dir), list(_sp_worker.SCENARIOS), backend),
              nprocs=_sp_worker.WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(_sp_worker.WORLD)]
 
 
-@pytest.mark.parametrize("method", ["all_to_all_single", "send_recv"])
-def test_all_to_all_forward_and_gradient(ranks, method):
+def _references(device: torch.device) -> dict:
+    previous, _sp_worker.DEVICE = _sp_worker.DEVICE, device
+    try:
+        return {case: _sp_worker.reference(case) for case in _sp_worker.CASES}
+    finally:
+        _sp_worker.DEVICE = previous
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _spawn(tmp_path_factory.mktemp("sp_ranks"), "gloo")
+
+
+@pytest.fixture(scope="module")
+def references():
+    return _references(torch.device("cpu"))
+
+
+def check_all_to_all(ranks, method):
     for rank in range(_sp_worker.WORLD):
         for (m, scatter_dim, gather_dim), got in ranks[rank]["all_to_all"].items():
             if m != method:
@@ -64,8 +79,8 @@ def test_all_to_all_forward_and_gradient(ranks, method):
             assert got["grad_error"] <= 1e-7 * max(1.0, got["grad_scale"]), (what, got)
 
 
-def test_shard_sequence_layout_and_padding(ranks):
-    ids, labels, position_ids = _sp_worker.data("packed")
+def check_shard_sequence(ranks):
+    ids, labels, position_ids = (t.cpu() for t in _sp_worker.data("packed"))
     length = _sp_worker.LENGTH  # 23 -> padded to 24: one pad token at the end
     shards = [ranks[r]["shard"] for r in range(_sp_worker.WORLD)]
     assert [(s["start"], s["stop"], s["padding"]) for s in shards] == [(0, 12, 1), (12, 24, 1)]
@@ -81,13 +96,7 @@ def test_shard_sequence_layout_and_padding(ranks):
     assert sum(s["token_count"] for s in shards) == int((labels[:, 1:] != -100).sum())
 
 
-@pytest.fixture(scope="module")
-def references():
-    return {case: _sp_worker.reference(case) for case in _sp_worker.CASES}
-
-
-@pytest.mark.parametrize("case", list(_sp_worker.CASES))
-def test_sharded_step_equals_one_process(ranks, references, case):
+def check_sharded_step(ranks, references, case):
     want = references[case]
     for rank in range(_sp_worker.WORLD):
         got = ranks[rank]["models"][case]
@@ -115,7 +124,7 @@ def test_kv_repeat_factor():
         kv_repeat_factor(4, 3, 2)
 
 
-def test_errors_undo_and_single_rank_group(ranks):
+def check_errors_undo_and_single_rank_group(ranks):
     for rank in range(_sp_worker.WORLD):
         errors = ranks[rank]["errors"]
         assert errors["heads"].startswith("ValueError") and "divisible by the group size" in errors["heads"]
@@ -127,3 +136,34 @@ def test_errors_undo_and_single_rank_group(ranks):
         assert errors["undo_restores"] and errors["undo_unregisters"]
         single = ranks[rank]["single_rank_group"]
         assert not single["active"] and "nothing to do" in single["report"] and single["implementation"] == "sdpa"
+
+
+@pytest.mark.parametrize("method", ["all_to_all_single", "send_recv"])
+def test_all_to_all_forward_and_gradient(ranks, method):
+    check_all_to_all(ranks, method)
+
+
+def test_shard_sequence_layout_and_padding(ranks):
+    check_shard_sequence(ranks)
+
+
+@pytest.mark.parametrize("case", list(_sp_worker.CASES))
+def test_sharded_step_equals_one_process(ranks, references, case):
+    check_sharded_step(ranks, references, case)
+
+
+def test_errors_undo_and_single_rank_group(ranks):
+    check_errors_undo_and_single_rank_group(ranks)
+
+
+@pytest.mark.multigpu
+def test_same_on_two_gpus_with_nccl(tmp_path):
+    """Every check above on cuda:0 and cuda:1 over NCCL, the Triton kernels compiled (not interpreted)."""
+    ranks = _spawn(tmp_path, "nccl")
+    references = _references(torch.device("cuda", 0))
+    for method in ("all_to_all_single", "send_recv"):
+        check_all_to_all(ranks, method)
+    check_shard_sequence(ranks)
+    for case in _sp_worker.CASES:
+        check_sharded_step(ranks, references, case)
+    check_errors_undo_and_single_rank_group(ranks)
