@@ -21,7 +21,11 @@ tokens, then the two partial sums are added; attention runs per document instead
 SDPA; the loss is summed per shard). Measured: relative differences ~1e-6.
 """
 
+import json
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +38,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo")
 
 TOL = dict(rtol=1e-4, atol=1e-6)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -154,6 +159,23 @@ def test_sharded_step_equals_one_process(ranks, references, case):
 
 def test_errors_undo_and_single_rank_group(ranks):
     check_errors_undo_and_single_rank_group(ranks)
+
+
+@pytest.mark.slow
+def test_bench_tiny_run_under_torchrun(tmp_path):
+    """bench/e2e/sequence_parallel.py --tiny: 2 CPU ranks under torchrun, PEFT LoRA on the patched model with
+    gradient checkpointing; the first step's loss equals one unsharded process's, one schema row written."""
+    pytest.importorskip("peft")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "bench.e2e.sequence_parallel", "--tiny", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (path,) = tmp_path.glob("sequence_parallel-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    extra = row["extra"]
+    assert (row["op"], row["impl"], extra["world"]) == ("sequence_parallel", "fastkern", 2)
+    assert extra["loss_vs_one_process"] < 1e-4 and len(extra["peak_gib_per_rank"]) == 2
+    assert "fastkern_ulysses" in extra["report"] and "lora" in extra["report"]
 
 
 @pytest.mark.multigpu
