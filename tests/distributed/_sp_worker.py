@@ -44,7 +44,8 @@ def data(kind: str):
 
     "packed": one row of 3 documents, positions restarting at each, the first token of each document
     unlabelled (TRL's padding-free collator). "causal": 2 ordinary rows, the second row's last 14 tokens
-    unlabelled, so rank 1's shard of it has no target and the ranks hold different token counts."""
+    unlabelled, so rank 1's shard of it has no target and the ranks hold different token counts. "front":
+    the same rows labelled in their first 10 tokens only."""
     g = torch.Generator().manual_seed(5)
     if kind == "packed":
         ids = torch.randint(3, VOCAB, (1, LENGTH), generator=g)
@@ -55,6 +56,8 @@ def data(kind: str):
     ids = torch.randint(3, VOCAB, (2, LENGTH), generator=g)
     labels = ids.clone()
     labels[1, LENGTH - 14:] = -100
+    if kind == "front":  # targets in the first 10 tokens only: rank 1 has none, yet must run its backward
+        labels[:, 10:] = -100
     return ids.to(DEVICE), labels.to(DEVICE), None
 
 
@@ -64,7 +67,8 @@ CASES = {
     "packed_patched": ("packed", dict(patched=True)),
     "causal": ("causal", dict(patched=False)),
     "causal_patched": ("causal", dict(patched=True)),
-    "causal_eager": ("causal", dict(patched=False, attn="eager")),  # transformers' eager needs an explicit mask
+    "causal_eager": ("causal", dict(patched=False, attn="eager")),
+    "no_targets_on_rank_1": ("front", dict(patched=True)),  # transformers' eager needs an explicit mask
     "packed_patched_checkpointing": ("packed", dict(patched=True, checkpointing=True)),  # all-to-alls recomputed
     "kv_repeat": ("packed", dict(patched=True, kv_heads=1)),  # 1 kv head, 2 ranks: repeated x2
 }
