@@ -43,7 +43,7 @@ import time
 from bench.e2e import common
 
 VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
-            "fastkern-offload", "reference"]
+            "fastkern-offload", "fastkern-recompute", "reference"]
 # Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
 # compiles the whole model) always get their own process; with --shared-process the others share one.
 ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
@@ -96,8 +96,9 @@ def worker(args) -> dict:
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     report = None
-    patch_options = {"fastkern-offload": {"checkpointing": "offload"}, "fastkern-compile": {"compile": True}}.get(variant, {})
-    if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile"):
+    patch_options = {"fastkern-offload": {"checkpointing": "offload"}, "fastkern-compile": {"compile": True},
+                     "fastkern-recompute": {"checkpointing": "recompute"}}.get(variant, {})
+    if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-recompute"):
         report = fastkern.patch_model(model, **patch_options)
     callbacks = [timer := step_timer()]
     if args.profile:

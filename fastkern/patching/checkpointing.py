@@ -38,18 +38,20 @@ from .context import PatchContext
 from .report import PatchReport
 
 _KIND = "checkpointing"
+RECOMPUTE = "recompute"
 # Keys of the dict form ``checkpointing={"offload": True, "host_bytes": N}``; each but "offload" is an
 # ActivationOffloader argument.
 _DICT_KEYS = ("offload", "host_bytes", "host_fraction", "min_bytes")
 
 
 def _offloader_kwargs(value) -> dict | None:
-    """The option's value -> ActivationOffloader keyword arguments (None: not patched); ValueError if bad."""
-    if value is None or value == "offload":
-        return None if value is None else {}
+    """The option's value -> ActivationOffloader keyword arguments (None: not offloading, i.e. None or
+    "recompute"); ValueError if bad."""
+    if value is None or value == "offload" or value == RECOMPUTE:
+        return {} if value == "offload" else None
     if not isinstance(value, dict):
         raise ValueError(
-            f"fastkern.patch_model: checkpointing must be None, \"offload\" or a dict like "
+            f"fastkern.patch_model: checkpointing must be None, \"recompute\", \"offload\" or a dict like "
             f"{{\"offload\": True, \"host_bytes\": 64 << 30}}, got {value!r}"
         )
     unknown = sorted(set(value) - set(_DICT_KEYS), key=str)
@@ -87,6 +89,76 @@ class OffloadCheckpointFunction:
         return f"OffloadCheckpointFunction({self.checkpoint_kwargs}, offloader={self.offloader!r})"
 
 
+# A leaf that requires grad, handed to every recompute checkpoint as its first input: a reentrant
+# checkpoint is an autograd node only if one of its inputs requires grad, and a decoder layer's input
+# often does not (frozen embeddings under LoRA); without the anchor its parameters would get no gradient.
+# Nothing depends on it, so it never receives a gradient itself.
+_ANCHOR = torch.empty(0, requires_grad=True)
+# Checkpoint keyword arguments the reentrant implementation honours; any other (context_fn from TRL's
+# selective checkpointing, determinism_check, debug) exists only in the non-reentrant one.
+_REENTRANT_KWARGS = ("preserve_rng_state",)
+
+
+def _without_anchor(function, anchor, *args):
+    return function(*args)
+
+
+def _requires_grad(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (tuple, list)):
+        return any(_requires_grad(v) for v in value)
+    if isinstance(value, dict):
+        return any(_requires_grad(v) for v in value.values())
+    return False
+
+
+def _layer_of(function):
+    """The module a decoder layer's checkpointed call belongs to (transformers passes
+    ``partial(layer.__call__ or super().__call__, **kwargs)``), or None."""
+    bound = function.func if isinstance(function, functools.partial) else function
+    owner = getattr(bound, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+class RecomputeCheckpointFunction:
+    """What a decoder layer calls as ``_gradient_checkpointing_func`` with ``checkpointing="recompute"``.
+
+    torch's reentrant checkpoint: the layer's forward runs with autograd off (no graph, nothing saved but
+    the layer's inputs) and backward reruns it with autograd on, then backpropagates through the rerun.
+    The non-reentrant checkpoint transformers and TRL ask for builds the graph in forward and routes every
+    tensor autograd saves through Python hooks, three times per tensor (save, recompute, unpack): per
+    decoder layer that is most of the host's Python work (bench/host_ops.py: 2413 -> 1048 Python calls per
+    patched LoRA layer). The math is the same, op for op.
+
+    Falls back to the function it replaced, per call, where the reentrant form is not equivalent: under
+    torch.compile, with autograd off, with a tensor that requires grad inside the layer's keyword arguments
+    (a reentrant checkpoint differentiates only its positional inputs), or for a frozen layer whose input
+    does not require grad (nothing to differentiate). ``torch.autograd.grad`` through a reentrant
+    checkpoint raises torch's own error ("torch.utils.checkpoint is incompatible with .grad()"); ``.backward()``,
+    which every trainer uses, is what it supports.
+    """
+
+    def __init__(self, checkpoint_kwargs: dict, replaces):
+        self.checkpoint_kwargs = checkpoint_kwargs
+        self.replaces = replaces  # the function that was asked for; unpatch_model puts it back
+
+    def __call__(self, function, *args, **kwargs):
+        if kwargs or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return self.replaces(function, *args, **kwargs)
+        if isinstance(function, functools.partial) and _requires_grad(function.keywords):
+            return self.replaces(function, *args)
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            layer = _layer_of(function)
+            if layer is None or not any(p.requires_grad for p in layer.parameters()):
+                return self.replaces(function, *args)
+        return torch_checkpoint(functools.partial(_without_anchor, function), _ANCHOR, *args,
+                                use_reentrant=True, **self.checkpoint_kwargs)
+
+    def __repr__(self) -> str:
+        return f"RecomputeCheckpointFunction({self.checkpoint_kwargs})"
+
+
 def _checkpoint_kwargs(func) -> dict | None:
     """Keyword arguments ``func`` gives torch's checkpoint, or None if offloading cannot stand in for it."""
     base, kwargs = (func.func, dict(func.keywords)) if isinstance(func, functools.partial) else (func, {})
@@ -117,12 +189,34 @@ def _offloading(offloader: ActivationOffloader, func):
     return OffloadCheckpointFunction(offloader, kwargs, replaces=func)
 
 
+def _recomputing(func):
+    """``func`` as a RecomputeCheckpointFunction where that is the same checkpoint; else ``func`` as is:
+    already reentrant, another checkpoint function (transformers' offload=True among them: replacing it
+    would drop its offloading), or keyword arguments only the non-reentrant form has."""
+    if isinstance(func, RecomputeCheckpointFunction):
+        return func
+    base, kwargs = (func.func, dict(func.keywords)) if isinstance(func, functools.partial) else (func, {})
+    if base is not torch_checkpoint or kwargs.pop("use_reentrant", False) or set(kwargs) - set(_REENTRANT_KWARGS):
+        return func
+    return RecomputeCheckpointFunction(kwargs, replaces=func)
+
+
 class _PatchState:
-    def __init__(self, offloader_kwargs: dict | None = None):
-        self.offloader = ActivationOffloader(**(offloader_kwargs or {}))
+    """One patched model's checkpointing: offloading (an ActivationOffloader) or recompute (none)."""
+
+    def __init__(self, offloader_kwargs: dict | None = None, recompute: bool = False):
+        self.offloader = None if recompute else ActivationOffloader(**(offloader_kwargs or {}))
         self.enabled_by_patch = False
         self.enabled_since_patch = False
         self.saved_flags: dict[nn.Module, dict] = {}  # module -> the two attributes as they were
+
+    def swap(self, func):
+        return _recomputing(func) if self.offloader is None else _offloading(self.offloader, func)
+
+    def owns(self, func) -> bool:
+        if self.offloader is None:
+            return isinstance(func, RecomputeCheckpointFunction)
+        return isinstance(func, OffloadCheckpointFunction) and func.offloader is self.offloader
 
 
 class _OffloadingSetter:
@@ -133,7 +227,7 @@ class _OffloadingSetter:
 
     def __call__(self, enable: bool = True, gradient_checkpointing_func=torch_checkpoint, **kwargs):
         if enable:
-            gradient_checkpointing_func = _offloading(self.state.offloader, gradient_checkpointing_func)
+            gradient_checkpointing_func = self.state.swap(gradient_checkpointing_func)
             self.state.enabled_since_patch = True
         setter = self.previous or type(self.model)._set_gradient_checkpointing.__get__(self.model)
         return setter(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs)
@@ -154,7 +248,7 @@ def _patch_state(model: nn.Module) -> _PatchState | None:
 
 
 def model_offloader(model: nn.Module) -> ActivationOffloader | None:
-    """The ActivationOffloader patch_model gave ``model`` (its pool and ``stats``), or None if unpatched."""
+    """The ActivationOffloader patch_model gave ``model`` (its pool and ``stats``), or None if not offloading."""
     state = _patch_state(model)
     return state.offloader if state is not None else None
 
@@ -166,7 +260,7 @@ def _snapshot(module: nn.Module) -> dict:
 class CheckpointingPatcher:
     def apply(self, ctx: PatchContext, value) -> None:
         offloader_kwargs = _offloader_kwargs(value)
-        if offloader_kwargs is None:
+        if offloader_kwargs is None and value != RECOMPUTE:
             return
         hf = ctx.hf_model
         if hf is None:
@@ -190,13 +284,16 @@ class CheckpointingPatcher:
         if not layers:
             ctx.report.add_skipped("", _KIND, "no GradientCheckpointingLayer in the model")
             return
-        state = _PatchState(offloader_kwargs)
+        state = _PatchState(offloader_kwargs, recompute=value == RECOMPUTE)
         for m in owners:
             m._set_gradient_checkpointing = _OffloadingSetter(m, state, m.__dict__.get("_set_gradient_checkpointing"))
+        if state.offloader is None:
+            self._apply_recompute(ctx, state, layers, names)
+            return
         if any(layer.gradient_checkpointing for layer in layers):
             for m in ctx.model.modules():
                 if hasattr(m, "gradient_checkpointing") and hasattr(m, "_gradient_checkpointing_func"):
-                    m._gradient_checkpointing_func = _offloading(state.offloader, m._gradient_checkpointing_func)
+                    m._gradient_checkpointing_func = state.swap(m._gradient_checkpointing_func)
             how = "checkpointing was on; its function now offloads"
         else:
             state.saved_flags = {m: _snapshot(m) for m in ctx.model.modules() if hasattr(m, "gradient_checkpointing")}
@@ -224,6 +321,29 @@ class CheckpointingPatcher:
             "that they stay on the device, counted in model_offloader(model).stats.bytes_kept_on_device"
         )
 
+    @staticmethod
+    def _apply_recompute(ctx: PatchContext, state: _PatchState, layers, names) -> None:
+        """Checkpointing stays as the model, the Trainer or TRL set it: on or off, never turned on here.
+        Layers that checkpoint now get the recompute function; the setter gives it to those turned on later."""
+        for m in ctx.model.modules():
+            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+                m._gradient_checkpointing_func = state.swap(m._gradient_checkpointing_func)
+        for layer in layers:
+            func = layer.__dict__.get("_gradient_checkpointing_func")
+            if not layer.gradient_checkpointing:
+                continue
+            if state.owns(func):
+                ctx.report.add_patched(names[layer], _KIND, f"{type(layer).__name__}: recomputed in backward "
+                                       "(reentrant: forward without autograd)")
+            else:
+                ctx.report.add_skipped(names[layer], _KIND, f"checkpoint function {func!r} kept (reentrant already, "
+                                       "or arguments only torch's non-reentrant checkpoint has)")
+        ctx.report.notes.append(
+            "checkpointing: \"recompute\" leaves checkpointing on or off as it is; whenever it is on (turned on by "
+            "you, the Trainer or TRL, now or later), decoder layers run forward without autograd and recompute in "
+            "backward"
+        )
+
     def remove(self, model: nn.Module, report: PatchReport) -> None:
         state = _patch_state(model)
         if state is None:
@@ -244,13 +364,14 @@ class CheckpointingPatcher:
                 for key in ("gradient_checkpointing", "_gradient_checkpointing_func"):
                     m.__dict__.pop(key, None)
                 m.__dict__.update(state.saved_flags[m])
-            elif isinstance(func, OffloadCheckpointFunction) and func.offloader is state.offloader:
+            elif state.owns(func):
                 m._gradient_checkpointing_func = func.replaces
             else:
                 continue
             if isinstance(m, GradientCheckpointingLayer):
                 report.add_patched(name, _KIND, "checkpointing turned back off" if turn_off else "original checkpoint function restored")
-        state.offloader.empty_cache()
+        if state.offloader is not None:
+            state.offloader.empty_cache()
 
 
 CHECKPOINTING_PATCHER = CheckpointingPatcher()

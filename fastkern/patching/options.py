@@ -116,9 +116,12 @@ OPTIONS: tuple[Option, ...] = (
            "backward instead of an fp32 copy of the input. See docs/trainers.md.",
            NORM_PATCHER),
     Option("checkpointing", None,
-           '"offload" or a dict like {"offload": True, "host_bytes": N}',
+           '"recompute", "offload" or {"offload": True, "host_bytes": N}',
            _checkpointing_ok,
-           '"offload" turns gradient checkpointing on for the decoder layers with their saved inputs '
+           '"recompute": whenever gradient checkpointing is on (it is not turned on for you), decoder layers run '
+           "forward without autograd and recompute in backward (torch's reentrant checkpoint, anchored so that "
+           "frozen inputs still give parameter gradients) instead of the non-reentrant checkpoint's per-tensor "
+           'hooks: the same math with far less host work. "offload" turns gradient checkpointing on for the decoder layers with their saved inputs '
            "offloaded to CPU memory on a side stream; gradient_checkpointing_enable() called later (by you, "
            "the Trainer or TRL) keeps offloading. The pinned host memory is capped at half the available RAM "
            '(inputs past the cap stay on the GPU); {"offload": True, "host_bytes": N} or {"offload": True, '

@@ -258,8 +258,8 @@ def test_host_budget_overflow_keeps_gradients_and_counts_bytes():
 
 
 @pytest.mark.parametrize("value, match", [
-    (True, "must be None, \"offload\" or a dict"),
-    ("plain", "must be None, \"offload\" or a dict"),
+    (True, "must be None, \"recompute\", \"offload\" or a dict"),
+    ("plain", "must be None, \"recompute\", \"offload\" or a dict"),
     ({"host_bytes": 1}, "needs \"offload\": True"),
     ({"offload": False, "host_bytes": 1}, "needs \"offload\": True"),
     ({"offload": True, "host_gib": 1}, "unknown keys \\['host_gib'\\]"),
