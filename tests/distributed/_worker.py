@@ -174,6 +174,32 @@ def scenario_fsdp_accelerate_tied(rank):
     return _global_step(rank, _fsdp_as_accelerate(model(True, tied=True)))
 
 
+def _checkpointed(m):
+    """Gradient checkpointing on, non-reentrant, as transformers' Trainer and TRL turn it on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        enable = getattr(m, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return m
+
+
+def scenario_ddp_recompute(rank):
+    # checkpointing="recompute" (a reentrant checkpoint): DDP's gradient hooks fire inside the recompute's
+    # own backward; the Trainer builds DDP with find_unused_parameters=False when checkpointing is on.
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return _global_step(rank, DDP(_checkpointed(model(True, checkpointing="recompute"))))
+
+
+def scenario_fsdp_recompute(rank):
+    return _global_step(rank, _fsdp(_checkpointed(model(True, checkpointing="recompute")), head=False))
+
+
 def scenario_fsdp_offload(rank):
     # Offloaded checkpointing composed with FSDP2 (on CPU the saved inputs stay in place: only CUDA tensors
     # are copied out, so this checks the composition, not the copies).
@@ -299,6 +325,8 @@ SCENARIOS = {
     "fsdp_accelerate": scenario_fsdp_accelerate,
     "fsdp_accelerate_tied": scenario_fsdp_accelerate_tied,
     "fsdp_offload": scenario_fsdp_offload,
+    "ddp_recompute": scenario_ddp_recompute,
+    "fsdp_recompute": scenario_fsdp_recompute,
     "trl_fsdp_head": scenario_trl_fsdp_head,
     "dtensor_head": scenario_dtensor_head,
     "qlora_fsdp": scenario_qlora_fsdp,

@@ -80,16 +80,17 @@ def _matches_single(result, ref, what):
     _close(result["params"], ref["params"], f"{what} params")
 
 
-def check_ddp(ranks, single):
-    r0, r1 = ranks[0]["ddp"], ranks[1]["ddp"]
-    assert r0["logits_none"], "the fused loss did not run under DDP"
+def check_ddp(ranks, single, scenario="ddp"):
+    r0, r1 = ranks[0][scenario], ranks[1][scenario]
+    assert r0["logits_none"], f"{scenario}: the fused loss did not run under DDP"
     for name, p in r0["params"].items():
-        assert torch.equal(p, r1["params"][name]), f"{name} differs across ranks after the step"
-    _matches_single(r0, single[True], "ddp")
-    _matches_single(r0, single[False], "ddp vs unpatched")
+        assert torch.equal(p, r1["params"][name]), f"{scenario}: {name} differs across ranks after the step"
+    _matches_single(r0, single[True], scenario)
+    _matches_single(r0, single[False], f"{scenario} vs unpatched")
 
 
-FSDP_SCENARIOS = ["fsdp", "fsdp_head", "fsdp_accelerate", "fsdp_offload", "trl_fsdp_head"]
+FSDP_SCENARIOS = ["fsdp", "fsdp_head", "fsdp_accelerate", "fsdp_offload", "fsdp_recompute", "trl_fsdp_head"]
+DDP_SCENARIOS = ["ddp", "ddp_recompute"]
 
 
 def check_fsdp(ranks, single, scenario):
@@ -139,8 +140,9 @@ def check_qlora(ranks):
             _close(sharded["grads"], plain["grads"], f"qlora {storage} rank {rank}")
 
 
-def test_ddp_ranks_agree_and_match_single_process(ranks, single):
-    check_ddp(ranks, single)
+@pytest.mark.parametrize("scenario", DDP_SCENARIOS)
+def test_ddp_ranks_agree_and_match_single_process(ranks, single, scenario):
+    check_ddp(ranks, single, scenario)
 
 
 @pytest.mark.parametrize("scenario", FSDP_SCENARIOS)
@@ -162,7 +164,8 @@ def test_same_on_two_gpus_with_nccl(tmp_path):
     """Every scenario above on cuda:0 and cuda:1 over NCCL, the Triton kernels compiled (not interpreted)."""
     ranks = _spawn(tmp_path, "nccl")
     single = _references(torch.device("cuda", 0))
-    check_ddp(ranks, single)
+    for scenario in DDP_SCENARIOS:
+        check_ddp(ranks, single, scenario)
     for scenario in FSDP_SCENARIOS:
         check_fsdp(ranks, single, scenario)
     check_fsdp_tied(ranks, single)
