@@ -13,6 +13,8 @@ process gives each variant its own peak memory):
   fastkern-compile     ``patch_model(model, compile=True)``: the defaults plus regional compilation
   fastkern+compile     the defaults plus ``SFTConfig(torch_compile=True)`` (TRL/Trainer compile the model)
   fastkern-offload     the defaults plus ``checkpointing="offload"``
+  fastkern-torch-checkpoint  the defaults with ``checkpointing=False``: the checkpoint function TRL asks for
+                       (torch's non-reentrant) instead of fastkern's "recompute"
   reference            unpatched, fp32 weights, TF32 off: the high-precision run the loss rule uses
 Modes: lora (r16 on all linear layers), full (full fine-tuning), qlora (NF4 double-quant base as
 transformers' BitsAndBytesConfig loads it, LoRA r16), packed (lora with SFTConfig(packing=True) over
@@ -43,7 +45,7 @@ import time
 from bench.e2e import common
 
 VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
-            "fastkern-offload", "fastkern-recompute", "reference"]
+            "fastkern-offload", "fastkern-torch-checkpoint", "reference"]
 # Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
 # compiles the whole model) always get their own process; with --shared-process the others share one.
 ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
@@ -97,8 +99,8 @@ def worker(args) -> dict:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     report = None
     patch_options = {"fastkern-offload": {"checkpointing": "offload"}, "fastkern-compile": {"compile": True},
-                     "fastkern-recompute": {"checkpointing": "recompute"}}.get(variant, {})
-    if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-recompute"):
+                     "fastkern-torch-checkpoint": {"checkpointing": False}}.get(variant, {})
+    if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-torch-checkpoint"):
         report = fastkern.patch_model(model, **patch_options)
     callbacks = [timer := step_timer()]
     if args.profile:
