@@ -85,7 +85,8 @@ def lce_onchip_fwd_kernel(
 
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     sum_exp = tl.zeros((BLOCK_N,), tl.float32)
-    sum_exp_u = tl.zeros((BLOCK_N,), tl.float32)
+    sum_exp_uc = tl.zeros((BLOCK_N,), tl.float32)  # sum exp(u - shift) (u - shift), centred at shift
+    prev_shift = tl.zeros((BLOCK_N,), tl.float32)
     sum_u = tl.zeros((BLOCK_N,), tl.float32)
     target_u = tl.zeros((BLOCK_N,), tl.float32)
     max_before = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -104,10 +105,13 @@ def lce_onchip_fwd_kernel(
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         rescale = tl.exp(m - shift)
         e = tl.exp(u_masked - shift[:, None])
-        sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
         if HAS_ENTROPY:
-            # p u -> 0 as p -> 0: a -inf logit adds nothing (not 0 * -inf = NaN).
-            sum_exp_u = sum_exp_u * rescale + tl.sum(e * tl.where(e > 0.0, u, 0.0), axis=1)
+            # Re-centred from prev_shift to shift (as in the chunked row kernel); p log p -> 0 as p -> 0:
+            # a -inf logit adds nothing (not 0 * -inf = NaN).
+            sum_exp_uc = (sum_exp_uc + (prev_shift - shift) * sum_exp) * rescale + tl.sum(
+                e * tl.where(e > 0.0, u - shift[:, None], 0.0), axis=1)
+            prev_shift = shift
+        sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
         sum_u += tl.sum(tl.where(col_ok[None, :], u, 0.0), axis=1)
         target_u += tl.sum(tl.where(cols[None, :] == target[:, None], u, 0.0), axis=1)
         if HAS_TOP1:
@@ -119,7 +123,7 @@ def lce_onchip_fwd_kernel(
     out = part_ptr + rows + split * N
     tl.store(out, m, mask=row_ok)
     tl.store(out + stride_q, sum_exp, mask=row_ok)
-    tl.store(out + 2 * stride_q, sum_exp_u, mask=row_ok)
+    tl.store(out + 2 * stride_q, sum_exp_uc, mask=row_ok)
     tl.store(out + 3 * stride_q, sum_u, mask=row_ok)
     tl.store(out + 4 * stride_q, target_u, mask=row_ok)
     tl.store(out + 5 * stride_q, max_before, mask=row_ok)
@@ -127,7 +131,7 @@ def lce_onchip_fwd_kernel(
 
 @triton.jit
 def lce_onchip_bwd_kernel(
-    h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, sum_pu_ptr,
+    h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, sum_plogp_ptr,
     coef_a_ptr, coef_b_ptr, coef_c_ptr, coef_e_ptr,
     dh_ptr, dw_ptr, db_ptr,
     N, V, H, r0, r1, v0, v1, dh_row0, dw_row0,
@@ -139,7 +143,7 @@ def lce_onchip_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
-    # Rows [r0, r1) x vocabulary [v0, v1) of the problem. Per-row vectors (lse, sum_pu, coefficients):
+    # Rows [r0, r1) x vocabulary [v0, v1) of the problem. Per-row vectors (lse, sum_plogp, coefficients):
     # [N] fp32. Accumulators, all fp32 and contiguous: dh [*, H] holding row r at (r - dh_row0),
     # dw [*, H] holding vocabulary row j at (j - dw_row0), db [V].
     # Grouped order: GROUP_N row blocks share a group, the vocabulary tile varies slowest inside it,
@@ -177,9 +181,9 @@ def lce_onchip_bwd_kernel(
     du = a[:, None] * p - tl.where(cols[None, :] == target[:, None], b[:, None], 0.0) - c[:, None]
     if HAS_ENTROPY:
         e = tl.load(coef_e_ptr + rows, mask=row_ok, other=0.0)
-        s = tl.load(sum_pu_ptr + rows, mask=row_ok, other=0.0)
-        # p = 0 (a -inf logit) contributes 0, not 0 * inf.
-        du += e[:, None] * p * (s[:, None] - tl.where(p > 0.0, u, 0.0))
+        s = tl.load(sum_plogp_ptr + rows, mask=row_ok, other=0.0)
+        # S - u_j = sum_k p_k log p_k - log p_j (no cancellation); p = 0 (a -inf logit) contributes 0.
+        du += e[:, None] * p * (s[:, None] - tl.where(p > 0.0, u - lse[:, None], 0.0))
     d = tl.where(row_ok[:, None] & col_ok[None, :], du * dudx, 0.0)
 
     if NEED_GB:

@@ -68,7 +68,7 @@ def _launch_rows(x, targets, stats, coefs, *, logit_scale, softcap, u_scale, com
     with device_guard(x):
         lce_rows_kernel[(x.shape[0],)](
             x, x.stride(0), targets,
-            stats["lse"], stats["target_u"], stats["sum_u"], stats.get("sum_pu", dummy),
+            stats["lse"], stats["target_u"], stats["sum_u"], stats.get("sum_plogp", dummy),
             stats.get("max_u", dummy), stats.get("max_before_target", dummy),
             coef.get("a", dummy), coef.get("b", dummy), coef.get("c", dummy), coef.get("e", dummy),
             x.shape[1], float(logit_scale), float(softcap or 1.0), float(u_scale),
@@ -163,7 +163,7 @@ def grad_weight_dtype(weight: Tensor) -> torch.dtype:
 
 
 def _new_stats(n: int, device, has_entropy: bool, dtype=torch.float32) -> dict[str, Tensor]:
-    names = ("lse", "target_u", "sum_u") + (("sum_pu",) if has_entropy else ())
+    names = ("lse", "target_u", "sum_u") + (("sum_plogp",) if has_entropy else ())
     return {k: output_buffer(n, dtype, device) for k in names}
 
 
@@ -175,8 +175,8 @@ def _stats_dtype(hidden: Tensor) -> torch.dtype:
 def lce_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int | None,
                  logit_scale: float, softcap: float | None, u_scale: float, has_entropy: bool, chunk_size: int,
                  op: str, has_top1: bool = False, weight_grad_later: bool = False) -> list[Tensor]:
-    """[lse, target_u, sum_u, sum_pu, max_u, max_before_target] per token (target_u 0 where ignored;
-    sum_pu empty without entropy, the last two empty without has_top1).
+    """[lse, target_u, sum_u, sum_plogp, max_u, max_before_target] per token (target_u 0 where ignored;
+    sum_plogp empty without entropy, the last two empty without has_top1).
 
     ``weight_grad_later``: the backward of this forward will compute a weight gradient, with large
     chunks; this pass then uses the same large chunks (its buffer is freed before that backward, so it
@@ -189,7 +189,7 @@ def lce_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
     run_chunks(hidden, weight, bias, targets, stats, None, logit_scale=logit_scale, softcap=softcap,
                u_scale=u_scale, compute_stats=True, has_entropy=has_entropy, need_gh=False, need_gw=False,
                need_gb=False, chunk_size=chunk_size, weight_grad_later=weight_grad_later)
-    names = ("lse", "target_u", "sum_u", "sum_pu", "max_u", "max_before_target")
+    names = ("lse", "target_u", "sum_u", "sum_plogp", "max_u", "max_before_target")
     return [stats[k] if k in stats else torch.empty(0, dtype=stats["lse"].dtype, device=hidden.device) for k in names]
 
 
@@ -204,7 +204,7 @@ def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, u_scale,
 
 @torch.library.custom_op("fastkern::lce_grads", mutates_args=())
 def lce_grads_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int | None,
-                 coefs: list[Tensor], lse: Tensor | None, sum_pu: Tensor | None, logit_scale: float,
+                 coefs: list[Tensor], lse: Tensor | None, sum_plogp: Tensor | None, logit_scale: float,
                  softcap: float | None, u_scale: float, need_gh: bool, need_gw: bool, need_gb: bool,
                  chunk_size: int, op: str) -> list[Tensor]:
     """[grad_hidden, grad_weight, grad_bias, lse, target_u, sum_u] (a grad not asked for is empty).
@@ -223,7 +223,7 @@ def lce_grads_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
     # The kernel indexes per-row vectors with stride 1; upstream gradients can be expanded (stride 0).
     coef_map = {k: c.to(dt).contiguous() for k, c in zip("abce", coefs)}
     if has_entropy:
-        stats["sum_pu"] = sum_pu.contiguous()
+        stats["sum_plogp"] = sum_plogp.contiguous()
     gh, gw, gb = run_chunks(hidden, weight, bias, targets, stats, coef_map, logit_scale=logit_scale,
                             softcap=softcap, u_scale=u_scale, compute_stats=compute_stats,
                             has_entropy=has_entropy, need_gh=need_gh, need_gw=need_gw, need_gb=need_gb,
@@ -236,7 +236,7 @@ def lce_grads_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
 
 
 @lce_grads_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, coefs, lse, sum_pu, logit_scale, softcap, u_scale, need_gh,
+def _(hidden, weight, bias, labels, ignore_index, coefs, lse, sum_plogp, logit_scale, softcap, u_scale, need_gh,
       need_gw, need_gb, chunk_size, op):
     n, dt = hidden.shape[0], _stats_dtype(hidden)
     gh = hidden.new_empty(hidden.shape) if need_gh else hidden.new_empty(0)

@@ -107,7 +107,7 @@ def fwd_splits(n: int, v: int, device: torch.device, block_n: int = FWD_BLOCK_N,
 def onchip_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *, logit_scale: float,
                  softcap: float | None, u_scale: float, has_entropy: bool, has_top1: bool,
                  splits: int | None = None) -> dict[str, Tensor]:
-    """Per-row statistics in fp32: lse, target_u (0 where target -1), sum_u, and sum_pu (entropy),
+    """Per-row statistics in fp32: lse, target_u (0 where target -1), sum_u, and sum_plogp (entropy),
     max_u and max_before_target (top-1) when asked. targets: [N] int64, -1 = no target."""
     from ..kernels.linear_cross_entropy_onchip import lce_onchip_fwd_kernel
 
@@ -139,8 +139,10 @@ def onchip_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
 def combine_splits(part: Tensor, has_entropy: bool, has_top1: bool) -> dict[str, Tensor]:
     """Merge the per-split partials [6, splits, N] into per-row statistics.
 
-    With M = max_k m_k: sum_exp = sum_k s_k exp(m_k - M), lse = M + log(sum_exp), and
-    sum_j p_j u_j = sum_k (sum_j exp(u_j - m_k) u_j) exp(m_k - M) / sum_exp."""
+    With M = max_k m_k: sum_exp = sum_k s_k exp(m_k - M), lse = M + log(sum_exp), and, from each
+    split's centred sum c_k = sum_j exp(u_j - m_k) (u_j - m_k),
+    sum_j p_j log p_j = sum_k exp(m_k - M) (c_k + (m_k - M) s_k) / sum_exp - log(sum_exp)
+    (two non-positive terms: no cancellation on a confident row, unlike lse - sum_j p_j u_j)."""
     m, s, su_e, sum_u, target_u, before = part.unbind(0)
     big = m.max(0).values
     # Rows whose logits are all -inf: shift by 0 (exp(-inf - (-inf)) is NaN), as the kernel does.
@@ -149,7 +151,9 @@ def combine_splits(part: Tensor, has_entropy: bool, has_top1: bool) -> dict[str,
     sum_exp = (s * w).sum(0)
     stats = {"lse": shift + torch.log(sum_exp), "target_u": target_u.sum(0), "sum_u": sum_u.sum(0)}
     if has_entropy:
-        stats["sum_pu"] = (su_e * w).sum(0) / sum_exp
+        # A split whose logits are all -inf has s_k = 0 and c_k = 0: its (m_k - M) s_k term is 0, not NaN.
+        offset = torch.where(s > 0, (m - shift) * s, torch.zeros_like(s))
+        stats["sum_plogp"] = ((su_e + offset) * w).sum(0) / sum_exp - torch.log(sum_exp)
     if has_top1:
         stats["max_u"] = big
         stats["max_before_target"] = before.max(0).values
@@ -157,7 +161,7 @@ def combine_splits(part: Tensor, has_entropy: bool, has_top1: bool) -> dict[str,
 
 
 def onchip_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
-                 sum_pu: Tensor | None, coefs: list[Tensor], *, logit_scale: float, softcap: float | None,
+                 sum_plogp: Tensor | None, coefs: list[Tensor], *, logit_scale: float, softcap: float | None,
                  u_scale: float, need_gh: bool, need_gw: bool, need_gb: bool):
     """(grad_hidden, grad_weight, grad_bias), each None if not asked; coefs = [a, b, c] or [a, b, c, e]
     per row (fp32): d objective / du_j = a p_j - b [j = t] - c + e p_j (S - u_j)."""
@@ -168,7 +172,7 @@ def onchip_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
     has_entropy = len(coefs) == 4
     a, b, c = (t.to(torch.float32).contiguous() for t in coefs[:3])
     e = coefs[3].to(torch.float32).contiguous() if has_entropy else a
-    spu = sum_pu.to(torch.float32).contiguous() if has_entropy else a
+    splogp = sum_plogp.to(torch.float32).contiguous() if has_entropy else a
     lse = lse.to(torch.float32).contiguous()
     gh = torch.zeros(n, h, dtype=hidden.dtype, device=dev) if need_gh else None
     gw = torch.zeros(v, h, dtype=weight.dtype, device=dev) if need_gw else None
@@ -199,7 +203,7 @@ def onchip_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
                  DOT_PRECISION="ieee" if interp else _dot_precision(hidden))
 
     def launch(r0, r1, v0, v1):
-        args = (hidden, weight, bias if bias is not None else hidden, targets, lse, spu, a, b, c, e,
+        args = (hidden, weight, bias if bias is not None else hidden, targets, lse, splogp, a, b, c, e,
                 dh if dh is not None else dummies[0], dw if dw is not None else dummies[1],
                 gb if gb is not None else dummies[2],
                 n, v, h, r0, r1, v0, v1, 0 if gh_direct else r0, 0 if gw_direct else v0,
@@ -235,12 +239,12 @@ def onchip_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
 def lce_onchip_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int | None,
                         logit_scale: float, softcap: float | None, u_scale: float, has_entropy: bool, has_top1: bool,
                         op: str) -> list[Tensor]:
-    """[lse, target_u, sum_u, sum_pu, max_u, max_before_target] (the last three empty unless asked).
+    """[lse, target_u, sum_u, sum_plogp, max_u, max_before_target] (the last three empty unless asked).
     Labels are checked here (out of range raises), so torch.compile traces the op as one node."""
     targets = check_targets(op, labels, weight.shape[0], ignore_index)
     stats = onchip_stats(hidden, weight, bias, targets, logit_scale=logit_scale, softcap=softcap, u_scale=u_scale,
                          has_entropy=has_entropy, has_top1=has_top1)
-    names = ("lse", "target_u", "sum_u", "sum_pu", "max_u", "max_before_target")
+    names = ("lse", "target_u", "sum_u", "sum_plogp", "max_u", "max_before_target")
     return [stats[k] if k in stats else hidden.new_empty(0, dtype=torch.float32) for k in names]
 
 
@@ -254,19 +258,19 @@ def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, u_scale,
 
 @torch.library.custom_op("fastkern::lce_onchip_grads", mutates_args=())
 def lce_onchip_grads_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int | None,
-                        lse: Tensor, sum_pu: Tensor | None, coefs: list[Tensor], logit_scale: float,
+                        lse: Tensor, sum_plogp: Tensor | None, coefs: list[Tensor], logit_scale: float,
                         softcap: float | None, u_scale: float, need_gh: bool, need_gw: bool, need_gb: bool,
                         op: str) -> list[Tensor]:
     """[grad_hidden, grad_weight, grad_bias (fp32)]; a gradient not asked for is empty."""
     targets = check_targets(op, labels, weight.shape[0], ignore_index)
-    grads = onchip_grads(hidden, weight, bias, targets, lse, sum_pu, coefs, logit_scale=logit_scale,
+    grads = onchip_grads(hidden, weight, bias, targets, lse, sum_plogp, coefs, logit_scale=logit_scale,
                          softcap=softcap, u_scale=u_scale, need_gh=need_gh, need_gw=need_gw, need_gb=need_gb)
     # Custom-op outputs may not alias each other: one fresh empty tensor per missing gradient.
     return [g if g is not None else hidden.new_empty(0) for g in grads]
 
 
 @lce_onchip_grads_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, lse, sum_pu, coefs, logit_scale, softcap, u_scale, need_gh, need_gw,
+def _(hidden, weight, bias, labels, ignore_index, lse, sum_plogp, coefs, logit_scale, softcap, u_scale, need_gh, need_gw,
       need_gb, op):
     gh = hidden.new_empty(hidden.shape) if need_gh else hidden.new_empty(0)
     gw = weight.new_empty(weight.shape) if need_gw else hidden.new_empty(0)
@@ -320,7 +324,7 @@ class _OnchipLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts, needs, return_entropy, return_top1):
         logit_scale, softcap, inv_temperature, op = opts
-        lse, target_u, sum_u, sum_pu, max_u, max_before = lce_onchip_stats_op(
+        lse, target_u, sum_u, sum_plogp, max_u, max_before = lce_onchip_stats_op(
             hidden, weight, bias, targets, None, logit_scale, softcap, inv_temperature, return_entropy, return_top1, op)
         logp = target_u - lse
         # TRL's is_top1: the target is the first argmax (not differentiable).
@@ -328,14 +332,14 @@ class _OnchipLogProbs(torch.autograd.Function):
         mean_logits = sum_u / weight.shape[0]
         ctx.mark_non_differentiable(is_top1, mean_logits)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, sum_pu)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, sum_plogp)
         ctx.opts, ctx.needs, ctx.return_entropy = opts, needs, return_entropy
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return logp, (lse - sum_pu) if return_entropy else lse.new_empty(0), is_top1, mean_logits
+        return logp, (-sum_plogp) if return_entropy else lse.new_empty(0), is_top1, mean_logits
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_top1, _grad_mean_logits):
-        hidden, weight, bias, targets, lse, sum_pu = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, sum_plogp = ctx.saved_tensors
         logit_scale, softcap, inv_temperature, op = ctx.opts
         use_entropy = ctx.return_entropy and grad_entropy is not None
         if grad_logp is None and not use_entropy:
@@ -343,7 +347,7 @@ class _OnchipLogProbs(torch.autograd.Function):
         g = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(torch.float32)
         # d log p_t / du_j = [j = t] - p_j; d entropy / du_j = p_j (S - u_j), S = sum_j p_j u_j.
         coefs = [-g, -g, torch.zeros_like(g)] + ([grad_entropy.to(torch.float32)] if use_entropy else [])
-        grads = lce_onchip_grads_op(hidden, weight, bias, targets, None, lse, sum_pu if use_entropy else None, coefs,
+        grads = lce_onchip_grads_op(hidden, weight, bias, targets, None, lse, sum_plogp if use_entropy else None, coefs,
                                     logit_scale, softcap, inv_temperature, *ctx.needs, op)
         return (*_finish(grads, ctx.dtypes, ctx.needs), None, None, None, None, None)
 

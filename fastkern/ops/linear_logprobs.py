@@ -23,7 +23,7 @@ class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts, needs, return_top1):
         logit_scale, softcap, inv_temperature, return_entropy, chunk_size = opts
-        lse, target_u, sum_u, sum_pu, max_u, max_before = lce_stats_op(
+        lse, target_u, sum_u, sum_plogp, max_u, max_before = lce_stats_op(
             hidden, weight, bias, targets, None, logit_scale, softcap, inv_temperature, return_entropy, chunk_size,
             _OP, return_top1, needs[1])
         logp = target_u - lse
@@ -32,14 +32,14 @@ class _LogProbs(torch.autograd.Function):
         mean_logits = sum_u / weight.shape[0]  # of the transformed logits, as TRL reports it
         ctx.mark_non_differentiable(is_top1, mean_logits)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, sum_pu)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, sum_plogp)
         ctx.opts, ctx.needs = opts, needs
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return logp, (lse - sum_pu) if return_entropy else lse.new_empty(0), is_top1, mean_logits
+        return logp, (-sum_plogp) if return_entropy else lse.new_empty(0), is_top1, mean_logits
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_top1, _grad_mean_logits):
-        hidden, weight, bias, targets, lse, sum_pu = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, sum_plogp = ctx.saved_tensors
         logit_scale, softcap, inv_temperature, return_entropy, chunk_size = ctx.opts
         if grad_logp is None and (grad_entropy is None or not return_entropy):
             return None, None, None, None, None, None, None
@@ -47,7 +47,7 @@ class _LogProbs(torch.autograd.Function):
         coefs = [-g, -g, torch.zeros_like(g)]
         if return_entropy and grad_entropy is not None:
             coefs.append(grad_entropy.to(lse.dtype))
-        grads = lce_grads_op(hidden, weight, bias, targets, None, coefs, lse, sum_pu if len(coefs) == 4 else None,
+        grads = lce_grads_op(hidden, weight, bias, targets, None, coefs, lse, sum_plogp if len(coefs) == 4 else None,
                              logit_scale, softcap, inv_temperature, *ctx.needs, chunk_size, _OP)[:3]
         return (*_finish(grads, ctx.dtypes, ctx.needs), None, None, None, None)
 

@@ -37,7 +37,7 @@ def lce_rows_reference(
     compute_stats: bool,
     has_entropy: bool,
 ) -> None:
-    """Stats into ``stats`` (lse, target_u, sum_u, sum_pu; each [rows]) and, when ``coefs`` is given
+    """Stats into ``stats`` (lse, target_u, sum_u, sum_plogp = sum_j p_j log p_j; each [rows]) and, when ``coefs`` is given
     (a, b, c, e; each [rows]), d(objective)/dx written into ``x`` in place. targets: -1 = no target."""
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     u, dudx = transform_reference(x.to(ct), logit_scale, softcap, u_scale)
@@ -50,9 +50,10 @@ def lce_rows_reference(
         stats["target_u"].copy_(torch.where(has_target, target_u, torch.zeros_like(target_u)))
         stats["sum_u"].copy_(u.sum(1))
         if has_entropy:
-            p = torch.exp(u - lse.unsqueeze(1))
-            # p u -> 0 as p -> 0: a -inf logit (masked vocabulary) adds nothing, not 0 * -inf = NaN.
-            stats["sum_pu"].copy_(torch.where(p > 0, p * u, 0.0).sum(1))
+            logp = u - lse.unsqueeze(1)
+            p = torch.exp(logp)
+            # p log p -> 0 as p -> 0: a -inf logit (masked vocabulary) adds nothing, not 0 * -inf = NaN.
+            stats["sum_plogp"].copy_(torch.where(p > 0, p * logp, 0.0).sum(1))
         if "max_u" in stats:
             stats["max_u"].copy_(u.max(1).values)
             cols = torch.arange(u.shape[1], device=u.device)
@@ -66,7 +67,8 @@ def lce_rows_reference(
     onehot_b = torch.where(has_target, coefs["b"].to(ct), torch.zeros_like(coefs["b"], dtype=ct))
     du.scatter_add_(1, safe_targets, -onehot_b.unsqueeze(1))
     if has_entropy:
-        entropy_term = coefs["e"].to(ct).unsqueeze(1) * p * (stats["sum_pu"].to(ct).unsqueeze(1) - u)
+        # S - u_j with S = sum_k p_k u_k, as sum_k p_k log p_k - log p_j (no cancellation)
+        entropy_term = coefs["e"].to(ct).unsqueeze(1) * p * (stats["sum_plogp"].to(ct).unsqueeze(1) - (u - lse))
         du += torch.where(p > 0, entropy_term, 0.0)
     x.copy_(du * dudx)
 
