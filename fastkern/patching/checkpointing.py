@@ -113,6 +113,15 @@ def _requires_grad(value) -> bool:
     return False
 
 
+def _distributed() -> bool:
+    """A process group of more than one rank: DDP with find_unused_parameters=True (what transformers'
+    Trainer picks for a PEFT model) rejects a reentrant backward ("mark a variable ready only once"), and
+    from inside a layer there is no telling how the model was wrapped, so distributed runs keep the
+    requested checkpoint."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _layer_of(function):
     """The module a decoder layer's checkpointed call belongs to (transformers passes
     ``partial(layer.__call__ or super().__call__, **kwargs)``), or None."""
@@ -131,8 +140,8 @@ class RecomputeCheckpointFunction:
     decoder layer that is most of the host's Python work (bench/host_ops.py: 2413 -> 1048 Python calls per
     patched LoRA layer). The math is the same, op for op.
 
-    Falls back to the function it replaced, per call, where the reentrant form is not equivalent: under
-    torch.compile, with autograd off, with a tensor that requires grad inside the layer's keyword arguments
+    Falls back to the function it replaced, per call, where the reentrant form is not equivalent or not
+    safe: under torch.compile, with autograd off, in a distributed run (see ``_distributed``), with a tensor that requires grad inside the layer's keyword arguments
     (a reentrant checkpoint differentiates only its positional inputs), or for a frozen layer whose input
     does not require grad (nothing to differentiate). ``torch.autograd.grad`` through a reentrant
     checkpoint raises torch's own error ("torch.utils.checkpoint is incompatible with .grad()"); ``.backward()``,
@@ -144,7 +153,7 @@ class RecomputeCheckpointFunction:
         self.replaces = replaces  # the function that was asked for; unpatch_model puts it back
 
     def __call__(self, function, *args, **kwargs):
-        if kwargs or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        if kwargs or torch.compiler.is_compiling() or not torch.is_grad_enabled() or _distributed():
             return self.replaces(function, *args, **kwargs)
         if isinstance(function, functools.partial) and _requires_grad(function.keywords):
             return self.replaces(function, *args)

@@ -189,11 +189,12 @@ def _checkpointed(m):
 
 
 def scenario_ddp_recompute(rank):
-    # checkpointing="recompute" (a reentrant checkpoint): DDP's gradient hooks fire inside the recompute's
-    # own backward; the Trainer builds DDP with find_unused_parameters=False when checkpointing is on.
+    # checkpointing="recompute" keeps the requested (non-reentrant) checkpoint in a distributed run: DDP with
+    # find_unused_parameters=True, what transformers' Trainer picks for a PEFT model, rejects a reentrant
+    # backward.
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return _global_step(rank, DDP(_checkpointed(model(True, checkpointing="recompute"))))
+    return _global_step(rank, DDP(_checkpointed(model(True, checkpointing="recompute")), find_unused_parameters=True))
 
 
 def scenario_fsdp_recompute(rank):

@@ -186,3 +186,14 @@ def test_bf16_autocast_recompute_matches():
     recompute_only(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert_exact(grads(model, ids), ref)
+
+
+def test_distributed_runs_keep_the_requested_function(monkeypatch):
+    import fastkern.patching.checkpointing as module
+
+    layer = torch.nn.Linear(4, 4)
+    fallback = _Counting()
+    func = RecomputeCheckpointFunction({}, replaces=fallback)
+    monkeypatch.setattr(module, "_distributed", lambda: True)
+    func(layer.__call__, torch.randn(3, 4)).sum().backward()
+    assert fallback.calls == 1 and layer.weight.grad is not None
