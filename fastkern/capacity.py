@@ -49,7 +49,12 @@ SIZES: dict[str, dict[str, Any]] = {
                      tie_word_embeddings=False),
 }
 
-DEFAULT_OPTIONS = {"checkpointing": "offload", "tiled_mlp": "auto", "mlp": True}
+DEFAULT_OPTIONS = {"checkpointing": "offload", "tiled_mlp": "auto", "mlp": True, "loss": True}
+# Without the fused loss (transformers' own: lm_head then cross_entropy on fp32 logits), bytes per [T, V]
+# element at the loss's peak, in backward: the bf16 logits the output holds (2), log_softmax's saved fp32
+# output (4), the fp32 gradient of the loss w.r.t. it (4) and the fp32 gradient of the logits (4) before
+# it is cast to bf16.
+UNFUSED_LOSS_BYTES_PER_LOGIT = 14
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +188,9 @@ def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
         raise ValueError(f"fastkern.plan_memory: {name} must be {what}, got {value!r}")
 
 
-def _options(options: dict | None) -> tuple[str | None, Any, bool, int | None]:
-    """(checkpointing: "offload" / "device" / None, tiled_mlp, fused mlp, host_bytes from the option)."""
+def _options(options: dict | None) -> tuple[str | None, Any, bool, int | None, bool]:
+    """(checkpointing: "offload" / "device" / None, tiled_mlp, fused mlp, host_bytes from the option, fused
+    loss). patch_model's "recompute" keeps the checkpoints on the device: "device" here."""
     merged = {**DEFAULT_OPTIONS, **(options or {})}
     unknown = set(merged) - set(DEFAULT_OPTIONS)
     if unknown:
@@ -195,13 +201,17 @@ def _options(options: dict | None) -> tuple[str | None, Any, bool, int | None]:
 
         option_host = _offloader_kwargs(ckpt).get("host_bytes")  # validates like patch_model
         ckpt = "offload"
+    if ckpt == "recompute":
+        ckpt = "device"
     if ckpt not in ("offload", "device", None, False):
-        raise ValueError('fastkern.plan_memory: options["checkpointing"] must be "offload", "device" (inputs kept '
-                         f"on the GPU), None (no checkpointing) or patch_model's dict form, got {ckpt!r}")
+        raise ValueError('fastkern.plan_memory: options["checkpointing"] must be "offload", "device" or "recompute" '
+                         f"(inputs kept on the GPU), None (no checkpointing) or patch_model's dict form, got {ckpt!r}")
+    if merged["loss"] not in (True, False, None):
+        raise ValueError(f'fastkern.plan_memory: options["loss"] must be True or False, got {merged["loss"]!r}')
     tiled = merged["tiled_mlp"]
     if not (tiled in ("auto", True, False, None) or (isinstance(tiled, int) and not isinstance(tiled, bool) and tiled >= 0)):
         raise ValueError(f'fastkern.plan_memory: options["tiled_mlp"] must be "auto", True, False or an int >= 0, got {tiled!r}')
-    return (ckpt or None), tiled, bool(merged["mlp"]), option_host
+    return (ckpt or None), tiled, bool(merged["mlp"]), option_host, bool(merged["loss"])
 
 
 def _tiled(tiled, tokens: int, shape: Shape) -> bool:
@@ -223,7 +233,7 @@ def _tiling_threshold(tiled, shape: Shape) -> int | None:
 
 
 def _evaluate(shape: Shape, seq_len: int, batch: int, rank: int | None, qlora: bool, ckpt: str | None, tiled_opt,
-              fused_mlp: bool, host_bytes: int | None) -> tuple[int, int, int, bool, dict[str, int]]:
+              fused_mlp: bool, host_bytes: int | None, fused_loss: bool = True) -> tuple[int, int, int, bool, dict[str, int]]:
     a, h, i, hd = ACT_BYTES, shape.hidden, shape.intermediate, shape.head_dim
     q_width, kv_width = shape.heads * hd, shape.kv_heads * hd
     t = batch * seq_len  # one padding-free row or a batch: what counts is the tokens per step
@@ -266,7 +276,7 @@ def _evaluate(shape: Shape, seq_len: int, batch: int, rank: int | None, qlora: b
     # Final hidden state and its norm (bf16), the gradient w.r.t. the hidden state (bf16, written per chunk),
     # and one logits chunk with its gradient (fastkern's fused linear cross-entropy caps a chunk at 512 MiB).
     chunk = min(CHUNK_BYTES_CAP, t * shape.vocab * a)
-    loss_phase = t * 3 * h * a + 2 * chunk
+    loss_phase = t * 3 * h * a + (2 * chunk if fused_loss else t * shape.vocab * UNFUSED_LOSS_BYTES_PER_LOGIT)
 
     # --- transient phase 2: one layer's recompute and backward ---
     residual_grad = t * h * a  # gradient of the residual stream flowing down the layers
@@ -301,8 +311,10 @@ def plan_memory(model_or_config, seq_len: int, *, batch: int = 1, lora_rank: int
         lora_rank: LoRA rank on every decoder Linear; None means a full fine-tune (not with ``qlora``).
         qlora: decoder Linear weights in bitsandbytes NF4 with double quantization.
         options: patch_model options that change memory: ``checkpointing`` ("offload" (default), its dict
-            form, "device" for checkpoints kept on the GPU, None for no checkpointing), ``tiled_mlp``
-            ("auto" (default), True, False, an int) and ``mlp`` (fused GLU, default True).
+            form, "device" or "recompute" for checkpoints kept on the GPU, None for no checkpointing),
+            ``tiled_mlp`` ("auto" (default), True, False, an int), ``mlp`` (fused GLU, default True) and
+            ``loss`` (fused chunked loss, default True; False: transformers' loss over materialized
+            fp32 [T, V] logits, as an unpatched model computes it).
         device_bytes: device budget; the plan then says whether it fits and the longest seq_len that does.
         host_bytes: the offloaded checkpoints' host budget (``checkpointing={"offload": True, "host_bytes":
             N}``); checkpoints past it stay on the device. None: host memory unconstrained.
@@ -317,12 +329,12 @@ def plan_memory(model_or_config, seq_len: int, *, batch: int = 1, lora_rank: int
     _check_int("host_bytes", host_bytes, 0, optional=True)
     if qlora and lora_rank is None:
         raise ValueError("fastkern.plan_memory: qlora=True trains LoRA adapters on the NF4 weights; pass lora_rank")
-    ckpt, tiled_opt, fused, option_host = _options(options)
+    ckpt, tiled_opt, fused, option_host, fused_loss = _options(options)
     if host_bytes is None:
         host_bytes = option_host
 
     def evaluate(length: int):
-        return _evaluate(shape, length, batch, lora_rank, qlora, ckpt, tiled_opt, fused, host_bytes)
+        return _evaluate(shape, length, batch, lora_rank, qlora, ckpt, tiled_opt, fused, host_bytes, fused_loss)
 
     device, host, on_host, tiled, terms = evaluate(seq_len)
     longest = None

@@ -161,7 +161,7 @@ def test_terms_are_explicit_and_sum_to_the_peak():
     (dict(device_bytes=-1), "device_bytes must be None or an int >= 0"),
     (dict(host_bytes=2.5), "host_bytes must be None or an int >= 0"),
     (dict(qlora=True, lora_rank=None), "pass lora_rank"),
-    (dict(options={"checkpointing": "cpu"}), "must be \"offload\", \"device\""),
+    (dict(options={"checkpointing": "cpu"}), "must be \"offload\", \"device\" or \"recompute\""),
     (dict(options={"checkpointing": {"offload": True, "host_bytes": -2}}), "host_bytes must be None or an int"),
     (dict(options={"tiled_mlp": "yes"}), "tiled_mlp"),
     (dict(options={"tiled": True}), "unknown options"),
@@ -187,3 +187,19 @@ def test_cli_capacity(capsys):
     with pytest.raises(SystemExit):
         main(["capacity", "--size", "8b", "--qlora", "--full"])
     assert set(SIZES) == {"8b", "1b", "qwen3-8b"}
+
+
+def test_unfused_loss_holds_the_logits_and_recompute_is_device():
+    """options={"loss": False}: transformers' loss keeps [T, V] logits (bf16 + fp32 log-softmax and gradients,
+    14 bytes per element at its peak); patch_model's "recompute" keeps checkpoints on the device."""
+    fused = plan_memory("1b", 65536, lora_rank=16, options={"checkpointing": "device"})
+    unfused = plan_memory("1b", 65536, lora_rank=16, options={"checkpointing": "device", "loss": False})
+    vocab = 128256
+    assert unfused.device_peak_bytes >= fused.device_peak_bytes + 65536 * vocab * 10
+    assert unfused.terms["peak transient (max of loss, layer bwd)"] >= 65536 * vocab * 14
+    recompute = plan_memory("1b", 65536, lora_rank=16, options={"checkpointing": "recompute"})
+    assert recompute.device_peak_bytes == fused.device_peak_bytes
+    limit = plan_memory("1b", 4096, lora_rank=16, options={"loss": False}, device_bytes=80 << 30).max_seq_len
+    assert 0 < limit < plan_memory("1b", 4096, lora_rank=16, device_bytes=80 << 30).max_seq_len
+    with pytest.raises(ValueError, match="loss"):
+        plan_memory("1b", 4096, lora_rank=16, options={"loss": "yes"})

@@ -109,15 +109,17 @@ def quadratic_estimate(n: int, probes) -> float:
 
 def predicted_limit(model, args, cap: int | None) -> int | None:
     """fastkern.plan_memory's longest sequence for this model, variant and cap (None without a cap).
-    The unpatched variant is predicted with fastkern's chunked loss and untiled MLP: transformers' loss
-    materializes [T, V] logits, so its prediction is optimistic; it is only the search's starting point."""
+    The unpatched variant is predicted with an untiled MLP and, in the plain loop, transformers' loss over
+    materialized [T, V] logits (``loss=False``); under TRL its own chunked LM head stands in for the
+    loss, predicted as a chunked loss. Either way it is only the search's starting point."""
     import fastkern
 
     if cap is None:
         return None
     options = {"long": dict(checkpointing="offload", tiled_mlp=lc.TILED[args.tiled_mlp]),
                "defaults": dict(checkpointing="device", tiled_mlp=lc.TILED[args.tiled_mlp]),
-               "unpatched": dict(checkpointing="device", tiled_mlp=False, mlp=False)}[args.variant]
+               "unpatched": dict(checkpointing="device", tiled_mlp=False, mlp=False,
+                                 loss=getattr(args, "trainer", "loop") == "trl")}[args.variant]
     host = None if args.host_gib is None or args.variant != "long" else int(args.host_gib * GIB)
     plan = fastkern.plan_memory(model, 1, lora_rank=args.lora_r, qlora=args.qlora, options=options,
                                 device_bytes=cap, host_bytes=host)
