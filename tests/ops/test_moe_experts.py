@@ -52,24 +52,25 @@ def _case(n, k, e, hidden, inter, dtype, layout, w_dtype=None, seed=0, dropped=F
 
 
 def _run(fn, inputs, grad):
-    x, ids, w, gate_up, down = inputs
     # Fresh leaves with the inputs' own strides (clone() would make a sliced input contiguous).
     leaves = [t if i == 1 else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t).requires_grad_()
               for i, t in enumerate(inputs)]
     out = fn(*leaves)
     out.backward(grad)
-    return out.detach(), [leaves[i].grad for i in (0, 2, 3, 4)]
+    return out.detach(), [leaf.grad for i, leaf in enumerate(leaves) if i != 1]
 
 
-def check(inputs, grad, dtype):
-    out, grads = _run(moe_experts, inputs, grad)
+def check(inputs, grad, dtype, fn=moe_experts, reference=oracle,
+          names=("d hidden", "d weights", "d gate_up", "d down")):
+    """fn vs reference in float64 on the same inputs; every input but the expert ids gets its gradient checked."""
+    out, grads = _run(fn, inputs, grad)
     leaves64 = [t if i == 1 else t.double() for i, t in enumerate(inputs)]
-    want, want_grads = _run(oracle, leaves64, grad.double())
-    same, same_grads = _run(oracle, inputs, grad)
+    want, want_grads = _run(reference, leaves64, grad.double())
+    same, same_grads = _run(reference, inputs, grad)
     assert out.dtype == dtype and out.shape == want.shape
     assert_close(out, want, dtype, same, "out")
-    for name, got, ref, torch_same in zip(("d hidden", "d weights", "d gate_up", "d down"), grads, want_grads,
-                                          same_grads):
+    assert len(names) == len(grads)
+    for name, got, ref, torch_same in zip(names, grads, want_grads, same_grads):
         # dtype, not the grad's: fp32 routing weights of a bf16 model get a gradient of bf16 precision.
         assert_close(got, ref, dtype, torch_same, name)
     assert grads[1].dtype == inputs[2].dtype
@@ -205,3 +206,173 @@ def test_gpu_mixtral_sized_weights_use_int64_offsets():
             h = F.silu(gu[:inter]) * gu[inter:]
             want[i] += w[t, j].double() * (down[ex].double() @ h)
     assert_close(out[rows], want, torch.bfloat16)
+
+
+# gpt-oss's experts: weights stored transposed (gate_up [E, H, 2I], down [E, I, H], applied as x @ W), gate
+# and up columns interleaved, biases on both projections, clamped SwiGLU. The oracle below is written in
+# that storage and that formula (transformers' GptOssExperts); the op gets the weights as transposed views.
+GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0
+GATED_NAMES = ("d hidden", "d weights", "d gate_up", "d gate_up_bias", "d down", "d down_bias")
+
+
+def gated_oracle(x, ids, w, gate_up, gate_up_bias, down, down_bias, *, interleaved=True, clamped=True,
+                 alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
+    """x @ W storage: gate_up [E, H, 2I], down [E, I, H]; pairs routed to id E meet an all-zero expert."""
+    def padded(t):
+        return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+
+    gate_up, gate_up_bias, down, down_bias = map(padded, (gate_up, gate_up_bias, down, down_bias))
+    gu = torch.einsum("nh,nkhj->nkj", x, gate_up[ids]) + gate_up_bias[ids]
+    inter = gu.shape[-1] // 2
+    gate, up = (gu[..., ::2], gu[..., 1::2]) if interleaved else (gu[..., :inter], gu[..., inter:])
+    if clamped:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        h = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    else:
+        h = F.silu(gate) * up
+    y = torch.einsum("nki,nkih->nkh", h, down[ids]) + down_bias[ids]
+    return (y * w[..., None].to(y.dtype)).sum(1)
+
+
+def gated_op(x, ids, w, gate_up, gate_up_bias, down, down_bias, *, interleaved=True, clamped=True,
+             alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
+    act = dict(activation="clamped_swiglu", alpha=alpha, limit=limit) if clamped else {}
+    return moe_experts(x, ids, w, gate_up.transpose(1, 2), down.transpose(1, 2), gate_up_bias, down_bias,
+                       interleaved=interleaved, **act)
+
+
+def _gated_case(n, k, e, hidden, inter, dtype, layout, scale=1.0, seed=0, dropped=False):
+    """Inputs (x, ids, w, gate_up [E, H, 2I], gate_up_bias, down [E, I, H], down_bias); ``scale`` multiplies
+    x so that a share of the pre-activations passes the clamp limit."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e - 1, generator=g)[:k] for _ in range(n)])  # expert e - 1 idle
+    if dropped:
+        ids[::3, 0] = e
+    x = (scale * torch.randn(n, hidden, generator=g)).to(dtype)
+    w = torch.rand(n, k, generator=g).to(dtype)
+    gate_up = (torch.randn(e, hidden, 2 * inter, generator=g) / hidden**0.5).to(dtype)
+    gate_up_bias = (0.5 * torch.randn(e, 2 * inter, generator=g)).to(dtype)
+    down = (torch.randn(e, inter, hidden, generator=g) / inter**0.5).to(dtype)
+    down_bias = (0.5 * torch.randn(e, hidden, generator=g)).to(dtype)
+    grad = torch.randn(n, hidden, generator=g).to(dtype)
+    inputs = [x, ids, w, gate_up, gate_up_bias, down, down_bias]
+    return [t if i == 1 else _strided(t, layout) for i, t in enumerate(inputs)], grad
+
+
+def _with(fn, **kw):
+    return lambda *args: fn(*args, **kw)
+
+
+GATED_CASES = [
+    # (n, k, e, hidden, inter, layout, scale, limit, interleaved, clamped, dropped)
+    (13, 3, 5, 40, 24, "contiguous", 6.0, GPT_OSS_LIMIT, True, True, False),  # gpt-oss constants, clamps bind
+    (7, 1, 3, 33, 17, "transposed", 1.0, 0.6, True, True, True),  # top-1, odd sizes, a tight limit
+    (21, 2, 6, 48, 40, "sliced", 1.0, 1.0, True, True, True),  # strided everything, dropped pairs
+    (11, 2, 4, 32, 16, "contiguous", 1.0, None, False, False, False),  # silu, concatenated, with biases
+    (9, 2, 4, 24, 20, "contiguous", 1.0, None, True, False, True),  # silu, interleaved, with biases
+]
+GATED_IDS = ["gpt-oss-limit7", "top1-odd-tight", "sliced-dropped", "silu-concat-bias", "silu-interleaved-bias"]
+
+
+def _gated_fns(limit, interleaved, clamped):
+    kw = dict(interleaved=interleaved, clamped=clamped, **({"limit": limit} if clamped else {}))
+    return _with(gated_op, **kw), _with(gated_oracle, **kw)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", GATED_CASES, ids=GATED_IDS)
+def test_gated_matches_float64_oracle(case, dtype):
+    assert runtime.path_for(torch.empty(0)) == "interpreter"
+    n, k, e, hidden, inter, layout, scale, limit, interleaved, clamped, dropped = case
+    inputs, grad = _gated_case(n, k, e, hidden, inter, dtype, layout, scale, dropped=dropped)
+    if clamped:  # the case is meant to exercise the clamps: some gate and some up values pass the limit
+        gu = torch.einsum("nh,ehj->nej", inputs[0].double(), inputs[3].double()) + inputs[4].double()
+        assert (gu[..., ::2] > limit).any() and (gu[..., 1::2].abs() > limit).any()
+    fn, reference = _gated_fns(limit, interleaved, clamped)
+    check(inputs, grad, dtype, fn, reference, GATED_NAMES)
+
+
+def test_gated_reference_path_matches_oracle():
+    inputs, grad = _gated_case(9, 2, 4, 24, 20, torch.bfloat16, "transposed", dropped=True)
+    with runtime.force_reference():
+        check(inputs, grad, torch.bfloat16, *_gated_fns(0.8, True, True), GATED_NAMES)
+
+
+def test_gated_kernels_and_reference_round_alike():
+    inputs, grad = _gated_case(11, 2, 4, 32, 16, torch.bfloat16, "contiguous", seed=3)
+    fn = _gated_fns(0.8, True, True)[0]
+    out, grads = _run(fn, inputs, grad)
+    with runtime.force_reference():
+        ref, ref_grads = _run(fn, inputs, grad)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("trainable", ["biases", "weights"])
+def test_gated_frozen_weights_or_biases(trainable):
+    # Weight gradients skipped with the bias gradients wanted (the kernel's sum-only launch), and the reverse.
+    inputs, grad = _gated_case(10, 2, 4, 24, 16, torch.float32, "contiguous", scale=2.0)
+    fn, reference = _gated_fns(1.0, True, True)
+    train = (4, 6) if trainable == "biases" else (3, 5)
+    leaves = [t.clone().requires_grad_(i in (0, *train)) if i != 1 else t for i, t in enumerate(inputs)]
+    fn(*leaves).backward(grad)
+    leaves64 = [t.double().requires_grad_(i in (0, *train)) if i != 1 else t for i, t in enumerate(inputs)]
+    reference(*leaves64).backward(grad.double())
+    for i in (0, *train):
+        assert_close(leaves[i].grad, leaves64[i].grad, torch.float32, name=GATED_NAMES[i - (i > 1)])
+    for i in (2, 3, 4, 5, 6):
+        if i not in train:
+            assert leaves[i].grad is None
+
+
+def test_gated_custom_ops_and_compile():
+    inputs, grad = _gated_case(5, 2, 3, 16, 16, torch.float32, "contiguous", scale=3.0)
+    x, ids, w, gate_up, gub, down, db = inputs
+    act = dict(interleaved=True, clamped=True, alpha=GPT_OSS_ALPHA, limit=1.0)
+    args = (x, ids, w, gate_up.transpose(1, 2), down.transpose(1, 2), gub, db)
+    torch.library.opcheck(moe_experts_forward_op, args, act)
+    _, gu = moe_experts_forward_op(*args, **act)
+    torch.library.opcheck(moe_experts_backward_op, (grad, *args[:5], gu, gub, db), act)
+    fn = _gated_fns(1.0, True, True)[0]
+
+    def f(x, w, gate_up, gub, down, db):
+        return (fn(x, ids, w, gate_up, gub, down, db) * grad).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (x, w, gate_up, gub, down, db)]
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    out.backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, gate_up, gub, down, db)]
+    ref = f(*ref_leaves)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+class TestBadGatedInput:
+    x, ids, w = torch.randn(4, 16), torch.zeros(4, 2, dtype=torch.long), torch.rand(4, 2)
+    gate_up, down = torch.randn(3, 8, 16), torch.randn(3, 16, 4)
+
+    def test_bias_shape_and_dtype(self):
+        with pytest.raises(ValueError, match="gate_up_bias"):
+            moe_experts(self.x, self.ids, self.w, self.gate_up, self.down, torch.randn(3, 4))
+        with pytest.raises(ValueError, match="down_bias"):
+            moe_experts(self.x, self.ids, self.w, self.gate_up, self.down, None, torch.randn(3, 8))
+        with pytest.raises(TypeError, match="down_bias"):
+            moe_experts(self.x, self.ids, self.w, self.gate_up, self.down, None, torch.randn(3, 16).double())
+
+    def test_activation(self):
+        with pytest.raises(ValueError, match="not one of"):
+            moe_experts(self.x, self.ids, self.w, self.gate_up, self.down, activation="gelu")
+        with pytest.raises(ValueError, match="silu takes neither"):
+            moe_experts(self.x, self.ids, self.w, self.gate_up, self.down, limit=7.0)
+        with pytest.raises(ValueError, match="needs alpha and limit"):
+            moe_experts(self.x, self.ids, self.w, self.gate_up, self.down, activation="clamped_swiglu", alpha=1.7)
+        with pytest.raises(ValueError, match="limit >= 0"):
+            moe_experts(self.x, self.ids, self.w, self.gate_up, self.down, activation="clamped_swiglu", alpha=1.7,
+                        limit=-1.0)
+        with pytest.raises(TypeError, match="interleaved"):
+            moe_experts(self.x, self.ids, self.w, self.gate_up, self.down, interleaved="yes")
