@@ -106,10 +106,11 @@ OPTIONS: tuple[Option, ...] = (
     # Off: not measured on a GPU (bench/cases/moe_experts.py is the measurement to run); correct on CPU under the
     # Triton interpreter (tests/ops/test_moe_experts.py, tests/patching/test_moe.py).
     Option("moe", False, _BOOL, _is_true,
-           "the routed experts of MoE families (mixtral, qwen2_moe, qwen3_moe) run fastkern.ops.moe_experts: "
-           "grouped Triton GEMMs over all experts with the SwiGLU fused in, instead of transformers' experts "
-           "forward; the router and its load-balancing loss are untouched. Off by default: not measured on a "
-           "GPU. Experts whose parameters PEFT targets keep transformers' forward. See docs/families.md.",
+           "the routed experts of MoE families (mixtral, qwen2_moe, qwen3_moe, gpt_oss) run "
+           "fastkern.ops.moe_experts: grouped Triton GEMMs over all experts with the SwiGLU (gpt_oss: clamped, "
+           "with biases) fused in, instead of transformers' experts forward; the router and its load-balancing "
+           "loss are untouched. Off by default: not measured on a GPU. Experts whose parameters PEFT targets "
+           "keep transformers' forward. See docs/families.md.",
            MOE_PATCHER),
     Option("norm", True, _BOOL, _is_true,
            "RMSNorm modules run fastkern.ops.rms_norm, which saves the input and one fp32 rstd per row for "

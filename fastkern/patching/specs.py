@@ -36,9 +36,12 @@ SECTION_KEYS: dict[str, dict[str, Any]] = {
     "packing": {"class": None},  # fastkern/patching/packing.py
     "causal_lm": {"class": None, "backbone": "model", "head": "lm_head", "router_logits": None},  # loss.py
     "norm": {"class": None, "form": "llama", "eps": "variance_epsilon"},  # fastkern/patching/norm.py
-    # fastkern/patching/moe.py: an experts module with stacked [E, 2I, H] gate|up and [E, H, I] down weights.
+    # fastkern/patching/moe.py: an experts module with stacked gate|up and down weights ([E, 2I, H] and
+    # [E, H, I], or [E, H, 2I] and [E, I, H] with transposed = true), gate/up rows concatenated or
+    # interleaved (gate_up_order), optional biases, activation silu (act) or clamped_swiglu (alpha, limit).
     "moe_experts": {"class": None, "gate_up": "gate_up_proj", "down": "down_proj", "act": "act_fn",
-                    "activation": "silu"},
+                    "activation": "silu", "gate_up_order": None, "transposed": None, "gate_up_bias": None,
+                    "down_bias": None, "alpha": None, "limit": None},
 }
 # (section, key) -> the key whose presence turns that default off.
 _DEFAULT_UNLESS = {("mlp", "gate"): "gate_up", ("mlp", "up"): "gate_up"}

@@ -10,7 +10,7 @@ from fastkern.patching.context import fastkern_forward_kind
 from tests.models import batch, tiny_model
 from tests.oracle import assert_within_reference_rule, reference_rule_batches, train_for_reference_rule
 
-MOE_FAMILIES = ["qwen3_moe", "mixtral", "qwen2_moe"]
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"]
 ONLY_MOE = dict(moe=True, mlp=False, norm=False, lora=False, rope=False, packing=False, loss=False, tiled_mlp=False)
 
 
@@ -51,7 +51,7 @@ def test_bf16_within_reference_rule():
     assert_within_reference_rule(patched, plain, reference, torch.bfloat16)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_router_and_aux_loss_untouched(family):
     import importlib
 
@@ -65,15 +65,16 @@ def test_router_and_aux_loss_untouched(family):
         m.zero_grad(set_to_none=True)
         out = m(input_ids=ids, labels=ids, output_router_logits=True)
         (out.loss).backward()
-        runs.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if n.endswith("gate.weight")}))
+        runs.append((out, {n: p.grad.clone() for n, p in m.named_parameters()
+                           if n.endswith(("gate.weight", "router.weight", "router.bias"))}))
     (want, want_grads), (got, got_grads) = runs
     # The first MoE layer sees the same hidden states: its router logits are bit-equal.
     assert torch.equal(got.router_logits[0], want.router_logits[0])
     torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-6, atol=0)
     # The aux loss is transformers' own function of the router logits, not recomputed by fastkern.
     cfg = model.config
-    aux = modeling.load_balancing_loss_func(got.router_logits, cfg.num_local_experts if family == "mixtral"
-                                   else cfg.num_experts, cfg.num_experts_per_tok, None)
+    n_experts = cfg.num_local_experts if family in ("mixtral", "gpt_oss") else cfg.num_experts
+    aux = modeling.load_balancing_loss_func(got.router_logits, n_experts, cfg.num_experts_per_tok, None)
     assert torch.equal(got.aux_loss, aux)
     # Routers are trained through the routing weights' gradient (and the aux loss).
     assert got_grads.keys() == want_grads.keys() and got_grads
@@ -136,3 +137,113 @@ def test_probe_rejects_a_changed_experts_forward(monkeypatch):
     report = fastkern.patch_model(model, **ONLY_MOE)
     assert not report.patched_names("moe")
     assert "relative error" in [e for e in report.skipped if e.kind == "moe"][0].detail
+
+
+# gpt-oss: a tiny model whose experts exercise what the default init leaves idle: random biases (transformers
+# initialises them to zero) and a SwiGLU limit the pre-activations pass (7.0 would never bind here).
+GPT_OSS_LIMIT = 0.3
+
+
+def _gpt_oss_active():
+    model = _eager_experts(tiny_model("gpt_oss", dtype=torch.float64, swiglu_limit=GPT_OSS_LIMIT))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, experts in _experts(model):
+            for bias in (experts.gate_up_proj_bias, experts.down_proj_bias):
+                bias.copy_(0.2 * torch.randn(bias.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+def _binding_share(model, ids):
+    """The share of gate and up pre-activations the clamps bind on in the model's first experts."""
+    experts = _experts(model)[0][1]
+    seen = []
+    hook = experts.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    gu = torch.einsum("nh,ehj->nej", seen[0], experts.gate_up_proj) + experts.gate_up_proj_bias
+    gate, up = gu[..., ::2], gu[..., 1::2]
+    return (gate > GPT_OSS_LIMIT).double().mean().item(), (up.abs() > GPT_OSS_LIMIT).double().mean().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpt_oss_within_reference_rule(dtype):
+    base = _gpt_oss_active()
+    batches = reference_rule_batches(base.config.vocab_size, 2)
+    assert all(0.02 < share < 0.9 for share in _binding_share(base, batches[0][0]))
+    reference = train_for_reference_rule(copy.deepcopy(base), batches)
+    plain = train_for_reference_rule(copy.deepcopy(base).to(dtype), batches)
+    model = copy.deepcopy(base).to(dtype)
+    report = fastkern.patch_model(model, moe=True)
+    assert {n for n, _ in _experts(model)} == set(report.patched_names("moe")) != set(), report
+    assert "interleaved gate/up, transposed weights, biases, clamped SwiGLU" in str(report)
+    patched = train_for_reference_rule(model, batches)
+    assert_within_reference_rule(patched, plain, reference, dtype)
+    # The biases train: their updates are part of the compared ones, and nonzero.
+    for _, experts in _experts(model):
+        assert experts.gate_up_proj_bias.grad.abs().sum() > 0 and experts.down_proj_bias.grad.abs().sum() > 0
+
+
+def test_gpt_oss_keyword_routing_arguments():
+    # transformers passes the routing positionally; the class's own keyword names work too.
+    model = _eager_experts(tiny_model("gpt_oss"))
+    fastkern.patch_model(model, **ONLY_MOE)
+    experts = _experts(model)[0][1]
+    x, ids, w = torch.randn(5, 64), torch.tensor([[0, 1]] * 5), torch.rand(5, 2)
+    torch.testing.assert_close(experts(x, router_indices=ids, routing_weights=w), experts(x, ids, w))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        experts(x, ids, w, top_k=2)
+
+
+def _gpt_oss_skip_detail(edit):
+    model = tiny_model("gpt_oss")
+    for _, experts in _experts(model):
+        edit(experts)
+    report = fastkern.patch_model(model, **ONLY_MOE)
+    assert not report.patched_names("moe")
+    return [e.detail for e in report.skipped if e.kind == "moe"][0]
+
+
+def test_gpt_oss_layout_checks_skip():
+    assert "is_concatenated=True" in _gpt_oss_skip_detail(lambda e: setattr(e, "is_concatenated", True))
+    assert "has_bias=False" in _gpt_oss_skip_detail(lambda e: setattr(e, "has_bias", False))
+    extra = _gpt_oss_skip_detail(lambda e: e.register_parameter("scale", torch.nn.Parameter(torch.ones(4))))
+    assert "['scale'] are not named" in extra
+    assert "not finite" in _gpt_oss_skip_detail(lambda e: setattr(e, "limit", float("nan")))
+    assert "negative" in _gpt_oss_skip_detail(lambda e: setattr(e, "limit", -1.0))
+    assert "is not [4, 64]" in _gpt_oss_skip_detail(lambda e: setattr(e, "down_proj_bias", torch.nn.Parameter(
+        torch.zeros(4, 63))))
+
+
+def test_gpt_oss_probe_sees_the_clamps(monkeypatch):
+    # An activation that differs from the spec only where the clamps bind (up not clamped): the tiny model's
+    # pre-activations stay far below the limit 7, so only the probe's scaled inputs tell the two apart.
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    def unclamped_up(self, gate_up):
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    monkeypatch.setattr(modeling_gpt_oss.GptOssExperts, "_apply_gate", unclamped_up)
+    report = fastkern.patch_model(tiny_model("gpt_oss"), **ONLY_MOE)
+    assert not report.patched_names("moe")
+    assert "relative error" in [e for e in report.skipped if e.kind == "moe"][0].detail
+
+
+@pytest.mark.parametrize("section, problem", [
+    ('activation = "clamped_swiglu"\nalpha = "alpha"\n', "needs `alpha` and `limit`"),
+    ('activation = "gelu"\n', "is not one of"),
+    ('gate_up_order = "zigzag"\n', "gate_up_order 'zigzag'"),
+    ('limit = "limit"\n', "belong to activation clamped_swiglu"),
+])
+def test_inconsistent_section_is_a_problem(monkeypatch, section, problem):
+    from fastkern.patching import specs as spec_module
+
+    spec = spec_module.parse_spec(
+        'family = "mixtral"\n[moe_experts]\nclass = "MixtralExperts"\n' + section, "patches/mixtral.toml")
+    monkeypatch.setattr(spec_module, "load_specs", lambda: (spec,))
+    report = fastkern.patch_model(tiny_model("mixtral"), **ONLY_MOE)
+    assert not report.patched_names("moe")
+    assert any(problem in p for p in report.problems), report.problems
