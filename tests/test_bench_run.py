@@ -40,9 +40,9 @@ def test_every_op_writes_checked_rows_in_the_schema(results):
     assert [r["impl"] for r in packed] == ["transformers sdpa", "fastkern packing", "fastkern packing + rope"]
     assert all(r["extra"]["grad_rel_err"] < 1e-4 for r in packed)
     assert all(r["device"].startswith("cpu") and r["dtype"] == "float32" for r in rows if r["op"] not in ("copy", "nf4"))
-    # Routed experts: fastkern and transformers' eager experts on both layer shapes, checked against fp32 eager.
+    # Routed experts: fastkern and transformers' eager experts on every layer shape, checked against fp32 eager.
     moe = [r for r in rows if r["op"] == "moe_experts" and r["error"] is None]
-    for family in ("qwen3_30b_a3b", "mixtral_8x7b"):
+    for family in ("qwen3_30b_a3b", "mixtral_8x7b", "gpt_oss_20b"):
         assert {"fastkern", "transformers eager"} <= {r["impl"] for r in moe if family in r["shape"]}
     assert all(r["ms"] > 0 and r["extra"]["rel_err"] < 1e-4 and r["throughput_unit"] == "TFLOP/s" for r in moe)
     # NF4 dequantization is checked bit-exact (an inexact row carries an error, which fastkern rows may not).

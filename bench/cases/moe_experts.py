@@ -1,13 +1,14 @@
 """Routed-experts layer, fwd+bwd: fastkern.ops.moe_experts vs transformers' experts forward (its eager
 per-expert loop and its grouped_mm implementation), and Liger's MoE experts where liger_kernel has one.
 
-Shapes (8K tokens): Qwen3-30B-A3B (H 2048, 128 experts, top-8, I 768) and Mixtral-8x7B (H 4096, 8
-experts, top-2, I 14336). Routing: softmax top-k of random router logits (fixed seed), so every
-implementation sees the same tokens per expert. Each implementation is checked first against the
-eager experts forward in fp32 with the same weights: output and the gradients of the hidden states,
-the routing weights and both expert weights within 2e-2 relative error norm. Rows: fwd+bwd (median)
-with the peak extra memory; throughput counts the expert GEMMs (3 GEMMs of 2·N·k·H·I forward, twice
-that backward).
+Shapes (8K tokens): Qwen3-30B-A3B (H 2048, 128 experts, top-8, I 768), Mixtral-8x7B (H 4096, 8
+experts, top-2, I 14336) and gpt-oss-20b (H 2880, 32 experts, top-4, I 2880; interleaved gate/up,
+transposed weights, biases, clamped SwiGLU). Routing: softmax top-k of random router logits (fixed
+seed), so every implementation sees the same tokens per expert. Each implementation is checked first
+against the eager experts forward in fp32 with the same weights: output and the gradients of the
+hidden states, the routing weights and every expert parameter (weights and biases) within 2e-2
+relative error norm. Rows: fwd+bwd (median) with the peak extra memory; throughput counts the expert
+GEMMs (3 GEMMs of 2·N·k·H·I forward, twice that backward).
 
     python bench/run.py --ops moe_experts --out DIR                       # GPU, bf16
     python bench/run.py --ops moe_experts --tiny --device cpu --out DIR   # tiny shapes, fp32 (tests run this)
@@ -20,10 +21,12 @@ from measure import describe, rel_err
 SHAPES = {
     "qwen3_30b_a3b": dict(family="qwen3_moe", hidden=2048, experts=128, top_k=8, inter=768, tokens=8192),
     "mixtral_8x7b": dict(family="mixtral", hidden=4096, experts=8, top_k=2, inter=14336, tokens=8192),
+    "gpt_oss_20b": dict(family="gpt_oss", hidden=2880, experts=32, top_k=4, inter=2880, tokens=8192),
 }
 TINY = {
     "qwen3_30b_a3b": dict(family="qwen3_moe", hidden=32, experts=8, top_k=4, inter=16, tokens=24),
     "mixtral_8x7b": dict(family="mixtral", hidden=48, experts=4, top_k=2, inter=32, tokens=24),
+    "gpt_oss_20b": dict(family="gpt_oss", hidden=32, experts=4, top_k=2, inter=16, tokens=24),
 }
 TOLERANCE = 2e-2
 
@@ -36,6 +39,10 @@ def experts_module(shape: dict, implementation: str, dtype, device):
         config = transformers.MixtralConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"],
                                             num_local_experts=shape["experts"], num_experts_per_tok=shape["top_k"])
         from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+    elif shape["family"] == "gpt_oss":
+        config = transformers.GptOssConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"],
+                                           num_local_experts=shape["experts"], num_experts_per_tok=shape["top_k"])
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
     else:
         config = transformers.Qwen3MoeConfig(hidden_size=shape["hidden"], moe_intermediate_size=shape["inter"],
                                              num_experts=shape["experts"], num_experts_per_tok=shape["top_k"])
@@ -68,7 +75,12 @@ def implementations(shape, dtype, device):
         module = experts_module(shape, impl, dtype, device)
         impls[f"transformers {impl}"] = (module, module)
     module = experts_module(shape, "eager", dtype, device)
-    impls["fastkern"] = (module, lambda x, ids, w, m=module: moe_experts(x, ids, w, m.gate_up_proj, m.down_proj))
+    if shape["family"] == "gpt_oss":  # the arguments fastkern/patching/moe.py passes for patches/gpt_oss.toml
+        impls["fastkern"] = (module, lambda x, ids, w, m=module: moe_experts(
+            x, ids, w, m.gate_up_proj.transpose(1, 2), m.down_proj.transpose(1, 2), m.gate_up_proj_bias,
+            m.down_proj_bias, interleaved=True, activation="clamped_swiglu", alpha=m.alpha, limit=m.limit))
+    else:
+        impls["fastkern"] = (module, lambda x, ids, w, m=module: moe_experts(x, ids, w, m.gate_up_proj, m.down_proj))
     return impls
 
 
@@ -88,11 +100,12 @@ def fwd_bwd(module, fn, x0, ids, w0, grad):
     module.zero_grad(set_to_none=True)
     out = fn(x, ids, w)
     out.backward(grad)
-    return out, x.grad, w.grad, module.gate_up_proj.grad, module.down_proj.grad
+    return (out, x.grad, w.grad, *(p.grad for p in module.parameters()))
 
 
 def check(module, fn, reference, inputs) -> float:
-    """Largest relative error of the output and the four gradients against the fp32 eager experts."""
+    """Largest relative error of the output and the gradients (x, routing weights, every expert parameter)
+    against the fp32 eager experts."""
     got = fwd_bwd(module, fn, *inputs)
     x, ids, w, grad = inputs
     ref = fwd_bwd(reference, reference, x.float(), ids, w.float(), grad.float())
