@@ -201,18 +201,19 @@ def _backward_kernels(grad_out, x, ids, tw, gate_up, down, gu, gub, db, act, pat
     del dx_pairs
     routing = (pair_ids, seg_start, counts)
     d_gate_up = d_gub = d_down = d_db = None
-    if need[0] or need[2]:
+    need_gub, need_db = need[2] and gub is not None, need[3] and db is not None
+    if need[0] or need_gub:
         # d gate_up[e] [2I, H] = sum over pairs of d(gate_up)[s] x[t]^T; d gate_up_bias[e] = sum of d(gate_up)[s].
         d_gate_up, d_gub = _weight_grad(
-            (dgu, dgu.stride(1)), (x, x.stride(1)), tw, routing, gate_up, gub, need[0], need[2] and gub is not None,
+            (dgu, dgu.stride(1)), (x, x.stride(1)), tw, routing, gate_up, gub, need[0], need_gub,
             (two_i, hidden), n_experts, k, 0, act,
             dict(L_BY_TOKEN=False, L_SCALED=False, R_BY_TOKEN=True, R_GLU=False), t, rb)
-    if need[1] or need[3]:
+    if need[1] or need_db:
         # d down[e] [H, I] = sum over pairs of w[s] dout[t] h[s]^T (h recomputed from gate, up);
         # d down_bias[e] = sum of w[s] dout[t].
         d_down, d_db = _weight_grad(
-            (grad_out, grad_out.stride(1)), (gu, step * gu.stride(1)), tw, routing, down, db, need[1],
-            need[3] and db is not None, (hidden, inter), n_experts, k, up * gu.stride(1), act,
+            (grad_out, grad_out.stride(1)), (gu, step * gu.stride(1)), tw, routing, down, db, need[1], need_db,
+            (hidden, inter), n_experts, k, up * gu.stride(1), act,
             dict(L_BY_TOKEN=True, L_SCALED=True, R_BY_TOKEN=False, R_GLU=True), t, rb)
     return dx, dtw, d_gate_up, d_down, d_gub, d_db
 
