@@ -238,7 +238,6 @@ def moe_down_backward_kernel(
         d_rows = dout_ptr + tok[:, None] * stride_dn
         w_cols = w_ptr + e * stride_we + cols.to(tl.int64)[None, :] * stride_wi
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        bias_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             mask_k = kk < H
@@ -246,9 +245,17 @@ def moe_down_backward_kernel(
             b = tl.load(w_cols + kk.to(tl.int64)[:, None] * stride_wh, mask=mask_k[:, None] & mask_n[None, :],
                         other=0.0)
             acc = _mma(a.to(b.dtype), b, acc, ROUND_BF16)
-            if HAS_BIAS:
-                bias = tl.load(b_ptr + e * stride_be + kk * stride_bh, mask=mask_k, other=0.0).to(tl.float32)
-                bias_dot += tl.sum(a.to(tl.float32) * bias[None, :], axis=1)
+        # <down_bias[e], dout[t]> in a loop of its own, by the column-tile-0 programs only: taken inside the
+        # GEMM loop above, the H100 build with num_stages=3 gave wrong d(gate, up) (bf16, clamped, interleaved).
+        bias_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if HAS_BIAS:
+            if pid_n == 0:
+                for k0 in range(0, H, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    mask_k = kk < H
+                    a = tl.load(d_rows + kk[None, :] * stride_dh, mask=valid[:, None] & mask_k[None, :], other=0.0)
+                    bias = tl.load(b_ptr + e * stride_be + kk * stride_bh, mask=mask_k, other=0.0).to(tl.float32)
+                    bias_dot += tl.sum(a.to(tl.float32) * bias[None, :], axis=1)
         mask = valid[:, None] & mask_n[None, :]
         gu_rows = gu_ptr + s_safe[:, None] * stride_gu + (cols * GU_STEP)[None, :]
         gate = tl.load(gu_rows, mask=mask, other=0.0).to(tl.float32)
@@ -256,10 +263,7 @@ def moe_down_backward_kernel(
         dh = acc * tl.load(tw_ptr + s_safe, mask=valid, other=0.0).to(tl.float32)[:, None]
         h, dgate, dup = _glu_backward(gate, up, dh, alpha, limit, CLAMPED)
         h = _to_dtype_fp32(h, gu_ptr.dtype.element_ty, ROUND_BF16)
-        part = tl.sum(h * acc, axis=1)
-        if HAS_BIAS:
-            if pid_n == 0:
-                part += bias_dot
+        part = tl.sum(h * acc, axis=1) + bias_dot
         tl.store(dw_part_ptr + s_safe * N_TILES_I + pid_n, part, mask=valid)
         dgu_rows = dgu_ptr + s_safe[:, None] * stride_dgu + (cols * GU_STEP)[None, :]
         _store_rounded(dgu_rows, dgate, mask, ROUND_BF16)
