@@ -31,11 +31,12 @@ def rel_err(x: torch.Tensor, oracle: torch.Tensor, tiny: float = 0.0) -> float:
 
 
 def assert_close(actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype, torch_same_dtype=None, name="out",
-                 model_level=False, ill_conditioned=False):
+                 model_level=False, ill_conditioned=False, floor=None):
     """`actual` vs the float64 `oracle`; `torch_same_dtype` is PyTorch's own result in `dtype`.
 
     model_level: errors of a whole model compound past the per-op bound, so only the relative
     criterion (2x PyTorch's own error in the same dtype, plus the floor) applies.
+    floor: the small absolute allowance added to 2x PyTorch's error (default: FLOOR of the dtype).
     ill_conditioned: a result that cancels (a gradient summing terms of both signs to a small value,
     e.g. one hidden unit against three classes) can lose more than the dtype's bound in any
     implementation; it passes under the dtype's bound OR under 2x PyTorch's own error plus the floor.
@@ -51,7 +52,7 @@ def assert_close(actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype,
     err = rel_err(a, o, tiny)
     bound = REL_TOL[dtype]
     if torch_same_dtype is not None:
-        relative = 2 * rel_err(torch_same_dtype, o, tiny) + FLOOR[dtype]
+        relative = 2 * rel_err(torch_same_dtype, o, tiny) + (FLOOR[dtype] if floor is None else floor)
         if model_level:
             bound = relative
         elif ill_conditioned:

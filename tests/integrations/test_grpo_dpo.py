@@ -34,7 +34,7 @@ peft = pytest.importorskip("peft")
 
 import fastkern  # noqa: E402
 from tests.models import FLOAT64_FAMILIES, tiny_model  # noqa: E402
-from tests.oracle import assert_close, assert_within_reference_rule  # noqa: E402
+from tests.oracle import RULE_FLOOR, assert_close, assert_within_reference_rule, rel_err  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PATCH = {}  # patch_model's defaults (the fused loss/log-probs, lora, norm, mlp, rope, packing)
@@ -123,11 +123,22 @@ def test_fused_head_logprobs_match_log_softmax(family):
     assert calls.count == 0, "TRL's own ChunkedLogProbFunction ran: fastkern did not compute these log-probs"
     assert_close(out.log_probs, lp64, torch.float32, lp32, name=f"{family} log_probs", model_level=True)
     assert_close(out.entropy, ent64, torch.float32, ent32, name=f"{family} entropy", model_level=True)
+    # Parameter gradients: a model-level result, and some are ill-conditioned (qwen3_5's Gated DeltaNet
+    # decay parameters A_log and dt_bias amplify rounding in the hidden-state gradient; over seeds 3-8 the
+    # unpatched fp32 log_softmax path deviates 2.8e-6 to 2.3e-5 from float64 on them, TRL's own fused head
+    # 2.6e-6 to 1.5e-5, with no order between the two). So PyTorch's own error is taken as the larger of the
+    # two unpatched fp32 computations of the same quantity, plus the model-level floor of the accuracy rule.
+    trl_plain = copy.deepcopy(base)
+    add_fused_lm_head(trl_plain, temperature=temperature, outputs=("log_probs", "entropy"))
+    out_trl = trl_plain(ids, labels=labels, fused_lm_head=True)
+    ((out_trl.log_probs * w_lp).sum() + (out_trl.entropy * w_ent).sum()).backward()
     params64 = dict(oracle_model.named_parameters())
-    params32 = dict(plain.named_parameters())
+    unpatched = (dict(plain.named_parameters()), dict(trl_plain.named_parameters()))
     for name, p in patched.named_parameters():
-        assert_close(p.grad, params64[name].grad, torch.float32, params32[name].grad, name=f"{family} grad {name}",
-                     model_level=True)
+        oracle_grad = params64[name].grad
+        baseline = max((run[name].grad for run in unpatched), key=lambda g: rel_err(g, oracle_grad))
+        assert_close(p.grad, oracle_grad, torch.float32, baseline, name=f"{family} grad {name}", model_level=True,
+                     floor=RULE_FLOOR[torch.float32])
 
 
 # ---------------------------------------------------------------------------------------------------
