@@ -43,6 +43,8 @@ import threading
 from typing import Callable
 
 import torch
+from torch._C import _are_functorch_transforms_active as _functorch_transforms_active
+from torch._C._functorch import unwrap_if_dead as _unwrap_if_dead
 
 
 # Set while the custom op's registered backward runs (traced by torch.compile / AOTAutograd / export,
@@ -102,6 +104,7 @@ class AutogradOp:
         self.function = _eager_function(name, forward, setup_context, backward, aux_outputs, eager_packed_from)
         self._aux_outputs = aux_outputs
         self._packed_from = eager_packed_from
+        self._apply = super(torch.autograd.Function, self.function).apply  # the C apply, bound to the Function
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():
@@ -111,8 +114,13 @@ class AutogradOp:
                 return leading[0] if len(leading) == 1 else leading
             return output
         if self._packed_from is not None:
-            return self.function.apply(*args[:self._packed_from], args[self._packed_from:])
-        return self.function.apply(*args)
+            args = (*args[:self._packed_from], args[self._packed_from:])
+        if _functorch_transforms_active():
+            return self.function.apply(*args)
+        # What ``Function.apply`` does for a Function without setup_context outside functorch
+        # transforms, minus its per-argument generator (a Python call per argument, for every op of
+        # every layer): unwrap tensors left over from exited transforms, then autograd's C apply.
+        return self._apply(*[_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def _eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable,

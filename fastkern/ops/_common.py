@@ -121,7 +121,10 @@ def reach(shape, strides, slack: int = 0) -> int:
 
 def needs_int64(*tensors: torch.Tensor, slack: int = 0) -> bool:
     """Whether int32 offsets could overflow for any operand (`slack`: extra reach of masked lanes)."""
-    return any(reach(t.shape, t.stride(), slack) >= INT32_MAX for t in tensors)
+    for t in tensors:  # a loop, not any(<generator>): a Python call per tensor less, on every launch
+        if reach(t.shape, t.stride(), slack) >= INT32_MAX:
+            return True
+    return False
 
 
 _NO_GUARD = contextlib.nullcontext()
