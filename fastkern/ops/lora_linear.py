@@ -194,7 +194,9 @@ def _parameter_or_view(t: Tensor) -> bool:
     Params4bit). A view shares its base's version counter, so the version check covers it too."""
     if t._base is not None:
         t = t._base
-    return isinstance(t, Parameter)
+    # issubclass first: isinstance(t, Parameter) is a Python __instancecheck__ (it also accepts
+    # tensors flagged ``_is_param``), a Parameter subclass such as Params4bit needs no more.
+    return issubclass(t.__class__, Parameter) or isinstance(t, Parameter)
 
 
 def _versions(weight: Tensor, lora_a: Tensor, lora_b: Tensor, quant) -> tuple[int, ...]:
@@ -317,11 +319,14 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         w, quant = weight, _DENSE
     else:
         nf4 = flatten_state(_OP, weight, quant_state, dtype=dtype)
-        n, k_w = nf4.rows_cols
-        if len(nf4.shape) != 2 or k_w != k:
-            raise ValueError(f"{_OP}: `quant_state.shape` {tuple(nf4.shape)} is not [N, {k}] for x [..., {k}]")
-        if weight.device != device:
-            raise ValueError(f"{_OP}: `weight` is on {weight.device} but `x` is on {device}")
+        shape = nf4.shape
+        if len(shape) != 2 or shape[1] != k:
+            raise ValueError(f"{_OP}: `quant_state.shape` {tuple(shape)} is not [N, {k}] for x [..., {k}]")
+        n = shape[0]
+        # nf4.packed is a plain view of weight (same device): reading weight itself would run a
+        # Params4bit's Python __torch_function__.
+        if nf4.packed.device != device:
+            raise ValueError(f"{_OP}: `weight` is on {nf4.packed.device} but `x` is on {device}")
         w, quant = nf4.packed, (nf4.code, nf4.absmax, nf4.absmax2, nf4.code2, nf4.offset, nf4.blocksize,
                                 nf4.nested_blocksize)
     if lora_B.ndim != 2 or lora_B.shape[0] != n or lora_B.shape[1] != r:

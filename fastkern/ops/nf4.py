@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from typing import NamedTuple
 
@@ -37,8 +38,8 @@ _DEQUANT_WARPS = 2
 class FlatNF4(NamedTuple):
     """A validated quant state as plain tensors and ints (what the custom ops take).
 
-    A NamedTuple rather than a dataclass: one is built per call (only ``packed`` changes), and
-    ``_replace`` on a NamedTuple costs about a microsecond.
+    A NamedTuple rather than a dataclass: one is built per call (only ``packed`` changes), which
+    costs a NamedTuple about a microsecond.
     """
 
     packed: Tensor | None  # flat uint8 bytes (None in the per-state cache entry)
@@ -151,13 +152,18 @@ def _flat(t: Tensor) -> Tensor:
     return t if t.stride(0) == 1 else t.clone(memory_format=torch.contiguous_format)
 
 
-# Validated states, keyed by id(quant_state): (weakref to the state, the field objects the entry was
-# built from, their data pointers, the FlatNF4). A hit needs the same state object whose fields are
-# still the same objects over the same memory (bitsandbytes' QuantState.to() and `.data =` swaps
-# change one or the other), so a moved or edited state is validated again. The cached tensors are
-# views of the state's own tensors (entries whose flattening had to copy are not cached), so
-# in-place edits of their contents are seen too. An entry dies with its state.
+# Validated states, keyed by id(quant_state): (weakref to the state, a getter of its fields, the
+# field objects the entry was built from, those of them that are tensors, their data pointers, the
+# FlatNF4 per dtype). A hit needs the same state object whose fields are still the same objects over
+# the same memory (bitsandbytes' QuantState.to() and `.data =` swaps change one or the other), so a
+# moved or edited state is validated again. The cached tensors are views of the state's own tensors
+# (entries whose flattening had to copy are not cached), so in-place edits of their contents are
+# seen too. An entry dies with its state. The hit test runs for every NF4 call (every QLoRA
+# projection, forward and backward), so it is C calls only: one attrgetter, then map over the fields.
 _STATE_CACHE: dict[int, tuple] = {}
+_FIELDS_GETTER = operator.attrgetter(*_STATE_FIELDS)
+_NESTED_FIELDS_GETTER = operator.attrgetter(*_STATE_FIELDS, *("state2." + name for name in _NESTED_FIELDS))
+_data_ptr = Tensor.data_ptr
 
 
 def _state_fields(quant_state) -> list:
@@ -168,8 +174,14 @@ def _state_fields(quant_state) -> list:
     return fields
 
 
-def _data_ptrs(fields: list) -> tuple:
-    return tuple(f.data_ptr() for f in fields if isinstance(f, Tensor))
+def _same_fields(quant_state, entry) -> bool:
+    """Whether ``quant_state`` still has the field objects of the cache entry, over the same memory."""
+    _, getter, fields, tensors, ptrs, _ = entry
+    try:
+        now = getter(quant_state)
+    except AttributeError:  # a field was deleted (or state2 became None): validate again
+        return False
+    return all(map(operator.is_, now, fields)) and tuple(map(_data_ptr, tensors)) == ptrs
 
 
 def _shares_memory(flat: FlatNF4, fields: list) -> bool:
@@ -188,15 +200,12 @@ def validated_state(op: str, quant_state, dtype: torch.dtype | None, packed_nbyt
         return _validate_state(op, quant_state, dtype, packed_nbytes)
     key = id(quant_state)
     entry = _STATE_CACHE.get(key)
-    if entry is not None:
-        ref, fields, ptrs, flats = entry
-        if ref() is quant_state:
-            now = _state_fields(quant_state)
-            if len(now) == len(fields) and all(a is b for a, b in zip(now, fields)) and _data_ptrs(now) == ptrs:
-                flat = flats.get(dtype)
-                if flat is None:
-                    flat = flats[dtype] = _validate_state(op, quant_state, dtype, packed_nbytes)
-                return flat
+    if entry is not None and entry[0]() is quant_state and _same_fields(quant_state, entry):
+        flats = entry[-1]
+        flat = flats.get(dtype)
+        if flat is None:
+            flat = flats[dtype] = _validate_state(op, quant_state, dtype, packed_nbytes)
+        return flat
     flat = _validate_state(op, quant_state, dtype, packed_nbytes)
     fields = _state_fields(quant_state)
     if _shares_memory(flat, fields):
@@ -204,7 +213,9 @@ def validated_state(op: str, quant_state, dtype: torch.dtype | None, packed_nbyt
             ref = weakref.ref(quant_state, lambda _, key=key: _STATE_CACHE.pop(key, None))
         except TypeError:  # not weak-referenceable: validate on every call
             return flat
-        _STATE_CACHE[key] = (ref, fields, _data_ptrs(fields), {dtype: flat})
+        getter = _FIELDS_GETTER if len(fields) == len(_STATE_FIELDS) else _NESTED_FIELDS_GETTER
+        tensors = tuple(f for f in fields if isinstance(f, Tensor))
+        _STATE_CACHE[key] = (ref, getter, tuple(fields), tensors, tuple(map(_data_ptr, tensors)), {dtype: flat})
     return flat
 
 
@@ -212,8 +223,19 @@ def flatten_state(op: str, packed: Tensor, quant_state, dtype: torch.dtype | Non
     """Validate ``packed`` + ``quant_state`` and return them as a FlatNF4 (errors name the argument).
 
     The quant state's checks run once per state object (see ``validated_state``); the packed
-    tensor's dtype, size and device are checked on every call.
+    tensor's dtype, size and device are checked on every call. The returned ``packed`` is a plain
+    tensor (a view of ``packed``).
     """
+    if packed.__class__ is not Tensor:
+        # bitsandbytes' Params4bit defines __torch_function__ in Python, which then runs for every
+        # attribute read and op on it (seven Python calls per QLoRA call, and more downstream). Its
+        # only special cases are chunk and split; everything read here is the plain tensor's.
+        with torch._C.DisableTorchFunctionSubclass():
+            return _flatten(op, packed, quant_state, dtype)
+    return _flatten(op, packed, quant_state, dtype)
+
+
+def _flatten(op: str, packed: Tensor, quant_state, dtype: torch.dtype | None) -> FlatNF4:
     check_tensor(op, "packed", packed, dtypes=_PACKED_DTYPES)
     nbytes = packed.numel() * packed.element_size()
     flat = validated_state(op, quant_state, dtype, nbytes)
@@ -223,7 +245,10 @@ def flatten_state(op: str, packed: Tensor, quant_state, dtype: torch.dtype | Non
     # Dense first: the kernels address the bytes as flat memory, and viewing another quant_storage dtype
     # as bytes needs a unit stride.
     packed = _flat(packed)
-    return flat._replace(packed=packed if packed.dtype == torch.uint8 else packed.view(torch.uint8))
+    return FlatNF4(packed if packed.dtype == torch.uint8 else packed.view(torch.uint8), *flat[1:])
+
+
+_dequant_kernel = None  # kernels.nf4.nf4_dequantize_kernel, once imported
 
 
 def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, blocksize: int,
@@ -237,11 +262,14 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
     rows, cols = out.shape
     if out.numel() == 0:
         return
-    if runtime.path_for(packed) == "reference":
+    path = runtime.path_for(packed)  # once: each call is several Python calls, and this runs per QLoRA GEMM
+    if path == "reference":
         scales = block_scales_reference(absmax, nested_blocksize, code2, absmax2, offset)
         out.copy_(nf4_dequantize_reference(packed, code, scales, blocksize, rows, cols, out.dtype))
         return
-    from ..kernels.nf4 import nf4_dequantize_kernel
+    global _dequant_kernel
+    if _dequant_kernel is None:  # imported on first use: the reference path runs without Triton
+        from ..kernels.nf4 import nf4_dequantize_kernel as _dequant_kernel
 
     assert out.stride(1) == 1, "dequantize_into needs a unit column stride"
     n = rows * cols
@@ -258,13 +286,13 @@ def dequantize_into(out: Tensor, packed, code, absmax, absmax2, code2, offset, b
         out_mode = 1
     else:
         out_mode = 2
-    grid = (cdiv(n, block),)
+    grid = (-(-n // block),)  # cdiv, inline: this runs per QLoRA GEMM
     int64 = (rows - 1) * out.stride(0) + cols + 2 * block >= INT32_MAX or n + 2 * block >= INT32_MAX
     # The GPU's fp32->bf16 conversion already rounds to nearest even; the interpreter truncates, so
     # there the kernel rounds on the bits itself (bit-exactness is tested on CPU).
-    round_by_hand = out.dtype == torch.bfloat16 and runtime.path_for(packed) == "interpreter"
+    round_by_hand = out.dtype == torch.bfloat16 and path == "interpreter"
     with device_guard(packed):
-        nf4_dequantize_kernel[grid](
+        _dequant_kernel[grid](
             packed, code, absmax, absmax2 if nested else absmax, code2 if nested else code,
             offset if nested else code, out,
             n, cols, out.stride(0),

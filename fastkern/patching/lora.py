@@ -28,7 +28,6 @@ from ..integrations.peft import (
     active_lora_adapters,
     adapter_blocker,
     base_kind,
-    base_quant_state,
     combined_lora,
     lora_layer_classes,
     static_blocker,
@@ -88,16 +87,24 @@ def _fusable_now(layer: nn.Module, x) -> list[str] | None:
     return names
 
 
-def _nf4_forward(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype) -> torch.Tensor | None:
-    state = base_quant_state(base)
+def _nf4_forward(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype, patched_class: bool
+                 ) -> torch.Tensor | None:
+    if patched_class:  # the Linear4bit class patched over keeps them where Module.__getattr__ looks
+        params = base._parameters
+        weight, bias = params["weight"], params["bias"]
+    else:
+        weight, bias = base.weight, base.bias
+    # base_quant_state(base), spelled out with the weight already in hand.
+    state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
     if state is None or state.quant_type != "nf4" or getattr(state, "packing_format_for_cpu", False):
         return None
-    if base.weight.device != x.device:
-        return None
+    # Params4bit's Python __torch_function__ would run for this read; the device is the plain tensor's.
+    with torch._C.DisableTorchFunctionSubclass():
+        if weight.device != x.device:
+            return None
     if compute not in (torch.float16, torch.bfloat16, torch.float32):
         return None
     a, b, s = lora
-    bias = base.bias
     # Casts spelled out (no helper call): this runs for every QLoRA projection.
     xc = x if x.dtype == compute else x.to(compute)
     if a.dtype != compute:
@@ -106,7 +113,7 @@ def _nf4_forward(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype) -
         b = b.to(compute)
     if bias is not None and bias.dtype != compute:
         bias = bias.to(compute)
-    out = lora_linear(xc, base.weight, a, b, s, bias=bias, quant_state=state)
+    out = lora_linear(xc, weight, a, b, s, bias=bias, quant_state=state)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -128,7 +135,10 @@ def fused_lora_forward(self, x, *args, **kwargs):
     if args or kwargs or self._disable_adapters or self.merged_adapters or not isinstance(x, torch.Tensor):
         return _peft_forward(self, x, *args, **kwargs)
     base = self._modules.get("base_layer")
-    if base.__class__ is not nn.Linear:  # an exact nn.Linear is its own base; anything else: ask PEFT
+    # The exact class the layer was patched over (nn.Linear or bitsandbytes' Linear4bit) is its own
+    # base; anything else (a nested tuner layer, a swapped base): ask PEFT.
+    patched_class = base.__class__ is self._fastkern_lora_base
+    if not patched_class:
         base = self.get_base_layer()
     if base._forward_hooks or base._forward_pre_hooks:  # hooks added after patching must run
         return _peft_forward(self, x)
@@ -146,7 +156,7 @@ def fused_lora_forward(self, x, *args, **kwargs):
             return _peft_forward(self, x)
         lora = combined_lora(self, names, compute)
     if nf4:
-        out = _nf4_forward(base, x, lora, compute)
+        out = _nf4_forward(base, x, lora, compute, patched_class)
         return _peft_forward(self, x) if out is None else out
     if base.__class__ is not nn.Linear:  # the base was swapped after patching
         return _peft_forward(self, x)
@@ -179,7 +189,8 @@ class LoRAPatcher:
                 continue
             detail = "peft LoRA over nn.Linear -> lora_linear" if kind == "dense" else (
                 "peft LoRA over bitsandbytes nf4 Linear4bit -> lora_linear (fastkern NF4 dequant)")
-            ctx.replace_forward(module, name, fused_lora_forward, detail, {"lora": kind})
+            ctx.replace_forward(module, name, fused_lora_forward, detail,
+                                {"lora": kind, "lora_base": type(module.get_base_layer())})
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:
         return None
