@@ -114,10 +114,10 @@ class Recorder:
         def run(fn, *args, grid, warmup, **kwargs):
             if warmup:
                 return original(fn, *args, grid=grid, warmup=warmup, **kwargs)
-            recorder.sink()["launches"][_kernel_name(fn)] += 1
             profiler = sys.getprofile()
-            sys.setprofile(None)
+            sys.setprofile(None)  # before counting: the counting's own calls are not the step's
             try:
+                recorder.sink()["launches"][_kernel_name(fn)] += 1
                 with torch.utils._python_dispatch._disable_current_modes():
                     return original(fn, *args, grid=grid, warmup=warmup, **kwargs)
             finally:
