@@ -13,7 +13,8 @@ no call copies or concatenates a dense W. With xs = scaling * (x @ A.T) ([M, r],
   ``[dY W | dY B] = dY @ [W | B]`` (N > 2K; dX is then copied out contiguous, see
   ``_concat_backward``); otherwise it takes the dense scheme on the dequantized W.
 
-Tiers: the implementations ``_forward_impl`` / ``_backward_impl``; one autograd definition
+Tiers: the implementations ``_forward_impl`` / ``_backward_impl`` (taking the custom ops' flat
+arguments, so the eager paths call them directly); one autograd definition
 (``_setup_context`` / ``_backward``) that ops/_autograd.py registers on the custom op
 ``fastkern::lora_linear_forward`` (what torch.compile sees; its backward calls
 ``fastkern::lora_linear_backward``) and turns into the eager autograd.Function; and the public
@@ -65,9 +66,17 @@ def _dequantized(weight: Tensor, quant: Quant, lora_b: Tensor, k: int, concat: b
     return buf
 
 
-def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None, quant: Quant,
-                  scaling: float) -> tuple[Tensor, Tensor]:
+# The implementations take the custom ops' flat arguments (the NF4 state is ``code``..
+# ``nested_blocksize``; ``code`` None: a dense base) and are called directly by the eager paths: no
+# adapter call in between, as they run for every LoRA projection.
+
+
+def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None,
+                  code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
+                  offset: Tensor | None, scaling: float, blocksize: int,
+                  nested_blocksize: int) -> tuple[Tensor, Tensor]:
     """x: [M, K]. Returns (y [M, N], xs = scaling * x @ A.T [M, r]); xs is saved for backward."""
+    quant = None if code is None else (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
     k = x.shape[1]
     xs = F.linear(x, lora_a)
     if scaling != 1.0:  # lora_alpha / r is often exactly 1 (PEFT's defaults): skip a kernel launch then
@@ -81,8 +90,11 @@ def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bia
 
 
 def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
-                   quant: Quant, scaling: float, need_x: bool, need_a: bool, need_b: bool, need_bias: bool):
+                   code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
+                   offset: Tensor | None, scaling: float, blocksize: int, nested_blocksize: int,
+                   need_x: bool, need_a: bool, need_b: bool, need_bias: bool):
     """(dX [M, K], dA [r, K], dB [N, r], dbias [N]); a gradient not asked for is None."""
+    quant = None if code is None else (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
     k = x.shape[1]
     dy = grad_out.contiguous()
     grad_x = g = None
@@ -112,27 +124,9 @@ def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora
 _OP = "fastkern.ops.lora_linear"
 
 
-def _lora_linear_forward(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None,
-                         code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
-                         offset: Tensor | None, scaling: float, blocksize: int,
-                         nested_blocksize: int) -> tuple[Tensor, Tensor]:
-    """(y [M, N], xs = scaling * x @ A.T [M, r]); the NF4 state is ``code``.. ``nested_blocksize``
-    (``code`` None: a dense base)."""
-    quant = None if code is None else (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
-    return _forward_impl(x, weight, lora_a, lora_b, bias, quant, scaling)
-
-
 def _fake_forward(x, weight, lora_a, lora_b, bias, code, absmax, absmax2, code2, offset, scaling, blocksize,
                   nested_blocksize):
     return x.new_empty((x.shape[0], lora_b.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
-
-
-def _lora_linear_backward(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
-                          code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
-                          offset: Tensor | None, scaling: float, blocksize: int, nested_blocksize: int,
-                          need_x: bool, need_a: bool, need_b: bool, need_bias: bool):
-    quant = None if code is None else (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
-    return _backward_impl(grad_out, x, xs, weight, lora_a, lora_b, quant, scaling, need_x, need_a, need_b, need_bias)
 
 
 @torch.library.custom_op("fastkern::lora_linear_backward", mutates_args=())
@@ -143,7 +137,7 @@ def lora_linear_backward_op(
     need_b: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dX, dA, dB, dbias); a gradient not asked for is zeros (a custom op cannot return None)."""
-    grad_x, grad_a, grad_b, grad_bias = _lora_linear_backward(
+    grad_x, grad_a, grad_b, grad_bias = _backward_impl(
         grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, scaling, blocksize,
         nested_blocksize, need_x, need_a, need_b, need_bias)
     return (grad_x if need_x else x.new_zeros(x.shape), grad_a if need_a else lora_a.new_zeros(lora_a.shape),
@@ -158,7 +152,7 @@ def _(grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, off
             grad_out.new_empty((grad_out.shape[1],)))
 
 
-_backward_call = backward_dispatch(lora_linear_backward_op, _lora_linear_backward)
+_backward_call = backward_dispatch(lora_linear_backward_op, _backward_impl)
 
 
 def _setup_context(ctx, inputs, output):
@@ -243,7 +237,7 @@ def _backward(ctx, grad_out):
 # One autograd definition (ops/_autograd.py): the custom op fastkern::lora_linear_forward returns (y, xs)
 # for torch.compile, xs marked non-differentiable; the eager Function returns y and takes the NF4 state
 # and options (arguments 5..12, never differentiable) as one tuple.
-_LORA_LINEAR = AutogradOp("lora_linear_forward", _lora_linear_forward, fake=_fake_forward,
+_LORA_LINEAR = AutogradOp("lora_linear_forward", _forward_impl, fake=_fake_forward,
                           setup_context=_setup_context, backward=_backward, aux_outputs=1, eager_packed_from=5)
 lora_linear_forward_op = _LORA_LINEAR.op
 LoRALinearFunction = _LORA_LINEAR.function
@@ -341,5 +335,5 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     elif torch.compiler.is_compiling():  # torch.compile sees the custom op, also without gradients
         out = _LORA_LINEAR(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])
     else:  # nothing to differentiate: skip autograd's bookkeeping (~10-20 us of host time)
-        out = _forward_impl(x2d, w, lora_A, lora_B, bias, None if dense else quant, scaling)[0]
+        out = _forward_impl(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])[0]
     return out.view(*x.shape[:-1], n)
