@@ -218,6 +218,8 @@ def cap_bytes(args) -> int | None:
 def setup(args, max_len: int):
     """Device (with its cap), model, LoRA, patches, stepper and the result header."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # the cap and the memory stats need an index
+        device = torch.device("cuda", torch.cuda.current_device())
     cap = cap_bytes(args)
     if cap is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory

@@ -25,6 +25,9 @@ NF4_CODE = (
 )
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
+# Elements per step of the references' loops: a multiple of every blocksize (whole blocks, whole bytes),
+# small enough that the temporaries stay near 1 GB.
+REFERENCE_CHUNK = 2**25
 
 
 @dataclass
@@ -86,12 +89,21 @@ def _nearest_level(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 def nf4_quantize_reference(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
     """(packed uint8 [(n + 1) // 2, 1], NF4State) in bitsandbytes' layout."""
-    flat = weight.detach().reshape(-1).float()
+    flat = weight.detach().reshape(-1)
     code = nf4_code(weight.device)
-    absmax, scaled = _blockwise_absmax(flat, blocksize)
-    # An odd count is padded with the code of 0.0 (nibble 7), as bitsandbytes does.
-    q = _nearest_level(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2)), code)
-    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    n = flat.numel()
+    # Whole blocks per chunk (REFERENCE_CHUNK is a multiple of every blocksize): the fp32 temporaries
+    # stay bounded whatever the weight's size.
+    absmax_parts, packed_parts = [], []
+    for start in range(0, n, REFERENCE_CHUNK):
+        absmax_chunk, scaled = _blockwise_absmax(flat[start:start + REFERENCE_CHUNK].float(), blocksize)
+        # An odd count is padded with the code of 0.0 (nibble 7), as bitsandbytes does (only the last
+        # chunk can be odd).
+        q = _nearest_level(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2)), code)
+        absmax_parts.append(absmax_chunk)
+        packed_parts.append((q[0::2] << 4) | q[1::2])
+    absmax = torch.cat(absmax_parts)
+    packed = torch.cat(packed_parts).unsqueeze(1)
     if not double_quant:
         return packed, NF4State(absmax, weight.shape, code, weight.dtype, blocksize)
     offset = absmax.mean()
@@ -111,11 +123,20 @@ def block_scales_reference(absmax, blocksize2, code2, absmax2, offset) -> torch.
 
 
 def nf4_dequantize_reference(packed_bytes, code, scales, blocksize, n_rows, n_cols, dtype) -> torch.Tensor:
-    """packed_bytes: flat uint8; scales: fp32 absmax per block. Returns [n_rows, n_cols] in dtype."""
+    """packed_bytes: flat uint8; scales: fp32 absmax per block. Returns [n_rows, n_cols] in dtype.
+
+    Works on REFERENCE_CHUNK elements at a time: the int64 nibble and block indices and the fp32
+    products would otherwise cost ~30 bytes per element (~65 GB for a 2**31-element weight).
+    """
     n = n_rows * n_cols
-    nibbles = torch.stack([packed_bytes >> 4, packed_bytes & 15], dim=1).reshape(-1)[:n].long()
-    block = torch.arange(n, device=packed_bytes.device) // blocksize
-    return (code[nibbles] * scales[block]).to(dtype).view(n_rows, n_cols)
+    out = torch.empty(n, dtype=dtype, device=packed_bytes.device)
+    for start in range(0, n, REFERENCE_CHUNK):  # REFERENCE_CHUNK is even: chunks start on a byte
+        stop = min(n, start + REFERENCE_CHUNK)
+        chunk = packed_bytes[start // 2:(stop + 1) // 2]
+        nibbles = torch.stack([chunk >> 4, chunk & 15], dim=1).reshape(-1)[:stop - start].long()
+        block = torch.arange(start, stop, device=packed_bytes.device) // blocksize
+        out[start:stop] = (code[nibbles] * scales[block]).to(dtype)
+    return out.view(n_rows, n_cols)
 
 
 def nf4_matmul_reference(x, packed_bytes, code, scales, blocksize, n_rows, n_cols, transpose) -> torch.Tensor:

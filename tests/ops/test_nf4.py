@@ -118,6 +118,27 @@ def test_quantize_round_trip_vs_bitsandbytes(rows, cols, blocksize, double_quant
     assert ((got.float() - w.float()).abs() <= w.float().abs().max() * 0.2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_references_in_chunks_equal_one_pass(monkeypatch, double_quant):
+    """The quantize and dequantize references step through the weight REFERENCE_CHUNK elements at a
+    time (bounded memory on huge weights): with chunks of 2 blocks, an odd element count and a short
+    last block, the bytes and values equal bitsandbytes' (one pass)."""
+    from fastkern import runtime
+    from fastkern.reference import nf4 as nf4_reference
+
+    w = torch.randn(13, 37, generator=torch.Generator().manual_seed(3))  # 481 elements: odd, short last block
+    ref_packed, ref_state = _bnb(w, 64, double_quant)
+    monkeypatch.setattr(nf4_reference, "REFERENCE_CHUNK", 128)
+    packed, state = nf4_quantize(w, blocksize=64, double_quant=double_quant)
+    assert torch.equal(packed, ref_packed)
+    if not double_quant:
+        assert torch.equal(state.absmax, ref_state.absmax)
+    want = nf4_dequantize(packed, state)  # the kernel (interpreted on CPU): no chunking
+    with runtime.force_reference():
+        got = nf4_dequantize(packed, state)
+    _assert_bitexact(got, want)
+
+
 @pytest.mark.parametrize("cols,block", [(128, 64), (128, 128), (96, 64), (40, 2048)])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_strided_output_modes(cols, block, double_quant, poison_empty):
