@@ -30,6 +30,12 @@ sets them; skipped if bitsandbytes is not installed).
 
 Writes host_ops.json and host_ops.md to --out (default: print the table only). These are CPU-side
 counts, not GPU timings.
+
+``--time LAYERS,STEPS`` (e.g. 16,25) also prints a CPU proxy of the host time: the median wall-clock
+ms of a training step of a LAYERS-deep model of the same shape, per mode and variant, on one CPU
+thread with every Triton launch stubbed out (it returns at once, so neither the interpreter nor any
+kernel work is timed; outputs are garbage). Wall clock on a shared CPU varies by several percent: to
+compare two revisions, run both in alternation (``PYTHONPATH=<checkout>``).
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ import collections
 import contextlib
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -326,6 +334,34 @@ def measure(modes, layers=(1, 3), top=25) -> dict:
     )
 
 
+def _no_launch(fn, *args, grid, warmup, **kwargs):
+    return None
+
+
+def time_steps(mode: str, patched: bool, layers: int = 16, steps: int = 25, warmup: int = 3) -> float:
+    """Median ms of a training step with every Triton launch stubbed out, on one CPU thread (the CPU
+    proxy of the host time, module docstring)."""
+    threads = torch.get_num_threads()
+    saved = [(cls, cls.run) for cls in _kernel_classes()]
+    torch.set_num_threads(1)
+    for cls, _ in saved:
+        cls.run = _no_launch
+    try:
+        model = build(mode, layers, patched)
+        batch = _batch()
+        times = []
+        for _ in range(warmup + steps):
+            model.zero_grad(set_to_none=True)  # the optimizer's work, outside the timed region
+            start = time.perf_counter()
+            step(model, batch)
+            times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        for cls, run in saved:
+            cls.run = run
+        torch.set_num_threads(threads)
+    return statistics.median(times[warmup:])
+
+
 def table(result: dict) -> str:
     lines = ["| mode | variant | aten ops / layer (fwd + bwd) | Triton launches / layer | Python calls / layer | "
              "C calls / layer | aten ops / step outside layers |",
@@ -350,6 +386,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--layers", default="1,3", help="two depths; per layer = difference / (L2 - L1)")
     parser.add_argument("--top", type=int, default=400, help="largest per-layer contributors listed in the JSON")
+    parser.add_argument("--time", default=None, metavar="LAYERS,STEPS",
+                        help="also time steps of a LAYERS-deep model, launches stubbed (CPU proxy, e.g. 16,25)")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
@@ -358,8 +396,23 @@ def main(argv=None) -> dict:
     layers = tuple(int(v) for v in args.layers.split(","))
     if len(layers) != 2 or not 0 < layers[0] < layers[1]:
         parser.error("--layers takes two increasing depths, e.g. 1,3")
+    timing = None
+    if args.time:
+        timing = tuple(int(v) for v in args.time.split(","))
+        if len(timing) != 2 or min(timing) < 1:
+            parser.error("--time takes a depth and a step count, e.g. 16,25")
     result = measure(modes, layers, args.top)
     text = table(result)
+    if timing:
+        result["time_ms"] = {}
+        lines = [f"CPU proxy of host time: median ms per step, {timing[0]} layers, {timing[1]} steps, one thread, "
+                 "Triton launches stubbed"]
+        for row in result["rows"]:
+            if "skipped" not in row:
+                ms = time_steps(row["mode"], row["variant"] == "fastkern", *timing)
+                result["time_ms"][f"{row['mode']} {row['variant']}"] = ms
+                lines.append(f"- {row['mode']} {row['variant']}: {ms:.1f} ms")
+        text += "\n\n" + "\n".join(lines)
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

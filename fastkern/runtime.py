@@ -9,6 +9,12 @@ Three paths exist for every op:
 
 :func:`force_reference` makes every op in the current context take the reference path (useful to
 bisect a numerical difference); it is a context variable, so threads and other models are unaffected.
+
+:func:`path_for` runs for every kernel launch, so it remembers its answer per device type: asking
+Triton for its interpreter switch is several Python calls. ``force_reference`` is read on every call,
+before that cache, so it takes effect at once. Whether Triton imports and whether its interpreter is
+on are read once (Triton itself decides interpreted or compiled when a kernel is defined); after
+changing Triton's interpreter switch at run time, call :func:`refresh_paths`.
 """
 
 from __future__ import annotations
@@ -54,17 +60,37 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# path_for's answers without force_reference, per device type; emptied by refresh_paths. Cleared in
+# place, never rebound, so a module holding it sees the same dict.
+_PATHS: dict[str, str] = {}
+
+
 def path_for(tensor: torch.Tensor) -> str:
     """The path an op takes for inputs living on ``tensor.device``."""
-    if _FORCE_REFERENCE.get():
+    if _FORCE_REFERENCE.get():  # per call: a context variable, so no cache could follow it
         return "reference"
+    device_type = tensor.device.type
+    path = _PATHS.get(device_type)
+    if path is None:
+        path = _PATHS[device_type] = _path_for_device(device_type)
+    return path
+
+
+def refresh_paths() -> None:
+    """Forget path_for's cached answers, and whether Triton imports: the next call asks Triton again.
+    Needed only after changing Triton's interpreter switch (or its install) in a running process."""
+    _PATHS.clear()
+    triton_status.cache_clear()
+
+
+def _path_for_device(device_type: str) -> str:
     if not triton_available():
         return "reference"
     if interpreter_active():
-        if tensor.device.type in ("cpu", "cuda"):
+        if device_type in ("cpu", "cuda"):
             return "interpreter"
         return "reference"
-    if tensor.device.type == "cuda":
+    if device_type == "cuda":
         return "triton"
     return "reference"
 

@@ -40,3 +40,13 @@ def test_counts_per_layer_full_finetune(tmp_path):
     # The fused kernels replace transformers' elementwise RMSNorm / SwiGLU / rope ops.
     assert patched["total"]["aten"] < plain["total"]["aten"]
     assert (tmp_path / "host_ops.json").exists() and "| full | fastkern |" in (tmp_path / "host_ops.md").read_text()
+
+
+@pytest.mark.skipif(runtime.path_for(torch.empty(0)) != "interpreter", reason="needs TRITON_INTERPRET=1")
+def test_time_steps_stubs_launches_and_restores_them():
+    host_ops = _host_ops()
+    runs = [(cls, cls.run) for cls in host_ops._kernel_classes()]
+    threads = torch.get_num_threads()
+    ms = host_ops.time_steps("full", True, layers=1, steps=1, warmup=1)
+    assert ms > 0
+    assert [(cls, cls.run) for cls, _ in runs] == runs and torch.get_num_threads() == threads

@@ -128,6 +128,10 @@ def needs_int64(*tensors: torch.Tensor, slack: int = 0) -> bool:
 
 
 _NO_GUARD = contextlib.nullcontext()
+# Whether this process sees more than one GPU, read at the first CUDA launch (the count is fixed once
+# CUDA is initialized, which a CUDA tensor implies). With one GPU every CUDA tensor is on the current
+# device, so the launch needs no device query: torch.cuda.current_device() is three Python calls.
+_several_gpus: bool | None = None
 
 
 def device_guard(t: torch.Tensor):
@@ -135,7 +139,12 @@ def device_guard(t: torch.Tensor):
     already the current one (the common case) no guard is entered: switching and restoring the
     device costs host time on every launch, and Triton launches on the current device."""
     if t.is_cuda:
-        index = t.get_device()
-        if index != torch.cuda.current_device():
-            return torch.cuda.device(index)
+        global _several_gpus
+        several = _several_gpus
+        if several is None:
+            several = _several_gpus = torch.cuda.device_count() > 1
+        if several:
+            index = t.get_device()
+            if index != torch.cuda.current_device():
+                return torch.cuda.device(index)
     return _NO_GUARD

@@ -52,7 +52,11 @@ def _row_layout(tensors: list[Tensor], block, num_warps):
 
 
 def _is_flat(tensors: tuple[Tensor, ...], flat: bool | None) -> bool:
-    contiguous = all(t.is_contiguous() for t in tensors)
+    contiguous = True
+    for t in tensors:  # a loop, not all(<generator>): each resumption is a Python call, on every launch
+        if not t.is_contiguous():
+            contiguous = False
+            break
     if flat and not contiguous:
         raise ValueError("fastkern glu launcher: flat=True needs contiguous operands")
     return contiguous if flat is None else flat

@@ -87,6 +87,20 @@ def _fusable_now(layer: nn.Module, x) -> list[str] | None:
     return names
 
 
+# bitsandbytes sets ``packing_format_for_cpu`` on a QuantState when it repacks the weight for its CPU
+# kernels, a layout the fused path cannot read. The flag is normally absent, and getattr then runs
+# QuantState.__getattr__ (Python) on every QLoRA call. For bitsandbytes' own QuantState, whose
+# __getattr__ answers only "bitsandbytes__*" names and whose class does not define the flag, the
+# instance __dict__ holds the whole answer; any other class is asked with getattr.
+_CPU_PACKED = "packing_format_for_cpu"
+_CPU_PACKED_IN_DICT: dict[type, bool] = {}
+
+
+def _cpu_packed_in_dict(cls: type) -> bool:
+    return (cls.__module__ == "bitsandbytes.functional" and cls.__qualname__ == "QuantState"
+            and not any(_CPU_PACKED in vars(k) for k in cls.__mro__))
+
+
 def _nf4_forward(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype, patched_class: bool
                  ) -> torch.Tensor | None:
     if patched_class:  # the Linear4bit class patched over keeps them where Module.__getattr__ looks
@@ -96,7 +110,13 @@ def _nf4_forward(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype, p
         weight, bias = base.weight, base.bias
     # base_quant_state(base), spelled out with the weight already in hand.
     state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
-    if state is None or state.quant_type != "nf4" or getattr(state, "packing_format_for_cpu", False):
+    if state is None or state.quant_type != "nf4":
+        return None
+    cls = state.__class__
+    in_dict = _CPU_PACKED_IN_DICT.get(cls)
+    if in_dict is None:
+        in_dict = _CPU_PACKED_IN_DICT[cls] = _cpu_packed_in_dict(cls)
+    if state.__dict__.get(_CPU_PACKED, False) if in_dict else getattr(state, _CPU_PACKED, False):
         return None
     # Params4bit's Python __torch_function__ would run for this read; the device is the plain tensor's.
     with torch._C.DisableTorchFunctionSubclass():

@@ -29,6 +29,8 @@ def test_device_guard_enters_the_tensors_device_only_when_it_is_not_current(monk
         def __exit__(self, *exc):
             return None
 
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(_common, "_several_gpus", None)  # as before the first CUDA launch
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", Recorder)
     with _common.device_guard(_FakeCudaTensor(0)):
@@ -37,6 +39,20 @@ def test_device_guard_enters_the_tensors_device_only_when_it_is_not_current(monk
     with _common.device_guard(_FakeCudaTensor(1)):
         pass
     assert entered == [1]  # another GPU: switch to it for the launch
+
+
+def test_device_guard_skips_the_device_query_with_one_gpu(monkeypatch):
+    def no_query(*args, **kwargs):
+        raise AssertionError("with one GPU a launch must not query or switch the CUDA device")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(_common, "_several_gpus", None)
+    monkeypatch.setattr(torch.cuda, "current_device", no_query)
+    monkeypatch.setattr(torch.cuda, "device", no_query)
+    for _ in range(2):
+        guard = _common.device_guard(_FakeCudaTensor(0))
+        assert isinstance(guard, contextlib.nullcontext)
+    assert _common._several_gpus is False
 
 
 def test_device_guard_is_a_no_op_for_cpu_tensors(monkeypatch):

@@ -286,6 +286,31 @@ def test_nf4_under_autocast_with_fp32_compute_dtype_defers_to_peft(monkeypatch):
     assert calls == []
 
 
+def test_nf4_state_repacked_for_cpu_after_fused_calls_defers_to_peft(monkeypatch):
+    # bitsandbytes marks a QuantState it repacked for its CPU kernels with packing_format_for_cpu, on the
+    # instance (read from its __dict__ for bitsandbytes' own class) or, for another class, wherever
+    # getattr finds it. Set after fused calls, it must still send the call to PEFT's forward.
+    model = _peft(_quantize_linears(_tiny("llama", torch.bfloat16, intermediate_size=128)))
+    fastkern.patch_model(model, lora=True, loss=False)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    calls, to_peft, sentinel = [], [], object()
+    original = fastkern.patching.lora.lora_linear
+    monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(fastkern.patching.lora, "_peft_forward", lambda *a, **k: to_peft.append(1) or sentinel)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    layer(x), layer(x)
+    assert calls == [1, 1] and to_peft == []
+    state = layer.base_layer.weight.quant_state
+    state.packing_format_for_cpu = True
+    assert layer(x) is sentinel and calls == [1, 1]
+    state.packing_format_for_cpu = False
+    layer(x)
+    assert calls == [1, 1, 1]
+    del state.packing_format_for_cpu
+    state.__class__ = type("RepackedState", (type(state),), {"packing_format_for_cpu": True})
+    assert layer(x) is sentinel and calls == [1, 1, 1]
+
+
 def test_autocast_with_fp32_weights_defers_to_peft():
     # TRL's bf16=True trains fp32 weights under autocast; the patched layer must match PEFT there.
     peft = pytest.importorskip("peft")
