@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: install carried wheels, run GPU tests, run benches, pack results into $OUT.
-#   device run (carry .device):  bash bench/device_run.sh [bench names...]
+# One call on a GPU machine: install the wheels in .device/wheels, run GPU tests, run benches, pack results into $OUT.
+#   usage (the tree copied with .device):  bash bench/device_run.sh [bench names...]
 # With names (e.g. `glu rope`), only those benches run (bench/run.py --ops <name> for an op with
 # bench/cases/<name>.py, else python3 -m bench.e2e.<name> for bench/e2e/<name>.py, e.g. sft, grpo_dpo,
 # offload, long_context); the GPU tests of those ops run first,

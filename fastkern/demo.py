@@ -20,7 +20,7 @@ import torch
 # Re-exported: the benches and tests build their models and data through fastkern.demo.
 from .demo_common import (DIGITS, SIZES, MissingExtraError, RunResult, build_dataset, build_model,  # noqa: F401
                           build_tokenizer, cpu_note, device_and_path, peak_memory_text, quiet_bitsandbytes_cpu_notice,
-                          require_trl, step_timer)
+                          require_peft, require_trl, step_timer)
 
 
 def run_sft(label: str, model, tokenizer, dataset, *, steps: int, batch: int, length: int, lr: float,
@@ -121,6 +121,8 @@ def main(argv=None) -> int:
 
 def run_demo(args) -> list[RunResult]:
     require_trl()
+    if args.lora:
+        require_peft()
     if args.task == "grpo":
         from .demo_grpo import run_grpo_demo
 

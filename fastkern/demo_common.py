@@ -26,6 +26,7 @@ SIZES = {
 }
 
 TRL_INSTALL = 'pip install "fastkern[trl]"'
+PEFT_INSTALL = 'pip install "fastkern[peft]"'
 
 
 class MissingExtraError(ImportError):
@@ -40,6 +41,15 @@ def require_trl() -> None:
         except ImportError as exc:
             raise MissingExtraError(f"the demo needs TRL ({name} is not importable: {exc}); "
                                     f"install it with: {TRL_INSTALL}") from exc
+
+
+def require_peft() -> None:
+    """`--lora` builds a PEFT model: fail before any work with the install command if PEFT is missing."""
+    try:
+        importlib.import_module("peft")
+    except ImportError as exc:
+        raise MissingExtraError(f"--lora needs PEFT (peft is not importable: {exc}); "
+                                f"install it with: {PEFT_INSTALL}") from exc
 
 
 # bitsandbytes logs this at import on CPUs with AVX512-BF16 when it cannot fetch its optional hub kernel

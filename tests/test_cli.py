@@ -44,6 +44,16 @@ def test_demo_without_trl_names_the_install_command(monkeypatch, capsys):
     assert 'pip install "fastkern[trl]"' in err and "Traceback" not in err
 
 
+def test_demo_lora_without_peft_names_the_install_command(monkeypatch, capsys):
+    pytest.importorskip("trl")
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
+    with pytest.raises(demo.MissingExtraError, match=r'pip install "fastkern\[peft\]"'):
+        demo.run_demo(demo.parse_args(["--steps", "1", "--lora", "4"]))
+    assert demo.main(["--steps", "1", "--lora", "4", "--task", "dpo"]) == 1
+    err = capsys.readouterr().err
+    assert 'pip install "fastkern[peft]"' in err and "Traceback" not in err
+
+
 def test_bitsandbytes_cpu_notice_dropped_and_nothing_else(caplog):
     quiet_bitsandbytes_cpu_notice()
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")

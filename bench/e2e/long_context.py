@@ -10,7 +10,7 @@ Model: Llama-3.1-8B's shape (hidden 4096, intermediate 14336, 32 layers, 32/8 he
 Llama-3.2-1B's (2048, 8192, 16 layers, tied embeddings), Qwen3-8B's (4096, 12288, 36 layers, 32/8 heads
 of 128, q/k norms, vocab 151936), or a tiny one; random init, built directly in bf16 on the device.
 ``--layers`` keeps fewer decoder layers: a full-depth 8B step at 512K tokens is ~15 minutes of attention
-alone, past one device call, so per-layer and fixed costs are measured at 2 and 4 layers and extrapolated
+alone, so per-layer and fixed costs are measured at 2 and 4 layers and extrapolated
 (docs/long_context.md gives the formula; ``--extrapolate`` writes such rows, labelled extrapolated).
 ``--qlora``: every decoder Linear becomes a bitsandbytes NF4 Linear4bit with double quantization (needs
 bitsandbytes). LoRA r16 (``--lora-r``) on all linear layers via PEFT, AdamW.

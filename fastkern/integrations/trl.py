@@ -68,6 +68,8 @@ class FastkernChunkedLogProb:
         if head is None or _any_dtensor(hidden, weight, bias, targets):
             return original.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
                                   logit_scale, outputs)
+        # TRL's chunk_size is the vocabulary width of its own tiles (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE),
+        # not fastkern's tokens per chunk, so it is not passed on: fastkern sizes its chunks from free memory.
         if hidden.dtype != weight.dtype:  # TRL's cast_lm_head_to_fp32 hands an fp32 hidden to a bf16 head
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
