@@ -31,7 +31,8 @@ Validation, per experts module found in the model:
 
 At call time the patched forward defers to the class forward when PEFT has parametrized the weights
 since (its LoRA delta lives in the parametrization) or when the input dtype differs from the weights'
-(autocast): both give the original's result.
+(autocast): both give the original's result. It also defers when config._experts_implementation
+differs from its value at patch time: a later ``model.set_experts_implementation(...)`` is honoured.
 """
 
 from __future__ import annotations
@@ -143,9 +144,17 @@ def grouped_moe_experts_forward(self, hidden_states, top_k_index=None, top_k_wei
         if kwargs:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {sorted(kwargs)}")
     gate_up = getattr(self, layout.gate_up)
-    if parametrize.is_parametrized(self) or hidden_states.dtype != gate_up.dtype:
+    # A later set_experts_implementation(...) is the user's choice over the patch: the class forward
+    # (transformers' dispatcher) runs what they asked for instead of silently keeping fastkern's kernel.
+    if (parametrize.is_parametrized(self) or hidden_states.dtype != gate_up.dtype
+            or _experts_implementation(self) != self._fastkern_moe_experts_implementation):
         return _class_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     return _grouped(self, layout, hidden_states, top_k_index, top_k_weights)
+
+
+def _experts_implementation(module: nn.Module):
+    """config._experts_implementation as transformers' experts dispatcher reads it (None where absent)."""
+    return getattr(getattr(module, "config", None), "_experts_implementation", None)
 
 
 def _eager_forward(module: nn.Module):
@@ -300,8 +309,8 @@ class MoEExpertsPatcher:
             n_experts = getattr(module, layout.gate_up).shape[0]
             detail = (f"{type(module).__name__} -> fastkern.ops.moe_experts (grouped GEMMs over {n_experts} experts; "
                       f"{layout.describe()})")
-            ctx.replace_forward_probed(module, name, grouped_moe_experts_forward, detail, {"moe": layout},
-                                       probed[key])
+            state = {"moe": layout, "moe_experts_implementation": _experts_implementation(module)}
+            ctx.replace_forward_probed(module, name, grouped_moe_experts_forward, detail, state, probed[key])
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:
         # Instance forwards and _fastkern_* attributes are removed generically by unpatch_model.

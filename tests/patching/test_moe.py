@@ -247,3 +247,32 @@ def test_inconsistent_section_is_a_problem(monkeypatch, section, problem):
     report = fastkern.patch_model(tiny_model("mixtral"), **ONLY_MOE)
     assert not report.patched_names("moe")
     assert any(problem in p for p in report.problems), report.problems
+
+
+def test_set_experts_implementation_after_patching_is_honoured(monkeypatch):
+    """model.set_experts_implementation(...) after patch_model(moe=True) runs what it asks for (the class
+    forward's dispatcher), not fastkern's kernel; setting the patch-time value back returns to the kernel."""
+    from fastkern.patching import moe as moe_patching
+
+    model = tiny_model("qwen3_moe")
+    (_, experts), = _experts(model)
+    at_patch = experts.config._experts_implementation
+    other = "batched_mm" if at_patch != "batched_mm" else "eager"
+    assert fastkern.patch_model(model, **ONLY_MOE).patched_names("moe")
+    calls = []
+    grouped = moe_patching._grouped
+    monkeypatch.setattr(moe_patching, "_grouped", lambda *a: calls.append(1) or grouped(*a))
+    ids = batch()
+    with torch.no_grad():
+        model(input_ids=ids)
+        assert calls, "the patched forward should run fastkern's kernel"
+        calls.clear()
+        model.set_experts_implementation(other)
+        got = model(input_ids=ids).logits
+        assert not calls, f"set_experts_implementation({other!r}) was ignored"
+        want = copy.deepcopy(model)
+        fastkern.unpatch_model(want)
+        torch.testing.assert_close(got, want(input_ids=ids).logits)
+        model.set_experts_implementation(at_patch)
+        model(input_ids=ids)
+        assert calls
