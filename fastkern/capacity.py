@@ -2,8 +2,9 @@
 
 :func:`plan_memory` evaluates the per-token memory model of docs/long_context.md ("Capacity planning")
 term by term, from the model's shape alone (a transformers config, a model, or a size name). It is a
-prediction, **not yet validated against GPU measurements**; each term below says what it stands for so
-a measurement can confirm or correct it.
+prediction; each term below says what it stands for so a measurement can confirm or correct it. Checked
+against an H100 for one configuration (Llama-3.1-8B QLoRA, offloaded checkpoints, tiled MLP: 1-5% above
+the measured peaks, docs/long_context.md "Measured"); the other shapes and options are unchecked.
 
 Scope: decoder-only Llama-style models (Llama, Mistral, Qwen2/Qwen3 shapes: RMSNorm, rotary positions,
 GQA attention, GLU MLP), bf16 activations, a FlashAttention-class attention backward, fastkern's
@@ -319,7 +320,9 @@ def plan_memory(model_or_config, seq_len: int, *, batch: int = 1, lora_rank: int
         host_bytes: the offloaded checkpoints' host budget (``checkpointing={"offload": True, "host_bytes":
             N}``); checkpoints past it stay on the device. None: host memory unconstrained.
 
-    A prediction from docs/long_context.md's memory model, not yet validated against GPU measurements.
+    A prediction from docs/long_context.md's memory model. Checked on an H100 for the Llama-3.1-8B
+    QLoRA step with offloaded checkpoints and the tiled MLP: 1-5% above the measured peaks at 2 layers
+    (131K-524K tokens); unchecked for other shapes and options.
     """
     shape = Shape.of(model_or_config)
     _check_int("seq_len", seq_len, 1)

@@ -61,7 +61,7 @@ def capacity_main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="fastkern capacity",
         description="Predicted device and host peak of one training step and the longest sequence that fits "
-                    "(fastkern.plan_memory; a prediction from docs/long_context.md, not yet validated on a GPU).")
+                    "(fastkern.plan_memory; a prediction from docs/long_context.md, checked on a GPU for one configuration).")
     shape = parser.add_mutually_exclusive_group(required=True)
     shape.add_argument("--size", choices=sorted(SIZES), help="a known model shape")
     shape.add_argument("--config", help="a transformers model directory or hub name (its config.json)")

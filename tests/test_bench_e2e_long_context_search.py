@@ -119,7 +119,9 @@ def test_extrapolation_follows_the_documented_formula(tmp_path, capsys):
     d2 = by[("defaults (tiled_mlp auto)", 2 * t)]
     assert d2["ms"] == pytest.approx((30 + 32 * 20) * 1e3) and d2["peak_mib"] == pytest.approx(50_000 + 30 * 2 * ckpt_mib)
     long = by[("long (tiled_mlp auto)", t)]
-    assert long["peak_mib"] == pytest.approx(20_000 + 12 * ckpt_mib)  # 32 - 20 layers' inputs stay on the device
+    # 32 - 20 layers' inputs stay on the device; each added layer also keeps its own 5 MiB (weights, adapters)
+    assert long["peak_mib"] == pytest.approx(20_000 + 30 * 5 + 12 * ckpt_mib)
+    assert long["extra"]["resident_mib_per_layer"] == pytest.approx(5) and d1["extra"]["resident_mib_per_layer"] == 0
     assert long["extra"]["host_layers"] == 20 and long["extra"]["host_pool_gib"] == pytest.approx(20.0)
     check = json.loads((out / "long_context_extrapolation_check.json").read_text())
     assert check == [dict(case=d1["case"], impl=d1["impl"], seq_len=t, layers=32, extrapolated_s=170.0, measured_s=165.0,

@@ -16,12 +16,15 @@ later probe then fails and the search reports the best length before it.
 Extrapolation (docs/long_context.md): from runs at layers A < B with the same lengths, per length,
 
     t(L) = t_fixed + L · t_layer,   t_layer = (t(B) − t(A)) / (B − A),   t_fixed = t(A) − A · t_layer
-    device_peak(L) = device_peak(A) + T·H·2 bytes · (device_layers(L) − device_layers(A))
+    device_peak(L) = device_peak(A) + w · (L − A) + T·H·2 bytes · (device_layers(L) − device_layers(A))
+    w = (device_peak(B) − device_peak(A)) / (B − A) − T·H·2 bytes · (device_layers(B) − device_layers(A)) / (B − A)
 
 where device_layers(L) is the number of layers whose checkpointed input ([T, H] bf16) stays on the device:
 all L for the variants that keep checkpoints on the device, max(0, L − host_layers) with offloaded
 checkpoints (host_layers: how many pinned buffers of that size fit ``host_gib``; all of them when the run
-gave no budget). The slope measured between A and B is reported next to that term as a check.
+gave no budget). w is what else each layer keeps on the device (its weights, NF4 or not, adapters, their
+gradients and optimizer state), measured between A and B with the checkpoint term taken out; the raw
+slope is reported too.
 """
 
 from __future__ import annotations
@@ -222,13 +225,12 @@ def extrapolate(rows_a: list[dict], rows_b: list[dict], env: dict | None = None,
         t_fixed = a["ms"] / 1e3 - la * t_layer
         seconds = t_fixed + target * t_layer
         ckpt_mib = t * hidden * 2 / MIB
-        peak = None
-        if a["peak_mib"] is not None:
-            dl = (_device_layers(target, variant, t, hidden, x.get("host_gib"))
-                  - _device_layers(la, variant, t, hidden, x.get("host_gib")))
-            peak = a["peak_mib"] + ckpt_mib * dl
-        measured_slope = (None if a["peak_mib"] is None or b["peak_mib"] is None
-                          else (b["peak_mib"] - a["peak_mib"]) / (lb - la))
+        device_layers = {n: _device_layers(n, variant, t, hidden, x.get("host_gib")) for n in (la, lb, target)}
+        peak = measured_slope = per_layer = None
+        if a["peak_mib"] is not None and b["peak_mib"] is not None:
+            measured_slope = (b["peak_mib"] - a["peak_mib"]) / (lb - la)
+            per_layer = measured_slope - ckpt_mib * (device_layers[lb] - device_layers[la]) / (lb - la)
+            peak = a["peak_mib"] + per_layer * (target - la) + ckpt_mib * (device_layers[target] - device_layers[la])
         pool, host_layers = x.get("offload_pool_gib"), None
         if variant == "long" and pool is not None:  # the measured pool per host layer times the host layers at depth
             host_layers = target - _device_layers(target, variant, t, hidden, x.get("host_gib"))
@@ -244,6 +246,7 @@ def extrapolate(rows_a: list[dict], rows_b: list[dict], env: dict | None = None,
             full_layers=x["full_layers"], from_layers=[la, lb], t_fixed_s=round(t_fixed, 4),
             t_layer_s=round(t_layer, 4), checkpoint_mib_per_device_layer=round(ckpt_mib, 3),
             measured_peak_slope_mib_per_layer=None if measured_slope is None else round(measured_slope, 3),
+            resident_mib_per_layer=None if per_layer is None else round(per_layer, 3),
             host_pool_gib=None if pool is None else round(pool, 3), host_layers=host_layers))
     return out
 

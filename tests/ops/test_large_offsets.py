@@ -133,7 +133,7 @@ def test_gpu_rms_norm_weight_grad_past_2_31():
     fastkern.ops.rms_norm(x, w, 1e-6).backward(dy)
     for sl in _edges(rows):
         x64 = x.detach()[sl].double().requires_grad_()
-        y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+        y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w.detach().double()
         y64.backward(dy[sl].double())
         xt = x.detach()[sl].clone().requires_grad_()
         yt = (xt.float() * torch.rsqrt(xt.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(xt.dtype) * w.detach()
