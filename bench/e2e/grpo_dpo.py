@@ -29,7 +29,8 @@ allocated before it (model, adapters' gradients freed as an optimizer's zero_gra
 means fastkern computed every log-prob.
 
 Variants (``--variants``, ``;``-separated): ``defaults`` is ``patch_model(model, loss=True)`` (every
-default option on), ``defaults,lora,offload`` adds lora=True and checkpointing="offload" to it; a comma
+default option on), ``defaults,lora,offload`` adds lora=True and checkpointing="offload" to it,
+``defaults,-norm`` is the defaults with one option off (``-checkpointing``: TRL's own); a comma
 list without ``defaults`` such as ``loss`` or ``loss,mlp`` turns on exactly those options and every
 other one off, to attribute a difference to one patch. ``--profile`` prints, per row, the CUDA
 kernels of one step by total device time (torch.profiler), to say where a difference comes from.
@@ -207,16 +208,22 @@ def fp32_check(task, name, device, options):
 
 
 def variant_options(spec: str) -> dict:
-    """'defaults' -> patch_model(loss=True); 'defaults,lora' adds options to that; 'loss,mlp' turns on
-    exactly those options and the others off. 'offload' stands for checkpointing="offload"."""
-    on = {o.strip() for o in spec.split(",") if o.strip()}
-    unknown = on - set(OPTIONS) - {"defaults", "offload"}
-    if unknown:
-        raise SystemExit(f"unknown patch option(s) {sorted(unknown)} in --variants; known: {OPTIONS}, offload, defaults")
+    """'defaults' -> patch_model(loss=True); 'defaults,lora' adds options to that; 'defaults,-lora' turns
+    one default off (to attribute a difference to it; '-checkpointing' leaves TRL's own checkpointing);
+    'loss,mlp' turns on exactly those options and the others off. 'offload' stands for
+    checkpointing="offload"."""
+    items = {o.strip() for o in spec.split(",") if o.strip()}
+    off = {o[1:] for o in items if o.startswith("-")}
+    on = items - {"-" + o for o in off}
+    unknown = (on - set(OPTIONS) - {"defaults", "offload"}) | (off - set(OPTIONS) - {"checkpointing"})
+    if unknown or (off and "defaults" not in on):
+        raise SystemExit(f"bad --variants item(s) {sorted(unknown) or sorted(off)}: known {OPTIONS}, offload, defaults, "
+                         "and -<option> (with defaults)")
     options = dict(loss=True) if "defaults" in on else {o: o in on for o in OPTIONS}
     options.update({o: True for o in on & set(OPTIONS)})
     if "offload" in on:
         options["checkpointing"] = "offload"
+    options.update({o: (None if o == "checkpointing" else False) for o in off})
     return options
 
 

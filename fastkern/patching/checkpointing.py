@@ -103,6 +103,46 @@ def _without_anchor(function, anchor, *args):
     return function(*args)
 
 
+class _GradientStop(torch.autograd.Function):
+    """Identity in forward (a view, no copy); backward passes nothing on. Its output requires grad through
+    ``_ANCHOR`` while nothing upstream receives a gradient."""
+
+    @staticmethod
+    def forward(ctx, anchor, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+def _input_grads_requested(owners) -> bool:
+    """transformers' ``enable_input_require_grads`` is active on one of ``owners`` (TRL calls it for every
+    PEFT model it trains with gradient checkpointing)."""
+    return any(getattr(m, "_require_grads_hooks", None) or getattr(m, "_require_grads_hook", None) for m in owners)
+
+
+def _embedding_output_hook(owners, module, args, output):
+    """Forward hook on a frozen input embedding: hand the decoder a differentiable non-leaf instead of the
+    leaf ``enable_input_require_grads`` makes.
+
+    That hook calls ``output.requires_grad_(True)`` so that reentrant checkpoints see an input that needs
+    a gradient. The output is then a leaf, and autograd's gradient accumulator for it keeps the [T, H]
+    tensor on the device through the whole backward (whatever the checkpoint offloaded) and writes a
+    [T, H] ``.grad`` into it at the end, for a tensor nobody can read. ``_GradientStop`` gives the same
+    "requires grad" to the layers with nothing held: its graph ends at ``_ANCHOR``. The embedding is
+    frozen (the output has no ``grad_fn``), so no parameter loses a gradient. Hooks run in the order they
+    were registered: if transformers' ran first the output is already a leaf that requires grad (an
+    embedding's own forward never makes one) and is replaced; if ours runs first, it replaces the output
+    only while ``enable_input_require_grads`` is active, and theirs then finds a tensor that already
+    requires grad."""
+    if not isinstance(output, torch.Tensor) or output.grad_fn is not None or not torch.is_grad_enabled():
+        return None
+    if torch.compiler.is_compiling() or not (output.requires_grad or _input_grads_requested(owners)):
+        return None
+    return _GradientStop.apply(_ANCHOR, output.detach())
+
+
 def _requires_grad(value) -> bool:
     if isinstance(value, torch.Tensor):
         return value.requires_grad
@@ -218,6 +258,7 @@ class _PatchState:
         self.enabled_by_patch = False
         self.enabled_since_patch = False
         self.saved_flags: dict[nn.Module, dict] = {}  # module -> the two attributes as they were
+        self.embedding_hooks: list = []  # handles of _embedding_output_hook, removed by unpatch_model
 
     def swap(self, func):
         return _recomputing(func) if self.offloader is None else _offloading(self.offloader, func)
@@ -299,6 +340,8 @@ class CheckpointingPatcher:
         if state.offloader is None:
             self._apply_recompute(ctx, state, layers, names)
             return
+        # Only when offloading: a recompute checkpoint keeps layer 0's input (the embedding output) anyway.
+        self._hook_embeddings(ctx, state, owners, names)
         if any(layer.gradient_checkpointing for layer in layers):
             for m in ctx.model.modules():
                 if hasattr(m, "gradient_checkpointing") and hasattr(m, "_gradient_checkpointing_func"):
@@ -329,6 +372,22 @@ class CheckpointingPatcher:
             f"checkpointing: offloaded inputs may use {budget / 2**30:.2f} GiB of host memory ({source}); past "
             "that they stay on the device, counted in model_offloader(model).stats.bytes_kept_on_device"
         )
+
+    @staticmethod
+    def _hook_embeddings(ctx: PatchContext, state: _PatchState, owners, names) -> None:
+        seen = set()
+        for m in owners:
+            try:
+                embedding = m.get_input_embeddings()
+            except (AttributeError, NotImplementedError):
+                continue
+            if not isinstance(embedding, nn.Module) or id(embedding) in seen:
+                continue
+            seen.add(id(embedding))
+            state.embedding_hooks.append(embedding.register_forward_hook(functools.partial(_embedding_output_hook, owners)))
+            ctx.report.add_patched(names.get(embedding, ""), _KIND, f"{type(embedding).__name__}: a frozen embedding's "
+                                   "output reaches the layers as a differentiable non-leaf, so enable_input_require_grads "
+                                   "keeps no [T, H] leaf and gradient alive through backward")
 
     @staticmethod
     def _apply_recompute(ctx: PatchContext, state: _PatchState, layers, names) -> None:
@@ -379,6 +438,9 @@ class CheckpointingPatcher:
                 continue
             if isinstance(m, GradientCheckpointingLayer):
                 report.add_patched(name, _KIND, "checkpointing turned back off" if turn_off else "original checkpoint function restored")
+        for handle in state.embedding_hooks:
+            handle.remove()
+        state.embedding_hooks.clear()
         if state.offloader is not None:
             state.offloader.empty_cache()
 

@@ -23,6 +23,11 @@ def offload_only(model):
     return fastkern.patch_model(model, **({p.option: None for p in _patchers()} | {"checkpointing": "offload"}))
 
 
+def layer_names(report):
+    """Decoder layers the report lists under checkpointing (the input embedding is listed too)."""
+    return [n for n in report.patched_names("checkpointing") if ".layers." in n]
+
+
 def layers(model):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -77,7 +82,7 @@ def test_offload_matches_plain_and_no_checkpointing(dropout):
     plain = grads(model, ids)
     disable(model)
     report = offload_only(model)
-    assert len(report.patched_names("checkpointing")) == 2, report
+    assert len(layer_names(report)) == 2, report
     offloader = move_everything(model)
     got = grads(model, ids)
     assert_same(got, plain)
@@ -97,7 +102,7 @@ def test_patch_turns_checkpointing_on_and_unpatch_turns_it_off():
     assert all(isinstance(m._gradient_checkpointing_func, OffloadCheckpointFunction) for m in layers(model))
     assert "turned on" in str(report)
     restored = fastkern.unpatch_model(model)
-    assert len(restored.patched_names("checkpointing")) == 2, restored
+    assert len(layer_names(restored)) == 2, restored
     assert [dict(m.__dict__) for m in layers(model)] == before
     assert "_set_gradient_checkpointing" not in model.__dict__ and model_offloader(model) is None
 
@@ -174,7 +179,7 @@ def test_peft_model():
     ref = grads(plain, ids)
     model = lora(tiny_model("llama"))
     report = offload_only(model)
-    assert len(report.patched_names("checkpointing")) == 2, report
+    assert len(layer_names(report)) == 2, report
     offloader = move_everything(model)
     assert_same(grads(model, ids), ref)
     assert offloader.stats.offloaded == 2
@@ -272,3 +277,53 @@ def test_bad_checkpointing_values(value, match):
     with pytest.raises(ValueError, match=match):
         fastkern.patch_model(model, checkpointing=value)
     assert model_offloader(model) is None
+
+
+@pytest.mark.parametrize("hooks_first", ["transformers", "fastkern"])
+def test_frozen_embedding_output_is_not_held_through_backward(hooks_first):
+    """TRL calls enable_input_require_grads() on PEFT models it trains with checkpointing: the embedding
+    output becomes a leaf that autograd holds on the device until backward ends (plus a [T, H] .grad).
+    Offloaded, it is released once layer 0 has stored its input on the host; gradients are unchanged."""
+    peft = pytest.importorskip("peft")
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    ids = batch()
+
+    def lora(model):
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+
+    plain = lora(tiny_model("llama"))
+    enable(plain, gc_kwargs={"use_reentrant": False})
+    plain.enable_input_require_grads()
+    ref = grads(plain, ids)
+
+    model = lora(tiny_model("llama"))
+    if hooks_first == "transformers":
+        model.enable_input_require_grads()
+    report = offload_only(model)
+    assert any(n.endswith("embed_tokens") for n in report.patched_names("checkpointing")), report
+    if hooks_first == "fastkern":
+        model.enable_input_require_grads()
+    move_everything(model)
+    embedding = model.get_input_embeddings()
+    seen = {}
+
+    def remember(module, args, output):
+        seen["storage"] = StorageWeakRef(output.untyped_storage())
+        seen["leaf"] = output.is_leaf
+
+    def at_backward_start(grad):
+        seen["held_in_backward"] = not seen["storage"].expired()
+
+    final_norm = model.get_base_model().model.norm
+    remember_handle = embedding.register_forward_hook(remember)
+    final_norm.register_forward_hook(lambda module, args, output: output.register_hook(at_backward_start) and None)
+    assert_same(grads(model, ids), ref)
+    assert seen == {"storage": seen["storage"], "leaf": False, "held_in_backward": False}, seen
+    assert embedding.weight.grad is None
+
+    fastkern.unpatch_model(model)
+    enable(model, gc_kwargs={"use_reentrant": False})
+    grads(model, ids)
+    assert seen["leaf"] and seen["held_in_backward"], "unpatched: transformers' leaf is back"
+    remember_handle.remove()
