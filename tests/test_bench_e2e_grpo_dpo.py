@@ -32,5 +32,9 @@ def test_variant_options():
     assert grpo_dpo.variant_options("defaults,lora,offload") == dict(loss=True, lora=True, checkpointing="offload")
     only = grpo_dpo.variant_options("loss,mlp")
     assert only["loss"] and only["mlp"] and not only["rope"]
-    with pytest.raises(SystemExit, match="unknown patch option"):
+    assert grpo_dpo.variant_options("defaults,-mlp") == dict(loss=True, mlp=False)
+    assert grpo_dpo.variant_options("defaults,-checkpointing") == dict(loss=True, checkpointing=None)
+    with pytest.raises(SystemExit, match="bad --variants item"):
         grpo_dpo.variant_options("nope")
+    with pytest.raises(SystemExit, match="bad --variants item"):
+        grpo_dpo.variant_options("-mlp")  # turning an option off needs the defaults it is taken from

@@ -136,9 +136,10 @@ def _embedding_output_hook(owners, module, args, output):
     embedding's own forward never makes one) and is replaced; if ours runs first, it replaces the output
     only while ``enable_input_require_grads`` is active, and theirs then finds a tensor that already
     requires grad."""
-    if not isinstance(output, torch.Tensor) or output.grad_fn is not None or not torch.is_grad_enabled():
+    # Dynamo cannot read ``grad_fn`` while tracing, and a compiled region has its own autograd graph.
+    if torch.compiler.is_compiling() or not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
         return None
-    if torch.compiler.is_compiling() or not (output.requires_grad or _input_grads_requested(owners)):
+    if output.grad_fn is not None or not (output.requires_grad or _input_grads_requested(owners)):
         return None
     return _GradientStop.apply(_ANCHOR, output.detach())
 
