@@ -167,17 +167,20 @@ def test_reentrant_request_is_kept_with_a_warning_and_bad_value_rejected():
         fastkern.patch_model(tiny_model("llama"), checkpointing="cpu")
 
 
+def lora_model(peft):
+    """A tiny llama with PEFT LoRA r4 on every linear layer."""
+    return peft.get_peft_model(tiny_model("llama"),
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+
+
 def test_peft_model():
     peft = pytest.importorskip("peft")
     ids = batch()
 
-    def lora(model):
-        return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-
-    plain = lora(tiny_model("llama"))
+    plain = lora_model(peft)
     enable(plain, gc_kwargs={"use_reentrant": False})
     ref = grads(plain, ids)
-    model = lora(tiny_model("llama"))
+    model = lora_model(peft)
     report = offload_only(model)
     assert len(layer_names(report)) == 2, report
     offloader = move_everything(model)
@@ -289,15 +292,12 @@ def test_frozen_embedding_output_is_not_held_through_backward(hooks_first):
 
     ids = batch()
 
-    def lora(model):
-        return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-
-    plain = lora(tiny_model("llama"))
+    plain = lora_model(peft)
     enable(plain, gc_kwargs={"use_reentrant": False})
     plain.enable_input_require_grads()
     ref = grads(plain, ids)
 
-    model = lora(tiny_model("llama"))
+    model = lora_model(peft)
     if hooks_first == "transformers":
         model.enable_input_require_grads()
     report = offload_only(model)
