@@ -15,6 +15,8 @@ process gives each variant its own peak memory):
   fastkern-offload     the defaults plus ``checkpointing="offload"``
   fastkern-torch-checkpoint  the defaults with ``checkpointing=False``: the checkpoint function TRL asks for
                        (torch's non-reentrant) instead of fastkern's "recompute"
+  fastkern-dequantize-again  the defaults, but NF4 projections dequantize their weight again in backward
+                       instead of reusing the checkpoint rerun's (attribution of that reuse; qlora mode)
   reference            unpatched, fp32 weights, TF32 off: the high-precision run the loss rule uses
 Modes: lora (r16 on all linear layers), full (full fine-tuning), qlora (NF4 double-quant base as
 transformers' BitsAndBytesConfig loads it, LoRA r16), packed (lora with SFTConfig(packing=True) over
@@ -45,7 +47,7 @@ import time
 from bench.e2e import common
 
 VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
-            "fastkern-offload", "fastkern-torch-checkpoint", "reference"]
+            "fastkern-offload", "fastkern-torch-checkpoint", "fastkern-dequantize-again", "reference"]
 # Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
 # compiles the whole model) always get their own process; with --shared-process the others share one.
 ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
@@ -100,8 +102,15 @@ def worker(args) -> dict:
     report = None
     patch_options = {"fastkern-offload": {"checkpointing": "offload"}, "fastkern-compile": {"compile": True},
                      "fastkern-torch-checkpoint": {"checkpointing": False}}.get(variant, {})
-    if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-torch-checkpoint"):
+    if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-torch-checkpoint",
+                   "fastkern-dequantize-again"):
         report = fastkern.patch_model(model, **patch_options)
+    # Attribution only: NF4 projections dequantize again in backward instead of reusing the checkpoint
+    # rerun's 16-bit weight (fastkern/ops/lora_linear.py, REUSE_MAX_ROWS); restored after the variant.
+    lora_ops = sys.modules["fastkern.ops.lora_linear"]
+    reuse_rows = lora_ops.REUSE_MAX_ROWS
+    if variant == "fastkern-dequantize-again":
+        lora_ops.REUSE_MAX_ROWS = 0
     callbacks = [timer := step_timer()]
     if args.profile:
         from transformers import TrainerCallback
@@ -128,6 +137,8 @@ def worker(args) -> dict:
         trainer.train()
     except Exception as exc:  # a variant that fails is reported as such, not hidden
         error = common.error_text(exc)
+    finally:
+        lora_ops.REUSE_MAX_ROWS = reuse_rows
     shutil.rmtree(out_dir, ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     warm = timer.times[2:] if len(timer.times) > 4 else timer.times

@@ -12,6 +12,11 @@ no call copies or concatenates a dense W. With xs = scaling * (x @ A.T) ([M, r],
   reduction dimension of the same GEMM: ``y = [x | xs] @ [W | B]^T`` (2K <= 3N) and
   ``[dY W | dY B] = dY @ [W | B]`` (N > 2K; dX is then copied out contiguous, see
   ``_concat_backward``); otherwise it takes the dense scheme on the dequantized W.
+* Inside a reentrant checkpoint's rerun (:func:`reusing_dequantized_weights`, which fastkern's
+  ``checkpointing="recompute"`` enters), each op's backward follows its rerun within the same layer,
+  so the rerun's 16-bit W is kept for that backward instead of dequantized a second time: one launch
+  and its host work less per NF4 projection per step, for one layer's 16-bit weights held between
+  the rerun and the backward (below ``REUSE_MAX_ROWS`` tokens, where the host is what limits the step).
 
 Tiers: the implementations ``_forward_impl`` / ``_backward_impl`` (taking the custom ops' flat
 arguments, so the eager paths call them directly); one autograd definition
@@ -25,7 +30,9 @@ and spells each check out otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +45,32 @@ from .nf4 import FlatNF4, dequantize_into, flatten_state
 
 # (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize) of an NF4 base, or None.
 Quant = tuple | None
+
+# Above this many rows (tokens) a call re-dequantizes W in backward even while reusing: there the GPU,
+# not the host, limits the step, the dequantization is ~1% of the GEMM, and a long sequence's memory
+# is better spent on activations (an 8B layer's 16-bit weights are ~0.4 GiB).
+REUSE_MAX_ROWS = 16384
+
+# Set by reusing_dequantized_weights(); ``last`` passes (x, W, concatenated) from _forward_impl to
+# _setup_context of the same call (the eager Function calls them back to back on one thread).
+_reuse = threading.local()
+
+
+@contextlib.contextmanager
+def reusing_dequantized_weights():
+    """Within this context an NF4 call's dequantized W is kept for its backward instead of recomputed.
+
+    For a region whose backward runs before it is run again or left for long: a reentrant
+    checkpoint's rerun in backward, where each kept W lives until its op's backward right after. Around
+    a plain forward it would keep every layer's 16-bit weights until the loss's backward. Same math:
+    the kept W is the one backward would dequantize (the version checks still apply)."""
+    previous = getattr(_reuse, "active", False)
+    _reuse.active = True
+    try:
+        yield
+    finally:
+        _reuse.active = previous
+        _reuse.last = None
 
 
 def _concat_path(k: int, n: int, nf4: bool) -> bool:
@@ -83,6 +116,8 @@ def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bia
         xs.mul_(scaling)
     concat = quant is not None and _concat_path(k, lora_b.shape[0], True)
     w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
+    if quant is not None and getattr(_reuse, "active", False) and x.shape[0] <= REUSE_MAX_ROWS:
+        _reuse.last = (x, w, concat)
     if concat:  # w is [W | B]
         x_cat = torch.cat([x, xs], dim=1)
         return (torch.mm(x_cat, w.t()) if bias is None else torch.addmm(bias, x_cat, w.t())), xs
@@ -92,15 +127,23 @@ def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bia
 def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                    code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
                    offset: Tensor | None, scaling: float, blocksize: int, nested_blocksize: int,
-                   need_x: bool, need_a: bool, need_b: bool, need_bias: bool):
-    """(dX [M, K], dA [r, K], dB [N, r], dbias [N]); a gradient not asked for is None."""
+                   need_x: bool, need_a: bool, need_b: bool, need_bias: bool, kept: tuple | None = None):
+    """(dX [M, K], dA [r, K], dB [N, r], dbias [N]); a gradient not asked for is None. ``kept``: the
+    forward's (W, concatenated) of an NF4 call under reusing_dequantized_weights, or None."""
     quant = None if code is None else (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
     k = x.shape[1]
     dy = grad_out.contiguous()
     grad_x = g = None
     if need_x:
         concat = quant is not None and _concat_backward(k, lora_b.shape[0], True)
-        w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
+        if quant is None:
+            w = weight
+        elif kept is not None and (kept[1] or not concat):
+            # N > 2K (concat here) implies 2K <= 3N (concat in forward): the forward's [W | B] serves
+            # both schemes, its first K columns being W (row stride K + r, which the GEMMs take as is).
+            w = kept[0] if concat or not kept[1] else kept[0][:, :k]
+        else:
+            w = _dequantized(weight, quant, lora_b, k, concat)
         if concat:
             both = torch.mm(dy, w)  # w is [W | B]: [dY W | dY B]
             g = both[:, k:] * scaling  # s dY B, a new [M, r] tensor
@@ -181,6 +224,12 @@ def _setup_context(ctx, inputs, output):
                     else _versions(weight, lora_a, lora_b, ctx.quant))
     ctx.opts = (scaling, blocksize, nested)
     ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.kept = None
+    last = getattr(_reuse, "last", None)
+    if last is not None:
+        _reuse.last = None
+        if last[0] is x:  # this call's own W (anything else is discarded, never used)
+            ctx.kept = last[1:]
 
 
 def _parameter_or_view(t: Tensor) -> bool:
@@ -227,9 +276,15 @@ def _backward(ctx, grad_out):
     code, absmax, absmax2, code2, offset = quant or (None,) * 5
     needs = ctx.needs_input_grad
     need_bias = ctx.bias_grad and needs[4]
-    grad_x, grad_a, grad_b, grad_bias = _backward_call(
-        grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, *ctx.opts,
-        needs[0], needs[2], needs[3], need_bias)
+    kept, ctx.kept = ctx.kept, None  # released with this backward
+    if kept is not None:  # only eager calls keep a W (reusing_dequantized_weights): no custom op here
+        grad_x, grad_a, grad_b, grad_bias = _backward_impl(
+            grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, *ctx.opts,
+            needs[0], needs[2], needs[3], need_bias, kept)
+    else:
+        grad_x, grad_a, grad_b, grad_bias = _backward_call(
+            grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, *ctx.opts,
+            needs[0], needs[2], needs[3], need_bias)
     return (grad_x if needs[0] else None, None, grad_a if needs[2] else None, grad_b if needs[3] else None,
             grad_bias if need_bias else None, None, None, None, None, None, None, None, None)
 
@@ -336,4 +391,6 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         out = _LORA_LINEAR(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])
     else:  # nothing to differentiate: skip autograd's bookkeeping (~10-20 us of host time)
         out = _forward_impl(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])[0]
+        if quant[0] is not None:
+            _reuse.last = None  # no backward will come for a W this call kept
     return out.view(*x.shape[:-1], n)

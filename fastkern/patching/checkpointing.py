@@ -34,6 +34,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..checkpointing import ActivationOffloader
+from ..ops.lora_linear import reusing_dequantized_weights
 from .context import PatchContext
 from .report import PatchReport
 
@@ -100,6 +101,11 @@ _REENTRANT_KWARGS = ("preserve_rng_state",)
 
 
 def _without_anchor(function, anchor, *args):
+    if torch.is_grad_enabled():
+        # The rerun in backward (the first call runs with autograd off): every op's backward follows
+        # within this layer, so NF4 LoRA calls may keep their 16-bit weights for it (ops/lora_linear.py).
+        with reusing_dequantized_weights():
+            return function(*args)
     return function(*args)
 
 

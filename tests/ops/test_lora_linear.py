@@ -1,5 +1,8 @@
 """lora_linear vs a float64 oracle: output and gradients of x, lora_A, lora_B (and bias), dense and NF4."""
 
+import contextlib
+import importlib
+
 import pytest
 import torch
 
@@ -284,3 +287,82 @@ def test_attention_gradients_through_nf4_o_proj_gpu(n):
     same = grads(torch.bfloat16, True)
     for name, got, o, s in zip("qkvAB", grads(torch.bfloat16, False), oracle, same):
         assert_close(got, o, torch.bfloat16, s, name=f"grad {name}")
+
+
+def _count_dequantizations(monkeypatch):
+    module = importlib.import_module("fastkern.ops.lora_linear")
+
+    calls = []
+    original = module.dequantize_into
+
+    def counting(out, *args, **kwargs):
+        calls.append(out.shape)
+        return original(out, *args, **kwargs)
+
+    monkeypatch.setattr(module, "dequantize_into", counting)
+    return calls
+
+
+def _grads_with_reuse(x, w, a, b, state, reuse: bool):
+    from fastkern.ops.lora_linear import reusing_dequantized_weights
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    with reusing_dequantized_weights() if reuse else contextlib.nullcontext():
+        out = lora_linear(leaves[0] * 1.5, w, leaves[1], leaves[2], 2.0, quant_state=state)
+    torch.nn.functional.silu(out).float().square().sum().backward()
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("n,k", [(96, 32), (48, 32), (16, 32)], ids=["n>2k", "2k<=3n", "narrow"])
+def test_reused_dequantized_weight_gives_identical_gradients(monkeypatch, n, k):
+    """Under reusing_dequantized_weights the backward takes the forward's 16-bit W (each forward /
+    backward scheme pair: [W | B] in both, [W | B] forward with W alone backward, W in both) instead
+    of dequantizing again; output and gradients are bit for bit those of a fresh dequantization."""
+    x, w, a, b, _, state = _inputs(13, n, k, 4, torch.bfloat16, True, False, seed=n + k)
+    calls = _count_dequantizations(monkeypatch)
+    fresh = _grads_with_reuse(x, w, a, b, state, reuse=False)
+    assert len(calls) == 2  # forward and backward
+    calls.clear()
+    reused = _grads_with_reuse(x, w, a, b, state, reuse=True)
+    assert len(calls) == 1, calls  # forward only
+    for name, got, want in zip(("out", "x", "lora_A", "lora_B"), reused, fresh):
+        assert torch.equal(got, want), f"{name} differs with the reused weight"
+
+
+def test_reuse_skips_long_inputs_and_dense_weights(monkeypatch):
+    module = importlib.import_module("fastkern.ops.lora_linear")
+
+    calls = _count_dequantizations(monkeypatch)
+    x, w, a, b, _, state = _inputs(13, 48, 32, 4, torch.float32, True, False, seed=2)
+    monkeypatch.setattr(module, "REUSE_MAX_ROWS", 12)  # 13 rows: above the limit
+    _grads_with_reuse(x, w, a, b, state, reuse=True)
+    assert len(calls) == 2
+    x, w, a, b, _, _ = _inputs(13, 48, 32, 4, torch.float32, False, False, seed=2)
+    _grads_with_reuse(x, w, a, b, None, reuse=True)  # dense: nothing kept (W is the weight itself)
+    assert getattr(module._reuse, "last", None) is None
+
+
+def test_reuse_never_hands_one_call_another_calls_weight():
+    """A W left by a forward whose autograd context was never set up is discarded by the next call, not
+    used (each call checks that the kept W came from its own input), and a call without gradients
+    keeps nothing."""
+    module = importlib.import_module("fastkern.ops.lora_linear")
+
+    x, w, a, b, _, state = _inputs(9, 48, 32, 4, torch.float32, True, False, seed=4)
+    x2, w2, a2, b2, _, state2 = _inputs(9, 48, 32, 4, torch.float32, True, False, seed=5)
+    nf4 = flatten_state("test", w, state, torch.float32)
+    with module.reusing_dequantized_weights():
+        with torch.no_grad():
+            lora_linear(x, w, a, b, 2.0, quant_state=state)
+        assert module._reuse.last is None
+        module._forward_impl(x, nf4.packed, a, b, None, nf4.code, nf4.absmax, nf4.absmax2, nf4.code2, nf4.offset, 2.0,
+                             nf4.blocksize, nf4.nested_blocksize)  # a stray forward
+        assert module._reuse.last is not None and module._reuse.last[0] is x
+        leaves = [t.clone().requires_grad_() for t in (x2, a2, b2)]
+        out = lora_linear(leaves[0], w2, leaves[1], leaves[2], 2.0, quant_state=state2)
+    assert module._reuse.last is None
+    out.sum().backward()
+    ref = [t.clone().requires_grad_() for t in (x2, a2, b2)]
+    lora_linear(ref[0], w2, ref[1], ref[2], 2.0, quant_state=state2).sum().backward()
+    for got, want in zip((t.grad for t in leaves), (t.grad for t in ref)):
+        assert torch.equal(got, want)

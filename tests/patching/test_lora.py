@@ -2,6 +2,7 @@
 loss and LoRA gradients as PEFT, call-time fallbacks, disable_adapter(), several adapters, unpatch."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -391,3 +392,30 @@ def test_gpu_qlora_model_under_autocast_with_checkpointing():
     assert ref_grads.keys() == grads.keys() and len(grads) == 28
     for name in ref_grads:
         assert _rel(grads[name], ref_grads[name]) < 1e-1, name
+
+
+def test_recompute_checkpointing_reuses_dequantized_nf4_weights(monkeypatch):
+    """With checkpointing="recompute" (the default whenever checkpointing is on), each NF4 projection
+    is dequantized twice per step (forward, rerun) instead of three times: the rerun's 16-bit weight
+    serves its backward. Gradients are bit for bit those of dequantizing again."""
+    lora_module = importlib.import_module("fastkern.ops.lora_linear")
+    model = _peft(_quantize_linears(_tiny("llama", torch.bfloat16, intermediate_size=128)))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    report = fastkern.patch_model(model, loss=False)
+    assert len(report.patched_names("lora")) == 14, str(report)
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
+    calls = []
+    original = lora_module.dequantize_into
+    monkeypatch.setattr(lora_module, "dequantize_into", lambda out, *a, **k: calls.append(1) or original(out, *a, **k))
+    _, reused_loss, reused = _run(model, ids)
+    assert len(calls) == 2 * 14, len(calls)
+    calls.clear()
+    monkeypatch.setattr(lora_module, "REUSE_MAX_ROWS", 0)  # dequantize again in backward
+    _, loss, grads = _run(model, ids)
+    assert len(calls) == 3 * 14, len(calls)
+    assert torch.equal(reused_loss, loss)
+    assert reused.keys() == grads.keys() and len(grads) == 28
+    for name in grads:
+        assert torch.equal(reused[name], grads[name]), name
