@@ -313,12 +313,8 @@ def _grads_with_reuse(x, w, a, b, state, reuse: bool):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("n,k", [(96, 32), (48, 32), (16, 32)], ids=["n>2k", "2k<=3n", "narrow"])
-def test_reused_dequantized_weight_gives_identical_gradients(monkeypatch, n, k):
-    """Under reusing_dequantized_weights the backward takes the forward's 16-bit W (each forward /
-    backward scheme pair: [W | B] in both, [W | B] forward with W alone backward, W in both) instead
-    of dequantizing again; output and gradients are bit for bit those of a fresh dequantization."""
-    x, w, a, b, _, state = _inputs(13, n, k, 4, torch.bfloat16, True, False, seed=n + k)
+def _assert_reuse_identical(monkeypatch, m, n, k, device):
+    x, w, a, b, _, state = _inputs(m, n, k, 16, torch.bfloat16, True, False, seed=n + k, device=device)
     calls = _count_dequantizations(monkeypatch)
     fresh = _grads_with_reuse(x, w, a, b, state, reuse=False)
     assert len(calls) == 2  # forward and backward
@@ -326,7 +322,29 @@ def test_reused_dequantized_weight_gives_identical_gradients(monkeypatch, n, k):
     reused = _grads_with_reuse(x, w, a, b, state, reuse=True)
     assert len(calls) == 1, calls  # forward only
     for name, got, want in zip(("out", "x", "lora_A", "lora_B"), reused, fresh):
-        assert torch.equal(got, want), f"{name} differs with the reused weight"
+        if device == "cpu":
+            assert torch.equal(got, want), f"{name} differs with the reused weight"
+        else:
+            # Same values of W; cuBLAS may pick another algorithm for W read with row stride K + r, so
+            # the GEMM's summation order (not its inputs) may differ.
+            err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+            assert err < 1e-3, f"{name}: relative error {err:.2e} with the reused weight"
+
+
+@pytest.mark.parametrize("n,k", [(96, 32), (48, 32), (16, 32)], ids=["n>2k", "2k<=3n", "narrow"])
+def test_reused_dequantized_weight_gives_identical_gradients(monkeypatch, n, k):
+    """Under reusing_dequantized_weights the backward takes the forward's 16-bit W (each forward /
+    backward scheme pair: [W | B] in both, [W | B] forward with W alone backward, W in both) instead
+    of dequantizing again; output and gradients are bit for bit those of a fresh dequantization."""
+    _assert_reuse_identical(monkeypatch, 13, n, k, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(8192, 2048), (2048, 2048), (512, 2048), (2048, 8192)],
+                         ids=["gate_up", "q_o", "k_v", "down"])
+def test_reused_dequantized_weight_gives_identical_gradients_gpu(monkeypatch, n, k):
+    # Llama-3.2-1B projections on cuBLAS, including W read as the first K columns of [W | B] (q_o).
+    _assert_reuse_identical(monkeypatch, 4096, n, k, "cuda")
 
 
 def test_reuse_skips_long_inputs_and_dense_weights(monkeypatch):
