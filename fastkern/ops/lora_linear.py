@@ -141,7 +141,7 @@ def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora
         elif kept is not None and (kept[1] or not concat):
             # N > 2K (concat here) implies 2K <= 3N (concat in forward): the forward's [W | B] serves
             # both schemes, its first K columns being W (row stride K + r, which the GEMMs take as is).
-            w = kept[0] if concat or not kept[1] else kept[0][:, :k]
+            w = kept[0][:, :k] if kept[1] and not concat else kept[0]
         else:
             w = _dequantized(weight, quant, lora_b, k, concat)
         if concat:
@@ -225,7 +225,7 @@ def _setup_context(ctx, inputs, output):
     ctx.opts = (scaling, blocksize, nested)
     ctx.bias_grad = bias is not None and bias.requires_grad
     ctx.kept = None
-    last = getattr(_reuse, "last", None)
+    last = None if code is None else getattr(_reuse, "last", None)  # dense calls keep nothing
     if last is not None:
         _reuse.last = None
         if last[0] is x:  # this call's own W (anything else is discarded, never used)
