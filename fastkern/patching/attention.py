@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ..ops.rope import rope
 from . import packing
-from .context import PatchContext, instance_forward
+from .context import PatchContext, instance_forward, probe_mode
 from .report import PatchReport
 
 # Relative error norm allowed between the original and the patched attention in the probe.
@@ -222,16 +222,12 @@ def _probe(module: nn.Module, config: AttentionConfig) -> str | None:
     else:
         emb = torch.cat([angles, angles], dim=-1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-    training = module.training
-    module.training = False  # dropout off for the comparison
     try:
-        with torch.no_grad(), torch.device(param.device):
+        with probe_mode(module), torch.no_grad(), torch.device(param.device):
             expected, _ = type(module).forward(module, x, position_embeddings=(cos, sin), attention_mask=None)
             got, _ = _attention(module, config, x, (cos, sin), None, None)
     except Exception as exc:
         return f"patched forward failed on a probe input: {type(exc).__name__}: {exc}"
-    finally:
-        module.training = training
     expected, got = expected.double(), got.double()
     err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
     tol = _PROBE_TOL.get(dtype, 1e-2)

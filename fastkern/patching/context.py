@@ -7,6 +7,7 @@ core -> options -> patchers -> context.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -17,6 +18,26 @@ import torch.nn as nn
 
 from .report import PatchReport
 from .specs import FamilySpec
+
+
+@contextlib.contextmanager
+def probe_mode(module: nn.Module):
+    """Modes for a patch-time probe of ``module``, restored afterwards: every submodule in eval mode
+    (active dropout, e.g. PEFT's lora_dropout, would draw different masks for the original and the
+    patched run, so a correct patch would measure as a mismatch, and would consume the global RNG),
+    except bitsandbytes layers, which stay in training mode. In eval mode with an input that does not
+    require grad, bitsandbytes' 4-bit layer on the CPU repacks its weight for its CPU kernel in place
+    (and fails on widths its packing cannot tile): a probe must not change the model it inspects.
+    bitsandbytes layers have no dropout, so their training flag changes nothing else in a forward."""
+    modes = [(m, m.training) for m in module.modules()]
+    for m, _ in modes:
+        m.training = m.__class__.__module__.startswith("bitsandbytes.")
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
 
 # fastkern functions installed as instance forwards, mapped to the patcher kind that owns them.
 _INSTANCE_FORWARDS: dict[Callable, str] = {}

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..ops.glu import geglu, swiglu
 from ..reference.glu import activation_reference
-from .context import PatchContext, instance_forward
+from .context import PatchContext, instance_forward, probe_mode
 from .report import PatchReport
 
 _REQUIRED_KEYS = ("class", "down", "act", "activation")
@@ -94,9 +94,12 @@ def _probe(module: nn.Module, config: tuple, in_features: int) -> str | None:
     # numbers patched or not), and a surrounding `with torch.device("meta")` block does not move the probe.
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(3, in_features, generator=gen, device="cpu").to(device=param.device, dtype=dtype)
-    with torch.no_grad(), torch.device(param.device):
-        expected = type(module).forward(module, x)
-        got = _glu_mlp(module, config, x)
+    try:
+        with probe_mode(module), torch.no_grad(), torch.device(param.device):
+            expected = type(module).forward(module, x)
+            got = _glu_mlp(module, config, x)
+    except Exception as exc:
+        return f"patched forward failed on a probe input: {type(exc).__name__}: {exc}"
     expected, got = expected.double(), got.double()
     err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
     tol = _PROBE_TOL.get(dtype, 1e-2)

@@ -46,7 +46,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..ops.moe_experts import ACTIVATIONS, moe_experts
-from .context import PatchContext, instance_forward
+from .context import PatchContext, instance_forward, probe_mode
 from .mlp import detect_activation
 from .report import PatchReport
 
@@ -190,7 +190,7 @@ def _probe(module: nn.Module, layout: ExpertsLayout) -> str | None:
         return "skip-probe: parameters on the meta device"
     gen = torch.Generator(device="cpu").manual_seed(0)
     tol = _PROBE_TOL.get(gate_up.dtype, 1e-2)
-    with torch.no_grad(), torch.device(gate_up.device):
+    with probe_mode(module), torch.no_grad(), torch.device(gate_up.device):
         for x, ids, w in _probe_inputs(module, layout, gen):
             try:
                 expected = _eager_forward(module)(module, x, ids, w)

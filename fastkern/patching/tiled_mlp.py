@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.tiled_mlp import DEFAULT_TILE_BYTES, tiled_mlp
-from .context import PatchContext, fastkern_forward_kind, instance_forward, signed_forward
+from .context import PatchContext, fastkern_forward_kind, instance_forward, probe_mode, signed_forward
 from .report import PatchReport
 
 _KIND = "tiled_mlp"
@@ -130,19 +130,12 @@ def _probe(module: nn.Module, cfg: TiledMLPConfig, hidden: int) -> str | None:
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(1, 5, hidden, generator=gen, device="cpu").to(device=param.device, dtype=dtype)
     inner = types.MethodType(_inner_forward(module, cfg), module)
-    # Eval mode for the probe (flags restored after): active dropout (e.g. PEFT's lora_dropout) would
-    # draw different masks for the two runs, and would consume the global RNG.
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
     try:
-        with torch.no_grad():
+        with probe_mode(module), torch.no_grad():
             expected = inner(x).double()
             got = tiled_mlp(inner, x, [], rows=3).double()
     except Exception as exc:  # an MLP that cannot run on a tile is not tiled
         return f"the MLP failed on a tile: {type(exc).__name__}: {exc}"
-    finally:
-        for m, training in modes:
-            m.training = training
     err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
     tol = _PROBE_TOL[dtype]
     if not err <= tol:
