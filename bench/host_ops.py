@@ -342,12 +342,15 @@ def time_steps(mode: str, patched: bool, layers: int = 16, steps: int = 25, warm
     """Median ms of a training step with every Triton launch stubbed out, on one CPU thread (the CPU
     proxy of the host time, module docstring)."""
     threads = torch.get_num_threads()
+    # Built (and patched) before the launches are stubbed: patch_model's probes run the kernels, and a
+    # stubbed kernel would fail them, so those patches would be skipped and the timing would be of a
+    # partly patched model.
+    model = build(mode, layers, patched)
     saved = [(cls, cls.run) for cls in _kernel_classes()]
     torch.set_num_threads(1)
     for cls, _ in saved:
         cls.run = _no_launch
     try:
-        model = build(mode, layers, patched)
         batch = _batch()
         times = []
         for _ in range(warmup + steps):

@@ -50,3 +50,18 @@ def test_time_steps_stubs_launches_and_restores_them():
     ms = host_ops.time_steps("full", True, layers=1, steps=1, warmup=1)
     assert ms > 0
     assert [(cls, cls.run) for cls, _ in runs] == runs and torch.get_num_threads() == threads
+
+
+@pytest.mark.skipif(runtime.path_for(torch.empty(0)) != "interpreter", reason="needs TRITON_INTERPRET=1")
+def test_time_steps_times_a_fully_patched_model(monkeypatch):
+    # The probes of patch_model run the kernels: patching after the launches are stubbed would fail them
+    # and time a model with mlp / norm / rope skipped.
+    import fastkern
+
+    host_ops = _host_ops()
+    reports = []
+    patch = fastkern.patch_model
+    monkeypatch.setattr(fastkern, "patch_model", lambda model, **kw: reports.append(patch(model, **kw)) or reports[-1])
+    host_ops.time_steps("lora", True, layers=1, steps=1, warmup=0)
+    assert len(reports) == 1 and not reports[0].skipped, reports[0]
+    assert {"mlp", "norm", "rope", "lora"} <= {e.kind for e in reports[0].patched}
