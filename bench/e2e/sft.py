@@ -36,6 +36,7 @@ ratios against TRL and TRL + Liger) and DIR/sft.png. ``--tiny``: the tiny Llama 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import statistics
@@ -105,12 +106,6 @@ def worker(args) -> dict:
     if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-torch-checkpoint",
                    "fastkern-dequantize-again"):
         report = fastkern.patch_model(model, **patch_options)
-    # Attribution only: NF4 projections dequantize again in backward instead of reusing the checkpoint
-    # rerun's 16-bit weight (fastkern/ops/lora_linear.py, REUSE_MAX_ROWS); restored after the variant.
-    lora_ops = sys.modules["fastkern.ops.lora_linear"]
-    reuse_rows = lora_ops.REUSE_MAX_ROWS
-    if variant == "fastkern-dequantize-again":
-        lora_ops.REUSE_MAX_ROWS = 0
     callbacks = [timer := step_timer()]
     if args.profile:
         from transformers import TrainerCallback
@@ -133,7 +128,14 @@ def worker(args) -> dict:
         report = fastkern.patch_model(trainer.model)
     common.reset_peak(device)
     error = None
+    # Attribution only: NF4 projections dequantize again in backward instead of reusing the checkpoint
+    # rerun's 16-bit weight (fastkern/ops/lora_linear.py, REUSE_MAX_ROWS); restored after the variant.
+    # (By module path: fastkern.ops.lora_linear the attribute is the function of that name.)
+    lora_ops = importlib.import_module("fastkern.ops.lora_linear")
+    reuse_rows = lora_ops.REUSE_MAX_ROWS
     try:
+        if variant == "fastkern-dequantize-again":
+            lora_ops.REUSE_MAX_ROWS = 0
         trainer.train()
     except Exception as exc:  # a variant that fails is reported as such, not hidden
         error = common.error_text(exc)
