@@ -121,7 +121,7 @@ def nf4_bytes(n: int) -> int:
 
 def pinned_bytes(nbytes: int) -> int:
     """Host memory one pinned buffer of ``nbytes`` costs: PyTorch's pinned allocator rounds to a power of
-    two, and the offloader's pool allocates that size (fastkern/checkpointing.py)."""
+    two, and the offloader's pool allocates that size (fastkern/offload/pool.py)."""
     return 1 << max(nbytes - 1, 1).bit_length()
 
 

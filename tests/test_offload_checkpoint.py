@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 import fastkern
-from fastkern.checkpointing import ActivationOffloader, HostBufferPool, offload_checkpoint
+from fastkern.offload import ActivationOffloader, HostBufferPool, offload_checkpoint
 
 
 class Block(nn.Module):
@@ -344,7 +344,7 @@ def fake_streams(monkeypatch):
     """Run the CUDA branch of the offloader on CPU tensors with recording streams and events."""
     import contextlib
 
-    import fastkern.checkpointing as module
+    import fastkern.offload.offloader as module
 
     log = []
     compute = _FakeStream("compute", log)
@@ -533,13 +533,16 @@ def test_gpu_peak_lower_while_the_cpu_runs_ahead():
 
 @pytest.fixture
 def available(monkeypatch):
-    """Fake MemAvailable (bytes) for the budget and the per-allocation check; set ``available.bytes``."""
-    import fastkern.checkpointing as module
+    """Fake MemAvailable (bytes) for the budget and the per-allocation check; set ``available.bytes``.
+    The budget reads it in offloader.py, the per-allocation check in pool.py: both are faked."""
+    import fastkern.offload.offloader
+    import fastkern.offload.pool
 
     class Available:
         bytes = 64 << 30
 
-    monkeypatch.setattr(module, "_available_host_bytes", lambda: Available.bytes)
+    for module in (fastkern.offload.offloader, fastkern.offload.pool):
+        monkeypatch.setattr(module, "_available_host_bytes", lambda: Available.bytes)
     return Available
 
 
@@ -589,7 +592,7 @@ def test_unreadable_available_ram_keeps_everything_on_the_device(available):
 def test_new_buffer_refused_when_ram_available_now_is_low(available):
     """A budget read earlier does not force an allocation the host can no longer give: a new buffer must
     leave HOST_RESERVE_BYTES available (a pageable one may shrink to the exact size to fit)."""
-    from fastkern.checkpointing import HOST_RESERVE_BYTES
+    from fastkern.offload import HOST_RESERVE_BYTES
 
     pool = HostBufferPool(pin_memory=False, max_bytes=1 << 40)
     available.bytes = HOST_RESERVE_BYTES + 65535  # a 64 KiB buffer does not fit, 960 bytes do
@@ -625,7 +628,7 @@ def test_pinned_buffers_are_counted_at_their_power_of_two_size(monkeypatch, avai
     pool.release(first)
     assert pool.acquire(3 << 20, pinned=True) is first  # reused, nothing allocated
     assert pool.allocations == 2
-    import fastkern.checkpointing as module
+    import fastkern.offload.pool as module
 
     released = []
     monkeypatch.setattr(module, "_release_cached_pinned", lambda: released.append(pool.bytes_held))

@@ -12,7 +12,7 @@ So, per model instance, ``patch_model(model, checkpointing="offload")``:
 
 1. gives each PreTrainedModel inside ``model`` an instance-level ``_set_gradient_checkpointing`` that
    swaps the function it is handed for an :class:`OffloadCheckpointFunction` over the model's own
-   :class:`~fastkern.checkpointing.ActivationOffloader`, keeping the checkpoint keyword arguments
+   :class:`~fastkern.offload.ActivationOffloader`, keeping the checkpoint keyword arguments
    (``context_fn`` from TRL's selective checkpointing, ``preserve_rng_state``, ...). Checkpointing
    turned on later by the user, by the Trainer (TRL turns it on by default) or re-enabled by TRL around
    generation therefore offloads too;
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from ..checkpointing import ActivationOffloader
+from ..offload import ActivationOffloader
 from ..ops.lora_linear import reusing_dequantized_weights
 from .context import PatchContext
 from .report import PatchReport

@@ -228,9 +228,11 @@ def test_trl_sft_trainer_gradient_checkpointing_runs_offloaded():
 
 
 def test_host_budget_option_and_report(monkeypatch):
-    import fastkern.checkpointing as module
+    import fastkern.offload.offloader
+    import fastkern.offload.pool
 
-    monkeypatch.setattr(module, "_available_host_bytes", lambda: 8 << 30)
+    for module in (fastkern.offload.offloader, fastkern.offload.pool):  # the budget, the per-buffer check
+        monkeypatch.setattr(module, "_available_host_bytes", lambda: 8 << 30)
     from fastkern.patching.core import _patchers
 
     off = {p.option: None for p in _patchers()}
