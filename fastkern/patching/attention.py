@@ -37,11 +37,10 @@ import torch.nn as nn
 
 from ..ops.rope import rope
 from . import packing
-from .context import PatchContext, instance_forward, probe_mode
+from .context import PatchContext, instance_forward
+from .probe import ProbeVerdict, meta_skip, probe_generator, run_probe, tolerance
 from .report import PatchReport
 
-# Relative error norm allowed between the original and the patched attention in the probe.
-_PROBE_TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 _SLIDING_WINDOW = ("none", "config", "attribute")
 # Where q_norm/k_norm apply: per head on the [B, T, H, D] view (Qwen3, Gemma3, Cohere) or over the whole
 # projection output before the view (OLMo 2/3 normalise all heads together).
@@ -201,16 +200,14 @@ def _rotary_dim(module: nn.Module) -> int:
     return int(module.head_dim * (factor or 1.0)) // 2 * 2
 
 
-def _probe(module: nn.Module, config: AttentionConfig) -> str | None:
-    """None if the patched forward matches the class forward on a random input, else why not."""
+def _probe(module: nn.Module, config: AttentionConfig) -> ProbeVerdict:
+    """Whether the patched forward matches the class forward on a random input and random cos/sin."""
     param = next(module.parameters(), None)
-    if param is None or param.device.type == "meta":
-        return "skip-probe: parameters on the meta device"
+    if (skip := meta_skip(param)) is not None:
+        return skip
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
     hidden = module.config.hidden_size
-    # Own generator and explicit devices: the global RNG is left as it was, and a surrounding
-    # `with torch.device("meta")` block does not move the probe (the module's device context below wins).
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = probe_generator()
     x = torch.randn(2, 5, hidden, generator=gen, device="cpu").to(device=param.device, dtype=dtype)
     angles = torch.randn(2, 5, _rotary_dim(module) // 2, generator=gen, device="cpu").to(param.device) * 3
     # In the layout the family's rotary embedding produces; the patched rotation is exact for any cos/sin
@@ -222,18 +219,10 @@ def _probe(module: nn.Module, config: AttentionConfig) -> str | None:
     else:
         emb = torch.cat([angles, angles], dim=-1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-    try:
-        with probe_mode(module), torch.no_grad(), torch.device(param.device):
-            expected, _ = type(module).forward(module, x, position_embeddings=(cos, sin), attention_mask=None)
-            got, _ = _attention(module, config, x, (cos, sin), None, None)
-    except Exception as exc:
-        return f"patched forward failed on a probe input: {type(exc).__name__}: {exc}"
-    expected, got = expected.double(), got.double()
-    err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-    tol = _PROBE_TOL.get(dtype, 1e-2)
-    if not err <= tol:  # also catches NaN
-        return f"patched forward differs from {type(module).__name__}.forward: relative error {err:.2e} > {tol:.0e}"
-    return None
+    return run_probe(module,
+                     lambda: type(module).forward(module, x, position_embeddings=(cos, sin), attention_mask=None)[0],
+                     lambda: _attention(module, config, x, (cos, sin), None, None)[0],
+                     tolerance("rope", dtype))
 
 
 def _config_from_section(spec, section, fused_rope: bool = True) -> AttentionConfig:
@@ -288,7 +277,7 @@ class AttentionPatcher:
                 classes[cls] = _config_from_section(spec, section)
             except (LookupError, ValueError) as exc:
                 ctx.report.problems.append(f"{exc}; attention not patched")
-        probed: dict[tuple[type, torch.dtype | None, bool], str | None] = {}
+        probed: dict[tuple[type, torch.dtype | None, bool], ProbeVerdict] = {}
         for name, module in ctx.named_modules():
             config = classes.get(type(module))
             if config is None:

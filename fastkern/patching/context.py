@@ -1,13 +1,13 @@
-"""What patchers share: the patch context and the registry of fastkern instance forwards.
+"""What patchers share: the patch context and the registry of fastkern instance forwards (the
+patch-time probes they share are in probe.py).
 
 Patchers (mlp.py, norm.py, ...) import this module and the API (core.py) imports the patchers through
 the options table (options.py); this module imports no patcher, so the dependencies run one way:
-core -> options -> patchers -> context.
+core -> options -> patchers -> context -> probe.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import types
@@ -16,27 +16,9 @@ from typing import Any, Callable, Protocol
 
 import torch.nn as nn
 
+from .probe import ProbeVerdict
 from .report import PatchReport
 from .specs import FamilySpec
-
-
-@contextlib.contextmanager
-def probe_mode(module: nn.Module):
-    """Modes for a patch-time probe of ``module``, restored afterwards: every submodule in eval mode
-    (active dropout, e.g. PEFT's lora_dropout, would draw different masks for the original and the
-    patched run, so a correct patch would measure as a mismatch, and would consume the global RNG),
-    except bitsandbytes layers, which stay in training mode. In eval mode with an input that does not
-    require grad, bitsandbytes' 4-bit layer on the CPU repacks its weight for its CPU kernel in place
-    (and fails on widths its packing cannot tile): a probe must not change the model it inspects.
-    bitsandbytes layers have no dropout, so their training flag changes nothing else in a forward."""
-    modes = [(m, m.training) for m in module.modules()]
-    for m, _ in modes:
-        m.training = m.__class__.__module__.startswith("bitsandbytes.")
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 # fastkern functions installed as instance forwards, mapped to the patcher kind that owns them.
@@ -151,12 +133,10 @@ class PatchContext:
         return True
 
     def replace_forward_probed(self, module: nn.Module, name: str, fn: Callable, detail: str, state: dict,
-                               verdict: str | None) -> bool:
-        """``replace_forward`` after a probe: None (matched) patches; "skip-probe: why" patches and says
-        it was not probed; any other verdict (a measured mismatch) skips the module with it."""
-        if verdict is not None and not verdict.startswith("skip-probe"):
-            self.report.add_skipped(name, _INSTANCE_FORWARDS[fn], verdict)
+                               verdict: ProbeVerdict) -> bool:
+        """``replace_forward`` after a probe (probe.py): a mismatch skips the module with its reason; ok
+        and not_probed patch, the latter saying so in the detail."""
+        if verdict.skips:
+            self.report.add_skipped(name, _INSTANCE_FORWARDS[fn], verdict.reason)
             return False
-        if verdict is not None:
-            detail += f" ({verdict.removeprefix('skip-probe: ')}; not probed)"
-        return self.replace_forward(module, name, fn, detail, state)
+        return self.replace_forward(module, name, fn, verdict.annotate(detail), state)

@@ -5,7 +5,7 @@ bound to a fastkern function, plus ``_fastkern_*`` attributes holding what that 
 other models in the process are untouched, ``copy.deepcopy`` carries the patch to the copy, and
 unpatching deletes those attributes. The options (names, defaults, accepted values, order) are the
 table in options.py; the patchers they drive (one per option) live in sibling modules and share
-context.py.
+context.py and probe.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from ..ops.glu import geglu, swiglu
 from ..reference.glu import activation_reference
-from .context import PatchContext, instance_forward, probe_mode
+from .context import PatchContext, instance_forward
+from .probe import ProbeVerdict, meta_skip, not_probed, probe_generator, run_probe, tolerance
 from .report import PatchReport
 
 _REQUIRED_KEYS = ("class", "down", "act", "activation")
@@ -40,8 +41,6 @@ def _projection_names(section) -> tuple[str, str | None, str]:
         return section["gate_up"], None, section["down"]
     return section["gate"], section["up"], section["down"]
 _KERNEL_NAMES = {"silu": "swiglu", "gelu_tanh": "geglu(tanh)", "gelu": "geglu(erf)"}
-# Relative error norm allowed between the original and the patched MLP in the probe.
-_PROBE_TOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def _fused(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -84,34 +83,21 @@ def detect_activation(act_fn) -> str | None:
     return None
 
 
-def _probe(module: nn.Module, config: tuple, in_features: int) -> str | None:
-    """None if the patched forward matches the class forward on a random input, else why not."""
+def _probe(module: nn.Module, config: tuple, in_features: int) -> ProbeVerdict:
+    """Whether the patched forward matches the class forward on a random input."""
     param = next(module.parameters(), None)
-    if param is None or param.device.type == "meta":
-        return "skip-probe: parameters on the meta device"
+    if (skip := meta_skip(param)) is not None:
+        return skip
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-    # Own generator and explicit devices: the global RNG is left as it was (a seeded script draws the same
-    # numbers patched or not), and a surrounding `with torch.device("meta")` block does not move the probe.
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(3, in_features, generator=gen, device="cpu").to(device=param.device, dtype=dtype)
-    try:
-        with probe_mode(module), torch.no_grad(), torch.device(param.device):
-            expected = type(module).forward(module, x)
-            got = _glu_mlp(module, config, x)
-    except Exception as exc:
-        return f"patched forward failed on a probe input: {type(exc).__name__}: {exc}"
-    expected, got = expected.double(), got.double()
-    err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-    tol = _PROBE_TOL.get(dtype, 1e-2)
-    if not err <= tol:  # also catches NaN
-        return f"patched forward differs from {type(module).__name__}.forward: relative error {err:.2e} > {tol:.0e}"
-    return None
+    x = torch.randn(3, in_features, generator=probe_generator(), device="cpu").to(device=param.device, dtype=dtype)
+    return run_probe(module, lambda: type(module).forward(module, x), lambda: _glu_mlp(module, config, x),
+                     tolerance("mlp", dtype))
 
 
 class MLPPatcher:
     def apply(self, ctx: PatchContext, value) -> None:
         classes = ctx.section_classes("mlp", _REQUIRED_KEYS, "MLP", check=_check_projections)
-        probed: dict[tuple[type, torch.dtype], str | None] = {}
+        probed: dict[tuple[type, torch.dtype], ProbeVerdict] = {}
         for name, module in ctx.named_modules():
             section = classes.get(type(module))
             if section is None:
@@ -137,7 +123,8 @@ class MLPPatcher:
             param = next(module.parameters(), None)
             key = (type(module), param.dtype if param is not None else None)
             if key not in probed:
-                probed[key] = _probe(module, config, in_features) if in_features else "skip-probe: gate has no in_features"
+                probed[key] = (_probe(module, config, in_features) if in_features
+                               else not_probed("gate has no in_features"))
             detail = f"{type(module).__name__} -> {_KERNEL_NAMES[activation]}"
             detail += f" (fused {names[0]} split in halves)" if names[1] is None else ""
             ctx.replace_forward_probed(module, name, fused_glu_mlp_forward, detail, {"mlp": config}, probed[key])

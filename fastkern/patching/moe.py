@@ -46,13 +46,13 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..ops.moe_experts import ACTIVATIONS, moe_experts
-from .context import PatchContext, instance_forward, probe_mode
+from .context import PatchContext, instance_forward
 from .mlp import detect_activation
+from .probe import OK, NotProbed, ProbeVerdict, meta_skip, probe_generator, run_probe, tolerance
 from .report import PatchReport
 
 _REQUIRED_KEYS = ("class", "gate_up", "down", "activation")
 _ORDERS = ("concatenated", "interleaved")
-_PROBE_TOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 @dataclass(frozen=True)
@@ -184,25 +184,27 @@ def _probe_inputs(module: nn.Module, layout: ExpertsLayout, gen: torch.Generator
     return inputs
 
 
-def _probe(module: nn.Module, layout: ExpertsLayout) -> str | None:
+def _probe(module: nn.Module, layout: ExpertsLayout) -> ProbeVerdict:
     gate_up = getattr(module, layout.gate_up)
-    if gate_up.device.type == "meta":
-        return "skip-probe: parameters on the meta device"
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    tol = _PROBE_TOL.get(gate_up.dtype, 1e-2)
-    with probe_mode(module), torch.no_grad(), torch.device(gate_up.device):
-        for x, ids, w in _probe_inputs(module, layout, gen):
-            try:
-                expected = _eager_forward(module)(module, x, ids, w)
-            except Exception as exc:  # an original that cannot run here (a dtype without a kernel): not probed
-                return f"skip-probe: the original forward failed ({type(exc).__name__})"
-            got = _grouped(module, layout, x, ids, w)
-            expected, got = expected.double(), got.double()
-            err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-            if not err <= tol:  # also catches NaN
-                return (f"patched forward differs from {type(module).__name__}.forward: relative error {err:.2e} > "
-                        f"{tol:.0e}")
-    return None
+    if (skip := meta_skip(gate_up)) is not None:
+        return skip
+    tol = tolerance("moe", gate_up.dtype)
+
+    def expected(x, ids, w):
+        try:
+            return _eager_forward(module)(module, x, ids, w)
+        except Exception as exc:  # an original that cannot run here (a dtype without a kernel): not probed
+            raise NotProbed(f"the original forward failed ({type(exc).__name__})") from exc
+
+    # Drawn under the device and grad modes the runs use: randperm lands on the experts' device and the
+    # clamp scaling records no graph.
+    with torch.no_grad(), torch.device(gate_up.device):
+        inputs = _probe_inputs(module, layout, probe_generator())
+    for x, ids, w in inputs:
+        verdict = run_probe(module, lambda: expected(x, ids, w), lambda: _grouped(module, layout, x, ids, w), tol)
+        if verdict != OK:
+            return verdict
+    return OK
 
 
 def _flags_problem(module: nn.Module, layout: ExpertsLayout) -> str | None:
@@ -286,7 +288,7 @@ class MoEExpertsPatcher:
             return
         layouts = {cls: _layout(section, cls) for cls, section in classes.items()}
         peft_targeted = _peft_targeted(ctx.model)
-        probed: dict[tuple[type, torch.dtype], str | None] = {}
+        probed: dict[tuple[type, torch.dtype], ProbeVerdict] = {}
         for name, module in ctx.named_modules():
             layout = layouts.get(type(module))
             if layout is None:

@@ -25,15 +25,13 @@ import torch.nn as nn
 
 from ..ops.rms_norm import rms_norm
 from .context import PatchContext, instance_forward
+from .probe import ProbeVerdict, meta_skip, probe_generator, run_probe, tolerance
 from .report import PatchReport
 
 _REQUIRED_KEYS = ("class", "form", "eps")
 # (weight_offset, cast_before_weight). llama: weight * normed.to(dtype); gemma: ((1 + weight) * normed) in
 # fp32, then cast; olmo: (weight * normed) in fp32, then cast (OLMo 2/3, gpt-oss).
 _FORMS = {"llama": (0.0, True), "gemma": (1.0, False), "olmo": (0.0, False)}
-# Relative error norm allowed between the original and the patched norm in the probe (the op rounds
-# once where transformers' llama form rounds the same way; the rest is fp32 summation order).
-_PROBE_TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @instance_forward("norm")
@@ -45,12 +43,9 @@ def fused_rms_norm_forward(self, hidden_states):
                     cast_before_weight=cast_before_weight)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _probe_run(module: nn.Module, patched: bool, x, dy, config: tuple):
+    """(output, grad x, grad weight) of one forward and backward on a private copy of the module (the real
+    one is left untouched, and its weight may be frozen)."""
     eps_name, weight_offset, cast_before_weight = config
     copy_ = copy.deepcopy(module)
     copy_.weight.requires_grad_(True)
@@ -63,28 +58,18 @@ def _probe_run(module: nn.Module, patched: bool, x, dy, config: tuple):
     return (y, *torch.autograd.grad(y, (xr, copy_.weight), dy))
 
 
-def _probe(module: nn.Module, config: tuple) -> str | None:
-    """None if the patched forward (and its gradients) match the class forward, else why not.
-
-    Runs on private copies of the module (the real one is left untouched, its weight may be frozen)."""
+def _probe(module: nn.Module, config: tuple) -> ProbeVerdict:
+    """Whether the patched forward and its gradients match the class forward's on a random input."""
     weight = module.weight
-    if weight.device.type == "meta":
-        return "skip-probe: parameters on the meta device"
+    if (skip := meta_skip(weight)) is not None:
+        return skip
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    # Own generator and explicit devices: the global RNG is left as it was, and a surrounding
-    # `with torch.device("meta")` block does not move the probe.
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = probe_generator()
     x = torch.randn(4, weight.shape[0], generator=gen, device="cpu").to(device=weight.device, dtype=dtype)
     dy = torch.randn(4, weight.shape[0], generator=gen, device="cpu").to(device=weight.device, dtype=dtype)
-    with torch.enable_grad(), torch.device(weight.device):  # patch_model may be called under no_grad
-        results = [_probe_run(module, patched, x, dy, config) for patched in (False, True)]
-    tol = _PROBE_TOL.get(dtype, 1e-2)
-    for name, want, got in zip(("output", "grad x", "grad weight"), results[0], results[1]):
-        err = _rel(got, want)
-        if not err <= tol:  # also catches NaN
-            return (f"patched forward differs from {type(module).__name__}.forward in {name}: relative error "
-                    f"{err:.2e} > {tol:.0e}")
-    return None
+    return run_probe(module, lambda: _probe_run(module, False, x, dy, config),
+                     lambda: _probe_run(module, True, x, dy, config), tolerance("norm", dtype),
+                     names=("output", "grad x", "grad weight"), grad=True)
 
 
 class NormPatcher:
@@ -92,7 +77,7 @@ class NormPatcher:
         classes = ctx.section_classes(
             "norm", _REQUIRED_KEYS, "norms",
             check=lambda s: None if s["form"] in _FORMS else f"form {s['form']!r} is not one of {sorted(_FORMS)}")
-        probed: dict[tuple[type, torch.dtype], str | None] = {}
+        probed: dict[tuple[type, torch.dtype], ProbeVerdict] = {}
         for name, module in ctx.named_modules():
             section = classes.get(type(module))
             if section is None:

@@ -298,8 +298,8 @@ def _attention_plan(ctx: PatchContext, spec, backbone: nn.Module, backbone_name:
         key = (param.dtype if param is not None else None, _rotates(attn, config))
         if key not in probed:
             probed[key] = _probe(attn, config)
-        if probed[key] is not None and not probed[key].startswith("skip-probe"):
-            return [], f"{attn_name}: {probed[key]}"
+        if probed[key].skips:
+            return [], f"{attn_name}: {probed[key].reason}"
         plan.append((attn_name, attn, config, probed[key]))
     return plan, None
 

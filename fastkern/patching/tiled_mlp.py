@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 
 from ..ops.tiled_mlp import DEFAULT_TILE_BYTES, tiled_mlp
-from .context import PatchContext, fastkern_forward_kind, instance_forward, probe_mode, signed_forward
+from .context import PatchContext, fastkern_forward_kind, instance_forward, signed_forward
+from .probe import PROBE_TOL, ProbeVerdict, meta_skip, probe_generator, run_probe, tolerance
 from .report import PatchReport
 
 _KIND = "tiled_mlp"
@@ -39,7 +40,6 @@ _KIND = "tiled_mlp"
 AUTO_BYTES = 512 << 20
 # Per-tile budget for one [rows, intermediate] tensor (fastkern.ops.tiled_mlp.tile_rows); read at patch time.
 TILE_BYTES = DEFAULT_TILE_BYTES
-_PROBE_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,34 +120,25 @@ def _mlp_classes(ctx: PatchContext) -> dict[type, dict]:
     return classes
 
 
-def _probe(module: nn.Module, cfg: TiledMLPConfig, hidden: int) -> str | None:
-    """None if two tiles of a short input reproduce the untiled forward, else why not."""
+def _probe(module: nn.Module, cfg: TiledMLPConfig, hidden: int) -> ProbeVerdict:
+    """Whether two tiles of a short input reproduce the untiled forward."""
     param = next(module.parameters(), None)
-    if param is None or param.device.type == "meta":
-        return "skip-probe: parameters on the meta device"
-    dtype = param.dtype if param.dtype in _PROBE_TOL else torch.float32
-    # A private generator: patching leaves the global RNG stream as it was.
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(1, 5, hidden, generator=gen, device="cpu").to(device=param.device, dtype=dtype)
+    if (skip := meta_skip(param)) is not None:
+        return skip
+    dtype = param.dtype if param.dtype in PROBE_TOL[_KIND] else torch.float32
+    x = torch.randn(1, 5, hidden, generator=probe_generator(), device="cpu").to(device=param.device, dtype=dtype)
     inner = types.MethodType(_inner_forward(module, cfg), module)
-    try:
-        with probe_mode(module), torch.no_grad():
-            expected = inner(x).double()
-            got = tiled_mlp(inner, x, [], rows=3).double()
-    except Exception as exc:  # an MLP that cannot run on a tile is not tiled
-        return f"the MLP failed on a tile: {type(exc).__name__}: {exc}"
-    err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-    tol = _PROBE_TOL[dtype]
-    if not err <= tol:
-        return f"tiles differ from the untiled forward (tokens interact?): relative error {err:.2e} > {tol:.0e}"
-    return None
+    # An MLP that cannot run on a tile is not tiled.
+    return run_probe(module, lambda: inner(x), lambda: tiled_mlp(inner, x, [], rows=3), tolerance(_KIND, dtype),
+                     differs="tiles differ from the untiled forward (tokens interact?)",
+                     failure="the MLP failed on a tile")
 
 
 class TiledMLPPatcher:
     def apply(self, ctx: PatchContext, value) -> None:
         min_tokens = _min_tokens(value)
         classes = _mlp_classes(ctx)
-        probed: dict[tuple, str | None] = {}
+        probed: dict[tuple, ProbeVerdict] = {}
         for name, module in ctx.named_modules():
             section = classes.get(type(module))
             if section is None:
@@ -173,16 +164,14 @@ class TiledMLPPatcher:
             if key not in probed:
                 probed[key] = _probe(module, cfg, hidden)
             verdict = probed[key]
-            if verdict is not None and not verdict.startswith("skip-probe"):
-                ctx.report.add_skipped(name, _KIND, verdict)
+            if verdict.skips:
+                ctx.report.add_skipped(name, _KIND, verdict.reason)
                 continue
             when = ("every call" if min_tokens == 0 else f"calls above {min_tokens} tokens" if min_tokens
                     else f"calls whose [tokens, {intermediate}] activation exceeds {AUTO_BYTES >> 20} MiB (auto)")
-            detail = (f"{type(module).__name__} over token tiles of <= {TILE_BYTES >> 20} MiB per [rows, "
-                      f"{intermediate}] tensor, for {when}; around the "
-                      f"{'fused GLU' if wraps_fused else 'class'} forward")
-            if verdict is not None:
-                detail += f" ({verdict.removeprefix('skip-probe: ')}; not probed)"
+            detail = verdict.annotate(f"{type(module).__name__} over token tiles of <= {TILE_BYTES >> 20} MiB per "
+                                      f"[rows, {intermediate}] tensor, for {when}; around the "
+                                      f"{'fused GLU' if wraps_fused else 'class'} forward")
             module.__dict__["_fastkern_tiled_mlp"] = cfg
             fn = tiled_fused_mlp_forward if wraps_fused else tiled_mlp_forward
             # Presenting the class forward's signature: callers (and transformers) bind by parameter name.
