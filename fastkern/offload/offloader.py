@@ -199,11 +199,27 @@ class ActivationOffloader:
                 "offload_checkpoint: use_reentrant=True is not supported; offloading relies on non-reentrant "
                 "checkpointing (pass use_reentrant=False or leave it out)"
             )
+        return self._offloaded(functools.partial(_torch_checkpoint, function, *args, use_reentrant=False, **kwargs))
+
+    def recompute(self, function: Callable, *args, **kwargs):
+        """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True, **kwargs)`` with the
+        tensor arguments kept in host memory until backward reruns ``function``.
+
+        The reentrant checkpoint runs ``function`` without autograd and saves its tensor arguments with
+        ``ctx.save_for_backward`` when the call returns: the hooks below see exactly those, as they see the
+        non-reentrant checkpoint's. Backward unpacks them (the copy back, usually prefetched) before the
+        rerun, which runs outside these hooks, so what the rerun saves stays on the device as it would.
+        The caller owns the reentrant form's conditions (an input that requires grad, ``.backward()``
+        rather than ``torch.autograd.grad``): fastkern/patching/checkpointing.py checks them per call."""
+        return self._offloaded(functools.partial(_torch_checkpoint, function, *args, use_reentrant=True, **kwargs))
+
+    def _offloaded(self, run: Callable):
+        """``run()`` with the tensors autograd saves during it offloaded (the hooks below)."""
         self.stats.calls += 1
         copied_out: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         try:
             with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, copied_out), self._unpack):
-                return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
+                return run()
         finally:
             # After this call's forward kernels: the current stream waits for each copy out, then the
             # device tensor is dropped and its memory is reusable in stream order.

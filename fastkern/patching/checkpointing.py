@@ -198,21 +198,45 @@ class RecomputeCheckpointFunction:
     def __init__(self, checkpoint_kwargs: dict, replaces):
         self.checkpoint_kwargs = checkpoint_kwargs
         self.replaces = replaces  # the function that was asked for; unpatch_model puts it back
+        self.fallback = replaces  # what runs where the reentrant form is not the same checkpoint
 
     def __call__(self, function, *args, **kwargs):
         if kwargs or torch.compiler.is_compiling() or not torch.is_grad_enabled() or _distributed():
-            return self.replaces(function, *args, **kwargs)
+            return self.fallback(function, *args, **kwargs)
         if isinstance(function, functools.partial) and _requires_grad(function.keywords):
-            return self.replaces(function, *args)
+            return self.fallback(function, *args)
         if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             layer = _layer_of(function)
             if layer is None or not any(p.requires_grad for p in layer.parameters()):
-                return self.replaces(function, *args)
-        return torch_checkpoint(functools.partial(_without_anchor, function), _ANCHOR, *args,
-                                use_reentrant=True, **self.checkpoint_kwargs)
+                return self.fallback(function, *args)
+        return self._reentrant(functools.partial(_without_anchor, function), _ANCHOR, *args)
+
+    def _reentrant(self, function, *args):
+        return torch_checkpoint(function, *args, use_reentrant=True, **self.checkpoint_kwargs)
 
     def __repr__(self) -> str:
         return f"RecomputeCheckpointFunction({self.checkpoint_kwargs})"
+
+
+class OffloadRecomputeFunction(RecomputeCheckpointFunction):
+    """``checkpointing="offload"`` where the reentrant form applies: :class:`RecomputeCheckpointFunction`
+    (the layer's forward without autograd, rerun in backward) with the layer's inputs held in host memory
+    by the model's offloader until the rerun (``ActivationOffloader.recompute``). The same saved tensors
+    as the offloading non-reentrant checkpoint (the layer inputs) without that checkpoint's per-tensor
+    hooks on everything the layer computes. Where the reentrant form does not apply, the call goes to
+    the non-reentrant offloading checkpoint (:class:`OffloadCheckpointFunction`), so inputs are offloaded
+    either way."""
+
+    def __init__(self, offloader: ActivationOffloader, checkpoint_kwargs: dict, replaces, fallback):
+        super().__init__(checkpoint_kwargs, replaces)
+        self.offloader = offloader
+        self.fallback = fallback
+
+    def _reentrant(self, function, *args):
+        return self.offloader.recompute(function, *args, **self.checkpoint_kwargs)
+
+    def __repr__(self) -> str:
+        return f"OffloadRecomputeFunction({self.checkpoint_kwargs}, offloader={self.offloader!r})"
 
 
 def _checkpoint_kwargs(func) -> dict | None:
@@ -229,10 +253,19 @@ def _checkpoint_kwargs(func) -> dict | None:
 
 
 def _offloading(offloader: ActivationOffloader, func):
-    if isinstance(func, OffloadCheckpointFunction):
+    """``func`` as an OffloadRecomputeFunction where the recompute form is the same checkpoint, else as an
+    OffloadCheckpointFunction; as is (with a warning) if it is not torch's non-reentrant checkpoint."""
+    if isinstance(func, (OffloadCheckpointFunction, OffloadRecomputeFunction)):
         if func.offloader is offloader:
             return func
         func = func.replaces
+    offloading = _offloading_nonreentrant(offloader, func)
+    if not isinstance(offloading, OffloadCheckpointFunction) or set(offloading.checkpoint_kwargs) - set(_REENTRANT_KWARGS):
+        return offloading  # context_fn (TRL's selective checkpointing) and the like: non-reentrant only
+    return OffloadRecomputeFunction(offloader, dict(offloading.checkpoint_kwargs), replaces=func, fallback=offloading)
+
+
+def _offloading_nonreentrant(offloader: ActivationOffloader, func):
     kwargs = _checkpoint_kwargs(func)
     if kwargs is None:
         warnings.warn(
@@ -273,7 +306,7 @@ class _PatchState:
     def owns(self, func) -> bool:
         if self.offloader is None:
             return isinstance(func, RecomputeCheckpointFunction)
-        return isinstance(func, OffloadCheckpointFunction) and func.offloader is self.offloader
+        return isinstance(func, (OffloadCheckpointFunction, OffloadRecomputeFunction)) and func.offloader is self.offloader
 
 
 class _OffloadingSetter:

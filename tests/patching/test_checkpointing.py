@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 import fastkern
-from fastkern.patching.checkpointing import OffloadCheckpointFunction, model_offloader
+from fastkern.patching.checkpointing import OffloadCheckpointFunction, OffloadRecomputeFunction, model_offloader
 from tests.models import batch, tiny_model
 
 
@@ -99,7 +99,8 @@ def test_patch_turns_checkpointing_on_and_unpatch_turns_it_off():
     assert not any(m.gradient_checkpointing for m in layers(model))
     report = offload_only(model)
     assert all(m.gradient_checkpointing for m in layers(model))
-    assert all(isinstance(m._gradient_checkpointing_func, OffloadCheckpointFunction) for m in layers(model))
+    assert all(isinstance(m._gradient_checkpointing_func, OffloadRecomputeFunction) for m in layers(model))
+    assert all(isinstance(m._gradient_checkpointing_func.fallback, OffloadCheckpointFunction) for m in layers(model))
     assert "turned on" in str(report)
     restored = fastkern.unpatch_model(model)
     assert len(layer_names(restored)) == 2, restored
@@ -117,8 +118,8 @@ def test_enable_after_patch_keeps_offloading(offload_flag):
     assert not any(m.gradient_checkpointing for m in layers(model))
     enable(model, gc_kwargs={"use_reentrant": False}, offload=offload_flag)  # ... and after it
     funcs = [m._gradient_checkpointing_func for m in layers(model)]
-    assert all(isinstance(f, OffloadCheckpointFunction) and f.offloader is offloader for f in funcs)
-    assert funcs[0].checkpoint_kwargs == {}
+    assert all(isinstance(f, OffloadRecomputeFunction) and f.offloader is offloader for f in funcs)
+    assert funcs[0].checkpoint_kwargs == {} and funcs[0].fallback.offloader is offloader
     grads(model, ids)
     assert offloader.stats.calls == 2 and offloader.stats.offloaded == 2
     fastkern.unpatch_model(model)
@@ -135,7 +136,7 @@ def test_patch_when_already_enabled_restores_the_same_function():
     report = offload_only(model)
     assert "was on" in str(report)
     func = layers(model)[0]._gradient_checkpointing_func
-    assert isinstance(func, OffloadCheckpointFunction) and func.checkpoint_kwargs == {"preserve_rng_state": True}
+    assert isinstance(func, OffloadRecomputeFunction) and func.checkpoint_kwargs == {"preserve_rng_state": True}
     again = offload_only(model)
     assert again.skipped and "already patched" in again.skipped[0].detail
     fastkern.unpatch_model(model)
@@ -219,7 +220,7 @@ def test_trl_sft_trainer_gradient_checkpointing_runs_offloaded():
                                  processing_class=_tokenizer())
         assert not any(m.gradient_checkpointing for m in layers(trainer.model))
         trainer.train()  # Trainer.train enables checkpointing (transformers 5.17 and 5.23)
-    assert all(isinstance(m._gradient_checkpointing_func, OffloadCheckpointFunction) for m in layers(model))
+    assert all(isinstance(m._gradient_checkpointing_func, OffloadRecomputeFunction) for m in layers(model))
     n_layers = len(layers(model))
     assert offloader.stats.calls == 2 * n_layers, offloader.stats
     assert offloader.stats.offloaded == 2 * n_layers and offloader.stats.prefetched == 2 * (n_layers - 1)
@@ -329,3 +330,46 @@ def test_frozen_embedding_output_is_not_held_through_backward(hooks_first):
     grads(model, ids)
     assert seen["leaf"] and seen["held_in_backward"], "unpatched: transformers' leaf is back"
     remember_handle.remove()
+
+
+def test_offload_recomputes_reentrant_and_falls_back_offloading():
+    """checkpointing="offload" runs each layer as the recompute default does (forward without autograd,
+    rerun in backward) with its input offloaded; where only the non-reentrant form is the same checkpoint
+    (here a layer keyword argument that requires grad), the call goes to the offloading non-reentrant
+    checkpoint, which offloads too. Gradients match the plain non-reentrant checkpoint either way."""
+    ids = batch()
+    model = tiny_model("llama")
+    enable(model, gc_kwargs={"use_reentrant": False})
+    plain = grads(model, ids)
+    offload_only(model)
+    offloader = move_everything(model)
+    func = layers(model)[0]._gradient_checkpointing_func
+    reentrant_calls, fallback_calls = [], []
+    recompute = offloader.recompute
+    offloader.recompute = lambda *a, **k: reentrant_calls.append(1) or recompute(*a, **k)
+    fallback = func.fallback
+    for m in layers(model):
+        m._gradient_checkpointing_func.fallback = lambda *a, **k: fallback_calls.append(1) or fallback(*a, **k)
+    assert_same(grads(model, ids), plain)
+    assert len(reentrant_calls) == 2 and not fallback_calls and offloader.stats.offloaded == 2
+    assert offloader.live_tensors == 0
+
+    # A keyword argument that requires grad: only the non-reentrant checkpoint differentiates it.
+    w = torch.randn(2, requires_grad=True)
+    layer_fn = functools.partial(lambda h, scale: h * scale.sum(), scale=w)
+    h = torch.randn(2, 8, 4, requires_grad=True)
+    out = func(layer_fn, h)
+    out.sum().backward()
+    assert len(fallback_calls) == 1 and len(reentrant_calls) == 2
+    torch.testing.assert_close(w.grad, torch.full((2,), h.sum().item()))
+
+
+def test_offload_with_context_fn_keeps_the_nonreentrant_offloading_checkpoint():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    model = tiny_model("llama")
+    offload_only(model)
+    policy = functools.partial(create_selective_checkpoint_contexts, [torch.ops.aten.mm.default])
+    enable(model, gc_kwargs={"use_reentrant": False, "context_fn": policy})
+    func = layers(model)[0]._gradient_checkpointing_func
+    assert isinstance(func, OffloadCheckpointFunction) and "context_fn" in func.checkpoint_kwargs
