@@ -31,6 +31,7 @@ fake implementations let torch.compile trace it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -45,12 +46,31 @@ _OP = "fastkern.ops.moe_experts"
 ACTIVATIONS = ("silu", "clamped_swiglu")
 
 
-def _tiles(path: str) -> dict:
-    """Tile sizes. GPU values are a first choice for H100/H200-class parts (not tuned on a GPU); the
-    interpreter gets small tiles, since its cost grows with the work of masked lanes."""
+def _tiles(path: str, device: torch.device) -> dict:
+    """Tile sizes: BM pairs per block (shared by every per-pair launch: the routing pads each expert's run
+    to it), BN_GU gate (and as many up) columns of moe_gate_up_kernel, BN_ROWS output columns of
+    grouped_rows_kernel, BN_DB columns of I in moe_down_backward_kernel, BK the reduction step, BR x BC
+    the weight-gradient tile over BM_W pairs per step.
+
+    GPU values: the best per kernel of a sweep of eight configurations on an H100 (2026-12-07, bf16, 8K
+    tokens; Qwen3-30B-A3B, Mixtral-8x7B and gpt-oss-20b layer shapes; docs/families.md): against the
+    first choice (BM 64, BN 64 / 128, BR x BC 128 x 64, 3 stages) the layer's kernels went 10.9 -> 9.5,
+    87.7 -> 65.7 and 130 -> 72 ms with BM 128, BN_GU 128, BR x BC 256 x 128, 4 stages, and
+    grouped_rows_kernel gained another ~40% from 256 output columns, which made the down-backward
+    kernel (whose columns are I) slower, hence its own BN_DB. The interpreter gets small tiles, since its
+    cost grows with the work of masked lanes. These tiles need up to 192 KiB of shared memory per program
+    (4 stages of 256 x 64 and 64 x 128 bf16 operands); a GPU that offers less gets the smaller first choice."""
     if path == "interpreter":
-        return dict(BM=16, BN_GU=16, BN=32, BK=16, BR=32, BC=32, BM_W=16, warps=4, stages=1)
-    return dict(BM=64, BN_GU=64, BN=128, BK=64, BR=128, BC=64, BM_W=32, warps=8, stages=3)
+        return dict(BM=16, BN_GU=16, BN_ROWS=32, BN_DB=32, BK=16, BR=32, BC=32, BM_W=16, warps=4, stages=1)
+    if _shared_memory_per_block(device) >= 200 * 1024:
+        return dict(BM=128, BN_GU=128, BN_ROWS=256, BN_DB=128, BK=64, BR=256, BC=128, BM_W=64, warps=8, stages=4)
+    return dict(BM=64, BN_GU=64, BN_ROWS=128, BN_DB=128, BK=64, BR=128, BC=64, BM_W=32, warps=8, stages=3)
+
+
+@functools.cache
+def _shared_memory_per_block(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 0)
 
 
 def _routing(top_k_index: Tensor, n_experts: int, block_m: int):
@@ -121,7 +141,7 @@ def _forward_kernels(x, ids, tw, gate_up, down, gub, db, act, path):
     inter = two_i // 2
     step, up = _gu_layout(interleaved, inter)
     s_total = n * k
-    t = _tiles(path)
+    t = _tiles(path, x.device)
     rb = _round_bf16(x, path)
     pair_ids, block_expert, _, _ = _routing(ids, n_experts, t["BM"])
     n_blocks = block_expert.numel()
@@ -136,10 +156,10 @@ def _forward_kernels(x, ids, tw, gate_up, down, gub, db, act, path):
         HAS_BIAS=gub is not None, CLAMPED=clamped, BLOCK_M=t["BM"], BLOCK_N=t["BN_GU"], BLOCK_K=t["BK"],
         ROUND_BF16=rb, num_warps=t["warps"], num_stages=t["stages"])
     y = output_buffer((s_total, hidden), x.dtype, x.device)
-    grouped_rows_kernel[(n_blocks, cdiv(hidden, t["BN"]))](
+    grouped_rows_kernel[(n_blocks, cdiv(hidden, t["BN_ROWS"]))](
         h, down, db if db is not None else down, pair_ids, block_expert, tw, y, hidden, inter,
         h.stride(0), down.stride(0), down.stride(2), down.stride(1), *_strides(db, 2), y.stride(0),
-        HAS_BIAS=db is not None, HAS_SCALE=True, BLOCK_M=t["BM"], BLOCK_N=t["BN"], BLOCK_K=t["BK"], ROUND_BF16=rb,
+        HAS_BIAS=db is not None, HAS_SCALE=True, BLOCK_M=t["BM"], BLOCK_N=t["BN_ROWS"], BLOCK_K=t["BK"], ROUND_BF16=rb,
         num_warps=t["warps"], num_stages=t["stages"])
     del h
     out = _combine(y, ids, n, k, n_experts, x.dtype, t, rb)
@@ -175,11 +195,11 @@ def _backward_kernels(grad_out, x, ids, tw, gate_up, down, gu, gub, db, act, pat
     inter = two_i // 2
     step, up = _gu_layout(interleaved, inter)
     s_total = n * k
-    t = _tiles(path)
+    t = _tiles(path, x.device)
     rb = _round_bf16(x, path)
     pair_ids, block_expert, seg_start, counts = _routing(ids, n_experts, t["BM"])
     n_blocks = block_expert.numel()
-    n_tiles_i = cdiv(inter, t["BN"])
+    n_tiles_i = cdiv(inter, t["BN_DB"])
     dgu = output_buffer((s_total, two_i), x.dtype, x.device)
     # Zero-filled: pairs routed to no expert are never written and get a zero routing-weight gradient.
     dw_part = torch.zeros(s_total, n_tiles_i, dtype=torch.float32, device=x.device)
@@ -188,14 +208,14 @@ def _backward_kernels(grad_out, x, ids, tw, gate_up, down, gu, gub, db, act, pat
         inter, hidden, k, n_tiles_i, step, up, alpha, limit,
         grad_out.stride(0), grad_out.stride(1), down.stride(0), down.stride(1), down.stride(2), *_strides(db, 2),
         gu.stride(0), dgu.stride(0),
-        HAS_BIAS=db is not None, CLAMPED=clamped, BLOCK_M=t["BM"], BLOCK_N=t["BN"], BLOCK_K=t["BK"], ROUND_BF16=rb,
+        HAS_BIAS=db is not None, CLAMPED=clamped, BLOCK_M=t["BM"], BLOCK_N=t["BN_DB"], BLOCK_K=t["BK"], ROUND_BF16=rb,
         num_warps=t["warps"], num_stages=t["stages"])
     dtw = dw_part.sum(1).view(n, k).to(tw.dtype)
     dx_pairs = output_buffer((s_total, hidden), x.dtype, x.device)
-    grouped_rows_kernel[(n_blocks, cdiv(hidden, t["BN"]))](
+    grouped_rows_kernel[(n_blocks, cdiv(hidden, t["BN_ROWS"]))](
         dgu, gate_up, gate_up, pair_ids, block_expert, tw, dx_pairs, hidden, two_i,
         dgu.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), 0, 0, dx_pairs.stride(0),
-        HAS_BIAS=False, HAS_SCALE=False, BLOCK_M=t["BM"], BLOCK_N=t["BN"], BLOCK_K=t["BK"], ROUND_BF16=rb,
+        HAS_BIAS=False, HAS_SCALE=False, BLOCK_M=t["BM"], BLOCK_N=t["BN_ROWS"], BLOCK_K=t["BK"], ROUND_BF16=rb,
         num_warps=t["warps"], num_stages=t["stages"])
     dx = _combine(dx_pairs, ids, n, k, n_experts, x.dtype, t, rb)
     del dx_pairs
