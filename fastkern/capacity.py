@@ -3,8 +3,10 @@
 :func:`plan_memory` evaluates the per-token memory model of docs/long_context.md ("Capacity planning")
 term by term, from the model's shape alone (a transformers config, a model, or a size name). It is a
 prediction; each term below says what it stands for so a measurement can confirm or correct it. Checked
-against an H100 for one configuration (Llama-3.1-8B QLoRA, offloaded checkpoints, tiled MLP: 1-5% above
-the measured peaks, docs/long_context.md "Measured"); the other shapes and options are unchecked.
+on an H200 with offloaded checkpoints and the tiled MLP (Llama-3.1-8B QLoRA at 2, 4 and 32 layers, 131K-524K
+tokens; Llama-3.2-1B LoRA at 2 and 4 layers, 1M tokens: 1-8% above the measured peak allocated, which
+leaves out the CUDA context this prediction includes; docs/long_context.md "Capacity planning"); the other
+shapes and options are unchecked.
 
 Scope: decoder-only Llama-style models (Llama, Mistral, Qwen2/Qwen3 shapes: RMSNorm, rotary positions,
 GQA attention, GLU MLP), bf16 activations, a FlashAttention-class attention backward, fastkern's
@@ -256,9 +258,13 @@ def _evaluate(shape: Shape, seq_len: int, batch: int, rank: int | None, qlora: b
     terms["positions, ids, labels"] = t * (2 * hd * a + 3 * 8)
 
     # --- checkpointed layer inputs: one [T, H] per layer ---
-    # One layer's saved tensors when it runs with grad: input, attention norm out, q, k, v, attention out,
-    # residual after attention, MLP norm out (bf16), two fp32 rstd rows and the fp32 log-sum-exp per head.
-    layer_saved = t * ((4 * h + 2 * q_width + 2 * kv_width) * a + 2 * 4 + shape.heads * 4)
+    # One layer's saved tensors when it runs with grad: attention norm out, q, k, v, attention out, residual
+    # after attention, MLP norm out (bf16), two fp32 rstd rows and the fp32 log-sum-exp per head. The
+    # layer's input is not counted here. With checkpoints on the device it is the checkpoint counted below;
+    # offloaded, a count that included its copy back stood one T x H x a above every peak measured with the
+    # offload mode's embedding hook (H200, 2026-12-06: 8B QLoRA at 2, 4 and 32 layers, 131K-524K tokens;
+    # 1B LoRA at 2 and 4 layers, 1M tokens; docs/long_context.md "Capacity planning").
+    layer_saved = t * ((3 * h + 2 * q_width + 2 * kv_width) * a + 2 * 4 + shape.heads * 4)
     if not tiled:  # the untiled MLP also saves gate, up and the GLU output ([T, I] each)
         layer_saved += t * 3 * i * a
     checkpoint = t * h * a
@@ -320,9 +326,9 @@ def plan_memory(model_or_config, seq_len: int, *, batch: int = 1, lora_rank: int
         host_bytes: the offloaded checkpoints' host budget (``checkpointing={"offload": True, "host_bytes":
             N}``); checkpoints past it stay on the device. None: host memory unconstrained.
 
-    A prediction from docs/long_context.md's memory model. Checked on an H100 for the Llama-3.1-8B
-    QLoRA step with offloaded checkpoints and the tiled MLP: 1-5% above the measured peaks at 2 layers
-    (131K-524K tokens); unchecked for other shapes and options.
+    A prediction from docs/long_context.md's memory model. Checked on an H200 for the Llama-3.1-8B
+    QLoRA step (2 to 32 layers, 131K-524K tokens) and the 1B LoRA step (1M tokens) with offloaded
+    checkpoints and the tiled MLP: 1-8% above the measured peaks; unchecked for other shapes and options.
     """
     shape = Shape.of(model_or_config)
     _check_int("seq_len", seq_len, 1)
