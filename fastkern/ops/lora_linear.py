@@ -277,14 +277,10 @@ def _backward(ctx, grad_out):
     needs = ctx.needs_input_grad
     need_bias = ctx.bias_grad and needs[4]
     kept, ctx.kept = ctx.kept, None  # released with this backward
-    if kept is not None:  # only eager calls keep a W (reusing_dequantized_weights): no custom op here
-        grad_x, grad_a, grad_b, grad_bias = _backward_impl(
-            grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, *ctx.opts,
-            needs[0], needs[2], needs[3], need_bias, kept)
-    else:
-        grad_x, grad_a, grad_b, grad_bias = _backward_call(
-            grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, *ctx.opts,
+    args = (grad_out, x, xs, weight, lora_a, lora_b, code, absmax, absmax2, code2, offset, *ctx.opts,
             needs[0], needs[2], needs[3], need_bias)
+    # Only eager calls keep a W (reusing_dequantized_weights), so that call needs no custom op.
+    grad_x, grad_a, grad_b, grad_bias = _backward_impl(*args, kept) if kept is not None else _backward_call(*args)
     return (grad_x if needs[0] else None, None, grad_a if needs[2] else None, grad_b if needs[3] else None,
             grad_bias if need_bias else None, None, None, None, None, None, None, None, None)
 
