@@ -281,6 +281,19 @@ def _peft_targeted(model: nn.Module) -> set[int]:
     return targeted
 
 
+# moe="auto" patches experts whose intermediate size is at most this. Measured (bench/cases/moe_experts.py,
+# H100, 2026-12-07, fwd+bwd, 8K tokens): Qwen3-30B-A3B layer (I 768) fastkern 8.7 ms vs transformers'
+# grouped_mm 10.1 ms and eager 258 ms; gpt-oss-20b layer (I 2880) 71 ms vs eager 102 ms (grouped_mm outside
+# the bench's tolerance there); Mixtral-8x7B layer (I 14336) 59.9 ms vs grouped_mm 36.7 ms: few wide experts
+# are cuBLAS-class GEMMs that grouped_mm runs faster than the Triton kernels.
+MOE_AUTO_MAX_INTERMEDIATE = 4096
+
+
+def _intermediate(module: nn.Module, layout: ExpertsLayout) -> int:
+    gate_up = getattr(module, layout.gate_up)
+    return (gate_up.shape[2] if layout.transposed else gate_up.shape[1]) // 2
+
+
 class MoEExpertsPatcher:
     def apply(self, ctx: PatchContext, value) -> None:
         classes = ctx.section_classes("moe_experts", _REQUIRED_KEYS, "MoE experts", check=_section_problem)
@@ -304,6 +317,11 @@ class MoEExpertsPatcher:
             problem = _layout_problem(module, layout) or _activation_problem(module, layout)
             if problem:
                 ctx.report.add_skipped(name, "moe", problem)
+                continue
+            if value == "auto" and _intermediate(module, layout) > MOE_AUTO_MAX_INTERMEDIATE:
+                ctx.report.add_skipped(name, "moe", f"moe=\"auto\": intermediate size {_intermediate(module, layout)} > "
+                                       f"{MOE_AUTO_MAX_INTERMEDIATE}, where transformers' grouped_mm experts measured "
+                                       "faster (moe=True patches it anyway)")
                 continue
             key = (type(module), getattr(module, layout.gate_up).dtype)
             if key not in probed:

@@ -22,7 +22,7 @@ from .context import Patcher
 from .lora import LORA_PATCHER
 from .loss import LOSS_PATCHER
 from .mlp import MLP_PATCHER
-from .moe import MOE_PATCHER
+from .moe import MOE_AUTO_MAX_INTERMEDIATE, MOE_PATCHER
 from .norm import NORM_PATCHER
 from .packing import PACKING_PATCHER
 from .tiled_mlp import TILED_MLP_PATCHER, _min_tokens
@@ -68,6 +68,10 @@ def _is_true(value: Any) -> bool:
     return value is True
 
 
+def _moe_ok(value: Any) -> bool:
+    return value is True or value == "auto"
+
+
 def _checkpointing_ok(value: Any) -> bool:
     # The offloader's own checks give the precise message (unknown keys, bad host_bytes, ...), so they are
     # raised as they are rather than folded into the generic "must be" line.
@@ -103,14 +107,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("mlp", True, _BOOL, _is_true,
            "fused SwiGLU/GeGLU in the MLP of every supported family.",
            MLP_PATCHER),
-    # Off: not measured on a GPU (bench/cases/moe_experts.py is the measurement to run); correct on CPU under the
-    # Triton interpreter (tests/ops/test_moe_experts.py, tests/patching/test_moe.py).
-    Option("moe", False, _BOOL, _is_true,
+    # "auto": where bench/cases/moe_experts.py measured it ahead of transformers' experts (docs/families.md).
+    Option("moe", "auto", '"auto", True or False', _moe_ok,
            "the routed experts of MoE families (mixtral, qwen2_moe, qwen3_moe, gpt_oss) run "
            "fastkern.ops.moe_experts: grouped Triton GEMMs over all experts with the SwiGLU (gpt_oss: clamped, "
            "with biases) fused in, instead of transformers' experts forward; the router and its load-balancing "
-           "loss are untouched. Off by default: not measured on a GPU. Experts whose parameters PEFT targets "
-           "keep transformers' forward. See docs/families.md.",
+           "loss are untouched. \"auto\" does so for experts of intermediate size up to "
+           f"{MOE_AUTO_MAX_INTERMEDIATE} (Qwen3-MoE, gpt-oss shapes: measured faster than transformers' grouped_mm "
+           "and eager experts) and leaves wider ones (Mixtral: grouped_mm measured faster) to transformers; True "
+           "patches every experts module. Experts whose parameters PEFT targets keep transformers' forward. See "
+           "docs/families.md.",
            MOE_PATCHER),
     Option("norm", True, _BOOL, _is_true,
            "RMSNorm modules run fastkern.ops.rms_norm, which saves the input and one fp32 rstd per row for "

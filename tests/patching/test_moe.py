@@ -1,4 +1,4 @@
-"""patch_model(moe=True): routed experts through fastkern.ops.moe_experts, router and aux loss untouched."""
+"""patch_model(moe="auto" | True): routed experts through fastkern.ops.moe_experts, router and aux loss untouched."""
 
 import copy
 
@@ -82,18 +82,37 @@ def test_router_and_aux_loss_untouched(family):
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_off_by_default_and_unpatch_restores():
+def test_auto_by_default_and_unpatch_restores():
     model = tiny_model("qwen3_moe")
     report = fastkern.patch_model(model)
-    assert report.options["moe"] is False and not report.patched_names("moe")
-    fastkern.unpatch_model(model)
-    fastkern.patch_model(model, moe=True)
+    assert report.options["moe"] == "auto" and "model.layers.1.mlp.experts" in report.patched_names("moe")
     (_, experts), = _experts(model)
     assert fastkern_forward_kind(experts) == "moe"
     restored = fastkern.unpatch_model(model)
     assert "model.layers.1.mlp.experts" in restored.patched_names("moe")
     assert "forward" not in experts.__dict__ and not [k for k in experts.__dict__ if k.startswith("_fastkern_")]
     assert "moe" in str(restored)
+    assert not fastkern.patch_model(model, moe=False).patched_names("moe")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_auto_leaves_wide_experts_to_transformers(family):
+    """moe="auto" skips experts wider than MOE_AUTO_MAX_INTERMEDIATE (where transformers' grouped_mm measured
+    faster), saying so; moe=True patches them."""
+    from fastkern.patching.moe import MOE_AUTO_MAX_INTERMEDIATE
+
+    wide = MOE_AUTO_MAX_INTERMEDIATE + 8
+    key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    model = tiny_model(family, **{key: wide})
+    names = [n for n, _ in _experts(model)]
+    assert names
+    report = fastkern.patch_model(model, **{**ONLY_MOE, "moe": "auto"})
+    assert not report.patched_names("moe")
+    details = {s.name: s.detail for s in report.skipped if s.kind == "moe"}
+    assert set(details) == set(names)
+    assert all(f"intermediate size {wide} > {MOE_AUTO_MAX_INTERMEDIATE}" in d for d in details.values())
+    fastkern.unpatch_model(model)
+    assert fastkern.patch_model(model, **ONLY_MOE).patched_names("moe") == names
 
 
 def test_peft_lora_on_expert_parameters_falls_back():

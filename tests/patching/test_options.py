@@ -10,12 +10,13 @@ from fastkern.patching.options import OPTIONS, OptionError
 from tests.models import tiny_model
 
 # The defaults and order as README and docs state them; a change here is a change to the product.
-DOCUMENTED = {"mlp": True, "moe": False, "norm": True, "checkpointing": "recompute", "lora": True, "rope": True, "packing": True,
+DOCUMENTED = {"mlp": True, "moe": "auto", "norm": True, "checkpointing": "recompute", "lora": True, "rope": True, "packing": True,
               "loss": True, "tiled_mlp": "auto", "compile": False}
 
 # Values each option must refuse. Falsy ones (0, {}, "") are here on purpose: they used to be skipped as "off".
 INVALID = [
     ("mlp", "yes"), ("mlp", 1),
+    ("moe", "yes"), ("moe", 1), ("moe", "Auto"),
     ("norm", 0),
     ("checkpointing", {}), ("checkpointing", True), ("checkpointing", "cpu"), ("checkpointing", ""),
     ("lora", "on"),
@@ -101,4 +102,4 @@ def test_patchers_apply_in_the_tables_order(monkeypatch):
     assert applied == list(DOCUMENTED)
     applied.clear()
     fastkern.patch_model(tiny_model("llama"), mlp=None, rope=False)  # off values skip their patchers
-    assert applied == [n for n in DOCUMENTED if n not in ("mlp", "moe", "rope", "compile")]
+    assert applied == [n for n in DOCUMENTED if n not in ("mlp", "rope", "compile")]
