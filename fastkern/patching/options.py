@@ -113,8 +113,9 @@ OPTIONS: tuple[Option, ...] = (
            "fastkern.ops.moe_experts: grouped Triton GEMMs over all experts with the SwiGLU (gpt_oss: clamped, "
            "with biases) fused in, instead of transformers' experts forward; the router and its load-balancing "
            "loss are untouched. \"auto\" does so for experts of intermediate size up to "
-           f"{MOE_AUTO_MAX_INTERMEDIATE} (Qwen3-MoE, gpt-oss shapes: measured faster than transformers' grouped_mm "
-           "and eager experts) and leaves wider ones (Mixtral: grouped_mm measured faster) to transformers; True "
+           f"{MOE_AUTO_MAX_INTERMEDIATE} (measured faster than transformers' grouped_mm experts on the Qwen3-MoE "
+           "shape, than its eager experts on the gpt-oss shape) and leaves wider ones (Mixtral: grouped_mm measured "
+           "faster) to transformers; True "
            "patches every experts module. Experts whose parameters PEFT targets keep transformers' forward. See "
            "docs/families.md.",
            MOE_PATCHER),
