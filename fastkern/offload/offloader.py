@@ -210,15 +210,28 @@ class ActivationOffloader:
         non-reentrant checkpoint's. Backward unpacks them (the copy back, usually prefetched) before the
         rerun, which runs outside these hooks, so what the rerun saves stays on the device as it would.
         The caller owns the reentrant form's conditions (an input that requires grad, ``.backward()``
-        rather than ``torch.autograd.grad``): fastkern/patching/checkpointing.py checks them per call."""
-        return self._offloaded(functools.partial(_torch_checkpoint, function, *args, use_reentrant=True, **kwargs))
+        rather than ``torch.autograd.grad``): fastkern/patching/checkpointing.py checks them per call.
 
-    def _offloaded(self, run: Callable):
-        """``run()`` with the tensors autograd saves during it offloaded (the hooks below)."""
+        The reentrant checkpoint saves its arguments only after ``function`` has been queued, so a copy
+        started from the pack hook would wait for the whole layer and the next layer would wait for the
+        copy. The copies of the tensor arguments therefore start before ``function`` runs (they overlap
+        its kernels, as the non-reentrant checkpoint's do), and the pack hook hands autograd those copies
+        when it saves the same tensors."""
+        return self._offloaded(functools.partial(_torch_checkpoint, function, *args, use_reentrant=True, **kwargs),
+                               early=args)
+
+    def _offloaded(self, run: Callable, early: tuple = ()):
+        """``run()`` with the tensors autograd saves during it offloaded (the hooks below); the copies of
+        the tensors in ``early`` start before ``run``."""
         self.stats.calls += 1
         copied_out: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        started: dict[int, tuple[torch.Tensor, object]] = {}
         try:
-            with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, copied_out), self._unpack):
+            for t in early:
+                if isinstance(t, torch.Tensor) and self._worth_moving(t) and id(t) not in started:
+                    started[id(t)] = (t, self._pack(copied_out, t))  # an item, or t kept on the device
+            pack = functools.partial(self._pack_started, started, copied_out)
+            with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
                 return run()
         finally:
             # After this call's forward kernels: the current stream waits for each copy out, then the
@@ -226,6 +239,13 @@ class ActivationOffloader:
             for t, event in copied_out:
                 torch.cuda.current_stream(t.device).wait_event(event)
             copied_out.clear()
+            started.clear()  # an early copy autograd did not save is dropped with its item (buffer released)
+
+    def _pack_started(self, started: dict, copied_out: list, t: torch.Tensor):
+        entry = started.pop(id(t), None)
+        if entry is not None and entry[0] is t:
+            return entry[1]
+        return self._pack(copied_out, t)
 
     def empty_cache(self) -> None:
         """Release the host buffers not in use now."""
