@@ -12,7 +12,7 @@ from fastkern.integrations import trl as trl_hook
 from fastkern.patching.core import fastkern_forward_kind
 from tests.models import batch, families_with, tiny_model
 
-OFF = dict(mlp=False, lora=False, packing=False, rope=False, norm=False, tiled_mlp=False)
+OFF = dict(mlp=False, moe=False, lora=False, packing=False, rope=False, norm=False, tiled_mlp=False)
 
 
 def run(model, ids, labels, **kw):
