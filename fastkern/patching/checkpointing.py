@@ -11,11 +11,12 @@ alias in 5.23), ``activation_checkpointing_enable`` (5.23), transformers' Traine
 So, per model instance, ``patch_model(model, checkpointing="offload")``:
 
 1. gives each PreTrainedModel inside ``model`` an instance-level ``_set_gradient_checkpointing`` that
-   swaps the function it is handed for an :class:`OffloadCheckpointFunction` over the model's own
-   :class:`~fastkern.offload.ActivationOffloader`, keeping the checkpoint keyword arguments
-   (``context_fn`` from TRL's selective checkpointing, ``preserve_rng_state``, ...). Checkpointing
-   turned on later by the user, by the Trainer (TRL turns it on by default) or re-enabled by TRL around
-   generation therefore offloads too;
+   swaps the function it is handed for an :class:`OffloadRecomputeFunction` (the recompute checkpoint
+   with offloaded inputs; an :class:`OffloadCheckpointFunction` where only the non-reentrant form is the
+   same checkpoint) over the model's own :class:`~fastkern.offload.ActivationOffloader`, keeping the
+   checkpoint keyword arguments (``context_fn`` from TRL's selective checkpointing,
+   ``preserve_rng_state``, ...). Checkpointing turned on later by the user, by the Trainer (TRL turns
+   it on by default) or re-enabled by TRL around generation therefore offloads too;
 2. turns checkpointing on now if no layer has it (through that setter, non-reentrant), or swaps the
    function of the layers that already checkpoint.
 
@@ -282,7 +283,7 @@ def _recomputing(func):
     """``func`` as a RecomputeCheckpointFunction where that is the same checkpoint; else ``func`` as is:
     already reentrant, another checkpoint function (transformers' offload=True among them: replacing it
     would drop its offloading), or keyword arguments only the non-reentrant form has."""
-    if isinstance(func, RecomputeCheckpointFunction):
+    if type(func) is RecomputeCheckpointFunction:
         return func
     base, kwargs = (func.func, dict(func.keywords)) if isinstance(func, functools.partial) else (func, {})
     if base is not torch_checkpoint or kwargs.pop("use_reentrant", False) or set(kwargs) - set(_REENTRANT_KWARGS):
@@ -305,7 +306,7 @@ class _PatchState:
 
     def owns(self, func) -> bool:
         if self.offloader is None:
-            return isinstance(func, RecomputeCheckpointFunction)
+            return type(func) is RecomputeCheckpointFunction
         return isinstance(func, (OffloadCheckpointFunction, OffloadRecomputeFunction)) and func.offloader is self.offloader
 
 
