@@ -17,7 +17,7 @@ So, per model instance, ``patch_model(model, checkpointing="offload")``:
    checkpoint keyword arguments (``context_fn`` from TRL's selective checkpointing,
    ``preserve_rng_state``, ...). Checkpointing turned on later by the user, by the Trainer (TRL turns
    it on by default) or re-enabled by TRL around generation therefore offloads too;
-2. turns checkpointing on now if no layer has it (through that setter, non-reentrant), or swaps the
+2. turns checkpointing on now if no layer has it (through that setter), or swaps the
    function of the layers that already checkpoint.
 
 unpatch_model puts the setters and every layer's function back, and if patch_model was the one that
@@ -394,11 +394,15 @@ class CheckpointingPatcher:
                 enable=True, gradient_checkpointing_func=functools.partial(torch_checkpoint, use_reentrant=False)
             )
             state.enabled_by_patch = True
-            how = "checkpointing turned on (non-reentrant)"
+            how = "checkpointing turned on"
         state.enabled_since_patch = False
         for layer in layers:
             if layer.gradient_checkpointing:
-                ctx.report.add_patched(names[layer], _KIND, f"{type(layer).__name__}: inputs offloaded to CPU memory; {how}")
+                form = ("recomputed in backward (reentrant)" if isinstance(layer._gradient_checkpointing_func,
+                                                                        OffloadRecomputeFunction)
+                        else "non-reentrant checkpoint")
+                ctx.report.add_patched(names[layer], _KIND,
+                                       f"{type(layer).__name__}: inputs offloaded to CPU memory, {form}; {how}")
             else:
                 ctx.report.add_skipped(names[layer], _KIND, "not checkpointed (every_n_layers)")
         ctx.report.notes.append(
