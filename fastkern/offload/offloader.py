@@ -230,7 +230,8 @@ class ActivationOffloader:
             for t in early:
                 if isinstance(t, torch.Tensor) and self._worth_moving(t) and id(t) not in started:
                     started[id(t)] = (t, self._pack(copied_out, t))  # an item, or t kept on the device
-            pack = functools.partial(self._pack_started, started, copied_out)
+            pack = (functools.partial(self._pack_started, started, copied_out) if started
+                    else functools.partial(self._pack, copied_out))
             with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
                 return run()
         finally:

@@ -318,8 +318,9 @@ class MoEExpertsPatcher:
             if problem:
                 ctx.report.add_skipped(name, "moe", problem)
                 continue
-            if value == "auto" and _intermediate(module, layout) > MOE_AUTO_MAX_INTERMEDIATE:
-                ctx.report.add_skipped(name, "moe", f"moe=\"auto\": intermediate size {_intermediate(module, layout)} > "
+            inter = _intermediate(module, layout)
+            if value == "auto" and inter > MOE_AUTO_MAX_INTERMEDIATE:
+                ctx.report.add_skipped(name, "moe", f"moe=\"auto\": intermediate size {inter} > "
                                        f"{MOE_AUTO_MAX_INTERMEDIATE}, where transformers' grouped_mm experts measured "
                                        "faster (moe=True patches it anyway)")
                 continue
