@@ -3,7 +3,9 @@
 Non-reentrant ``torch.utils.checkpoint`` keeps only the tensor arguments of a checkpointed call and
 recomputes everything else in backward. It saves those arguments through autograd's saved-tensor
 mechanism *before* it installs its own hooks, so a ``saved_tensors_hooks`` context put around the call
-sees exactly them (one hidden state per decoder layer) and nothing computed inside the function.
+sees exactly them (one hidden state per decoder layer) and nothing computed inside the function. The
+reentrant checkpoint (``ActivationOffloader.recompute``, what ``checkpointing="offload"`` uses) saves the
+same arguments when its call returns; there the copies are started before the call (see ``recompute``).
 
 :class:`ActivationOffloader` is that context plus the memory behind it:
 
