@@ -48,7 +48,8 @@ import time
 from bench.e2e import common
 
 VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
-            "fastkern-offload", "fastkern-torch-checkpoint", "fastkern-dequantize-again", "reference"]
+            "fastkern-offload", "fastkern-torch-checkpoint", "fastkern-dequantize-again", "fastkern-full-rerun",
+            "reference"]
 # Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
 # compiles the whole model) always get their own process; with --shared-process the others share one.
 ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
@@ -104,7 +105,7 @@ def worker(args) -> dict:
     patch_options = {"fastkern-offload": {"checkpointing": "offload"}, "fastkern-compile": {"compile": True},
                      "fastkern-torch-checkpoint": {"checkpointing": False}}.get(variant, {})
     if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-torch-checkpoint",
-                   "fastkern-dequantize-again"):
+                   "fastkern-dequantize-again", "fastkern-full-rerun"):
         report = fastkern.patch_model(model, **patch_options)
     callbacks = [timer := step_timer()]
     if args.profile:
@@ -131,16 +132,21 @@ def worker(args) -> dict:
     # Attribution only: NF4 projections dequantize again in backward instead of reusing the checkpoint
     # rerun's 16-bit weight (fastkern/ops/lora_linear.py, REUSE_MAX_ROWS); restored after the variant.
     # (By module path: fastkern.ops.lora_linear the attribute is the function of that name.)
+    # Likewise "fastkern-full-rerun": checkpoint reruns compute the MLP's down projection
+    # (fastkern/patching/rerun_tail.py, SKIP_LAST_PROJECTION).
     lora_ops = importlib.import_module("fastkern.ops.lora_linear")
+    from fastkern.patching import rerun_tail
     reuse_rows = lora_ops.REUSE_MAX_ROWS
     try:
         if variant == "fastkern-dequantize-again":
             lora_ops.REUSE_MAX_ROWS = 0
+        rerun_tail.SKIP_LAST_PROJECTION = variant != "fastkern-full-rerun"
         trainer.train()
     except Exception as exc:  # a variant that fails is reported as such, not hidden
         error = common.error_text(exc)
     finally:
         lora_ops.REUSE_MAX_ROWS = reuse_rows
+        rerun_tail.SKIP_LAST_PROJECTION = True
     shutil.rmtree(out_dir, ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     warm = timer.times[2:] if len(timer.times) > 4 else timer.times

@@ -17,6 +17,8 @@ no call copies or concatenates a dense W. With xs = scaling * (x @ A.T) ([M, r],
   so the rerun's 16-bit W is kept for that backward instead of dequantized a second time: one launch
   and its host work less per NF4 projection per step, for one layer's 16-bit weights held between
   the rerun and the backward (below ``REUSE_MAX_ROWS`` tokens, where the host is what limits the step).
+* Under :func:`fastkern.ops.unused_output.output_unused` (a rerun's last projection, whose output
+  values nobody reads) the call computes only xs and leaves y uninitialized; backward is unchanged.
 
 Tiers: the implementations ``_forward_impl`` / ``_backward_impl`` (taking the custom ops' flat
 arguments, so the eager paths call them directly); one autograd definition
@@ -42,6 +44,7 @@ from torch.nn import Parameter
 from ._autograd import AutogradOp, backward_dispatch
 from ._common import KERNEL_DTYPES, FLOAT_DTYPES, check_tensor, output_buffer
 from .nf4 import FlatNF4, dequantize_into, flatten_state
+from .unused_output import take_output_unused
 
 # (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize) of an NF4 base, or None.
 Quant = tuple | None
@@ -114,6 +117,9 @@ def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bia
     xs = F.linear(x, lora_a)
     if scaling != 1.0:  # lora_alpha / r is often exactly 1 (PEFT's defaults): skip a kernel launch then
         xs.mul_(scaling)
+    if getattr(_reuse, "skip_output", False):
+        # Output values unused (ops/unused_output.py): no dequantization, no GEMM; backward dequantizes.
+        return output_buffer((x.shape[0], lora_b.shape[0]), x.dtype, x.device), xs
     concat = quant is not None and _concat_path(k, lora_b.shape[0], True)
     w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
     if quant is not None and getattr(_reuse, "active", False) and x.shape[0] <= REUSE_MAX_ROWS:
@@ -382,7 +388,14 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     scaling = float(scaling)
     if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        out = _LORA_LINEAR(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])
+        if take_output_unused() and not torch.compiler.is_compiling():
+            _reuse.skip_output = True  # read by _forward_impl of this call (ops/unused_output.py)
+            try:
+                out = _LORA_LINEAR(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])
+            finally:
+                _reuse.skip_output = False
+        else:
+            out = _LORA_LINEAR(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])
     elif torch.compiler.is_compiling():  # torch.compile sees the custom op, also without gradients
         out = _LORA_LINEAR(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])
     else:  # nothing to differentiate: skip autograd's bookkeeping (~10-20 us of host time)

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..offload import ActivationOffloader
 from ..ops.lora_linear import reusing_dequantized_weights
+from . import rerun_tail
 from .context import PatchContext
 from .report import PatchReport
 
@@ -104,9 +105,10 @@ _REENTRANT_KWARGS = ("preserve_rng_state",)
 def _without_anchor(function, anchor, *args):
     if torch.is_grad_enabled():
         # The rerun in backward (the first call runs with autograd off): every op's backward follows
-        # within this layer, so NF4 LoRA calls may keep their 16-bit weights for it (ops/lora_linear.py).
+        # within this layer, so NF4 LoRA calls may keep their 16-bit weights for it (ops/lora_linear.py),
+        # and a layer ending in `residual + mlp(x)` may skip its last GEMM (rerun_tail.py).
         with reusing_dequantized_weights():
-            return function(*args)
+            return rerun_tail.rerun(_layer_of(function), function, *args)
     return function(*args)
 
 
@@ -171,10 +173,14 @@ def _distributed() -> bool:
 
 
 def _layer_of(function):
-    """The module a decoder layer's checkpointed call belongs to (transformers passes
-    ``partial(layer.__call__ or super().__call__, **kwargs)``), or None."""
-    bound = function.func if isinstance(function, functools.partial) else function
-    owner = getattr(bound, "__self__", None)
+    """The module a decoder layer's checkpointed call belongs to, or None. transformers up to 5.17 passes
+    ``partial(super().__call__, **kwargs)`` (a bound method), later versions ``partial(forward, layer,
+    **kwargs)`` (the class's forward, so that module hooks stay outside the checkpoint)."""
+    if isinstance(function, functools.partial):
+        if function.args and isinstance(function.args[0], nn.Module):
+            return function.args[0]
+        function = function.func
+    owner = getattr(function, "__self__", None)
     return owner if isinstance(owner, nn.Module) else None
 
 
@@ -454,7 +460,8 @@ class CheckpointingPatcher:
         ctx.report.notes.append(
             "checkpointing: \"recompute\" leaves checkpointing on or off as it is; whenever it is on (turned on by "
             "you, the Trainer or TRL, now or later), decoder layers run forward without autograd and recompute in "
-            "backward"
+            "backward; a layer whose output is `residual + mlp(x)` (read from its first rerun's graph) skips the "
+            "MLP's down projection GEMM in later reruns (its output values are never read)"
         )
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:

@@ -414,7 +414,9 @@ def test_recompute_checkpointing_reuses_dequantized_nf4_weights(monkeypatch):
     calls.clear()
     monkeypatch.setattr(lora_module, "REUSE_MAX_ROWS", 0)  # dequantize again in backward
     _, loss, grads = _run(model, ids)
-    assert len(calls) == 3 * 14, len(calls)
+    # Each layer's down_proj dequantizes twice either way: from the second rerun on it skips its product
+    # (its output is never read, fastkern/patching/rerun_tail.py) and dequantizes only in backward.
+    assert len(calls) == 3 * 14 - 2, len(calls)
     assert torch.equal(reused_loss, loss)
     assert reused.keys() == grads.keys() and len(grads) == 28
     for name in grads:
