@@ -24,14 +24,17 @@ Validation, per experts module found in the model:
   3. the layout flags transformers' ``use_experts_implementation`` sets, where present, agree with the
      section (is_concatenated, is_transposed, has_bias; gated, no post-expert norm);
   4. silu: act_fn computes silu on a grid of points; clamped_swiglu: alpha and limit are finite numbers;
-  5. PEFT does not target the module's parameters (LoRA on 3-D expert weights, ``target_parameters``):
-     those modules keep their forward, with a report line;
+  5. PEFT's LoRA on the expert parameters (``target_parameters``, PEFT's ParamWrapper) is supported:
+     PEFT parametrizes the weights only while its wrapper's forward runs (W + s * B A, one baddbmm per
+     weight, cached for the call), the patched forward reads the adapted weights from the module as the
+     class forward would and hands them to the grouped kernels, and autograd carries their gradient into
+     A and B through PEFT's own parametrization (the same math as PEFT over transformers' forward);
   6. the patched forward is compared with the class's own per-expert loop on a small random routing
      (for clamped_swiglu also on inputs scaled so that the clamps bind).
 
-At call time the patched forward defers to the class forward when PEFT has parametrized the weights
-since (its LoRA delta lives in the parametrization) or when the input dtype differs from the weights'
-(autocast): both give the original's result. It also defers when config._experts_implementation
+At call time the patched forward defers to the class forward when a weight carries a parametrization
+other than PEFT's LoRA proxies (whatever it computes, the class forward is what it was written for) or
+when the input dtype differs from the weights' (autocast): both give the original's result. It also defers when config._experts_implementation
 differs from its value at patch time: a later ``model.set_experts_implementation(...)`` is honoured.
 """
 
@@ -146,10 +149,22 @@ def grouped_moe_experts_forward(self, hidden_states, top_k_index=None, top_k_wei
     gate_up = getattr(self, layout.gate_up)
     # A later set_experts_implementation(...) is the user's choice over the patch: the class forward
     # (transformers' dispatcher) runs what they asked for instead of silently keeping fastkern's kernel.
-    if (parametrize.is_parametrized(self) or hidden_states.dtype != gate_up.dtype
+    if ((parametrize.is_parametrized(self) and not _only_peft_lora(self))
+            or hidden_states.dtype != gate_up.dtype
             or _experts_implementation(self) != self._fastkern_moe_experts_implementation):
         return _class_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     return _grouped(self, layout, hidden_states, top_k_index, top_k_weights)
+
+
+# PEFT's parametrizations of a targeted parameter (peft/tuners/lora/layer.py): W + delta, and
+# W + s * lhs @ rhs as one baddbmm. Told by class name so that PEFT stays an optional import.
+_PEFT_LORA_PROXIES = ("_LoraParameterProxy", "_LoraFactorsProxy")
+
+
+def _only_peft_lora(module: nn.Module) -> bool:
+    """Every parametrization on ``module`` is one of PEFT's LoRA proxies (active inside ParamWrapper.forward)."""
+    return all(type(p).__name__ in _PEFT_LORA_PROXIES and type(p).__module__.startswith("peft.")
+               for plist in module.parametrizations.values() for p in plist)
 
 
 def _experts_implementation(module: nn.Module):
@@ -303,16 +318,19 @@ class MoEExpertsPatcher:
         peft_targeted = _peft_targeted(ctx.model)
         probed: dict[tuple[type, torch.dtype], ProbeVerdict] = {}
         for name, module in ctx.named_modules():
-            layout = layouts.get(type(module))
+            cls = type(module)
+            if parametrize.is_parametrized(module):  # torch swaps in a subclass named Parametrized<cls>
+                cls = cls.__bases__[0]
+            layout = layouts.get(cls)
             if layout is None:
                 continue
             absent = [n for n in layout.attributes() if not hasattr(module, n)]
             if absent:
                 ctx.report.add_skipped(name, "moe", f"{type(module).__name__} has no attribute(s) {absent}")
                 continue
-            if id(module) in peft_targeted or parametrize.is_parametrized(module):
-                ctx.report.add_skipped(name, "moe", "PEFT LoRA targets the expert parameters (target_parameters); "
-                                                    "transformers' forward runs them")
+            if parametrize.is_parametrized(module) and not _only_peft_lora(module):
+                ctx.report.add_skipped(name, "moe", "the expert weights carry a parametrization; transformers' "
+                                                    "forward runs them")
                 continue
             problem = _layout_problem(module, layout) or _activation_problem(module, layout)
             if problem:
@@ -330,6 +348,8 @@ class MoEExpertsPatcher:
             n_experts = getattr(module, layout.gate_up).shape[0]
             detail = (f"{type(module).__name__} -> fastkern.ops.moe_experts (grouped GEMMs over {n_experts} experts; "
                       f"{layout.describe()})")
+            if id(module) in peft_targeted:
+                detail += "; with PEFT's LoRA on the expert parameters (adapted weights read per call)"
             state = {"moe": layout, "moe_experts_implementation": _experts_implementation(module)}
             ctx.replace_forward_probed(module, name, grouped_moe_experts_forward, detail, state, probed[key])
 

@@ -115,18 +115,57 @@ def test_auto_leaves_wide_experts_to_transformers(family):
     assert fastkern.patch_model(model, **ONLY_MOE).patched_names("moe") == names
 
 
-def test_peft_lora_on_expert_parameters_falls_back():
+@pytest.mark.parametrize("targets", [["mlp.experts.gate_up_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]])
+def test_peft_lora_on_expert_parameters_runs_grouped(targets):
+    """PEFT's ParamWrapper parametrizes the expert weights during its forward (W + s B A); the patched
+    forward reads the adapted weights and the adapters get their gradients through PEFT's parametrization.
+    One target gives PEFT's factor proxy (one baddbmm), two nested wrappers; adapters disabled: the base."""
     peft = pytest.importorskip("peft")
-    model = _eager_experts(tiny_model("qwen3_moe"))
-    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"],
-                          init_lora_weights=False)
-    model = peft.get_peft_model(model, cfg)
     ids = batch()
+
+    def build():
+        model = _eager_experts(tiny_model("qwen3_moe"))
+        torch.manual_seed(5)
+        cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=targets,
+                              init_lora_weights=False)
+        return peft.get_peft_model(model, cfg)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_model, model = build(), build()
+    want_logits, want_grads = step(ref_model)
+    report = fastkern.patch_model(model, **ONLY_MOE)
+    details = [e.detail for e in report.patched if e.kind == "moe"]
+    assert len(details) == len(_experts(ref_model)) and details and all("PEFT's LoRA on the expert parameters" in d for d in details), str(report)
+    logits, grads = step(model)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-5)
+    expert_grads = [n for n in want_grads if "experts" in n]
+    assert len(expert_grads) == 2 * len(targets) * len(_experts(ref_model)) and want_grads.keys() == grads.keys()
+    for name, want in want_grads.items():
+        assert grads[name] is not None and torch.isfinite(grads[name]).all(), name
+        torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    with model.disable_adapter(), ref_model.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref_model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_foreign_parametrization_on_expert_weights_keeps_the_class_forward():
+    model = _eager_experts(tiny_model("qwen3_moe"))
+    ids = batch()
+    name, experts = _experts(model)[0]
+
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    torch.nn.utils.parametrize.register_parametrization(experts, "gate_up_proj", Scale())
     want = model(input_ids=ids).logits
     report = fastkern.patch_model(model, **ONLY_MOE)
-    assert not report.patched_names("moe")
-    (entry,) = [e for e in report.skipped if e.kind == "moe"]
-    assert "PEFT" in entry.detail
+    assert name not in report.patched_names("moe")
+    assert any(e.kind == "moe" and "parametrization" in e.detail for e in report.skipped)
     torch.testing.assert_close(model(input_ids=ids).logits, want)
 
 
