@@ -44,7 +44,7 @@ from torch.nn import Parameter
 from ._autograd import AutogradOp, backward_dispatch
 from ._common import KERNEL_DTYPES, FLOAT_DTYPES, check_tensor, output_buffer
 from .nf4 import FlatNF4, dequantize_into, flatten_state
-from .unused_output import take_output_unused
+from .unused_output import request as _unused, take_output_unused
 
 # (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize) of an NF4 base, or None.
 Quant = tuple | None
@@ -388,7 +388,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     scaling = float(scaling)
     if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        if take_output_unused() and not torch.compiler.is_compiling():
+        if _unused.pending and take_output_unused() and not torch.compiler.is_compiling():
             _reuse.skip_output = True  # read by _forward_impl of this call (ops/unused_output.py)
             try:
                 out = _LORA_LINEAR(x2d, w, lora_A, lora_B, bias, *quant[:5], scaling, *quant[5:])

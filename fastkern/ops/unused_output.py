@@ -27,31 +27,37 @@ from torch import Tensor
 
 from ._common import output_buffer
 
-_state = threading.local()
+class _Request(threading.local):
+    pending = False  # set by output_unused(); the next lora_linear call with gradients takes it
+    taken = False
+
+
+request = _Request()
 
 
 @contextlib.contextmanager
 def output_unused():
     """The next ``lora_linear`` call (with gradients, eager) inside this context returns an uninitialized
     output with correct gradients; :func:`output_unused_taken` says afterwards whether one did."""
-    previous = getattr(_state, "pending", False), getattr(_state, "taken", False)
-    _state.pending, _state.taken = True, False
+    previous = request.pending, request.taken
+    request.pending, request.taken = True, False
     try:
         yield
     finally:
-        _state.pending, _state.taken = previous
+        request.pending, request.taken = previous
 
 
 def take_output_unused() -> bool:
-    """Consume the request of the enclosing :func:`output_unused` (lora_linear calls this)."""
-    if getattr(_state, "pending", False):
-        _state.pending, _state.taken = False, True
+    """Consume the request of the enclosing :func:`output_unused` (lora_linear reads ``request.pending``
+    inline and calls this only when it is set)."""
+    if request.pending:
+        request.pending, request.taken = False, True
         return True
     return False
 
 
 def output_unused_taken() -> bool:
-    return getattr(_state, "taken", False)
+    return request.taken
 
 
 class LinearOutputUnused(torch.autograd.Function):

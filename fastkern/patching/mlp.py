@@ -17,10 +17,10 @@ import torch.nn as nn
 
 from ..ops.glu import geglu, swiglu
 from ..reference.glu import activation_reference
+from . import rerun_tail
 from .context import PatchContext, instance_forward
 from .probe import ProbeVerdict, meta_skip, not_probed, probe_generator, run_probe, tolerance
 from .report import PatchReport
-from .rerun_tail import last_projection
 
 _REQUIRED_KEYS = ("class", "down", "act", "activation")
 # Either two projections (gate = "gate_proj", up = "up_proj") or one fused projection whose output is
@@ -61,8 +61,11 @@ def _glu_mlp(module: nn.Module, config: tuple[str, str, str, str], x: torch.Tens
     else:
         gate = getattr(module, gate_name)(x)
         up = getattr(module, up_name)(x)
-    # The last call: inside a checkpoint's rerun it may skip its product (patching/rerun_tail.py).
-    return last_projection(module, getattr(module, down_name), _fused(activation, gate, up))
+    h = _fused(activation, gate, up)
+    if rerun_tail.state.mode is None:
+        return getattr(module, down_name)(h)
+    # Inside a checkpoint's rerun the last call may skip its product (patching/rerun_tail.py).
+    return rerun_tail.last_projection(module, getattr(module, down_name), h)
 
 
 @instance_forward("mlp")

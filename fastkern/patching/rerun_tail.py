@@ -31,13 +31,18 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as nn_module
 
-from ..ops.unused_output import linear_output_unused, output_unused
+from ..ops.unused_output import linear_output_unused, request
 
 # Attribution switch for benchmarks (bench/e2e/sft.py's "fastkern-full-rerun"): False reruns every layer
 # in full, as before this module existed.
 SKIP_LAST_PROJECTION = True
 
-_state = threading.local()  # mode: None, "record" or "skip"; nodes: the patched MLP outputs' grad_fns
+class _Rerun(threading.local):
+    mode = None  # None outside a rerun, else "record" or "skip"
+    nodes = None  # the grad_fn of each patched MLP output in this rerun
+
+
+state = _Rerun()
 _verdicts: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
@@ -49,7 +54,8 @@ def _transformers_capture_hook(hook) -> bool:
 def _layer_hooks_allow(layer: nn.Module) -> bool:
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
-    return all(_transformers_capture_hook(h) for h in layer._forward_hooks.values())
+    hooks = layer._forward_hooks
+    return not hooks or all(_transformers_capture_hook(h) for h in hooks.values())
 
 
 def _ends_in_add_of(out, nodes: list) -> bool:
@@ -66,13 +72,13 @@ def rerun(layer: nn.Module | None, function, *args):
     if layer is None or verdict is False or not SKIP_LAST_PROJECTION or not _layer_hooks_allow(layer):
         return function(*args)
     mode = "skip" if verdict else "record"
-    previous = getattr(_state, "mode", None), getattr(_state, "nodes", None)
-    _state.mode, _state.nodes = mode, []
+    previous = state.mode, state.nodes
+    state.mode, state.nodes = mode, []
     try:
         out = function(*args)
-        nodes = _state.nodes
+        nodes = state.nodes
     finally:
-        _state.mode, _state.nodes = previous
+        state.mode, state.nodes = previous
     ends = _ends_in_add_of(out, nodes)
     if mode == "record":
         _verdicts[layer] = ends
@@ -90,16 +96,15 @@ def layer_skips(layer: nn.Module) -> bool | None:
 
 
 def last_projection(mlp: nn.Module, down: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``down(h)``, the patched MLP's last call: outside a rerun just that; inside one, recorded, and
-    with its product skipped where the rerun skips (module docstring)."""
-    mode = getattr(_state, "mode", None)
-    if mode is None or not torch.is_grad_enabled():
+    """``down(h)`` inside a rerun (patching/mlp.py calls ``down`` itself when ``state.mode`` is None):
+    recorded, and with its product skipped where the rerun skips (module docstring)."""
+    if state.mode is None or not torch.is_grad_enabled():
         return down(h)
-    if mode == "skip" and not (mlp._forward_hooks or down._forward_hooks or down._forward_pre_hooks):
+    if state.mode == "skip" and not (mlp._forward_hooks or down._forward_hooks or down._forward_pre_hooks):
         out = _skipped(down, h)
     else:
         out = down(h)
-    _state.nodes.append(out.grad_fn)
+    state.nodes.append(out.grad_fn)
     return out
 
 
@@ -114,7 +119,10 @@ def _skipped(down: nn.Module, h: torch.Tensor) -> torch.Tensor:
                      or torch.get_autocast_dtype(device_type) == h.dtype)):
             return linear_output_unused(h, weight, bias)
         return down(h)
-    # A patched PEFT LoRA layer takes the request into its lora_linear call; any other module (or a
-    # LoRA call that goes to PEFT's forward) computes its output as usual.
-    with output_unused():
+    # A patched PEFT LoRA layer takes the request into its lora_linear call (ops/unused_output.py); any
+    # other module, or a LoRA call that goes to PEFT's forward, computes its output as usual.
+    request.pending = True
+    try:
         return down(h)
+    finally:
+        request.pending = False
