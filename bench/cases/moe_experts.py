@@ -3,10 +3,13 @@ per-expert loop and its grouped_mm implementation), and Liger's MoE experts wher
 
 Shapes (8K tokens): Qwen3-30B-A3B (H 2048, 128 experts, top-8, I 768), Mixtral-8x7B (H 4096, 8
 experts, top-2, I 14336) and gpt-oss-20b (H 2880, 32 experts, top-4, I 2880; interleaved gate/up,
-transposed weights, biases, clamped SwiGLU). Routing: softmax top-k of random router logits (fixed
+transposed weights, biases, clamped SwiGLU), and the Qwen3 layer with LoRA r16 on both expert weights
+(frozen experts, PEFT's ``target_parameters`` math: the adapted weight W + s B A per call, read by every
+implementation through a parametrization; gradients for A and B). Routing: softmax top-k of random router logits (fixed
 seed), so every implementation sees the same tokens per expert. Each implementation is checked first
 against the eager experts forward in fp32 with the same weights: output and the gradients of the
-hidden states, the routing weights and every expert parameter (weights and biases) within 2e-2
+hidden states, the routing weights and every trainable parameter (expert weights and biases, or the
+LoRA factors) within 2e-2
 relative error norm. Rows: fwd+bwd (median) with the peak extra memory; throughput counts the expert
 GEMMs (3 GEMMs of 2·N·k·H·I forward, twice that backward).
 
@@ -22,11 +25,14 @@ SHAPES = {
     "qwen3_30b_a3b": dict(family="qwen3_moe", hidden=2048, experts=128, top_k=8, inter=768, tokens=8192),
     "mixtral_8x7b": dict(family="mixtral", hidden=4096, experts=8, top_k=2, inter=14336, tokens=8192),
     "gpt_oss_20b": dict(family="gpt_oss", hidden=2880, experts=32, top_k=4, inter=2880, tokens=8192),
+    "qwen3_30b_a3b_lora_r16": dict(family="qwen3_moe", hidden=2048, experts=128, top_k=8, inter=768, tokens=8192,
+                                   lora=16),
 }
 TINY = {
     "qwen3_30b_a3b": dict(family="qwen3_moe", hidden=32, experts=8, top_k=4, inter=16, tokens=24),
     "mixtral_8x7b": dict(family="mixtral", hidden=48, experts=4, top_k=2, inter=32, tokens=24),
     "gpt_oss_20b": dict(family="gpt_oss", hidden=32, experts=4, top_k=2, inter=16, tokens=24),
+    "qwen3_30b_a3b_lora_r16": dict(family="qwen3_moe", hidden=32, experts=8, top_k=4, inter=16, tokens=24, lora=4),
 }
 TOLERANCE = 2e-2
 
@@ -53,7 +59,35 @@ def experts_module(shape: dict, implementation: str, dtype, device):
         g = torch.Generator(device="cpu").manual_seed(0)
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    if shape.get("lora"):
+        _add_expert_lora(module, shape["lora"], g)
     return module
+
+
+class ExpertLoRA(torch.nn.Module):
+    """LoRA on a stacked expert weight [E, out, in] as PEFT's ``target_parameters`` applies it (one
+    baddbmm per call: W + scaling * B @ A per expert), as a parametrization: every implementation reads
+    the adapted weight from the module, and the gradients reach A and B through it."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, g: torch.Generator):
+        super().__init__()
+        e, n_out, n_in = weight.shape
+        self.a = torch.nn.Parameter((torch.randn(e, rank, n_in, generator=g) / n_in ** 0.5).to(weight))
+        self.b = torch.nn.Parameter((torch.randn(e, n_out, rank, generator=g) / rank ** 0.5).to(weight))
+        self.scaling = 2.0
+
+    def forward(self, weight):
+        return torch.baddbmm(weight, self.b, self.a, alpha=self.scaling)
+
+
+def _add_expert_lora(module, rank: int, g: torch.Generator) -> None:
+    """Frozen experts with LoRA on gate_up_proj and down_proj (Qwen3-MoE layout [E, out, in])."""
+    from torch.nn.utils import parametrize
+
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for name in ("gate_up_proj", "down_proj"):
+        parametrize.register_parametrization(module, name, ExpertLoRA(getattr(module, name), rank, g))
 
 
 def liger_experts():
@@ -100,7 +134,7 @@ def fwd_bwd(module, fn, x0, ids, w0, grad):
     module.zero_grad(set_to_none=True)
     out = fn(x, ids, w)
     out.backward(grad)
-    return (out, x.grad, w.grad, *(p.grad for p in module.parameters()))
+    return (out, x.grad, w.grad, *(p.grad for p in module.parameters() if p.requires_grad))
 
 
 def check(module, fn, reference, inputs) -> float:
