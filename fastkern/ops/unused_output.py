@@ -7,7 +7,7 @@ projection, whose backward needs its input and weight but not its output (d inpu
 dW = dY^T input, d bias = sum dY), and an add's backward needs no values either. So the rerun can
 skip the down projection's GEMM, the largest single GEMM of the layer (2 * tokens * H * I FLOPs; torch's
 non-reentrant checkpoint skips it too, by stopping the recomputation once the last tensor backward
-needs has been saved). fastkern/patching/checkpointing.py decides when a rerun may skip it (it checks
+needs has been saved). fastkern/patching/rerun_tail.py decides when a rerun may skip it (it checks
 the layer's graph); this module provides the two pieces that skip it:
 
 * :func:`linear_output_unused`: ``F.linear(x, weight, bias)``'s gradients, with an uninitialized
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._common import output_buffer
+
 
 class _Request(threading.local):
     pending = False  # set by output_unused(); the next lora_linear call with gradients takes it

@@ -34,8 +34,9 @@ Validation, per experts module found in the model:
 
 At call time the patched forward defers to the class forward when a weight carries a parametrization
 other than PEFT's LoRA proxies (whatever it computes, the class forward is what it was written for) or
-when the input dtype differs from the weights' (autocast): both give the original's result. It also defers when config._experts_implementation
-differs from its value at patch time: a later ``model.set_experts_implementation(...)`` is honoured.
+when the input dtype differs from the weights' (autocast): both give the original's result. It also
+defers when config._experts_implementation differs from its value at patch time: a later
+``model.set_experts_implementation(...)`` is honoured.
 """
 
 from __future__ import annotations

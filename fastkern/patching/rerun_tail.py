@@ -37,6 +37,7 @@ from ..ops.unused_output import linear_output_unused, request
 # in full, as before this module existed.
 SKIP_LAST_PROJECTION = True
 
+
 class _Rerun(threading.local):
     mode = None  # None outside a rerun, else "record" or "skip"
     nodes = None  # the grad_fn of each patched MLP output in this rerun
