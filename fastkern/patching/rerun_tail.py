@@ -19,7 +19,9 @@ output would be built on unread values; a layer's structure does not change betw
 is a guard, not a path). A skip is not tried while anything could see the skipped values: forward
 hooks on the MLP or its down projection, global forward hooks, or forward hooks on the layer other
 than transformers' output-capturing hooks (installed on every decoder layer, inactive outside a
-model forward's capture context, so never active in backward).
+model forward's capture context, so never active in backward). Not checked: a layer forward that
+stores its MLP's output on a module during the rerun would store unset values (no transformers family
+does; the stored value would be a recomputed copy of one the forward already stored).
 """
 
 from __future__ import annotations
