@@ -54,9 +54,17 @@ Quant = tuple | None
 # is better spent on activations (an 8B layer's 16-bit weights are ~0.4 GiB).
 REUSE_MAX_ROWS = 16384
 
+
 # Set by reusing_dequantized_weights(); ``last`` passes (x, W, concatenated) from _forward_impl to
-# _setup_context of the same call (the eager Function calls them back to back on one thread).
-_reuse = threading.local()
+# _setup_context of the same call (the eager Function calls them back to back on one thread). Class
+# defaults, so the per-call reads are plain attribute reads.
+class _Reuse(threading.local):
+    active = False  # inside reusing_dequantized_weights()
+    last = None  # (x, W, concatenated) of the last NF4 forward, for its _setup_context
+    skip_output = False  # this call's output is unused (ops/unused_output.py)
+
+
+_reuse = _Reuse()
 
 
 @contextlib.contextmanager
@@ -67,7 +75,7 @@ def reusing_dequantized_weights():
     checkpoint's rerun in backward, where each kept W lives until its op's backward right after. Around
     a plain forward it would keep every layer's 16-bit weights until the loss's backward. Same math:
     the kept W is the one backward would dequantize (the version checks still apply)."""
-    previous = getattr(_reuse, "active", False)
+    previous = _reuse.active
     _reuse.active = True
     try:
         yield
@@ -117,12 +125,12 @@ def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bia
     xs = F.linear(x, lora_a)
     if scaling != 1.0:  # lora_alpha / r is often exactly 1 (PEFT's defaults): skip a kernel launch then
         xs.mul_(scaling)
-    if getattr(_reuse, "skip_output", False):
+    if _reuse.skip_output:
         # Output values unused (ops/unused_output.py): no dequantization, no GEMM; backward dequantizes.
         return output_buffer((x.shape[0], lora_b.shape[0]), x.dtype, x.device), xs
     concat = quant is not None and _concat_path(k, lora_b.shape[0], True)
     w = weight if quant is None else _dequantized(weight, quant, lora_b, k, concat)
-    if quant is not None and getattr(_reuse, "active", False) and x.shape[0] <= REUSE_MAX_ROWS:
+    if quant is not None and _reuse.active and x.shape[0] <= REUSE_MAX_ROWS:
         _reuse.last = (x, w, concat)
     if concat:  # w is [W | B]
         x_cat = torch.cat([x, xs], dim=1)
@@ -231,7 +239,7 @@ def _setup_context(ctx, inputs, output):
     ctx.opts = (scaling, blocksize, nested)
     ctx.bias_grad = bias is not None and bias.requires_grad
     ctx.kept = None
-    last = None if code is None else getattr(_reuse, "last", None)  # dense calls keep nothing
+    last = None if code is None else _reuse.last  # dense calls keep nothing
     if last is not None:
         _reuse.last = None
         if last[0] is x:  # this call's own W (anything else is discarded, never used)
