@@ -15,6 +15,8 @@ process gives each variant its own peak memory):
   fastkern-offload     the defaults plus ``checkpointing="offload"``
   fastkern-torch-checkpoint  the defaults with ``checkpointing=False``: the checkpoint function TRL asks for
                        (torch's non-reentrant) instead of fastkern's "recompute"
+  fastkern-separate-projections  the defaults, but q/k/v and gate/up LoRA projections run as separate
+                       calls instead of one group each (attribution of that grouping; lora/qlora modes)
   fastkern-dequantize-again  the defaults, but NF4 projections dequantize their weight again in backward
                        instead of reusing the checkpoint rerun's (attribution of that reuse; qlora mode)
   reference            unpatched, fp32 weights, TF32 off: the high-precision run the loss rule uses
@@ -49,7 +51,7 @@ from bench.e2e import common
 
 VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
             "fastkern-offload", "fastkern-torch-checkpoint", "fastkern-dequantize-again", "fastkern-full-rerun",
-            "reference"]
+            "fastkern-separate-projections", "reference"]
 # Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
 # compiles the whole model) always get their own process; with --shared-process the others share one.
 ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
@@ -105,7 +107,7 @@ def worker(args) -> dict:
     patch_options = {"fastkern-offload": {"checkpointing": "offload"}, "fastkern-compile": {"compile": True},
                      "fastkern-torch-checkpoint": {"checkpointing": False}}.get(variant, {})
     if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-torch-checkpoint",
-                   "fastkern-dequantize-again", "fastkern-full-rerun"):
+                   "fastkern-dequantize-again", "fastkern-full-rerun", "fastkern-separate-projections"):
         report = fastkern.patch_model(model, **patch_options)
     callbacks = [timer := step_timer()]
     if args.profile:
@@ -133,20 +135,23 @@ def worker(args) -> dict:
     # rerun's 16-bit weight (fastkern/ops/lora_linear.py, REUSE_MAX_ROWS); restored after the variant.
     # (By module path: fastkern.ops.lora_linear the attribute is the function of that name.)
     # Likewise "fastkern-full-rerun": checkpoint reruns compute the MLP's down projection
-    # (fastkern/patching/rerun_tail.py, SKIP_LAST_PROJECTION).
+    # (fastkern/patching/rerun_tail.py, SKIP_LAST_PROJECTION), and "fastkern-separate-projections": each
+    # LoRA projection its own call (fastkern/patching/lora.py, GROUP_PROJECTIONS).
     lora_ops = importlib.import_module("fastkern.ops.lora_linear")
-    from fastkern.patching import rerun_tail
+    from fastkern.patching import lora as lora_patching, rerun_tail
     reuse_rows = lora_ops.REUSE_MAX_ROWS
     try:
         if variant == "fastkern-dequantize-again":
             lora_ops.REUSE_MAX_ROWS = 0
         rerun_tail.SKIP_LAST_PROJECTION = variant != "fastkern-full-rerun"
+        lora_patching.GROUP_PROJECTIONS = variant != "fastkern-separate-projections"
         trainer.train()
     except Exception as exc:  # a variant that fails is reported as such, not hidden
         error = common.error_text(exc)
     finally:
         lora_ops.REUSE_MAX_ROWS = reuse_rows
         rerun_tail.SKIP_LAST_PROJECTION = True
+        lora_patching.GROUP_PROJECTIONS = True
     shutil.rmtree(out_dir, ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     warm = timer.times[2:] if len(timer.times) > 4 else timer.times

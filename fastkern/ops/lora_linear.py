@@ -141,9 +141,12 @@ def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bia
 def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                    code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
                    offset: Tensor | None, scaling: float, blocksize: int, nested_blocksize: int,
-                   need_x: bool, need_a: bool, need_b: bool, need_bias: bool, kept: tuple | None = None):
+                   need_x: bool, need_a: bool, need_b: bool, need_bias: bool, kept: tuple | None = None,
+                   grad_x_into: Tensor | None = None):
     """(dX [M, K], dA [r, K], dB [N, r], dbias [N]); a gradient not asked for is None. ``kept``: the
-    forward's (W, concatenated) of an NF4 call under reusing_dequantized_weights, or None."""
+    forward's (W, concatenated) of an NF4 call under reusing_dequantized_weights, or None.
+    ``grad_x_into``: an [M, K] dX of other projections of the same x (ops/lora_linear_group.py), to
+    which this dX is added in place and which is returned as dX."""
     quant = None if code is None else (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
     k = x.shape[1]
     dy = grad_out.contiguous()
@@ -162,12 +165,13 @@ def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora
             both = torch.mm(dy, w)  # w is [W | B]: [dY W | dY B]
             g = both[:, k:] * scaling  # s dY B, a new [M, r] tensor
             # Out of place: dX is a new contiguous [M, K] tensor (see _concat_backward).
-            grad_x = torch.addmm(both[:, :k], g, lora_a)
+            grad_x = (torch.addmm(both[:, :k], g, lora_a) if grad_x_into is None
+                      else grad_x_into.add_(both[:, :k]).addmm_(g, lora_a))
         else:
             g = torch.mm(dy, lora_b)
             if scaling != 1.0:
                 g.mul_(scaling)
-            grad_x = torch.mm(g, lora_a).addmm_(dy, w)
+            grad_x = (torch.mm(g, lora_a) if grad_x_into is None else grad_x_into.addmm_(g, lora_a)).addmm_(dy, w)
     elif need_a:  # no dX wanted (e.g. the first layer's input): W is not needed at all
         g = torch.mm(dy, lora_b)
         if scaling != 1.0:
@@ -333,25 +337,10 @@ def _check_operands(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, s
         _check_operand(_OP, "weight", weight, x)
 
 
-def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, *,
-                bias: Tensor | None = None, quant_state=None) -> Tensor:
-    """``x @ W.T + bias + scaling * (x @ lora_A.T) @ lora_B.T``, without separate passes for the LoRA term.
-
-    x: [..., K] (fp16/bf16/fp32). weight: dense [N, K] in x's dtype, or the NF4-packed bytes of a
-    bitsandbytes ``Params4bit`` (any quant_storage) with ``quant_state`` (bitsandbytes ``QuantState``
-    or ``NF4State``). lora_A: [r, K], lora_B: [N, r], bias: [N] or None, all in x's dtype.
-    Differentiable in x, lora_A, lora_B and bias; the base weight is frozen (a dense weight that
-    requires grad is rejected rather than silently left without a gradient). Parameters are held for
-    backward by reference (modifying one in place before backward raises there, as autograd does for
-    a saved tensor), so saved-tensor hooks (checkpointing, offloading) see only activations.
-
-    >>> import torch, fastkern
-    >>> x, w = torch.randn(3, 16), torch.randn(8, 16)
-    >>> a, b = torch.randn(4, 16), torch.randn(8, 4)
-    >>> y = fastkern.ops.lora_linear(x, w, a, b, 0.5)
-    >>> torch.allclose(y, x @ w.T + 0.5 * (x @ a.T) @ b.T, atol=1e-4)
-    True
-    """
+def _prepare(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling, bias: Tensor | None,
+             quant_state) -> tuple[Tensor, tuple, int]:
+    """Checks one call's arguments; returns (W as the kernels take it: the dense weight or NF4's packed
+    bytes, the NF4 state as the custom op's flat arguments (``_DENSE`` for a dense base), N)."""
     dense = quant_state is None
     plain = x.__class__ in _PLAIN
     dtype, device = (x.dtype, x.device) if plain else (None, None)
@@ -392,6 +381,30 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         raise ValueError(f"{_OP}: `lora_B` must be [{n}, {r}], got {tuple(lora_B.shape)}")
     if bias is not None and (bias.ndim != 1 or bias.shape[0] != n):
         raise ValueError(f"{_OP}: `bias` must be [{n}], got {tuple(bias.shape)}")
+    return w, quant, n
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, *,
+                bias: Tensor | None = None, quant_state=None) -> Tensor:
+    """``x @ W.T + bias + scaling * (x @ lora_A.T) @ lora_B.T``, without separate passes for the LoRA term.
+
+    x: [..., K] (fp16/bf16/fp32). weight: dense [N, K] in x's dtype, or the NF4-packed bytes of a
+    bitsandbytes ``Params4bit`` (any quant_storage) with ``quant_state`` (bitsandbytes ``QuantState``
+    or ``NF4State``). lora_A: [r, K], lora_B: [N, r], bias: [N] or None, all in x's dtype.
+    Differentiable in x, lora_A, lora_B and bias; the base weight is frozen (a dense weight that
+    requires grad is rejected rather than silently left without a gradient). Parameters are held for
+    backward by reference (modifying one in place before backward raises there, as autograd does for
+    a saved tensor), so saved-tensor hooks (checkpointing, offloading) see only activations.
+
+    >>> import torch, fastkern
+    >>> x, w = torch.randn(3, 16), torch.randn(8, 16)
+    >>> a, b = torch.randn(4, 16), torch.randn(8, 4)
+    >>> y = fastkern.ops.lora_linear(x, w, a, b, 0.5)
+    >>> torch.allclose(y, x @ w.T + 0.5 * (x @ a.T) @ b.T, atol=1e-4)
+    True
+    """
+    w, quant, n = _prepare(x, weight, lora_A, lora_B, scaling, bias, quant_state)
+    k = x.shape[-1]
     x2d = x.reshape(-1, k)
     scaling = float(scaling)
     if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad

@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from ..ops.rope import rope
 from . import packing
+from .lora import call_projections
 from .context import PatchContext, instance_forward
 from .probe import ProbeVerdict, meta_skip, probe_generator, run_probe, tolerance
 from .report import PatchReport
@@ -89,7 +90,7 @@ def _project(module: nn.Module, config: AttentionConfig, hidden_states: torch.Te
         kv_size = module.config.num_key_value_heads * module.head_dim
         q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
     else:
-        q, k, v = module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states)
+        q, k, v = call_projections((module.q_proj, module.k_proj, module.v_proj), hidden_states)
     if config.qk_norm_scope == "projection":
         q, k = _qk_norm(module, config, q, k)
     q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.modules.module as _module
 
 from ..integrations.peft import (
     active_lora_adapters,
@@ -33,7 +34,8 @@ from ..integrations.peft import (
     static_blocker,
 )
 from ..ops.lora_linear import lora_linear
-from .context import PatchContext, instance_forward
+from ..ops.lora_linear_group import lora_linear_group
+from .context import _INSTANCE_FORWARDS, PatchContext, instance_forward
 from .report import PatchReport
 
 
@@ -101,8 +103,8 @@ def _cpu_packed_in_dict(cls: type) -> bool:
             and not any(_CPU_PACKED in vars(k) for k in cls.__mro__))
 
 
-def _nf4_forward(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype, patched_class: bool
-                 ) -> torch.Tensor | None:
+def _nf4_args(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype, patched_class: bool
+              ) -> tuple | None:
     if patched_class:  # the Linear4bit class patched over keeps them where Module.__getattr__ looks
         params = base._parameters
         weight, bias = params["weight"], params["bias"]
@@ -126,15 +128,13 @@ def _nf4_forward(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype, p
         return None
     a, b, s = lora
     # Casts spelled out (no helper call): this runs for every QLoRA projection.
-    xc = x if x.dtype == compute else x.to(compute)
     if a.dtype != compute:
         a = a.to(compute)
     if b.dtype != compute:
         b = b.to(compute)
     if bias is not None and bias.dtype != compute:
         bias = bias.to(compute)
-    out = lora_linear(xc, weight, a, b, s, bias=bias, quant_state=state)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return compute, weight, a, b, s, bias, state
 
 
 # Under autocast, the fused path computes what PEFT computes only when x and the compute dtype (x's
@@ -149,11 +149,13 @@ def _nf4_forward(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype, p
 # + bitsandbytes do (docs/nf4_lora.md).
 
 
-@instance_forward("lora")
-def fused_lora_forward(self, x, *args, **kwargs):
+def fused_args(self: nn.Module, x) -> tuple | None:
+    """(compute dtype, weight, lora_A, lora_B, scaling, bias, quant_state): the lora_linear call, with x
+    cast to the compute dtype and the output cast back to x's dtype, that is exactly PEFT's forward of
+    this patched layer for ``x`` right now; None when PEFT's forward must run (module docstring)."""
     # PEFT's ``disable_adapters`` and ``merged`` properties read these two attributes (module docstring).
-    if args or kwargs or self._disable_adapters or self.merged_adapters or not isinstance(x, torch.Tensor):
-        return _peft_forward(self, x, *args, **kwargs)
+    if self._disable_adapters or self.merged_adapters or not isinstance(x, torch.Tensor):
+        return None
     base = self._modules.get("base_layer")
     # The exact class the layer was patched over (nn.Linear or bitsandbytes' Linear4bit) is its own
     # base; anything else (a nested tuner layer, a swapped base): ask PEFT.
@@ -161,29 +163,28 @@ def fused_lora_forward(self, x, *args, **kwargs):
     if not patched_class:
         base = self.get_base_layer()
     if base._forward_hooks or base._forward_pre_hooks:  # hooks added after patching must run
-        return _peft_forward(self, x)
+        return None
     nf4 = self._fastkern_lora == "nf4"
     dtype = x.dtype
     compute = (getattr(base, "compute_dtype", None) or dtype) if nf4 else dtype
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and not (
             dtype == compute and compute == torch.get_autocast_dtype(device_type)):  # see the comment above
-        return _peft_forward(self, x)
+        return None
     lora = _one_plain_adapter(self)
     if lora is None:  # several adapters, or one that may not be plain: the full checks
         names = _fusable_now(self, x)
         if names is None:
-            return _peft_forward(self, x)
+            return None
         lora = combined_lora(self, names, compute)
     if nf4:
-        out = _nf4_forward(base, x, lora, compute, patched_class)
-        return _peft_forward(self, x) if out is None else out
+        return _nf4_args(base, x, lora, compute, patched_class)
     if base.__class__ is not nn.Linear:  # the base was swapped after patching
-        return _peft_forward(self, x)
+        return None
     params = base._parameters  # authoritative for an exact nn.Linear
     w, bias = params["weight"], params["bias"]
     if w.dtype != dtype or w.device != x.device or (w.requires_grad and torch.is_grad_enabled()):
-        return _peft_forward(self, x)
+        return None
     a, b, s = lora
     if a.dtype != dtype:
         a = a.to(dtype)
@@ -191,7 +192,67 @@ def fused_lora_forward(self, x, *args, **kwargs):
         b = b.to(dtype)
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
-    return lora_linear(x, w, a, b, s, bias=bias)
+    return dtype, w, a, b, s, bias, None
+
+
+@instance_forward("lora")
+def fused_lora_forward(self, x, *args, **kwargs):
+    call = None if args or kwargs else fused_args(self, x)
+    if call is None:
+        return _peft_forward(self, x, *args, **kwargs)
+    compute, w, a, b, s, bias, state = call
+    if compute is x.dtype:  # a dense base, or an NF4 one computing in x's dtype
+        return lora_linear(x, w, a, b, s, bias=bias, quant_state=state)
+    out = lora_linear(x.to(compute), w, a, b, s, bias=bias, quant_state=state)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+# Attribution switch for benchmarks (bench/e2e/sft.py's "fastkern-separate-projections"): False calls
+# every projection as its own module, as before call_projections grouped them.
+GROUP_PROJECTIONS = True
+
+
+def call_projections(modules: tuple[nn.Module, ...], x: torch.Tensor) -> list:
+    """``[m(x) for m in modules]`` (an attention's q/k/v, an MLP's gate/up), with the patched LoRA layers
+    among them that take the fused path for this call run as one lora_linear_group call: the same
+    products, one autograd node instead of one per projection (ops/lora_linear_group.py).
+
+    A layer joins the group only when calling it would run :func:`fused_lora_forward` on the fused path
+    with nothing around it: fastkern's LoRA forward bound on it, no hooks of its own and no global
+    module hooks (Module.__call__ would run those; the group does not call the module), the compute
+    dtype of the first such layer. Every other module is called as usual; with fewer than two in the
+    group, all are. Loops rather than comprehensions: this runs for every attention and MLP call.
+    """
+    grouped, calls = [], []
+    if GROUP_PROJECTIONS and not (_module._global_forward_hooks or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks or _module._global_backward_pre_hooks):
+        compute = None
+        for i, module in enumerate(modules):
+            if (_INSTANCE_FORWARDS.get(getattr(module.__dict__.get("forward"), "__func__", None)) != "lora"
+                    or module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                    or module._backward_pre_hooks):
+                continue
+            call = fused_args(module, x)
+            if call is not None and (compute is None or call[0] is compute):
+                compute = call[0]
+                grouped.append(i)
+                calls.append(call[1:])
+    if len(grouped) < 2:
+        outs = []
+        for module in modules:
+            outs.append(module(x))
+        return outs
+    same = compute is x.dtype
+    group = lora_linear_group(x if same else x.to(compute), calls)
+    outs, j = [], 0
+    for i, module in enumerate(modules):
+        if j < len(grouped) and grouped[j] == i:
+            out = group[j]
+            outs.append(out if same or out.dtype == x.dtype else out.to(x.dtype))
+            j += 1
+        else:
+            outs.append(module(x))
+    return outs
 
 
 class LoRAPatcher:

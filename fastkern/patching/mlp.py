@@ -19,6 +19,7 @@ from ..ops.glu import geglu, swiglu
 from ..reference.glu import activation_reference
 from . import rerun_tail
 from .context import PatchContext, instance_forward
+from .lora import call_projections
 from .probe import ProbeVerdict, meta_skip, not_probed, probe_generator, run_probe, tolerance
 from .report import PatchReport
 
@@ -59,8 +60,7 @@ def _glu_mlp(module: nn.Module, config: tuple[str, str, str, str], x: torch.Tens
         # (what the family's chunk(2, dim=-1) takes); the halves are strided views the kernel reads as such.
         gate, up = getattr(module, gate_name)(x).chunk(2, dim=-1)
     else:
-        gate = getattr(module, gate_name)(x)
-        up = getattr(module, up_name)(x)
+        gate, up = call_projections((getattr(module, gate_name), getattr(module, up_name)), x)
     h = _fused(activation, gate, up)
     if rerun_tail.state.mode is None:
         return getattr(module, down_name)(h)

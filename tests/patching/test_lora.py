@@ -61,12 +61,21 @@ def _run(model, ids):
     return out.logits.detach(), out.loss.detach(), grads
 
 
+def _count_fused_projections(monkeypatch) -> list:
+    """A list that gets one entry per LoRA projection computed on the fused path, whether by its own
+    lora_linear call or inside a lora_linear_group call (q/k/v, gate/up)."""
+    calls = []
+    single, group = fastkern.patching.lora.lora_linear, fastkern.patching.lora.lora_linear_group
+    monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or single(*a, **k))
+    monkeypatch.setattr(fastkern.patching.lora, "lora_linear_group",
+                        lambda x, projections: calls.extend([1] * len(projections)) or group(x, projections))
+    return calls
+
+
 def _compare(model, dtype, ids, monkeypatch):
     ref_logits, ref_loss, ref_grads = _run(model, ids)
     report = fastkern.patch_model(model, lora=True, loss=False)
-    calls = []
-    original = fastkern.patching.lora.lora_linear
-    monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = _count_fused_projections(monkeypatch)
     got_logits, got_loss, got_grads = _run(model, ids)
     assert len(calls) == 14, "every LoRA layer must take the fused path"
     tol = TOL[dtype]
@@ -254,9 +263,7 @@ def test_autocast_in_the_weights_dtype_takes_the_fused_path(nf4, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_logits, ref_loss, ref_grads = _run(model, ids)
     fastkern.patch_model(model, lora=True, loss=False)
-    calls = []
-    original = fastkern.patching.lora.lora_linear
-    monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = _count_fused_projections(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got_logits, got_loss, got_grads = _run(model, ids)
     assert len(calls) == 14, "every LoRA layer must take the fused path under bf16 autocast"
@@ -279,9 +286,7 @@ def test_nf4_under_autocast_with_fp32_compute_dtype_defers_to_peft(monkeypatch):
     model = _peft(_quantize_linears(_tiny("llama", torch.float32, intermediate_size=128)))
     model.train()
     fastkern.patch_model(model, lora=True, loss=False)
-    calls = []
-    original = fastkern.patching.lora.lora_linear
-    monkeypatch.setattr(fastkern.patching.lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = _count_fused_projections(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=torch.randint(0, 128, (1, 8)), use_cache=False)
     assert calls == []
