@@ -126,6 +126,20 @@ def _rotates(module: nn.Module, config: AttentionConfig) -> bool:
     return config.rope_if is None or bool(getattr(module, config.rope_if))
 
 
+_get_creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
+
+
+def _autograd_allows_in_place(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """False when autograd would refuse an in-place change of q or k: a projection with a full backward
+    hook (``register_full_backward_hook``) returns its output through a multi-output autograd node, and
+    views of such outputs cannot be modified in place. Then rope rotates out of place (same values)."""
+    if _get_creation_meta is None or not torch.is_grad_enabled():
+        return True
+    default = torch._C._autograd.CreationMeta.DEFAULT
+    return not ((q.requires_grad and q._is_view() and _get_creation_meta(q) != default)
+                or (k.requires_grad and k._is_view() and _get_creation_meta(k) != default))
+
+
 def _attention(module, config: AttentionConfig, hidden_states, position_embeddings, attention_mask,
                cache, **kwargs):
     q, k, v = _project(module, config, hidden_states)
@@ -135,8 +149,10 @@ def _attention(module, config: AttentionConfig, hidden_states, position_embeddin
     elif _rotates(module, config):
         cos, sin, interleaved = _rope_tables(config.rope_layout, *position_embeddings)
         # q and k are private intermediates (fresh projection or norm outputs): rotate them in place, unless
-        # they are slices of one fused qkv output, where autograd would copy around an in-place update.
-        q, k = rope(q, k, cos, sin, interleaved=interleaved, inplace=config.fused_qkv is None)
+        # they are slices of one fused qkv output, where autograd would copy around an in-place update, or
+        # views autograd refuses to see modified (below).
+        inplace = config.fused_qkv is None and _autograd_allows_in_place(q, k)
+        q, k = rope(q, k, cos, sin, interleaved=interleaved, inplace=inplace)
     if cache is not None:
         k, v = cache.update(k, v, module.layer_idx)
     extra = {}

@@ -183,3 +183,18 @@ def test_sliding_window_is_passed_through():
 def test_tiny_config_helper_still_builds_gemma2_eager():
     # Gemma2's softcap is only applied by the eager attention: the family test above covers it there.
     assert tiny_config("gemma2")._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("projection", ["q_proj", "k_proj"])
+def test_full_backward_hook_on_a_projection(projection):
+    # A full backward hook returns the projection's output through a multi-output autograd node, whose
+    # views autograd will not let be modified in place: q and k are then rotated out of place.
+    ids = batch()
+    want = run(make("llama"), ids)
+    model = make("llama")
+    fastkern.patch_model(model, **ROPE_ONLY, rope=True)
+    seen = []
+    getattr(model.model.layers[0].self_attn, projection).register_full_backward_hook(
+        lambda m, grad_in, grad_out: seen.append(grad_out[0].shape))
+    assert_same_fp32_run(run(model, ids), want)
+    assert len(seen) == 1
