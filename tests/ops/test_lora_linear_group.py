@@ -218,3 +218,18 @@ def test_bad_inputs():
         lora_linear_group(x, [projections[0], (w, a, b[:-1], s, bias, st)])
     with pytest.raises(TypeError, match="dtype"):
         lora_linear_group(x, [projections[0], (w, a.double(), b, s, bias, st)])
+
+
+def test_compile_fullgraph_takes_the_custom_ops():
+    # Under torch.compile the group is lora_linear's custom op per projection (what compile sees).
+    x, projections = _projections(6, 32, torch.float32, True, seed=13)
+    a = projections[0][1].requires_grad_()
+    fn = torch.compile(lambda x: lora_linear_group(x, projections), fullgraph=True, backend="aot_eager")
+    outs = fn(x)
+    sum(o.sum() for o in outs).backward()
+    a2 = a.detach().clone().requires_grad_()
+    ref = lora_linear_group(x, [(projections[0][0], a2, *projections[0][2:])] + projections[1:])
+    sum(o.sum() for o in ref).backward()
+    for got, want in zip(outs, ref):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(a.grad, a2.grad)
