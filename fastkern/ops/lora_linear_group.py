@@ -6,9 +6,11 @@ projection ``xs = s x A.T`` and the base GEMM; backward: per projection dA, dB a
 values agree with the separate calls up to the summation of dX. What it saves is host work, which is
 what limits a LoRA or QLoRA step of a small model on a GPU (docs/e2e.md, "Where the time goes"): one
 autograd node, one argument pass and one backward call for the group instead of one per projection,
-and dX accumulated in place (``dX += s dY_i B_i A_i + dY_i W_i`` for each projection i) instead of a
-separate dX per projection that autograd then adds up (one [M, K] buffer and one add kernel less per
-extra projection).
+and dX accumulated in place instead of a separate dX per projection that autograd then adds up (one
+[M, K] buffer and one add kernel less per extra projection). For 16-bit weights the LoRA terms go
+first, as one GEMM ``[s_0 dY_0 B_0 | s_1 dY_1 B_1 | ...] [A_0; A_1; ...]``, then ``dX += dY_i W_i``:
+one bf16 rounding of dX per projection plus one, fewer than the separate calls' sum (tests/
+test_accuracy_rule.py judges the result against a float64 run).
 
 Eager only: under torch.compile, and while a caller asks for an unused output (ops/unused_output.py,
 meant for one projection), the projections are plain lora_linear calls. Parameters are held by
@@ -88,6 +90,12 @@ class LoRALinearGroupFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_x = None
         result = [None, None]
+        # Dense projections: dX = [g_0 | g_1 | ...] [A_0; A_1; ...] + sum_i dY_i W_i with g_i = s_i dY_i B_i,
+        # the LoRA terms as one small GEMM and then each base term added in place: one rounding of dX
+        # per projection plus one, fewer than separate calls summed by autograd. NF4 projections keep
+        # lora_linear's own dX scheme (its [W | B] concatenation), accumulated in place.
+        dense = needs[0] and all(record[1][0] is None for record in ctx.records)
+        lora_terms, base_terms = [], []
         for i, record in enumerate(ctx.records):
             weight, quant, scaling, lora_a, lora_b, versions, bias_grad, kept = record
             record[7] = None  # a kept W is released with this backward
@@ -100,11 +108,26 @@ class LoRALinearGroupFunction(torch.autograd.Function):
             if now != versions:
                 raise _modified_error(versions, now)
             need_a, need_b, need_bias = needs[2 + 3 * i], needs[3 + 3 * i], needs[4 + 3 * i] and bias_grad
+            if dense:
+                dy = grads[i].contiguous()
+                g = torch.mm(dy, lora_b)
+                if scaling != 1.0:
+                    g.mul_(scaling)
+                lora_terms.append((g, lora_a))
+                base_terms.append((dy, weight))
+                result += (torch.mm(g.t(), x) if need_a else None, torch.mm(dy.t(), saved[1 + 3 * i]) if need_b else None,
+                           dy.sum(0) if need_bias else None)
+                continue
             gx, ga, gb, gbias = _backward_impl(
                 grads[i], x, saved[1 + 3 * i], weight, lora_a, lora_b, *quant[:5], scaling, *quant[5:],
                 needs[0], need_a, need_b, need_bias, kept, grad_x)
             grad_x = gx
             result += (ga, gb, gbias)
+        if dense:
+            gs, As = zip(*lora_terms)
+            grad_x = torch.mm(torch.cat(gs, 1), torch.cat(As, 0))
+            for dy, weight in base_terms:
+                grad_x.addmm_(dy, weight)
         result[0] = grad_x
         return tuple(result)
 

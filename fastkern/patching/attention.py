@@ -133,8 +133,8 @@ def _autograd_allows_in_place(q: torch.Tensor, k: torch.Tensor) -> bool:
     """False when autograd would refuse an in-place change of q or k: a projection with a full backward
     hook (``register_full_backward_hook``) returns its output through a multi-output autograd node, and
     views of such outputs cannot be modified in place. Then rope rotates out of place (same values)."""
-    if _get_creation_meta is None or not torch.is_grad_enabled():
-        return True
+    if _get_creation_meta is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return True  # under torch.compile functionalization replaces the in-place update; nothing to refuse
     default = torch._C._autograd.CreationMeta.DEFAULT
     return not ((q.requires_grad and q._is_view() and _get_creation_meta(q) != default)
                 or (k.requires_grad and k._is_view() and _get_creation_meta(k) != default))
