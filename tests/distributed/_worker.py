@@ -66,14 +66,22 @@ def _full(t):
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
 
 
-def reference(patched: bool, half: int | None = None, tied: bool = False):
+def reference(patched: bool, half: int | None = None, tied: bool = False, lora: bool = False):
     """Single process: the concatenated batch with the global count (half=None), or one rank's rows alone
-    with their own count (half=r). Returns loss, gradients, parameters after the SGD step."""
+    with their own count (half=r); with LoRA adapters on every linear layer if ``lora``. Returns loss,
+    gradients, parameters after the SGD step."""
     ids, labels, n = data()
     if half is not None:
         ids, labels = rows(ids, half), rows(labels, half)
         n = int((labels[:, 1:] != -100).sum())
-    m = model(patched, tied)
+    if lora:
+        m = _with_lora(model(False, tied))
+        if patched:
+            import fastkern
+
+            fastkern.patch_model(m)
+    else:
+        m = model(patched, tied)
     loss = m(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(n, device=DEVICE)).loss
     grads, params = step(m, loss)
     return {"loss": loss.detach().cpu(), "grads": grads, "params": params}
@@ -188,13 +196,61 @@ def _checkpointed(m):
     return m
 
 
-def scenario_ddp_recompute(rank):
-    # checkpointing="recompute" keeps the requested (non-reentrant) checkpoint in a distributed run: DDP with
-    # find_unused_parameters=True, what transformers' Trainer picks for a PEFT model, rejects a reentrant
-    # backward.
+class _ReentrantCount:
+    """Counts the layer calls that took checkpointing="recompute"'s reentrant form."""
+
+    def __init__(self):
+        from fastkern.patching.checkpointing import RecomputeCheckpointFunction
+
+        self.calls, real = 0, RecomputeCheckpointFunction._reentrant
+
+        def count(this, *args):
+            self.calls += 1
+            return real(this, *args)
+
+        RecomputeCheckpointFunction._reentrant = count
+        self._undo = lambda: setattr(RecomputeCheckpointFunction, "_reentrant", real)
+
+    def close(self):
+        self._undo()
+        return {"reentrant_calls": self.calls}
+
+
+def _ddp_recompute(rank, find_unused: bool, lora: bool = False):
+    """checkpointing="recompute" under DDP keeps the requested (non-reentrant) checkpoint: DDP with
+    find_unused_parameters=True, what transformers' Trainer picks for a PEFT model, rejects a reentrant
+    backward (docs/multi_gpu.md), and a layer cannot tell how the model was wrapped."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return _global_step(rank, DDP(_checkpointed(model(True, checkpointing="recompute")), find_unused_parameters=True))
+    m = _checkpointed(model(False))
+    if lora:
+        m = _with_lora(m)
+    import fastkern
+
+    fastkern.patch_model(m, checkpointing="recompute")
+    spy = _ReentrantCount()
+    try:
+        result = _global_step(rank, DDP(m, find_unused_parameters=find_unused))
+    finally:
+        counts = spy.close()
+    result.update(counts, layers=m.config.num_hidden_layers)
+    return result
+
+
+def _with_lora(m):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)  # nonzero B: every adapter gets a gradient
+    return get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                                        init_lora_weights=False))
+
+
+def scenario_ddp_recompute(rank):
+    return _ddp_recompute(rank, find_unused=True)
+
+
+def scenario_ddp_recompute_lora(rank):
+    return _ddp_recompute(rank, find_unused=True, lora=True)
 
 
 def scenario_fsdp_recompute(rank):
@@ -327,6 +383,7 @@ SCENARIOS = {
     "fsdp_accelerate_tied": scenario_fsdp_accelerate_tied,
     "fsdp_offload": scenario_fsdp_offload,
     "ddp_recompute": scenario_ddp_recompute,
+    "ddp_recompute_lora": scenario_ddp_recompute_lora,
     "fsdp_recompute": scenario_fsdp_recompute,
     "trl_fsdp_head": scenario_trl_fsdp_head,
     "dtensor_head": scenario_dtensor_head,

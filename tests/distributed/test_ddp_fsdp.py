@@ -52,6 +52,7 @@ def _references(device: torch.device) -> dict:
     previous, _worker.DEVICE = _worker.DEVICE, device
     try:
         return {True: _worker.reference(True), False: _worker.reference(False),
+                "lora": _worker.reference(True, lora=True), "lora unpatched": _worker.reference(False, lora=True),
                 "tied": _worker.reference(True, tied=True),
                 "half": [_worker.reference(True, half=r) for r in range(_worker.WORLD)]}
     finally:
@@ -85,12 +86,17 @@ def check_ddp(ranks, single, scenario="ddp"):
     assert r0["logits_none"], f"{scenario}: the fused loss did not run under DDP"
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), f"{scenario}: {name} differs across ranks after the step"
-    _matches_single(r0, single[True], scenario)
-    _matches_single(r0, single[False], f"{scenario} vs unpatched")
+    if scenario.startswith("ddp_recompute"):
+        # the requested (non-reentrant) checkpoint was kept on both ranks: no layer took the reentrant form
+        for r in (r0, r1):
+            assert r["reentrant_calls"] == 0 and r["layers"] > 0, r["reentrant_calls"]
+    lora = scenario.endswith("lora")
+    _matches_single(r0, single["lora" if lora else True], scenario)
+    _matches_single(r0, single["lora unpatched" if lora else False], f"{scenario} vs unpatched")
 
 
 FSDP_SCENARIOS = ["fsdp", "fsdp_head", "fsdp_accelerate", "fsdp_offload", "fsdp_recompute", "trl_fsdp_head"]
-DDP_SCENARIOS = ["ddp", "ddp_recompute"]
+DDP_SCENARIOS = ["ddp", "ddp_recompute", "ddp_recompute_lora"]
 
 
 def check_fsdp(ranks, single, scenario):
