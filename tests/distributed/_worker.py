@@ -200,26 +200,29 @@ class _ReentrantCount:
     """Counts the layer calls that took checkpointing="recompute"'s reentrant form."""
 
     def __init__(self):
-        from fastkern.patching.checkpointing import RecomputeCheckpointFunction
+        from fastkern.patching.checkpointing import OffloadRecomputeFunction, RecomputeCheckpointFunction
 
-        self.calls, real = 0, RecomputeCheckpointFunction._reentrant
+        self.calls, self._undo = 0, []
+        for cls in (RecomputeCheckpointFunction, OffloadRecomputeFunction):
+            real = cls.__dict__["_reentrant"]
 
-        def count(this, *args):
-            self.calls += 1
-            return real(this, *args)
+            def count(this, *args, _real=real):
+                self.calls += 1
+                return _real(this, *args)
 
-        RecomputeCheckpointFunction._reentrant = count
-        self._undo = lambda: setattr(RecomputeCheckpointFunction, "_reentrant", real)
+            cls._reentrant = count
+            self._undo.append((cls, real))
 
     def close(self):
-        self._undo()
+        for cls, real in self._undo:
+            cls._reentrant = real
         return {"reentrant_calls": self.calls}
 
 
-def _ddp_recompute(rank, find_unused: bool, lora: bool = False):
-    """checkpointing="recompute" under DDP keeps the requested (non-reentrant) checkpoint: DDP with
-    find_unused_parameters=True, what transformers' Trainer picks for a PEFT model, rejects a reentrant
-    backward (docs/multi_gpu.md), and a layer cannot tell how the model was wrapped."""
+def _ddp_recompute(rank, find_unused: bool, lora: bool = False, checkpointing: str = "recompute"):
+    """checkpointing="recompute" (or "offload") under DDP: the reentrant checkpoint with the layer's
+    parameters as its inputs (docs/multi_gpu.md), with find_unused_parameters=True (what transformers'
+    Trainer picks for a PEFT model) or False."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     m = _checkpointed(model(False))
@@ -227,7 +230,7 @@ def _ddp_recompute(rank, find_unused: bool, lora: bool = False):
         m = _with_lora(m)
     import fastkern
 
-    fastkern.patch_model(m, checkpointing="recompute")
+    fastkern.patch_model(m, checkpointing=checkpointing)
     spy = _ReentrantCount()
     try:
         result = _global_step(rank, DDP(m, find_unused_parameters=find_unused))
@@ -249,8 +252,16 @@ def scenario_ddp_recompute(rank):
     return _ddp_recompute(rank, find_unused=True)
 
 
+def scenario_ddp_recompute_static(rank):
+    return _ddp_recompute(rank, find_unused=False)
+
+
 def scenario_ddp_recompute_lora(rank):
     return _ddp_recompute(rank, find_unused=True, lora=True)
+
+
+def scenario_ddp_offload_lora(rank):
+    return _ddp_recompute(rank, find_unused=True, lora=True, checkpointing="offload")
 
 
 def scenario_fsdp_recompute(rank):
@@ -383,7 +394,9 @@ SCENARIOS = {
     "fsdp_accelerate_tied": scenario_fsdp_accelerate_tied,
     "fsdp_offload": scenario_fsdp_offload,
     "ddp_recompute": scenario_ddp_recompute,
+    "ddp_recompute_static": scenario_ddp_recompute_static,
     "ddp_recompute_lora": scenario_ddp_recompute_lora,
+    "ddp_offload_lora": scenario_ddp_offload_lora,
     "fsdp_recompute": scenario_fsdp_recompute,
     "trl_fsdp_head": scenario_trl_fsdp_head,
     "dtensor_head": scenario_dtensor_head,
