@@ -35,7 +35,9 @@ counts, not GPU timings.
 ms of a training step of a LAYERS-deep model of the same shape, per mode and variant, on one CPU
 thread with every Triton launch stubbed out (it returns at once, so neither the interpreter nor any
 kernel work is timed; outputs are garbage). Wall clock on a shared CPU varies by several percent: to
-compare two revisions, run both in alternation (``PYTHONPATH=<checkout>``).
+compare two revisions, run both in alternation (``PYTHONPATH=<checkout>``). ``--grouping`` adds, for
+the LoRA and QLoRA modes, the same proxy for one patched model with its q/k/v and gate/up projections
+grouped (the default) and called one by one, in alternating rounds.
 """
 
 from __future__ import annotations
@@ -338,31 +340,63 @@ def _no_launch(fn, *args, grid, warmup, **kwargs):
     return None
 
 
-def time_steps(mode: str, patched: bool, layers: int = 16, steps: int = 25, warmup: int = 3) -> float:
-    """Median ms of a training step with every Triton launch stubbed out, on one CPU thread (the CPU
-    proxy of the host time, module docstring)."""
+@contextlib.contextmanager
+def _launches_stubbed():
+    """Every Triton launch returns at once, on one CPU thread: what is left of a step is host work."""
     threads = torch.get_num_threads()
-    # Built (and patched) before the launches are stubbed: patch_model's probes run the kernels, and a
-    # stubbed kernel would fail them, so those patches would be skipped and the timing would be of a
-    # partly patched model.
-    model = build(mode, layers, patched)
     saved = [(cls, cls.run) for cls in _kernel_classes()]
     torch.set_num_threads(1)
     for cls, _ in saved:
         cls.run = _no_launch
     try:
-        batch = _batch()
-        times = []
-        for _ in range(warmup + steps):
-            model.zero_grad(set_to_none=True)  # the optimizer's work, outside the timed region
-            start = time.perf_counter()
-            step(model, batch)
-            times.append((time.perf_counter() - start) * 1e3)
+        yield
     finally:
         for cls, run in saved:
             cls.run = run
         torch.set_num_threads(threads)
-    return statistics.median(times[warmup:])
+
+
+def _step_times(model: nn.Module, count: int) -> list[float]:
+    batch = _batch()
+    times = []
+    for _ in range(count):
+        model.zero_grad(set_to_none=True)  # the optimizer's work, outside the timed region
+        start = time.perf_counter()
+        step(model, batch)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def time_steps(mode: str, patched: bool, layers: int = 16, steps: int = 25, warmup: int = 3) -> float:
+    """Median ms of a training step with every Triton launch stubbed out, on one CPU thread (the CPU
+    proxy of the host time, module docstring)."""
+    # Built (and patched) before the launches are stubbed: patch_model's probes run the kernels, and a
+    # stubbed kernel would fail them, so those patches would be skipped and the timing would be of a
+    # partly patched model.
+    model = build(mode, layers, patched)
+    with _launches_stubbed():
+        return statistics.median(_step_times(model, warmup + steps)[warmup:])
+
+
+def time_grouping(mode: str, layers: int = 16, steps: int = 25, rounds: int = 4, warmup: int = 3) -> dict:
+    """The CPU proxy of the host time of one patched model with its LoRA projections grouped
+    (fastkern.patching.lora.GROUP_PROJECTIONS, the default) and called one by one, alternating
+    ``rounds`` times so that a drift of the shared machine's speed hits both: per setting, the median
+    over the rounds of each round's median step."""
+    from fastkern.patching import lora
+
+    model = build(mode, layers, True)
+    medians = {"grouped": [], "separate": []}
+    previous = lora.GROUP_PROJECTIONS
+    try:
+        with _launches_stubbed():
+            for _ in range(rounds):
+                for name, grouped in (("grouped", True), ("separate", False)):
+                    lora.GROUP_PROJECTIONS = grouped
+                    medians[name].append(statistics.median(_step_times(model, warmup + steps)[warmup:]))
+    finally:
+        lora.GROUP_PROJECTIONS = previous
+    return {name: {"median_ms": statistics.median(v), "round_medians_ms": v} for name, v in medians.items()}
 
 
 def table(result: dict) -> str:
@@ -391,7 +425,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--top", type=int, default=400, help="largest per-layer contributors listed in the JSON")
     parser.add_argument("--time", default=None, metavar="LAYERS,STEPS",
                         help="also time steps of a LAYERS-deep model, launches stubbed (CPU proxy, e.g. 16,25)")
+    parser.add_argument("--grouping", action="store_true",
+                        help="with --time: also time LoRA/QLoRA steps with the projections grouped vs one by one")
     args = parser.parse_args(argv)
+    if args.grouping and not args.time:
+        parser.error("--grouping needs --time LAYERS,STEPS")
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -415,6 +453,16 @@ def main(argv=None) -> dict:
                 ms = time_steps(row["mode"], row["variant"] == "fastkern", *timing)
                 result["time_ms"][f"{row['mode']} {row['variant']}"] = ms
                 lines.append(f"- {row['mode']} {row['variant']}: {ms:.1f} ms")
+        text += "\n\n" + "\n".join(lines)
+    if args.grouping:
+        result["grouping_ms"] = {}
+        lines = ["Projections grouped vs one by one (patched, same model, alternating rounds; median of round medians):"]
+        for mode in (m for m in modes if m in ("lora", "qlora")):
+            if any(r["mode"] == mode and "skipped" in r for r in result["rows"]):
+                continue
+            timed = result["grouping_ms"][mode] = time_grouping(mode, *timing)
+            lines.append(f"- {mode}: grouped {timed['grouped']['median_ms']:.1f} ms, "
+                         f"separate {timed['separate']['median_ms']:.1f} ms")
         text += "\n\n" + "\n".join(lines)
     print(text)
     if args.out:

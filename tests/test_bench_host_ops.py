@@ -65,3 +65,23 @@ def test_time_steps_times_a_fully_patched_model(monkeypatch):
     host_ops.time_steps("lora", True, layers=1, steps=1, warmup=0)
     assert len(reports) == 1 and not reports[0].skipped, reports[0]
     assert {"mlp", "norm", "rope", "lora"} <= {e.kind for e in reports[0].patched}
+
+
+@pytest.mark.skipif(runtime.path_for(torch.empty(0)) != "interpreter", reason="needs TRITON_INTERPRET=1")
+def test_time_grouping_times_both_settings_and_restores_the_switch(monkeypatch):
+    from fastkern.patching import lora
+
+    host_ops = _host_ops()
+    groups = {True: 0, False: 0}
+    real = lora.lora_linear_group
+
+    def spy(x, calls):
+        groups[lora.GROUP_PROJECTIONS] += 1
+        return real(x, calls)
+
+    monkeypatch.setattr(lora, "lora_linear_group", spy)
+    timed = host_ops.time_grouping("lora", layers=1, steps=1, rounds=2, warmup=0)
+    assert set(timed) == {"grouped", "separate"}
+    assert all(len(t["round_medians_ms"]) == 2 and t["median_ms"] > 0 for t in timed.values())
+    # grouped rounds went through the group op, separate ones never did; the switch is back on
+    assert groups[True] > 0 and groups[False] == 0 and lora.GROUP_PROJECTIONS is True
