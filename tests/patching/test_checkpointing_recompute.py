@@ -188,10 +188,40 @@ def test_bf16_autocast_recompute_matches():
         assert_exact(grads(model, ids), ref)
 
 
-def test_distributed_runs_keep_the_requested_function(monkeypatch):
+def test_distributed_runs_pass_the_layer_parameters_through_the_checkpoint(monkeypatch):
+    # Under DDP (plain replicated parameters) the reentrant form is kept, with the layer's parameters as
+    # checkpoint inputs and the rerun computing on the checkpoint's copies of them: each parameter's
+    # gradient reaches it once, through the checkpoint node (tests/distributed/ check DDP itself).
     import fastkern.patching.checkpointing as module
 
     layer = torch.nn.Linear(4, 4)
+    weight, bias = layer.weight, layer.bias
+    x = torch.randn(3, 4, requires_grad=True)
+    fallback = _Counting()
+    func = RecomputeCheckpointFunction({}, replaces=fallback)
+    monkeypatch.setattr(module, "_distributed", lambda: True)
+    accumulated = []
+    weight.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad.clone()))
+    func(layer.__call__, x).sum().backward()
+    assert fallback.calls == 0 and len(accumulated) == 1  # reentrant; one accumulation
+    assert layer.weight is weight and layer.bias is bias  # the parameters are back in their slots
+    x2 = x.detach().clone().requires_grad_()
+    ref = torch.nn.Linear(4, 4)
+    ref.load_state_dict(layer.state_dict())
+    ref(x2).sum().backward()
+    torch.testing.assert_close(weight.grad, ref.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(bias.grad, ref.bias.grad, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mark", ["ds_id", "_fsdp_flattened"])
+def test_distributed_runs_with_sharded_parameters_keep_the_requested_function(monkeypatch, mark):
+    # ZeRO-3 (ds_id) and FSDP1 (_fsdp_flattened) parameters, like FSDP2's DTensors, are not plain
+    # replicated ones: the requested checkpoint runs.
+    import fastkern.patching.checkpointing as module
+
+    layer = torch.nn.Linear(4, 4)
+    setattr(layer.weight, mark, True)
     fallback = _Counting()
     func = RecomputeCheckpointFunction({}, replaces=fallback)
     monkeypatch.setattr(module, "_distributed", lambda: True)
