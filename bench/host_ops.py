@@ -37,7 +37,8 @@ thread with every Triton launch stubbed out (it returns at once, so neither the 
 kernel work is timed; outputs are garbage). Wall clock on a shared CPU varies by several percent: to
 compare two revisions, run both in alternation (``PYTHONPATH=<checkout>``). ``--grouping`` adds, for
 the LoRA and QLoRA modes, the same proxy for one patched model with its q/k/v and gate/up projections
-grouped (the default) and called one by one, in alternating rounds.
+grouped (the default) and called one by one, in alternating rounds; ``--casts`` times patched LoRA
+steps with PEFT's fp32 adapters against the same adapters stored in bf16 (what the per-call casts cost).
 """
 
 from __future__ import annotations
@@ -399,6 +400,23 @@ def time_grouping(mode: str, layers: int = 16, steps: int = 25, rounds: int = 4,
     return {name: {"median_ms": statistics.median(v), "round_medians_ms": v} for name, v in medians.items()}
 
 
+def time_adapter_casts(layers: int = 16, steps: int = 25, rounds: int = 4, warmup: int = 3) -> dict:
+    """What the adapters' casts cost the host: the CPU proxy of two patched LoRA models, one with
+    PEFT's fp32 adapters (as under TRL: each call casts A and B to bf16, in forward, in the checkpoint's
+    rerun and back in backward) and one with the same adapters stored in bf16 (no casts), in
+    alternating rounds. The gap bounds what moving the casts out of the step could save."""
+    models = {"fp32 adapters": build("lora", layers, True), "bf16 adapters": build("lora", layers, True)}
+    for name, p in models["bf16 adapters"].named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(torch.bfloat16)
+    medians = {name: [] for name in models}
+    with _launches_stubbed():
+        for _ in range(rounds):
+            for name, model in models.items():
+                medians[name].append(statistics.median(_step_times(model, warmup + steps)[warmup:]))
+    return {name: {"median_ms": statistics.median(v), "round_medians_ms": v} for name, v in medians.items()}
+
+
 def table(result: dict) -> str:
     lines = ["| mode | variant | aten ops / layer (fwd + bwd) | Triton launches / layer | Python calls / layer | "
              "C calls / layer | aten ops / step outside layers |",
@@ -427,9 +445,11 @@ def main(argv=None) -> dict:
                         help="also time steps of a LAYERS-deep model, launches stubbed (CPU proxy, e.g. 16,25)")
     parser.add_argument("--grouping", action="store_true",
                         help="with --time: also time LoRA/QLoRA steps with the projections grouped vs one by one")
+    parser.add_argument("--casts", action="store_true",
+                        help="with --time: also time LoRA steps with fp32 adapters (cast per call) vs bf16 adapters")
     args = parser.parse_args(argv)
-    if args.grouping and not args.time:
-        parser.error("--grouping needs --time LAYERS,STEPS")
+    if (args.grouping or args.casts) and not args.time:
+        parser.error("--grouping and --casts need --time LAYERS,STEPS")
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -464,6 +484,10 @@ def main(argv=None) -> dict:
             lines.append(f"- {mode}: grouped {timed['grouped']['median_ms']:.1f} ms, "
                          f"separate {timed['separate']['median_ms']:.1f} ms")
         text += "\n\n" + "\n".join(lines)
+    if args.casts and "lora" in modes:
+        timed = result["adapter_casts_ms"] = time_adapter_casts(*timing)
+        text += ("\n\nLoRA adapters stored in fp32 (cast per call) vs bf16 (patched, alternating rounds): "
+                 + ", ".join(f"{name} {t['median_ms']:.1f} ms" for name, t in timed.items()))
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

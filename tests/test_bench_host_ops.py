@@ -85,3 +85,10 @@ def test_time_grouping_times_both_settings_and_restores_the_switch(monkeypatch):
     assert all(len(t["round_medians_ms"]) == 2 and t["median_ms"] > 0 for t in timed.values())
     # grouped rounds went through the group op, separate ones never did; the switch is back on
     assert groups[True] > 0 and groups[False] == 0 and lora.GROUP_PROJECTIONS is True
+
+
+@pytest.mark.skipif(runtime.path_for(torch.empty(0)) != "interpreter", reason="needs TRITON_INTERPRET=1")
+def test_time_adapter_casts_times_both_dtypes():
+    timed = _host_ops().time_adapter_casts(layers=1, steps=1, rounds=1, warmup=0)
+    assert set(timed) == {"fp32 adapters", "bf16 adapters"}
+    assert all(len(t["round_medians_ms"]) == 1 and t["median_ms"] > 0 for t in timed.values())

@@ -33,8 +33,10 @@ and spells each check out otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,40 @@ class _Reuse(threading.local):
 
 
 _reuse = _Reuse()
+
+# 16-bit copies of float32 adapter parameters (PEFT keeps adapters in float32 under a 16-bit model), per
+# parameter: (a weak reference to it, its version counter, storage and the dtype when cast, the copy).
+# Every forward casts afresh (a write through ``.data`` between steps, which no version counter sees,
+# is picked up); a checkpoint's rerun (inside reusing_dequantized_weights) and backward reuse the
+# forward's copy while the version and storage are unchanged: one cast per parameter per step instead
+# of an autograd cast in forward and in the rerun plus a node casting its gradient back. Keyed by id (a
+# WeakKeyDictionary would compare tensors with ``==``); an entry goes with its parameter.
+_casts: dict[int, tuple] = {}
+
+
+def _in_dtype(t: Tensor, dtype: torch.dtype, fresh: bool = False) -> Tensor:
+    """``t`` in ``dtype``, without autograd (the op returns gradients in ``t``'s own dtype). For a
+    Parameter, the copy of the last forward is reused unless ``fresh`` or the parameter has changed."""
+    # Called inside the autograd Functions' forward and backward and by the custom ops' implementations,
+    # where autograd records nothing, and never traced by torch.compile (which sees the custom ops): a
+    # plain ``to`` (no detach, no no_grad context, no compile check: host work per adapter per call).
+    if t.__class__ is not Parameter:
+        return t.to(dtype)
+    ident = id(t)
+    key = (t._version, t.data_ptr(), dtype)
+    if not fresh:
+        hit = _casts.get(ident)
+        if hit is not None and hit[0]() is t and hit[1] == key:
+            return hit[2]
+    copy = t.to(dtype)
+    _casts[ident] = (weakref.ref(t, functools.partial(_drop_cast, ident)), key, copy)
+    return copy
+
+
+def _drop_cast(ident: int, ref) -> None:
+    hit = _casts.get(ident)
+    if hit is not None and hit[0] is ref:  # not an entry of a newer tensor that reused the id
+        del _casts[ident]
 
 
 @contextlib.contextmanager
@@ -101,7 +137,8 @@ def _concat_backward(k: int, n: int, nf4: bool) -> bool:
 
 
 def _dequantized(weight: Tensor, quant: Quant, lora_b: Tensor, k: int, concat: bool) -> Tensor:
-    """W in 16 bits: [N, K], or [W | B] as one [N, K + r] buffer when ``concat``."""
+    """W in 16 bits: [N, K], or [W | B] as one [N, K + r] buffer when ``concat`` (``lora_b`` already in
+    the compute dtype)."""
     n, r = lora_b.shape
     buf = output_buffer((n, k + r if concat else k), lora_b.dtype, lora_b.device)
     dequantize_into(buf[:, :k] if concat else buf, weight, *quant)
@@ -119,9 +156,14 @@ def _forward_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bia
                   code: Tensor | None, absmax: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
                   offset: Tensor | None, scaling: float, blocksize: int,
                   nested_blocksize: int) -> tuple[Tensor, Tensor]:
-    """x: [M, K]. Returns (y [M, N], xs = scaling * x @ A.T [M, r]); xs is saved for backward."""
+    """x: [M, K]. Returns (y [M, N], xs = scaling * x @ A.T [M, r]); xs is saved for backward. A and B
+    of another float dtype than x are used in x's (``_in_dtype``)."""
     quant = None if code is None else (code, absmax, absmax2, code2, offset, blocksize, nested_blocksize)
     k = x.shape[1]
+    if lora_a.dtype != x.dtype:  # a forward casts afresh; a checkpoint's rerun reuses that cast
+        lora_a = _in_dtype(lora_a, x.dtype, fresh=not _reuse.active)
+    if lora_b.dtype != x.dtype:
+        lora_b = _in_dtype(lora_b, x.dtype, fresh=not _reuse.active)
     xs = F.linear(x, lora_a)
     if scaling != 1.0:  # lora_alpha / r is often exactly 1 (PEFT's defaults): skip a kernel launch then
         xs.mul_(scaling)
@@ -151,6 +193,11 @@ def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora
     k = x.shape[1]
     dy = grad_out.contiguous()
     grad_x = g = None
+    a_dtype, b_dtype = lora_a.dtype, lora_b.dtype  # the gradients' dtypes (x's for the products)
+    if a_dtype != x.dtype:
+        lora_a = _in_dtype(lora_a, x.dtype)
+    if b_dtype != x.dtype:
+        lora_b = _in_dtype(lora_b, x.dtype)
     if need_x:
         concat = quant is not None and _concat_backward(k, lora_b.shape[0], True)
         if quant is None:
@@ -178,6 +225,10 @@ def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora
             g.mul_(scaling)
     grad_a = torch.mm(g.t(), x) if need_a else None
     grad_b = torch.mm(dy.t(), xs) if need_b else None
+    if grad_a is not None and a_dtype != grad_a.dtype:
+        grad_a = grad_a.to(a_dtype)
+    if grad_b is not None and b_dtype != grad_b.dtype:
+        grad_b = grad_b.to(b_dtype)
     grad_bias = dy.sum(0) if need_bias else None
     return grad_x, grad_a, grad_b, grad_bias
 
@@ -315,9 +366,9 @@ _PLAIN = (Tensor, Parameter)
 _DENSE = (None, None, None, None, None, 0, 0)
 
 
-def _check_operand(op: str, name: str, t: Tensor, x: Tensor) -> None:
+def _check_operand(op: str, name: str, t: Tensor, x: Tensor, any_float: bool = False) -> None:
     check_tensor(op, name, t, dtypes=FLOAT_DTYPES)
-    if t.dtype != x.dtype:
+    if t.dtype != x.dtype and not any_float:
         raise TypeError(f"{op}: `{name}` has dtype {t.dtype} but `x` has {x.dtype}; cast it")
     if t.device != x.device:
         raise ValueError(f"{op}: `{name}` is on {t.device} but `x` is on {x.device}")
@@ -329,8 +380,8 @@ def _check_operands(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, s
     check_tensor(_OP, "x", x, dtypes=KERNEL_DTYPES)
     if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
         raise TypeError(f"{_OP}: `scaling` must be a Python number, got {type(scaling).__name__}")
-    _check_operand(_OP, "lora_A", lora_A, x)
-    _check_operand(_OP, "lora_B", lora_B, x)
+    _check_operand(_OP, "lora_A", lora_A, x, any_float=True)
+    _check_operand(_OP, "lora_B", lora_B, x, any_float=True)
     if bias is not None:
         _check_operand(_OP, "bias", bias, x)
     if dense:
@@ -346,9 +397,11 @@ def _prepare(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling,
     dtype, device = (x.dtype, x.device) if plain else (None, None)
     # The common case, told by attribute reads alone: plain tensors (no subclass, e.g. no DTensor) of
     # one supported dtype on one device and a Python number; anything else gets every check spelled out.
+    # Adapters may be float32 under a 16-bit x (PEFT's default): used in x's dtype (_in_dtype).
     if not (plain and dtype in KERNEL_DTYPES and lora_A.__class__ in _PLAIN
-            and lora_A.dtype == dtype and lora_A.device == device and lora_B.__class__ in _PLAIN
-            and lora_B.dtype == dtype and lora_B.device == device
+            and (lora_A.dtype == dtype or lora_A.dtype == torch.float32) and lora_A.device == device
+            and lora_B.__class__ in _PLAIN
+            and (lora_B.dtype == dtype or lora_B.dtype == torch.float32) and lora_B.device == device
             and (bias is None or (bias.__class__ in _PLAIN and bias.dtype == dtype and bias.device == device))
             and (scaling.__class__ is float or scaling.__class__ is int)
             and (not dense or (weight.__class__ in _PLAIN and weight.dtype == dtype and weight.device == device))):
@@ -390,7 +443,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
     x: [..., K] (fp16/bf16/fp32). weight: dense [N, K] in x's dtype, or the NF4-packed bytes of a
     bitsandbytes ``Params4bit`` (any quant_storage) with ``quant_state`` (bitsandbytes ``QuantState``
-    or ``NF4State``). lora_A: [r, K], lora_B: [N, r], bias: [N] or None, all in x's dtype.
+    or ``NF4State``). lora_A: [r, K], lora_B: [N, r], any float dtype (PEFT keeps adapters in float32
+    under a 16-bit model): the products use them in x's dtype, their gradients come back in their own
+    (the values of an autograd cast before the call; a Parameter's copy from the forward is reused by a
+    checkpoint's rerun and by backward). bias: [N] or None, in x's dtype.
     Differentiable in x, lora_A, lora_B and bias; the base weight is frozen (a dense weight that
     requires grad is rejected rather than silently left without a gradient). Parameters are held for
     backward by reference (modifying one in place before backward raises there, as autograd does for

@@ -33,6 +33,7 @@ from .lora_linear import (
     _PLAIN,
     _backward_impl,
     _forward_impl,
+    _in_dtype,
     _modified_error,
     _parameter_or_view,
     _prepare,
@@ -110,12 +111,16 @@ class LoRALinearGroupFunction(torch.autograd.Function):
             need_a, need_b, need_bias = needs[2 + 3 * i], needs[3 + 3 * i], needs[4 + 3 * i] and bias_grad
             if dense:
                 dy = grads[i].contiguous()
-                g = torch.mm(dy, lora_b)
+                a, b = _in_dtype(lora_a, x.dtype), _in_dtype(lora_b, x.dtype)  # float32 adapters: lora_linear
+                g = torch.mm(dy, b)
                 if scaling != 1.0:
                     g.mul_(scaling)
-                lora_terms.append((g, lora_a))
+                lora_terms.append((g, a))
                 base_terms.append((dy, weight))
-                result += (torch.mm(g.t(), x) if need_a else None, torch.mm(dy.t(), saved[1 + 3 * i]) if need_b else None,
+                ga = torch.mm(g.t(), x) if need_a else None
+                gb = torch.mm(dy.t(), saved[1 + 3 * i]) if need_b else None
+                result += (ga if ga is None or ga.dtype == lora_a.dtype else ga.to(lora_a.dtype),
+                           gb if gb is None or gb.dtype == lora_b.dtype else gb.to(lora_b.dtype),
                            dy.sum(0) if need_bias else None)
                 continue
             gx, ga, gb, gbias = _backward_impl(

@@ -126,12 +126,7 @@ def _nf4_args(base: nn.Module, x: torch.Tensor, lora, compute: torch.dtype, patc
             return None
     if compute not in (torch.float16, torch.bfloat16, torch.float32):
         return None
-    a, b, s = lora
-    # Casts spelled out (no helper call): this runs for every QLoRA projection.
-    if a.dtype != compute:
-        a = a.to(compute)
-    if b.dtype != compute:
-        b = b.to(compute)
+    a, b, s = lora  # adapters of another float dtype: lora_linear casts them (cached) itself
     if bias is not None and bias.dtype != compute:
         bias = bias.to(compute)
     return compute, weight, a, b, s, bias, state
@@ -185,11 +180,7 @@ def fused_args(self: nn.Module, x) -> tuple | None:
     w, bias = params["weight"], params["bias"]
     if w.dtype != dtype or w.device != x.device or (w.requires_grad and torch.is_grad_enabled()):
         return None
-    a, b, s = lora
-    if a.dtype != dtype:
-        a = a.to(dtype)
-    if b.dtype != dtype:
-        b = b.to(dtype)
+    a, b, s = lora  # float32 adapters are passed as they are: lora_linear casts them (cached) itself
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
     return dtype, w, a, b, s, bias, None

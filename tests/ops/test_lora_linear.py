@@ -109,7 +109,7 @@ def test_bitsandbytes_params_and_quant_storage():
 def test_bad_inputs_named():
     x, w, a, b, _, _ = _inputs(4, 8, 16, 2, torch.float32, False, False, seed=0)
     with pytest.raises(TypeError, match="lora_A"):
-        lora_linear(x, w, a.half(), b, 1.0)
+        lora_linear(x, w, a.to(torch.int32), b, 1.0)
     with pytest.raises(ValueError, match="lora_B"):
         lora_linear(x, w, a, b.T, 1.0)
     with pytest.raises(ValueError, match="weight"):
@@ -384,3 +384,55 @@ def test_reuse_never_hands_one_call_another_calls_weight():
     lora_linear(ref[0], w2, ref[1], ref[2], 2.0, quant_state=state2).sum().backward()
     for got, want in zip((t.grad for t in leaves), (t.grad for t in ref)):
         assert torch.equal(got, want)
+
+
+def _fp32_adapters_and_cast_copies(nf4, seed):
+    x, w, a, b, _, state = _inputs(7, 24, 32, 4, torch.bfloat16, nf4, False, seed=seed)
+    a32 = torch.nn.Parameter(torch.randn(a.shape, generator=torch.Generator().manual_seed(seed)) / 6)
+    b32 = torch.nn.Parameter(torch.randn(b.shape, generator=torch.Generator().manual_seed(seed + 1)) / 2)
+    return x, w, a32, b32, state
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_float32_adapters_give_what_an_autograd_cast_gives(nf4):
+    # PEFT keeps adapters in float32 under a bf16 model. Passed as they are, the op uses them in x's dtype
+    # and returns their gradients in float32: the same values, bit for bit, as casting them with autograd
+    # before the call (the cast's backward being the gradient's cast back).
+    x, w, a32, b32, state = _fp32_adapters_and_cast_copies(nf4, seed=21)
+    dy = torch.randn(7, 24, generator=torch.Generator().manual_seed(5)).bfloat16()
+    runs = []
+    for cast in (False, True):
+        xl, al, bl = x.clone().requires_grad_(), a32.detach().clone(), b32.detach().clone()
+        al, bl = torch.nn.Parameter(al), torch.nn.Parameter(bl)
+        a_in, b_in = (al.bfloat16(), bl.bfloat16()) if cast else (al, bl)
+        out = lora_linear(xl, w, a_in, b_in, 0.5, quant_state=state)
+        out.backward(dy)
+        runs.append((out, xl.grad, al.grad, bl.grad))
+    for got, want, name in zip(runs[0], runs[1], ("out", "grad x", "grad lora_A", "grad lora_B")):
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert runs[0][2].dtype == torch.float32 and runs[0][3].dtype == torch.float32
+
+
+def test_float32_adapter_cast_is_reused_by_the_rerun_until_the_parameter_changes():
+    # A forward casts a float32 adapter afresh; a checkpoint's rerun (reusing_dequantized_weights) and
+    # backward reuse that copy, unless the parameter changed in place since.
+    ops_module = importlib.import_module("fastkern.ops.lora_linear")
+    x, w, a32, b32, _ = _fp32_adapters_and_cast_copies(False, seed=22)
+    with torch.no_grad():
+        first = lora_linear(x, w, a32, b32, 1.0)
+        copy = ops_module._casts[id(a32)][2]
+        with ops_module.reusing_dequantized_weights():
+            again = lora_linear(x, w, a32, b32, 1.0)
+        assert ops_module._casts[id(a32)][2] is copy and torch.equal(first, again)  # the rerun reused it
+        lora_linear(x, w, a32, b32, 1.0)
+        assert ops_module._casts[id(a32)][2] is not copy  # a forward casts afresh
+        copy = ops_module._casts[id(a32)][2]
+        a32.mul_(-1.0)  # what an optimizer step does: in place, the version moves
+        with ops_module.reusing_dequantized_weights():
+            flipped = lora_linear(x, w, a32, b32, 1.0)
+        assert ops_module._casts[id(a32)][2] is not copy
+        assert not torch.equal(flipped, first)
+        assert torch.equal(flipped, lora_linear(x, w, a32.bfloat16(), b32.bfloat16(), 1.0))  # the new values
+    ident = id(a32)
+    del a32
+    assert ident not in ops_module._casts  # the entry goes with its parameter

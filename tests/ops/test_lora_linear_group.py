@@ -217,7 +217,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="lora_B"):
         lora_linear_group(x, [projections[0], (w, a, b[:-1], s, bias, st)])
     with pytest.raises(TypeError, match="dtype"):
-        lora_linear_group(x, [projections[0], (w, a.double(), b, s, bias, st)])
+        lora_linear_group(x, [projections[0], (w, a.to(torch.int32), b, s, bias, st)])
 
 
 def test_compile_fullgraph_takes_the_custom_ops():
@@ -233,3 +233,26 @@ def test_compile_fullgraph_takes_the_custom_ops():
     for got, want in zip(outs, ref):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(a.grad, a2.grad)
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_float32_adapters_give_what_an_autograd_cast_gives(nf4):
+    # As lora_linear: float32 adapters under bf16 x are used in bf16 and get float32 gradients, the same
+    # values as casting them with autograd before the call.
+    x, projections = _projections(9, 32, torch.bfloat16, nf4, seed=31)
+    g = torch.Generator().manual_seed(4)
+    fp32 = [(w, torch.randn(a.shape, generator=g) / 6, torch.randn(b.shape, generator=g) / 2, s, bias, st)
+            for w, a, b, s, bias, st in projections]
+    runs = []
+    for cast in (False, True):
+        xl = x.clone().requires_grad_()
+        leaves = [(w, torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone()), s, bias, st)
+                  for w, a, b, s, bias, st in fp32]
+        calls = [(w, a.bfloat16() if cast else a, b.bfloat16() if cast else b, s, bias, st)
+                 for w, a, b, s, bias, st in leaves]
+        outs = lora_linear_group(xl, calls)
+        sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        runs.append([*outs, xl.grad] + [t.grad for _, a, b, *_ in leaves for t in (a, b)])
+    for i, (got, want) in enumerate(zip(*runs)):
+        assert got.dtype == want.dtype and torch.equal(got, want), i
+    assert all(t.dtype == torch.float32 for t in runs[0][len(projections) + 1:])
