@@ -84,6 +84,8 @@ def _in_dtype(t: Tensor, dtype: torch.dtype, fresh: bool = False) -> Tensor:
     # Called inside the autograd Functions' forward and backward and by the custom ops' implementations,
     # where autograd records nothing, and never traced by torch.compile (which sees the custom ops): a
     # plain ``to`` (no detach, no no_grad context, no compile check: host work per adapter per call).
+    if t.dtype == dtype:  # callers test this first; here so that no entry ever holds a parameter itself
+        return t
     if t.__class__ is not Parameter:
         return t.to(dtype)
     ident = id(t)
@@ -223,14 +225,20 @@ def _backward_impl(grad_out: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora
         g = torch.mm(dy, lora_b)
         if scaling != 1.0:
             g.mul_(scaling)
+    grad_a, grad_b = _adapter_grads(g, dy, x, xs, need_a, need_b, a_dtype, b_dtype)
+    return grad_x, grad_a, grad_b, dy.sum(0) if need_bias else None
+
+
+def _adapter_grads(g: Tensor, dy: Tensor, x: Tensor, xs: Tensor, need_a: bool, need_b: bool,
+                   a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple:
+    """(dA = g.T x, dB = dY.T xs) with g = s dY B, each in its adapter's dtype; None where not needed."""
     grad_a = torch.mm(g.t(), x) if need_a else None
     grad_b = torch.mm(dy.t(), xs) if need_b else None
     if grad_a is not None and a_dtype != grad_a.dtype:
         grad_a = grad_a.to(a_dtype)
     if grad_b is not None and b_dtype != grad_b.dtype:
         grad_b = grad_b.to(b_dtype)
-    grad_bias = dy.sum(0) if need_bias else None
-    return grad_x, grad_a, grad_b, grad_bias
+    return grad_a, grad_b
 
 
 _OP = "fastkern.ops.lora_linear"

@@ -31,6 +31,7 @@ from torch._C._functorch import unwrap_if_dead as _unwrap_if_dead
 
 from .lora_linear import (
     _PLAIN,
+    _adapter_grads,
     _backward_impl,
     _forward_impl,
     _in_dtype,
@@ -111,16 +112,15 @@ class LoRALinearGroupFunction(torch.autograd.Function):
             need_a, need_b, need_bias = needs[2 + 3 * i], needs[3 + 3 * i], needs[4 + 3 * i] and bias_grad
             if dense:
                 dy = grads[i].contiguous()
-                a, b = _in_dtype(lora_a, x.dtype), _in_dtype(lora_b, x.dtype)  # float32 adapters: lora_linear
+                # float32 adapters are used in x's dtype, as lora_linear uses them (its _in_dtype)
+                a = lora_a if lora_a.dtype == x.dtype else _in_dtype(lora_a, x.dtype)
+                b = lora_b if lora_b.dtype == x.dtype else _in_dtype(lora_b, x.dtype)
                 g = torch.mm(dy, b)
                 if scaling != 1.0:
                     g.mul_(scaling)
                 lora_terms.append((g, a))
                 base_terms.append((dy, weight))
-                ga = torch.mm(g.t(), x) if need_a else None
-                gb = torch.mm(dy.t(), saved[1 + 3 * i]) if need_b else None
-                result += (ga if ga is None or ga.dtype == lora_a.dtype else ga.to(lora_a.dtype),
-                           gb if gb is None or gb.dtype == lora_b.dtype else gb.to(lora_b.dtype),
+                result += (*_adapter_grads(g, dy, x, saved[1 + 3 * i], need_a, need_b, lora_a.dtype, lora_b.dtype),
                            dy.sum(0) if need_bias else None)
                 continue
             gx, ga, gb, gbias = _backward_impl(

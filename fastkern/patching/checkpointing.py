@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from ..offload import ActivationOffloader
 from ..ops.lora_linear import reusing_dequantized_weights
 from . import rerun_tail
+from .replicated import distributed as _distributed, replicated_parameters, rerun_on_copies
 from .context import PatchContext
 from .report import PatchReport
 
@@ -163,60 +164,6 @@ def _requires_grad(value) -> bool:
     return False
 
 
-def _distributed() -> bool:
-    """A process group of more than one rank (see _replicated_parameters for what changes then)."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _replicated_parameters(layer) -> tuple | None:
-    """In a distributed run: the layer's trainable parameters (each once) when every one is a plain
-    replicated ``nn.Parameter`` (DDP, ZeRO-1/2); None for anything else (FSDP2's DTensors, FSDP1's
-    flattened parameters, DeepSpeed ZeRO-3's partitioned ones), which keeps the requested checkpoint.
-
-    Why they become inputs of the reentrant checkpoint: its forward runs without autograd, so DDP with
-    ``find_unused_parameters=True`` (what transformers' Trainer picks for a PEFT model) would find the
-    layer's parameters missing from the graph after forward, mark them ready at once, and then see
-    their gradients arrive from the rerun ("Expected to mark a variable ready only once"). As inputs of
-    the checkpoint's node they are in the graph; the rerun then computes with the checkpoint's detached
-    copies of them (_rerun_on_copies), so their gradients leave the checkpoint as its input gradients
-    and reach each parameter's own accumulation once, where DDP's hook sees them once."""
-    held, seen = [], set()
-    for p in layer.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        if (type(p) is not nn.Parameter or p._base is not None or hasattr(p, "ds_id")
-                or getattr(p, "_fsdp_flattened", False)):
-            return None
-        seen.add(id(p))
-        held.append(p)
-    return tuple(held)
-
-
-def _rerun_on_copies(function, layer, parameters, count, anchor, *args):
-    """The layer call of a distributed reentrant checkpoint: ``args[:count]`` are the layer's inputs,
-    ``args[count:]`` the checkpoint's copies of ``parameters``. The first call (autograd off) uses the
-    parameters themselves; the rerun in backward puts the copies in their place for its duration, so the
-    gradients land on the copies, which the checkpoint returns as its input gradients."""
-    inputs = args[:count]
-    if not torch.is_grad_enabled():
-        return _without_anchor(function, anchor, *inputs)
-    copies = {id(p): c for p, c in zip(parameters, args[count:])}
-    swapped = []
-    try:
-        for module in layer.modules():
-            slots = module._parameters
-            for name, p in slots.items():
-                copy = None if p is None else copies.get(id(p))
-                if copy is not None:
-                    slots[name] = copy
-                    swapped.append((slots, name, p))
-        return _without_anchor(function, anchor, *inputs)
-    finally:
-        for slots, name, p in swapped:
-            slots[name] = p
-
-
 def _layer_of(function):
     """The module a decoder layer's checkpointed call belongs to, or None. transformers up to 5.17 passes
     ``partial(super().__call__, **kwargs)`` (a bound method), later versions ``partial(forward, layer,
@@ -241,7 +188,7 @@ class RecomputeCheckpointFunction:
 
     Falls back to the function it replaced, per call, where the reentrant form is not equivalent or not
     safe: under torch.compile, with autograd off, in a distributed run whose parameters are not plain
-    replicated ones (see ``_replicated_parameters``), with a tensor that requires grad inside the layer's keyword arguments
+    replicated ones (see patching/replicated.py), with a tensor that requires grad inside the layer's keyword arguments
     (a reentrant checkpoint differentiates only its positional inputs), or for a frozen layer whose input
     does not require grad (nothing to differentiate). ``torch.autograd.grad`` through a reentrant
     checkpoint raises torch's own error ("torch.utils.checkpoint is incompatible with .grad()"); ``.backward()``,
@@ -264,10 +211,11 @@ class RecomputeCheckpointFunction:
                 return self.fallback(function, *args)
         if _distributed():
             layer = _layer_of(function)
-            parameters = None if layer is None else _replicated_parameters(layer)
+            parameters = None if layer is None else replicated_parameters(layer)
             if parameters is None:
                 return self.fallback(function, *args)
-            return self._reentrant(functools.partial(_rerun_on_copies, function, layer, parameters, len(args)),
+            run = functools.partial(_without_anchor, function)
+            return self._reentrant(functools.partial(rerun_on_copies, run, layer, parameters, 1 + len(args)),
                                    _ANCHOR, *args, *parameters)
         return self._reentrant(functools.partial(_without_anchor, function), _ANCHOR, *args)
 

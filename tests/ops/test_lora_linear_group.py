@@ -1,6 +1,7 @@
 """lora_linear_group (several LoRA projections of one input as one autograd node) vs a float64 oracle,
 vs separate lora_linear calls, and its bookkeeping: held parameters, version checks, kept NF4 weights."""
 
+import importlib
 import pytest
 import torch
 
@@ -256,3 +257,16 @@ def test_float32_adapters_give_what_an_autograd_cast_gives(nf4):
     for i, (got, want) in enumerate(zip(*runs)):
         assert got.dtype == want.dtype and torch.equal(got, want), i
     assert all(t.dtype == torch.float32 for t in runs[0][len(projections) + 1:])
+
+
+def test_adapters_in_x_dtype_leave_no_cast_entry():
+    # Adapters already in x's dtype are used as they are: no cached copy, nothing that would keep a
+    # parameter alive after its model is gone.
+    ops_module = importlib.import_module("fastkern.ops.lora_linear")
+    x, projections = _projections(9, 32, torch.bfloat16, False, seed=33)
+    leaves = [(w, torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone()), s, bias, st)
+              for w, a, b, s, bias, st in projections]
+    x = x.requires_grad_()
+    sum(o.float().sum() for o in lora_linear_group(x, leaves)).backward()
+    assert all(t.grad is not None for _, a, b, *_ in leaves for t in (a, b))
+    assert not any(id(t) in ops_module._casts for _, a, b, *_ in leaves for t in (a, b))
