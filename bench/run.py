@@ -27,8 +27,8 @@ import plot
 import schema
 from measure import Bench
 
-OPS = ("glu", "rope", "rms_norm", "linear_cross_entropy", "linear_cross_entropy_onchip", "lora_linear", "nf4", "packed_attention",
-       "moe_experts")
+OPS = ("glu", "rope", "rope_qk_norm", "rms_norm", "linear_cross_entropy", "linear_cross_entropy_onchip", "lora_linear", "nf4",
+       "packed_attention", "moe_experts")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OPS = "glu,rope,rms_norm,linear_cross_entropy,linear_cross_entropy_onchip,lora_linear,nf4,packed_attention,moe_experts"
+OPS = "glu,rope,rope_qk_norm,rms_norm,linear_cross_entropy,linear_cross_entropy_onchip,lora_linear,nf4,packed_attention,moe_experts"
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,13 @@ from .linear_logprobs import fused_linear_logprobs
 from .moe_experts import moe_experts
 from .rms_norm import rms_norm
 from .rope import rope
+from .rope_qk_norm import rope_qk_norm
 # The two below have no Triton kernel of their own: document_attention is composed of torch's attention
 # kernels, tiled_mlp runs a module's own forward over token tiles.
 from .document_attention import document_attention
 from .tiled_mlp import tiled_mlp
 
-__all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "rms_norm", "rope", "swiglu", "geglu", "lora_linear",
-           "lora_linear_group",
+__all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "rms_norm", "rope", "rope_qk_norm", "swiglu", "geglu",
+           "lora_linear", "lora_linear_group",
            "nf4_dequantize", "nf4_quantize", "NF4State", "document_attention", "tiled_mlp",
            "moe_experts"]

@@ -34,8 +34,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as nn_module
 
 from ..ops.rope import rope
+from ..ops.rope_qk_norm import rope_qk_norm
 from . import packing
 from .lora import call_projections
 from .context import PatchContext, instance_forward
@@ -53,6 +55,9 @@ _QK_NORM_SCOPES = ("head", "projection")
 #     R/2 entries repeat-interleaved (GLM, GLM-4);
 #   half_split_from_half: pairs (i, i + R/2), cos = f, only R/2 wide (gpt-oss).
 _ROPE_LAYOUTS = ("half_split", "interleaved", "interleaved_from_half_split", "half_split_from_half")
+# Attribution switch for benchmarks: False keeps per-head q/k norms and rope as three launches where they
+# would otherwise be one (``fastkern.ops.rope_qk_norm``).
+FUSE_QK_NORM = True
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,9 @@ def _attention_function(config: AttentionConfig, implementation: str):
     return config.eager_forward if implementation == "eager" else functions[implementation]
 
 
-def _project(module: nn.Module, config: AttentionConfig, hidden_states: torch.Tensor):
-    """q, k, v as [B, T, H, D] views of the projection outputs."""
+def _project(module: nn.Module, config: AttentionConfig, hidden_states: torch.Tensor, norm: bool = True):
+    """q, k, v as [B, T, H, D] views of the projection outputs (per-head q/k norms applied unless ``norm``
+    is False: the caller then normalises them inside the rope launch)."""
     hidden_shape = (*hidden_states.shape[:-1], -1, module.head_dim)
     if config.fused_qkv is not None:
         qkv = getattr(module, config.fused_qkv)(hidden_states)
@@ -95,9 +101,46 @@ def _project(module: nn.Module, config: AttentionConfig, hidden_states: torch.Te
         q, k = _qk_norm(module, config, q, k)
     q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
     # RMSNorm over head_dim: the same on [B, T, H, D] as on its [B, H, T, D] transpose.
-    if config.qk_norm_scope == "head":
+    if config.qk_norm_scope == "head" and norm:
         q, k = _qk_norm(module, config, q, k)
     return q, k, v
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _fusable_qk_norm(module: nn.Module, config: AttentionConfig):
+    """(q_norm, k_norm, eps, weight_offset, cast_before_weight) when this call may run the per-head q/k norms
+    inside the rope launch, else None (the norms then run as their own modules).
+
+    Only norms fastkern's norm patcher has already bound (``_fastkern_norm``, so they passed its probe)
+    fuse, both with one form and eps, and not where hooks on the norms expect to see their call. The
+    caller still checks the dtypes (``_fuses_in``)."""
+    if not FUSE_QK_NORM or config.qk_norm_scope != "head" or config.q_norm is None or config.k_norm is None:
+        return None
+    if config.qk_norm_if is not None and not getattr(module, config.qk_norm_if):
+        return None
+    q_norm, k_norm = getattr(module, config.q_norm), getattr(module, config.k_norm)
+    form = getattr(q_norm, "_fastkern_norm", None)
+    if form is None or getattr(k_norm, "_fastkern_norm", None) != form or _hooked(q_norm) or _hooked(k_norm):
+        return None
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return None
+    eps_name, weight_offset, cast_before_weight = form
+    eps = getattr(q_norm, eps_name)
+    if eps != getattr(k_norm, eps_name):
+        return None
+    return q_norm, k_norm, eps, weight_offset, cast_before_weight
+
+
+def _fuses_in(fused, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether q, k and both norm weights share one dtype. Otherwise the norms run as their own modules:
+    the llama form then falls back to the class forward (which promotes the output dtype), and mixed
+    dtypes are rare enough (fp32 norms under an fp16/bf16 base) to leave to the unfused path."""
+    q_norm, k_norm = fused[0], fused[1]
+    return q.dtype == k.dtype == q_norm.weight.dtype == k_norm.weight.dtype
 
 
 def _qk_norm(module: nn.Module, config: AttentionConfig, q: torch.Tensor, k: torch.Tensor):
@@ -142,11 +185,22 @@ def _autograd_allows_in_place(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def _attention(module, config: AttentionConfig, hidden_states, position_embeddings, attention_mask,
                cache, **kwargs):
-    q, k, v = _project(module, config, hidden_states)
+    rotates = _rotates(module, config)
+    fused = _fusable_qk_norm(module, config) if rotates and config.rotary is None else None
+    q, k, v = _project(module, config, hidden_states, norm=fused is None)
+    if fused is not None and not _fuses_in(fused, q, k):
+        q, k = _qk_norm(module, config, q, k)
+        fused = None
+    if fused is not None:
+        # One launch: RMSNorm of every head of q and k, then their rotation, into new [B, T, H, D] tensors.
+        q_norm, k_norm, eps, weight_offset, cast_before_weight = fused
+        cos, sin, interleaved = _rope_tables(config.rope_layout, *position_embeddings)
+        q, k = rope_qk_norm(q, k, q_norm.weight, k_norm.weight, cos, sin, eps, weight_offset=weight_offset,
+                            cast_before_weight=cast_before_weight, interleaved=interleaved)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if _rotates(module, config) and config.rotary is not None:
+    if rotates and config.rotary is not None:
         q, k = config.rotary(q, k, *position_embeddings)  # rope off: the family's own rotation
-    elif _rotates(module, config):
+    elif rotates and fused is None:
         cos, sin, interleaved = _rope_tables(config.rope_layout, *position_embeddings)
         # q and k are private intermediates (fresh projection or norm outputs): rotate them in place, unless
         # they are slices of one fused qkv output, where autograd would copy around an in-place update, or
@@ -311,6 +365,8 @@ class AttentionPatcher:
             mode = "out of place: q, k are slices of a fused qkv" if config.fused_qkv else "in place"
             if config.rope_layout != "half_split":
                 mode += f", {config.rope_layout}"
+            if config.rotary is None and _fusable_qk_norm(module, config) is not None:
+                mode = "with the per-head q/k norms in the same launch, out of place"
             detail = f"{type(module).__name__} -> fused q+k rope ({mode})"
             if not _rotates(module, config):
                 detail = f"{type(module).__name__} -> no rope in this layer ({config.rope_if} is off); same attention"

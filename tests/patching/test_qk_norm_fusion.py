@@ -1,0 +1,137 @@
+"""Per-head q/k norms run inside the rope launch (fastkern.ops.rope_qk_norm) when rope and norm are both on.
+
+Which attention modules fuse is decided per call (patching/attention.py, ``_fusable_qk_norm``): only where
+fastkern's norm patcher bound both norms, with one form and eps, no hooks on them, and one dtype for q,
+k and both weights. Everything else takes the three-launch path, with the same result up to rounding.
+"""
+
+import pytest
+import torch
+
+import fastkern
+from fastkern.patching import attention as attention_module
+from tests.models import batch, family_spec, families_with, tiny_model
+from tests.oracle import assert_same_fp32_run
+
+ROPE_AND_NORM = dict(mlp=False, loss=False, norm=True, rope=True)
+FUSED_DETAIL = "per-head q/k norms in the same launch"
+
+
+def _head_scope_norm_families():
+    """Families whose attention normalises q and k per head and whose norm class fastkern patches."""
+    out = []
+    for family in families_with("attention"):
+        spec = family_spec(family)
+        attention = spec.sections["attention"]
+        if attention.get("q_norm") and attention.get("qk_norm_scope", "head") == "head" and "norm" in spec.sections:
+            out.append(family)
+    return out
+
+
+FUSING = _head_scope_norm_families()
+
+
+def run(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach().clone(), out.loss.detach().clone(), grads
+
+
+class CountingFusedCalls:
+    """Counts calls of the fused op made by the attention patcher."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = attention_module.rope_qk_norm
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(attention_module, "rope_qk_norm", counting)
+
+
+def test_the_usual_qk_norm_families_fuse():
+    assert {"qwen3", "gemma3"} <= set(FUSING), FUSING
+
+
+@pytest.mark.parametrize("family", FUSING)
+def test_fused_qk_norm_fp32_same_run_as_unpatched(family, monkeypatch):
+    ids = batch()
+    want = run(tiny_model(family), ids)
+    model = tiny_model(family)
+    report = fastkern.patch_model(model, **ROPE_AND_NORM)
+    rope_details = [e.detail for e in report.patched if e.kind == "rope"]
+    rotating = [d for d in rope_details if "no rope in this layer" not in d]
+    assert rotating and all(FUSED_DETAIL in d for d in rotating), rope_details
+    spy = CountingFusedCalls(monkeypatch)
+    assert_same_fp32_run(run(model, ids), want)
+    assert spy.calls == len(rotating)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_fused_and_separate_launches_agree(family, monkeypatch):
+    ids = batch()
+    model = tiny_model(family)
+    fastkern.patch_model(model, **ROPE_AND_NORM)
+    fused = run(model, ids)
+    monkeypatch.setattr(attention_module, "FUSE_QK_NORM", False)
+    spy = CountingFusedCalls(monkeypatch)
+    separate = run(model, ids)
+    assert spy.calls == 0
+    assert_same_fp32_run(fused, separate)
+
+
+def test_norm_off_keeps_the_norm_modules(monkeypatch):
+    ids = batch()
+    want = run(tiny_model("qwen3"), ids)
+    model = tiny_model("qwen3")
+    report = fastkern.patch_model(model, mlp=False, loss=False, norm=False, rope=True)
+    assert not any(FUSED_DETAIL in e.detail for e in report.patched if e.kind == "rope")
+    spy = CountingFusedCalls(monkeypatch)
+    assert_same_fp32_run(run(model, ids), want)
+    assert spy.calls == 0
+
+
+def test_a_hook_on_a_norm_keeps_its_call(monkeypatch):
+    # A forward hook on q_norm must see q_norm's call: that layer then runs its norms as modules.
+    ids = batch()
+    want = run(tiny_model("qwen3"), ids)
+    model = tiny_model("qwen3")
+    fastkern.patch_model(model, **ROPE_AND_NORM)
+    seen = []
+    model.model.layers[0].self_attn.q_norm.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    spy = CountingFusedCalls(monkeypatch)
+    assert_same_fp32_run(run(model, ids), want)
+    assert len(seen) == 1
+    assert spy.calls == len(model.model.layers) - 1
+
+
+def test_mixed_dtypes_take_the_separate_path(monkeypatch):
+    # fp32 norm weights under a bf16 model (Gemma's form casts its output back to the input's dtype, so
+    # the attention still gets bf16 q, k, v): the fused op takes one dtype; the layer keeps its norm modules.
+    ids = batch()
+    model = tiny_model("gemma3", dtype=torch.bfloat16)
+    fastkern.patch_model(model, **ROPE_AND_NORM)
+    for layer in model.model.layers:
+        layer.self_attn.q_norm.float()
+        layer.self_attn.k_norm.float()
+    spy = CountingFusedCalls(monkeypatch)
+    logits, loss, grads = run(model, ids)
+    assert spy.calls == 0
+    assert torch.isfinite(loss) and torch.isfinite(logits).all()
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_unpatch_restores_the_norm_calls(monkeypatch):
+    ids = batch()
+    model = tiny_model("qwen3")
+    want = run(model, ids)
+    fastkern.patch_model(model, **ROPE_AND_NORM)
+    fastkern.unpatch_model(model)
+    spy = CountingFusedCalls(monkeypatch)
+    got = run(model, ids)
+    assert spy.calls == 0
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
