@@ -9,9 +9,10 @@ for the pairs (a, b) of the leading R = rotary_dim elements (half-split: a = i, 
 a = 2i, b = 2i + 1; i < R/2) and out = n on the elements past R. The norm needs the whole row and the
 rotation mixes elements within the row, so one program owns whole rows: it loads each element once, as
 the a-lanes, the b-lanes and (when R < D) the tail lanes, sums their squares for rstd and writes out.
-n stays fp32 between the two steps; the llama form's rounding of xhat to the input dtype before the
-weight multiply (LlamaRMSNorm) is not reproduced: it only adds error against the exact function (the
-docs, docs/rope_qk_norm.md, say why that is the choice), so both forms compute xhat * w_eff here.
+n stays fp32 between the two steps (the unfused path rounds it to the input dtype before rotating).
+CAST_BEFORE_WEIGHT (the llama form) rounds xhat to the input dtype before the weight multiply, as
+LlamaRMSNorm and fastkern.ops.rms_norm do, so the op computes the function its arguments name; the
+gemma form multiplies in fp32.
 rstd (fp32, one per row) is stored for backward.
 
 Backward, from dout: the gradient of n is the transpose rotation,
@@ -21,6 +22,9 @@ Backward, from dout: the gradient of n is the transpose rotation,
 then RMSNorm's backward with xhat recomputed from x and the saved rstd:
 
     g = dn * w_eff      dx = rstd * (g - xhat * mean(g * xhat))      dw = sum over rows of dn * xhat
+
+(the rounding of CAST_BEFORE_WEIGHT passes gradients through unchanged, as autograd's cast does; dw then
+reads the rounded xhat, the value the forward multiplied by w_eff).
 
 dw is reduced across rows: each program takes a contiguous range of rows (BLOCK_T at a time) of one
 head block, accumulates its part in fp32 registers and writes one partial row of D; the launcher sums
@@ -45,6 +49,14 @@ def _store(ptr, v, mask, ROUND_BF16: tl.constexpr):
     if ROUND_BF16:  # interpreter only (fastkern/kernels/bf16.py)
         v = round_fp32_to_bf16_rtne(v)
     tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _round_to(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    # v (fp32) rounded to `dtype` and back, as the llama form's intermediate .to(input_dtype).
+    if ROUND_BF16:
+        return round_fp32_to_bf16_rtne(v)
+    return v.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -92,7 +104,8 @@ def _lanes(half_rotary, head_dim, INTERLEAVED: tl.constexpr, BLOCK_R: tl.constex
 @triton.jit
 def _norm_rotate(x_ptr, w_ptr, out_ptr, rstd_ptr, rows, row_mask, bs, ts, heads, n_heads, head_dim, eps,
                  weight_offset, x_sb, x_st, x_sh, x_sd, lane_mask, offs_a, offs_b, offs_t, tail_mask,
-                 cos_a, cos_b, sin_a, sin_b, HAS_TAIL: tl.constexpr, ROUND_BF16: tl.constexpr):
+                 cos_a, cos_b, sin_a, sin_b, HAS_TAIL: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+                 ROUND_BF16: tl.constexpr):
     # One tile [BLOCK_T rows, BLOCK_H heads] of q or of k: x tiles are [BLOCK_T, BLOCK_H, lanes].
     rh_mask = row_mask[:, None] & (heads < n_heads)[None, :]
     pmask = rh_mask[:, :, None] & lane_mask[None, None, :]
@@ -108,14 +121,22 @@ def _norm_rotate(x_ptr, w_ptr, out_ptr, rstd_ptr, rows, row_mask, bs, ts, heads,
     r = rstd[:, :, None]
     wa = tl.load(w_ptr + offs_a, mask=lane_mask, other=0.0).to(tl.float32) + weight_offset
     wb = tl.load(w_ptr + offs_b, mask=lane_mask, other=0.0).to(tl.float32) + weight_offset
-    na = xa * r * wa[None, None, :]
-    nb = xb * r * wb[None, None, :]
+    xha = xa * r
+    xhb = xb * r
+    if CAST_BEFORE_WEIGHT:
+        xha = _round_to(xha, x_ptr.dtype.element_ty, ROUND_BF16)
+        xhb = _round_to(xhb, x_ptr.dtype.element_ty, ROUND_BF16)
+    na = xha * wa[None, None, :]
+    nb = xhb * wb[None, None, :]
     o_row = out_ptr + (rows[:, None, None] * n_heads + heads[None, :, None]) * head_dim
     _store(o_row + offs_a[None, None, :], na * cos_a - nb * sin_a, pmask, ROUND_BF16)
     _store(o_row + offs_b[None, None, :], nb * cos_b + na * sin_b, pmask, ROUND_BF16)
     if HAS_TAIL:
         wt = tl.load(w_ptr + offs_t, mask=tail_mask, other=0.0).to(tl.float32) + weight_offset
-        _store(o_row + offs_t[None, None, :], xt * r * wt[None, None, :], tmask, ROUND_BF16)
+        xht = xt * r
+        if CAST_BEFORE_WEIGHT:
+            xht = _round_to(xht, x_ptr.dtype.element_ty, ROUND_BF16)
+        _store(o_row + offs_t[None, None, :], xht * wt[None, None, :], tmask, ROUND_BF16)
     tl.store(rstd_ptr + rows[:, None] * n_heads + heads[None, :], rstd, mask=rh_mask)
 
 
@@ -131,6 +152,7 @@ def rope_qk_norm_forward_kernel(
     INTERLEAVED: tl.constexpr,
     HAS_POSITIONS: tl.constexpr,
     HAS_TAIL: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -153,14 +175,14 @@ def rope_qk_norm_forward_kernel(
             heads = heads.to(tl.int64)
         _norm_rotate(q_ptr, qw_ptr, q_out_ptr, q_rstd_ptr, rows, row_mask, bs, ts, heads, n_q_heads, head_dim, eps,
                      weight_offset, q_sb, q_st, q_sh, q_sd, lane_mask, offs_a, offs_b, offs_t, tail_mask,
-                     cos_a, cos_b, sin_a, sin_b, HAS_TAIL, ROUND_BF16)
+                     cos_a, cos_b, sin_a, sin_b, HAS_TAIL, CAST_BEFORE_WEIGHT, ROUND_BF16)
     else:
         heads = (block - n_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
         if INT64_OFFSETS:
             heads = heads.to(tl.int64)
         _norm_rotate(k_ptr, kw_ptr, k_out_ptr, k_rstd_ptr, rows, row_mask, bs, ts, heads, n_k_heads, head_dim, eps,
                      weight_offset, k_sb, k_st, k_sh, k_sd, lane_mask, offs_a, offs_b, offs_t, tail_mask,
-                     cos_a, cos_b, sin_a, sin_b, HAS_TAIL, ROUND_BF16)
+                     cos_a, cos_b, sin_a, sin_b, HAS_TAIL, CAST_BEFORE_WEIGHT, ROUND_BF16)
 
 
 @triton.jit
@@ -170,8 +192,8 @@ def _norm_rotate_backward(
     dy_sb, dy_st, dy_sh, dy_sd, x_sb, x_st, x_sh, x_sd,
     cos_sb, cos_st, cos_sd, sin_sb, sin_st, sin_sd, pos_sb, pos_st,
     INTERLEAVED: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_WEIGHT_GRAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_TAIL: tl.constexpr, INT64_OFFSETS: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     # Rows first .. last of one head block of q or k; writes dx and (HAS_WEIGHT_GRAD) the partial dw row
     # at dw_ptr. Masked lanes load 0 for x, dy and rstd, so they add nothing to dw.
@@ -215,9 +237,14 @@ def _norm_rotate_backward(
         if HAS_TAIL:
             _store(o_row + offs_t[None, None, :], r * (gt - xht * c), tmask, ROUND_BF16)
         if HAS_WEIGHT_GRAD:
+            if CAST_BEFORE_WEIGHT:
+                xha = _round_to(xha, x_ptr.dtype.element_ty, ROUND_BF16)
+                xhb = _round_to(xhb, x_ptr.dtype.element_ty, ROUND_BF16)
             dw_a += tl.sum(tl.sum(dna * xha, axis=1), axis=0)
             dw_b += tl.sum(tl.sum(dnb * xhb, axis=1), axis=0)
             if HAS_TAIL:
+                if CAST_BEFORE_WEIGHT:
+                    xht = _round_to(xht, x_ptr.dtype.element_ty, ROUND_BF16)
                 dw_t += tl.sum(tl.sum(dnt * xht, axis=1), axis=0)
     if HAS_WEIGHT_GRAD:
         # a-lanes, b-lanes and tail lanes together cover the D columns of the partial row once each.
@@ -243,6 +270,7 @@ def rope_qk_norm_backward_kernel(
     HAS_POSITIONS: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     HAS_WEIGHT_GRAD: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -268,7 +296,8 @@ def rope_qk_norm_backward_kernel(
                               first, last, seq_len, heads, n_q_heads, head_dim, half_rotary, weight_offset,
                               gq_sb, gq_st, gq_sh, gq_sd, q_sb, q_st, q_sh, q_sd,
                               cos_sb, cos_st, cos_sd, sin_sb, sin_st, sin_sd, pos_sb, pos_st,
-                              INTERLEAVED, HAS_POSITIONS, HAS_TAIL, HAS_WEIGHT_GRAD, BLOCK_T, BLOCK_R, BLOCK_TAIL,
+                              INTERLEAVED, HAS_POSITIONS, HAS_TAIL, HAS_WEIGHT_GRAD, CAST_BEFORE_WEIGHT, BLOCK_T,
+                              BLOCK_R, BLOCK_TAIL,
                               INT64_OFFSETS, ROUND_BF16)
     else:
         heads = (block - n_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -278,5 +307,6 @@ def rope_qk_norm_backward_kernel(
                               first, last, seq_len, heads, n_k_heads, head_dim, half_rotary, weight_offset,
                               gk_sb, gk_st, gk_sh, gk_sd, k_sb, k_st, k_sh, k_sd,
                               cos_sb, cos_st, cos_sd, sin_sb, sin_st, sin_sd, pos_sb, pos_st,
-                              INTERLEAVED, HAS_POSITIONS, HAS_TAIL, HAS_WEIGHT_GRAD, BLOCK_T, BLOCK_R, BLOCK_TAIL,
+                              INTERLEAVED, HAS_POSITIONS, HAS_TAIL, HAS_WEIGHT_GRAD, CAST_BEFORE_WEIGHT, BLOCK_T,
+                              BLOCK_R, BLOCK_TAIL,
                               INT64_OFFSETS, ROUND_BF16)

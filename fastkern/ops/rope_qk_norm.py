@@ -116,7 +116,7 @@ def _forward(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tens
             n_rows, seq_len, n_q, n_k, head_dim, rotary_dim // 2, n_q_blocks, float(eps), float(weight_offset),
             *q.stride(), *k.stride(), *cos_s, *sin_s, *pos_s,
             INTERLEAVED=interleaved, HAS_POSITIONS=position_ids is not None, HAS_TAIL=rotary_dim < head_dim,
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_TAIL=block_tail,
+            CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_TAIL=block_tail,
             INT64_OFFSETS=_int64(block_t * block_h, q, k, q_out, k_out, cos, sin),
             ROUND_BF16=path == "interpreter" and q.dtype == torch.bfloat16, num_warps=warps,
         )
@@ -161,7 +161,7 @@ def _backward_impl(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, q_weigh
             n_rows, seq_len, rows_per_program, n_q, n_k, head_dim, rotary_dim // 2, n_q_blocks, float(weight_offset),
             *grad_q.stride(), *grad_k.stride(), *q.stride(), *k.stride(), *cos_s, *sin_s, *pos_s,
             INTERLEAVED=interleaved, HAS_POSITIONS=position_ids is not None, HAS_TAIL=rotary_dim < head_dim,
-            HAS_WEIGHT_GRAD=need_weight_grad, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r,
+            HAS_WEIGHT_GRAD=need_weight_grad, CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r,
             BLOCK_TAIL=block_tail,
             INT64_OFFSETS=_int64(block_t * block_h, grad_q, grad_k, q, k, dq, dk, cos, sin),
             ROUND_BF16=path == "interpreter" and q.dtype == torch.bfloat16, num_warps=warps,
@@ -293,10 +293,11 @@ def rope_qk_norm(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: 
     to [B, H, T, D] for attention as before.
 
     Norm: rstd = 1 / sqrt(mean(x^2) + eps) per token and head, in fp32; ``weight_offset`` 0 is the
-    llama form (Qwen3), 1 the gemma form (Gemma3: weight applied as 1 + weight). The kernel keeps the
-    normalised value in fp32 up to the rotation and rounds once at the end in both forms; with
-    ``cast_before_weight=True`` the PyTorch reference path (fp64, no Triton, force_reference) also
-    rounds x * rstd to q's dtype before the weight as LlamaRMSNorm does (docs/rope_qk_norm.md).
+    llama form (Qwen3), 1 the gemma form (Gemma3: weight applied as 1 + weight). With
+    ``cast_before_weight=True`` (the llama form) x * rstd is rounded to q's dtype before the weight
+    multiply, as LlamaRMSNorm and :func:`fastkern.ops.rms_norm` do; otherwise the product is taken in
+    fp32. The normalised value then stays fp32 through the rotation and is rounded once, at the end
+    (docs/rope_qk_norm.md).
     q_weight, k_weight: [D], any float dtype, differentiable; their gradients are computed only when
     they require grad (frozen norms under LoRA skip the reduction).
 
