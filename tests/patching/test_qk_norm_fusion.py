@@ -11,9 +11,15 @@ import torch
 import fastkern
 from fastkern.patching import attention as attention_module
 from tests.models import batch, family_spec, families_with, tiny_model
-from tests.oracle import assert_same_fp32_run
+from tests.oracle import assert_same_fp32_run, assert_within_reference_rule
 
 ROPE_AND_NORM = dict(mlp=False, loss=False, norm=True, rope=True)
+
+
+@pytest.fixture(autouse=True)
+def fusion_on(monkeypatch):
+    """Every test here runs with the fusion switched on (whatever the module's default)."""
+    monkeypatch.setattr(attention_module, "FUSE_QK_NORM", True)
 FUSED_DETAIL = "per-head q/k norms in the same launch"
 
 
@@ -135,3 +141,13 @@ def test_unpatch_restores_the_norm_calls(monkeypatch):
     got = run(model, ids)
     assert spy.calls == 0
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family,lora", [("qwen3", True), ("qwen3", False), ("gemma3", True)])
+def test_fused_bf16_within_reference_rule(family, lora):
+    # The model-level rule (tests/test_accuracy_rule.py) with every option on and the fusion in use.
+    from tests.test_accuracy_rule import ALL_OPTIONS, _three_runs
+
+    reference, plain, patched, report = _three_runs(family, torch.bfloat16, lora, ALL_OPTIONS)
+    assert any(FUSED_DETAIL in e.detail for e in report.patched if e.kind == "rope"), report
+    assert_within_reference_rule(patched, plain, reference, torch.bfloat16)
