@@ -38,3 +38,18 @@ def test_variant_options():
         grpo_dpo.variant_options("nope")
     with pytest.raises(SystemExit, match="bad --variants item"):
         grpo_dpo.variant_options("-mlp")  # turning an option off needs the defaults it is taken from
+
+
+def test_qk_norm_fusion_variants_switch_around_their_steps():
+    from fastkern.patching import attention
+
+    fused = grpo_dpo.variant_options("defaults,fused-qk-norm")
+    assert fused == {"loss": True, grpo_dpo.QK_NORM_FUSION: True}
+    assert grpo_dpo.variant_options("defaults,separate-qk-norm")[grpo_dpo.QK_NORM_FUSION] is False
+    default = attention.FUSE_QK_NORM
+    seen = []
+    step = grpo_dpo.switched(lambda: seen.append(attention.FUSE_QK_NORM), fused)
+    step()
+    assert seen == [True] and attention.FUSE_QK_NORM == default
+    plain = lambda: None  # noqa: E731
+    assert grpo_dpo.switched(plain, dict(loss=True)) is plain and grpo_dpo.switched(plain, None) is plain

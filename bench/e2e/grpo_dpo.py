@@ -31,8 +31,9 @@ means fastkern computed every log-prob.
 Variants (``--variants``, ``;``-separated): ``defaults`` is ``patch_model(model, loss=True)`` (every
 default option on), ``defaults,lora,offload`` adds lora=True and checkpointing="offload" to it,
 ``defaults,-norm`` is the defaults with one option off (``-checkpointing``: TRL's own),
-``defaults,separate-qk-norm`` the defaults with Qwen3's q/k norms and rope as three launches instead of
-one (fastkern/patching/attention.py, ``FUSE_QK_NORM``, switched around each of that variant's steps); a comma
+``defaults,fused-qk-norm`` / ``defaults,separate-qk-norm`` the defaults with Qwen3's q/k norms and rope
+in one launch / as three (fastkern/patching/attention.py, ``FUSE_QK_NORM``, set around each of that
+variant's steps); a comma
 list without ``defaults`` such as ``loss`` or ``loss,mlp`` turns on exactly those options and every
 other one off, to attribute a difference to one patch. ``--profile`` prints, per row, the CUDA
 kernels of one step by total device time (torch.profiler), to say where a difference comes from.
@@ -68,7 +69,7 @@ SHAPES = {  # (generations, prompt, completion) for GRPO; (prompt, completion) f
 }
 LORA_RANK = 16
 OPTIONS = ("loss", "mlp", "rope", "packing", "lora", "norm")
-SEPARATE_QK_NORM = "separate_qk_norm"  # a variant's pseudo-option (not passed to patch_model)
+QK_NORM_FUSION = "qk_norm_fusion"  # a variant's pseudo-option (not passed to patch_model): True / False
 # fp32 check (2 layers of the bench shape, full vocabulary, same sequence shapes): relative error norm.
 FP32_TOLERANCE = 1e-4
 # bf16 rows, whole model: two implementations' rounding differs (2e-2 measured on the CPU smoke config);
@@ -110,26 +111,27 @@ def build_model(name, device, dtype, patch, layers=None, checkpointing=False):
     if checkpointing:  # what TRL's configs default to in training
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    options = None if patch is None else {k: v for k, v in patch.items() if k != SEPARATE_QK_NORM}
+    options = None if patch is None else {k: v for k, v in patch.items() if k != QK_NORM_FUSION}
     report = fastkern.patch_model(model, **options) if options is not None else None
     return model, report
 
 
 def switched(step, patch):
-    """The step as the variant runs it: with q/k norms and rope as separate launches for the
-    separate-qk-norm variant (the switch is module-wide, so it is set around each of its steps only)."""
-    if not (patch or {}).get(SEPARATE_QK_NORM):
+    """The step as the variant runs it: with the q/k-norm fusion set as the variant asks (the switch is
+    module-wide, so it is set around each of that variant's steps only)."""
+    fuse = (patch or {}).get(QK_NORM_FUSION)
+    if fuse is None:
         return step
     from fastkern.patching import attention
 
-    def separate_step():
-        attention.FUSE_QK_NORM = False
+    def switched_step():
+        before, attention.FUSE_QK_NORM = attention.FUSE_QK_NORM, fuse
         try:
             return step()
         finally:
-            attention.FUSE_QK_NORM = True
+            attention.FUSE_QK_NORM = before
 
-    return separate_step
+    return switched_step
 
 
 def make_grpo(name, device, dtype, patch, out_dir, layers=None, checkpointing=False):
@@ -236,16 +238,17 @@ def variant_options(spec: str) -> dict:
     items = {o.strip() for o in spec.split(",") if o.strip()}
     off = {o[1:] for o in items if o.startswith("-")}
     on = items - {"-" + o for o in off}
-    unknown = (on - set(OPTIONS) - {"defaults", "offload", "separate-qk-norm"}) | (off - set(OPTIONS) - {"checkpointing"})
+    pseudo = {"defaults", "offload", "fused-qk-norm", "separate-qk-norm"}
+    unknown = (on - set(OPTIONS) - pseudo) | (off - set(OPTIONS) - {"checkpointing"})
     if unknown or (off and "defaults" not in on):
-        raise SystemExit(f"bad --variants item(s) {sorted(unknown) or sorted(off)}: known {OPTIONS}, offload, separate-qk-norm, "
-                         "defaults, and -<option> (with defaults)")
+        raise SystemExit(f"bad --variants item(s) {sorted(unknown) or sorted(off)}: known {OPTIONS}, offload, "
+                         "fused-qk-norm, separate-qk-norm, defaults, and -<option> (with defaults)")
     options = dict(loss=True) if "defaults" in on else {o: o in on for o in OPTIONS}
     options.update({o: True for o in on & set(OPTIONS)})
     if "offload" in on:
         options["checkpointing"] = "offload"
-    if "separate-qk-norm" in on:
-        options[SEPARATE_QK_NORM] = True
+    if "fused-qk-norm" in on or "separate-qk-norm" in on:
+        options[QK_NORM_FUSION] = "fused-qk-norm" in on
     options.update({o: (None if o == "checkpointing" else False) for o in off})
     return options
 

@@ -55,9 +55,10 @@ _QK_NORM_SCOPES = ("head", "projection")
 #     R/2 entries repeat-interleaved (GLM, GLM-4);
 #   half_split_from_half: pairs (i, i + R/2), cos = f, only R/2 wide (gpt-oss).
 _ROPE_LAYOUTS = ("half_split", "interleaved", "interleaved_from_half_split", "half_split_from_half")
-# Attribution switch for benchmarks: False keeps per-head q/k norms and rope as three launches where they
-# would otherwise be one (``fastkern.ops.rope_qk_norm``).
-FUSE_QK_NORM = True
+# Per-head q/k norms inside the rope launch (``fastkern.ops.rope_qk_norm``) where both are patched. Off by
+# default: tested on CPU (interpreter) only, not yet compiled or timed on a GPU; the commands that decide
+# it are in docs/rope_qk_norm.md ("Measurements"). Benchmarks switch it per step (bench/e2e/grpo_dpo.py).
+FUSE_QK_NORM = False
 
 
 @dataclass(frozen=True)
