@@ -33,7 +33,7 @@ fi
 # Seconds per GPU test file, measured on an H100 (first compile of every kernel variant included);
 # files not listed get 60.
 declare -A LIMIT=([glu]=180 [rms_norm]=150 [rope]=240 [linear_cross_entropy]=180 [linear_cross_entropy_onchip]=420 [linear_logprobs]=60 [nf4]=30 [nf4_matmul]=120 [lora_linear]=120 [large_offsets]=90
-                  [document_attention]=40 [offload_checkpoint]=120 [grpo_dpo]=240)
+                  [document_attention]=40 [offload_checkpoint]=120 [grpo_dpo]=240 [rope_qk_norm]=90)
 status=0
 SECONDS=0
 for n in "${names[@]}"; do

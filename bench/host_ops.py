@@ -37,7 +37,8 @@ thread with every Triton launch stubbed out (it returns at once, so neither the 
 kernel work is timed; outputs are garbage). Wall clock on a shared CPU varies by several percent: to
 compare two revisions, run both in alternation (``PYTHONPATH=<checkout>``). ``--grouping`` adds, for
 the LoRA and QLoRA modes, the same proxy for one patched model with its q/k/v and gate/up projections
-grouped (the default) and called one by one, in alternating rounds; ``--casts`` times patched LoRA
+grouped (the default) and called one by one, in alternating rounds; ``--qk-fusion`` the same for a
+Qwen3-shaped model with its per-head q/k norms inside the rope launch and as their own; ``--casts`` times patched LoRA
 steps with PEFT's fp32 adapters against the same adapters stored in bf16 (what the per-call casts cost).
 """
 
@@ -210,13 +211,20 @@ def _quantize_linears(model: nn.Module, dtype) -> None:
                 setattr(module, name, q.to("cpu"))
 
 
-def build(mode: str, layers: int, patched: bool, dtype=torch.bfloat16) -> nn.Module:
+def build(mode: str, layers: int, patched: bool, dtype=torch.bfloat16, family: str = "llama") -> nn.Module:
+    """The tiny model of SHAPE: Llama, or Qwen3 (``family="qwen3"``: the same shape with per-head q/k norms)."""
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=layers, use_cache=False, **SHAPE)
+    if family == "qwen3":
+        config = transformers.Qwen3Config(num_hidden_layers=layers, use_cache=False, **SHAPE,
+                                          head_dim=SHAPE["hidden_size"] // SHAPE["num_attention_heads"])
+        model_class = transformers.Qwen3ForCausalLM
+    else:
+        config = transformers.LlamaConfig(num_hidden_layers=layers, use_cache=False, **SHAPE)
+        model_class = transformers.LlamaForCausalLM
     config._attn_implementation = "sdpa"
-    model = transformers.LlamaForCausalLM(config).to(dtype)
+    model = model_class(config).to(dtype)
     if mode == "qlora":
         _quantize_linears(model, dtype)
     if mode in ("lora", "qlora"):
@@ -379,25 +387,40 @@ def time_steps(mode: str, patched: bool, layers: int = 16, steps: int = 25, warm
         return statistics.median(_step_times(model, warmup + steps)[warmup:])
 
 
-def time_grouping(mode: str, layers: int = 16, steps: int = 25, rounds: int = 4, warmup: int = 3) -> dict:
-    """The CPU proxy of the host time of one patched model with its LoRA projections grouped
-    (fastkern.patching.lora.GROUP_PROJECTIONS, the default) and called one by one, alternating
-    ``rounds`` times so that a drift of the shared machine's speed hits both: per setting, the median
-    over the rounds of each round's median step."""
-    from fastkern.patching import lora
-
-    model = build(mode, layers, True)
-    medians = {"grouped": [], "separate": []}
-    previous = lora.GROUP_PROJECTIONS
+def time_switched(mode: str, module, attr: str, settings: dict, layers: int = 16, steps: int = 25, rounds: int = 4,
+                  warmup: int = 3, family: str = "llama") -> dict:
+    """The CPU proxy of the host time of one patched model under each value of a module switch
+    (``settings``: name -> value of ``module.attr``), alternating ``rounds`` times so that a drift of the
+    shared machine's speed hits all: per setting, the median over the rounds of each round's median step.
+    The switch is restored afterwards."""
+    model = build(mode, layers, True, family=family)
+    medians = {name: [] for name in settings}
+    previous = getattr(module, attr)
     try:
         with _launches_stubbed():
             for _ in range(rounds):
-                for name, grouped in (("grouped", True), ("separate", False)):
-                    lora.GROUP_PROJECTIONS = grouped
+                for name, value in settings.items():
+                    setattr(module, attr, value)
                     medians[name].append(statistics.median(_step_times(model, warmup + steps)[warmup:]))
     finally:
-        lora.GROUP_PROJECTIONS = previous
+        setattr(module, attr, previous)
     return {name: {"median_ms": statistics.median(v), "round_medians_ms": v} for name, v in medians.items()}
+
+
+# Module switches --grouping and --qk-fusion time: (module, attribute, {setting name: value}, family).
+SWITCHES = {
+    # LoRA projections grouped (fastkern.patching.lora.GROUP_PROJECTIONS, the default) vs one by one
+    "grouping": ("fastkern.patching.lora", "GROUP_PROJECTIONS", {"grouped": True, "separate": False}, "llama"),
+    # Qwen3's per-head q/k norms inside the rope launch vs as their own launches
+    "qk_fusion": ("fastkern.patching.attention", "FUSE_QK_NORM", {"fused": True, "separate": False}, "qwen3"),
+}
+
+
+def time_switch(name: str, mode: str, layers: int = 16, steps: int = 25, rounds: int = 4, warmup: int = 3) -> dict:
+    import importlib
+
+    module, attr, settings, family = SWITCHES[name]
+    return time_switched(mode, importlib.import_module(module), attr, settings, layers, steps, rounds, warmup, family)
 
 
 def time_adapter_casts(layers: int = 16, steps: int = 25, rounds: int = 4, warmup: int = 3) -> dict:
@@ -445,11 +468,13 @@ def main(argv=None) -> dict:
                         help="also time steps of a LAYERS-deep model, launches stubbed (CPU proxy, e.g. 16,25)")
     parser.add_argument("--grouping", action="store_true",
                         help="with --time: also time LoRA/QLoRA steps with the projections grouped vs one by one")
+    parser.add_argument("--qk-fusion", action="store_true",
+                        help="with --time: also time Qwen3-shaped steps with q/k norms fused into rope vs separate")
     parser.add_argument("--casts", action="store_true",
                         help="with --time: also time LoRA steps with fp32 adapters (cast per call) vs bf16 adapters")
     args = parser.parse_args(argv)
-    if (args.grouping or args.casts) and not args.time:
-        parser.error("--grouping and --casts need --time LAYERS,STEPS")
+    if (args.grouping or args.casts or args.qk_fusion) and not args.time:
+        parser.error("--grouping, --qk-fusion and --casts need --time LAYERS,STEPS")
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -474,15 +499,18 @@ def main(argv=None) -> dict:
                 result["time_ms"][f"{row['mode']} {row['variant']}"] = ms
                 lines.append(f"- {row['mode']} {row['variant']}: {ms:.1f} ms")
         text += "\n\n" + "\n".join(lines)
-    if args.grouping:
-        result["grouping_ms"] = {}
-        lines = ["Projections grouped vs one by one (patched, same model, alternating rounds; median of round medians):"]
-        for mode in (m for m in modes if m in ("lora", "qlora")):
+    for name, flag, title, switch_modes in (
+            ("grouping", args.grouping, "Projections grouped vs one by one", ("lora", "qlora")),
+            ("qk_fusion", args.qk_fusion, "Qwen3 shape, q/k norms fused into rope vs separate", MODES)):
+        if not flag:
+            continue
+        result[f"{name}_ms"] = {}
+        lines = [f"{title} (patched, same model, alternating rounds; median of round medians):"]
+        for mode in (m for m in modes if m in switch_modes):
             if any(r["mode"] == mode and "skipped" in r for r in result["rows"]):
                 continue
-            timed = result["grouping_ms"][mode] = time_grouping(mode, *timing)
-            lines.append(f"- {mode}: grouped {timed['grouped']['median_ms']:.1f} ms, "
-                         f"separate {timed['separate']['median_ms']:.1f} ms")
+            timed = result[f"{name}_ms"][mode] = time_switch(name, mode, *timing)
+            lines.append(f"- {mode}: " + ", ".join(f"{k} {t['median_ms']:.1f} ms" for k, t in timed.items()))
         text += "\n\n" + "\n".join(lines)
     if args.casts and "lora" in modes:
         timed = result["adapter_casts_ms"] = time_adapter_casts(*timing)

@@ -80,7 +80,7 @@ def test_time_grouping_times_both_settings_and_restores_the_switch(monkeypatch):
         return real(x, calls)
 
     monkeypatch.setattr(lora, "lora_linear_group", spy)
-    timed = host_ops.time_grouping("lora", layers=1, steps=1, rounds=2, warmup=0)
+    timed = host_ops.time_switch("grouping", "lora", layers=1, steps=1, rounds=2, warmup=0)
     assert set(timed) == {"grouped", "separate"}
     assert all(len(t["round_medians_ms"]) == 2 and t["median_ms"] > 0 for t in timed.values())
     # grouped rounds went through the group op, separate ones never did; the switch is back on
@@ -92,3 +92,24 @@ def test_time_adapter_casts_times_both_dtypes():
     timed = _host_ops().time_adapter_casts(layers=1, steps=1, rounds=1, warmup=0)
     assert set(timed) == {"fp32 adapters", "bf16 adapters"}
     assert all(len(t["round_medians_ms"]) == 1 and t["median_ms"] > 0 for t in timed.values())
+
+
+@pytest.mark.skipif(runtime.path_for(torch.empty(0)) != "interpreter", reason="needs TRITON_INTERPRET=1")
+def test_time_qk_fusion_times_both_settings_and_restores_the_switch(monkeypatch):
+    from fastkern.patching import attention
+
+    host_ops = _host_ops()
+    calls = {True: 0, False: 0}
+    real = attention.rope_qk_norm
+
+    def spy(*args, **kwargs):
+        calls[attention.FUSE_QK_NORM] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "rope_qk_norm", spy)
+    default = attention.FUSE_QK_NORM
+    timed = host_ops.time_switch("qk_fusion", "full", layers=1, steps=1, rounds=2, warmup=0)
+    assert set(timed) == {"fused", "separate"}
+    assert all(len(t["round_medians_ms"]) == 2 and t["median_ms"] > 0 for t in timed.values())
+    # only the fused rounds called the fused op (a Qwen3 model was built); the switch is back as it was
+    assert calls[True] > 0 and calls[False] == 0 and attention.FUSE_QK_NORM is default

@@ -17,3 +17,12 @@ def round_fp32_to_bf16_rtne(v):
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    # v (fp32) rounded to `dtype` and back, as an intermediate .to(input_dtype) in a module's forward
+    # (the llama form of RMSNorm); under the interpreter (ROUND_BF16) the bf16 rounding is done here.
+    if ROUND_BF16:
+        return round_fp32_to_bf16_rtne(v)
+    return v.to(dtype).to(tl.float32)

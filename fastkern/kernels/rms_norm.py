@@ -23,15 +23,7 @@ compiled out and each program takes one tile.
 import triton
 import triton.language as tl
 
-from .bf16 import round_fp32_to_bf16_rtne
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
-    # v (fp32) rounded to `dtype` and back, as the llama form's intermediate .to(input_dtype).
-    if ROUND_BF16:
-        return round_fp32_to_bf16_rtne(v)
-    return v.to(dtype).to(tl.float32)
+from .bf16 import round_fp32_to_bf16_rtne, round_to
 
 
 @triton.jit
@@ -57,7 +49,7 @@ def rms_norm_forward_kernel(
     xhat = x * rstd[:, None]
     w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
     if CAST_BEFORE_WEIGHT:
-        y = _round_to(xhat, y_ptr.dtype.element_ty, ROUND_BF16) * (w + weight_offset)
+        y = round_to(xhat, y_ptr.dtype.element_ty, ROUND_BF16) * (w + weight_offset)
     else:
         y = xhat * (w + weight_offset)
     if ROUND_BF16:  # interpreter only (fastkern/kernels/bf16.py)
@@ -105,7 +97,7 @@ def rms_norm_backward_kernel(
         tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_WEIGHT_GRAD:
             if CAST_BEFORE_WEIGHT:
-                dw += tl.sum(dy * _round_to(xhat, x_ptr.dtype.element_ty, ROUND_BF16), axis=0)
+                dw += tl.sum(dy * round_to(xhat, x_ptr.dtype.element_ty, ROUND_BF16), axis=0)
             else:
                 dw += tl.sum(dy * xhat, axis=0)
     if HAS_WEIGHT_GRAD:

@@ -41,7 +41,7 @@ projection need no copy); outputs, dx and rstd are contiguous [B, T, H, D] / [B,
 import triton
 import triton.language as tl
 
-from .bf16 import round_fp32_to_bf16_rtne
+from .bf16 import round_fp32_to_bf16_rtne, round_to
 
 
 @triton.jit
@@ -49,14 +49,6 @@ def _store(ptr, v, mask, ROUND_BF16: tl.constexpr):
     if ROUND_BF16:  # interpreter only (fastkern/kernels/bf16.py)
         v = round_fp32_to_bf16_rtne(v)
     tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
-    # v (fp32) rounded to `dtype` and back, as the llama form's intermediate .to(input_dtype).
-    if ROUND_BF16:
-        return round_fp32_to_bf16_rtne(v)
-    return v.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -124,8 +116,8 @@ def _norm_rotate(x_ptr, w_ptr, out_ptr, rstd_ptr, rows, row_mask, bs, ts, heads,
     xha = xa * r
     xhb = xb * r
     if CAST_BEFORE_WEIGHT:
-        xha = _round_to(xha, x_ptr.dtype.element_ty, ROUND_BF16)
-        xhb = _round_to(xhb, x_ptr.dtype.element_ty, ROUND_BF16)
+        xha = round_to(xha, x_ptr.dtype.element_ty, ROUND_BF16)
+        xhb = round_to(xhb, x_ptr.dtype.element_ty, ROUND_BF16)
     na = xha * wa[None, None, :]
     nb = xhb * wb[None, None, :]
     o_row = out_ptr + (rows[:, None, None] * n_heads + heads[None, :, None]) * head_dim
@@ -135,7 +127,7 @@ def _norm_rotate(x_ptr, w_ptr, out_ptr, rstd_ptr, rows, row_mask, bs, ts, heads,
         wt = tl.load(w_ptr + offs_t, mask=tail_mask, other=0.0).to(tl.float32) + weight_offset
         xht = xt * r
         if CAST_BEFORE_WEIGHT:
-            xht = _round_to(xht, x_ptr.dtype.element_ty, ROUND_BF16)
+            xht = round_to(xht, x_ptr.dtype.element_ty, ROUND_BF16)
         _store(o_row + offs_t[None, None, :], xht * wt[None, None, :], tmask, ROUND_BF16)
     tl.store(rstd_ptr + rows[:, None] * n_heads + heads[None, :], rstd, mask=rh_mask)
 
@@ -238,13 +230,13 @@ def _norm_rotate_backward(
             _store(o_row + offs_t[None, None, :], r * (gt - xht * c), tmask, ROUND_BF16)
         if HAS_WEIGHT_GRAD:
             if CAST_BEFORE_WEIGHT:
-                xha = _round_to(xha, x_ptr.dtype.element_ty, ROUND_BF16)
-                xhb = _round_to(xhb, x_ptr.dtype.element_ty, ROUND_BF16)
+                xha = round_to(xha, x_ptr.dtype.element_ty, ROUND_BF16)
+                xhb = round_to(xhb, x_ptr.dtype.element_ty, ROUND_BF16)
             dw_a += tl.sum(tl.sum(dna * xha, axis=1), axis=0)
             dw_b += tl.sum(tl.sum(dnb * xhb, axis=1), axis=0)
             if HAS_TAIL:
                 if CAST_BEFORE_WEIGHT:
-                    xht = _round_to(xht, x_ptr.dtype.element_ty, ROUND_BF16)
+                    xht = round_to(xht, x_ptr.dtype.element_ty, ROUND_BF16)
                 dw_t += tl.sum(tl.sum(dnt * xht, axis=1), axis=0)
     if HAS_WEIGHT_GRAD:
         # a-lanes, b-lanes and tail lanes together cover the D columns of the partial row once each.

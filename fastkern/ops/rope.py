@@ -377,6 +377,42 @@ def _rope_inplace(q, k, cos, sin, position_ids, interleaved):
     return rebuild_q(q_base), rebuild_k(k_base)
 
 
+def check_tables(op: str, q: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None, rotary_dim: int | None,
+                 batch: int, seq_len: int, head_dim: int) -> int:
+    """Checks cos/sin (and position_ids) against q's batch, length and head_dim; returns rotary_dim.
+    Shared by the ops that rotate (rope, rope_qk_norm)."""
+    if cos.shape != sin.shape:
+        raise ValueError(f"{op}: `cos` {tuple(cos.shape)} and `sin` {tuple(sin.shape)} must have the same shape")
+    if cos.dim() == 0:
+        raise ValueError(f"{op}: `cos`/`sin` must be [B or 1, T, rotary_dim] or a table; got a scalar")
+    rotary_dim = cos.shape[-1] if rotary_dim is None else int(rotary_dim)
+    if rotary_dim != cos.shape[-1]:
+        raise ValueError(f"{op}: `rotary_dim`={rotary_dim} but cos/sin have last dim {cos.shape[-1]}")
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"{op}: rotary_dim {rotary_dim} must be even and in (0, head_dim={head_dim}]")
+    if position_ids is None:
+        if cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len:
+            raise ValueError(
+                f"{op}: `cos`/`sin` must be [B or 1, T, rotary_dim] = [{batch} or 1, {seq_len}, {rotary_dim}]"
+                f" without position_ids; got {tuple(cos.shape)}")
+        return rotary_dim
+    check_tensor(op, "position_ids", position_ids, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8))
+    if cos.dim() != 2:
+        raise ValueError(f"{op}: with position_ids, `cos`/`sin` must be a table [max_position, rotary_dim];"
+                         f" got {tuple(cos.shape)}")
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
+        raise ValueError(f"{op}: `position_ids` must be [B or 1, T] = [{batch} or 1, {seq_len}];"
+                         f" got {tuple(position_ids.shape)}")
+    if position_ids.device != q.device:
+        raise ValueError(f"{op}: `position_ids` is on {position_ids.device} but `q` is on {q.device}")
+    # A data-dependent check: one device sync, skipped while torch.compile traces.
+    if not torch.compiler.is_compiling() and position_ids.numel():
+        lo, hi = int(position_ids.min()), int(position_ids.max())
+        if lo < 0 or hi >= cos.shape[0]:
+            raise IndexError(f"{op}: position_ids span [{lo}, {hi}] but the cos/sin table has {cos.shape[0]} rows")
+    return rotary_dim
+
+
 def _check(q, k, cos, sin, position_ids, rotary_dim, inplace) -> int:
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_tensor(_OP, name, t, dtypes=FLOAT_DTYPES)
@@ -392,35 +428,7 @@ def _check(q, k, cos, sin, position_ids, rotary_dim, inplace) -> int:
         raise ValueError(f"{_OP}: `q` {tuple(q.shape)} and `k` {tuple(k.shape)} must agree in B, T and D")
     if n_k == 0 or n_q % n_k != 0:
         raise ValueError(f"{_OP}: q's head count {n_q} must be a multiple of k's head count {n_k} (GQA)")
-    if cos.shape != sin.shape:
-        raise ValueError(f"{_OP}: `cos` {tuple(cos.shape)} and `sin` {tuple(sin.shape)} must have the same shape")
-    rotary_dim = cos.shape[-1] if rotary_dim is None else int(rotary_dim)
-    if rotary_dim != cos.shape[-1]:
-        raise ValueError(f"{_OP}: `rotary_dim`={rotary_dim} but cos/sin have last dim {cos.shape[-1]}")
-    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
-        raise ValueError(f"{_OP}: rotary_dim {rotary_dim} must be even and in (0, head_dim={head_dim}]")
-    if position_ids is None:
-        if cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len:
-            raise ValueError(
-                f"{_OP}: `cos`/`sin` must be [B or 1, T, rotary_dim] = [{batch} or 1, {seq_len}, {rotary_dim}]"
-                f" without position_ids; got {tuple(cos.shape)}")
-    else:
-        check_tensor(_OP, "position_ids", position_ids,
-                     dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8))
-        if cos.dim() != 2:
-            raise ValueError(f"{_OP}: with position_ids, `cos`/`sin` must be a table [max_position, rotary_dim];"
-                             f" got {tuple(cos.shape)}")
-        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
-            raise ValueError(f"{_OP}: `position_ids` must be [B or 1, T] = [{batch} or 1, {seq_len}];"
-                             f" got {tuple(position_ids.shape)}")
-        if position_ids.device != q.device:
-            raise ValueError(f"{_OP}: `position_ids` is on {position_ids.device} but `q` is on {q.device}")
-        # A data-dependent check: one device sync, skipped while torch.compile traces.
-        if not torch.compiler.is_compiling() and position_ids.numel():
-            lo, hi = int(position_ids.min()), int(position_ids.max())
-            if lo < 0 or hi >= cos.shape[0]:
-                raise IndexError(f"{_OP}: position_ids span [{lo}, {hi}] but the cos/sin table has"
-                                 f" {cos.shape[0]} rows")
+    rotary_dim = check_tables(_OP, q, cos, sin, position_ids, rotary_dim, batch, seq_len, head_dim)
     if inplace and torch.is_grad_enabled():
         for name, t in (("q", q), ("k", k)):
             base = t._base if t._base is not None else t

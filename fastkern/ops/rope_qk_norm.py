@@ -23,6 +23,7 @@ from torch import Tensor
 from ..reference.rope_qk_norm import norm_rotate_backward_reference, norm_rotate_reference
 from ._autograd import AutogradOp, backward_dispatch
 from ._common import FLOAT_DTYPES, INT32_MAX, cdiv, check_tensor, device_guard, op_path, output_buffer, reach
+from .rope import check_tables
 
 _OP = "fastkern.ops.rope_qk_norm"
 # Weight-gradient split of the backward rows: (most programs, whole tiles per program); programs are row
@@ -247,36 +248,7 @@ def _check(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, position_ids,
             raise TypeError(f"{_OP}: `{name}` must be a real number, got {type(value).__name__}")
     if eps < 0:
         raise ValueError(f"{_OP}: `eps` must be >= 0, got {eps}")
-    if cos.shape != sin.shape:
-        raise ValueError(f"{_OP}: `cos` {tuple(cos.shape)} and `sin` {tuple(sin.shape)} must have the same shape")
-    if cos.dim() == 0:
-        raise ValueError(f"{_OP}: `cos`/`sin` must be [B or 1, T, rotary_dim] or a table; got a scalar")
-    if rotary_dim is not None and int(rotary_dim) != cos.shape[-1]:
-        raise ValueError(f"{_OP}: `rotary_dim`={rotary_dim} but cos/sin have last dim {cos.shape[-1]}")
-    rotary_dim = cos.shape[-1]
-    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
-        raise ValueError(f"{_OP}: rotary_dim {rotary_dim} must be even and in (0, head_dim={head_dim}]")
-    if position_ids is None:
-        if cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len:
-            raise ValueError(
-                f"{_OP}: `cos`/`sin` must be [B or 1, T, rotary_dim] = [{batch} or 1, {seq_len}, {rotary_dim}]"
-                f" without position_ids; got {tuple(cos.shape)}")
-        return
-    check_tensor(_OP, "position_ids", position_ids, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8,
-                                                            torch.int8))
-    if cos.dim() != 2:
-        raise ValueError(f"{_OP}: with position_ids, `cos`/`sin` must be a table [max_position, rotary_dim];"
-                         f" got {tuple(cos.shape)}")
-    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
-        raise ValueError(f"{_OP}: `position_ids` must be [B or 1, T] = [{batch} or 1, {seq_len}];"
-                         f" got {tuple(position_ids.shape)}")
-    if position_ids.device != q.device:
-        raise ValueError(f"{_OP}: `position_ids` is on {position_ids.device} but `q` is on {q.device}")
-    # A data-dependent check: one device sync, skipped while torch.compile traces.
-    if not torch.compiler.is_compiling() and position_ids.numel():
-        lo, hi = int(position_ids.min()), int(position_ids.max())
-        if lo < 0 or hi >= cos.shape[0]:
-            raise IndexError(f"{_OP}: position_ids span [{lo}, {hi}] but the cos/sin table has {cos.shape[0]} rows")
+    check_tables(_OP, q, cos, sin, position_ids, rotary_dim, batch, seq_len, head_dim)
 
 
 def rope_qk_norm(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
