@@ -151,3 +151,43 @@ def test_fused_bf16_within_reference_rule(family, lora):
     reference, plain, patched, report = _three_runs(family, torch.bfloat16, lora, ALL_OPTIONS)
     assert any(FUSED_DETAIL in e.detail for e in report.patched if e.kind == "rope"), report
     assert_within_reference_rule(patched, plain, reference, torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_fused_packed_batch_equals_documents_alone(family, monkeypatch):
+    # Packed documents (position_ids restart per document) through the fused launch: each document's
+    # logits, loss and gradients as when it runs alone, unpatched.
+    from tests.patching.test_packing import documents, run_alone, run_packed
+
+    model = tiny_model(family)
+    docs = documents()
+    want = run_alone(model, docs, False)
+    fastkern.patch_model(model, mlp=False, loss=False, norm=True, rope=True, packing=True)
+    spy = CountingFusedCalls(monkeypatch)
+    assert_same_fp32_run(run_packed(model, docs, False), want, loss_rtol=1e-5)
+    assert spy.calls > 0
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_fused_decode_against_a_cache(monkeypatch):
+    # Generation-style calls: a prefix fills the cache, one token decodes against it, with the fused launch.
+    from tests.models import cache_kwargs, output_cache
+
+    ids = batch(b=1, t=9)
+    model = tiny_model("qwen3")
+
+    def decode():
+        with torch.no_grad():
+            out = {}
+            for name in cache_kwargs():
+                prefix = model(input_ids=ids[:, :8], use_cache=True)
+                out[name] = model(input_ids=ids[:, 8:], use_cache=True, **{name: output_cache(prefix)}).logits
+            return out
+
+    want = decode()
+    fastkern.patch_model(model, **ROPE_AND_NORM)
+    spy = CountingFusedCalls(monkeypatch)
+    got = decode()
+    assert spy.calls > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
