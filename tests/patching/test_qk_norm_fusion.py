@@ -11,6 +11,7 @@ import torch
 import fastkern
 from fastkern.patching import attention as attention_module
 from tests.models import batch, family_spec, families_with, tiny_model
+from tests.models import logits_loss_grads as run
 from tests.oracle import assert_same_fp32_run, assert_within_reference_rule
 
 ROPE_AND_NORM = dict(mlp=False, loss=False, norm=True, rope=True)
@@ -35,14 +36,6 @@ def _head_scope_norm_families():
 
 
 FUSING = _head_scope_norm_families()
-
-
-def run(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach().clone(), out.loss.detach().clone(), grads
 
 
 def train_step(model, ids):
