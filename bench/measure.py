@@ -132,6 +132,24 @@ class Bench:
             torch.cuda.empty_cache()
 
 
+def saved_bytes(fn, inputs) -> int:
+    """Bytes autograd saves for backward during ``fn(*inputs)`` beyond the inputs' own storages."""
+    import torch
+
+    seen, total = {t.untyped_storage().data_ptr() for t in inputs}, [0]
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return total[0]
+
+
 def rel_err(a, b) -> float:
     """Relative error norm ||a - b|| / ||b|| in float64."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()

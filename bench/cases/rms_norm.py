@@ -12,7 +12,7 @@ writing dx (5 tensors; the weight and rstd are negligible). Also the device-to-d
 import torch
 
 import fastkern
-from measure import describe, rel_err
+from measure import describe, rel_err, saved_bytes
 
 SHAPES = [(16384, 4096), (9216, 1024), (9216 * 16, 128)]  # a Llama-8B layer's rows; Qwen3-0.6B; its q_norm rows
 TINY = [(5, 48)]
@@ -47,21 +47,6 @@ def reference(x, w, form):
     xf = x.float()
     xh = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
     return w.float() * xh.to(x.dtype).float() if form == "llama" else xh * (1.0 + w.float())
-
-
-def saved_bytes(fn, x, w):
-    seen, total = {x.untyped_storage().data_ptr(), w.untyped_storage().data_ptr()}, [0]
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x, w)
-    return total[0]
 
 
 def copy_ceiling(bench):
@@ -112,7 +97,7 @@ def one_form(bench, form, n_rows, n_cols, trainable, shape):
             wg = w.detach().clone().requires_grad_(trainable)
             graph = bench.graph_ms(lambda: torch.autograd.grad(fn(xg, wg), (xg, wg) if trainable else (xg,), dy), name)
             peak = bench.peak_mib(lambda: torch.autograd.grad(fn(x, w), wrt, dy))
-            saved = saved_bytes(fn, x, w) / 2**20
+            saved = saved_bytes(fn, (x, w)) / 2**20
         except Exception as exc:  # a peer that does not support a case is reported, not fatal
             bench.add("rms_norm", "fwd+bwd", shape, name, error=describe(exc, 200))
             continue

@@ -20,7 +20,7 @@ and writes q_out, k_out; fwd+bwd adds reading q, k, dq_out, dk_out and writing d
 import torch
 
 import fastkern
-from measure import describe, rel_err
+from measure import describe, rel_err, saved_bytes
 
 EPS = 1e-6
 # Qwen3-0.6B (hidden 1024: 16 q heads, 8 kv heads of 128) and Qwen3-8B (32 / 8 heads of 128), 2 x 4096 tokens.
@@ -93,22 +93,6 @@ def reference(q, k, wq, wk, cos, sin):
     q, k = norm(q, wq).transpose(1, 2), norm(k, wk).transpose(1, 2)
     c, s = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
     return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
-
-
-def saved_bytes(fn, inputs):
-    """Bytes autograd saves for backward beyond the inputs' own storages."""
-    seen, total = {t.untyped_storage().data_ptr() for t in inputs}, [0]
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*inputs)
-    return total[0]
 
 
 def run(bench):

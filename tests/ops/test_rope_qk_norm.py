@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import fastkern
 from fastkern import runtime
 from tests.oracle import assert_close, assert_compiled_matches_eager
+from tests.ops.test_rope import frequencies, rotate_every_two, rotate_half
 from tests.profiles import bounded
 
 op_mod = importlib.import_module("fastkern.ops.rope_qk_norm")  # fastkern.ops.rope_qk_norm is the function
@@ -25,16 +26,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FORMS = {"llama": dict(weight_offset=0.0, cast_before_weight=True),
          "gemma": dict(weight_offset=1.0, cast_before_weight=False)}
 LAYOUTS = ["contiguous", "fused_qkv", "heads_major", "col_strided"]
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def rotate_every_two(x):
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
 def per_token(cos, sin, position_ids):
@@ -62,13 +53,6 @@ def eager(x, w, cos, sin, eps, form, interleaved, position_ids=None):
     r = c.shape[-1]
     rot = rotate_every_two if interleaved else rotate_half
     return torch.cat([n[..., :r] * c + rot(n[..., :r]) * s, n[..., r:]], dim=-1)
-
-
-def frequencies(positions, rotary_dim, interleaved, base=10000.0):
-    inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    f = positions.double()[..., None] * inv_freq
-    emb = f.repeat_interleave(2, dim=-1) if interleaved else torch.cat([f, f], dim=-1)
-    return emb.cos().float(), emb.sin().float()
 
 
 def make_qk(b, t, hq, hk, d, dtype, layout, gen, scale=1.0, device="cpu"):
