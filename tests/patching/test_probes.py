@@ -37,9 +37,10 @@ def _patched_kinds(report) -> dict[str, int]:
     return kinds
 
 
-# PEFT 0.21 adds LoRA on Qwen3-MoE's routed experts by itself, a LoRA type that refuses dropout: that
-# family's tiny model runs dense MLPs in every layer here (the experts' probe is tests/patching/test_moe.py's).
-DENSE = {"qwen3_moe": dict(mlp_only_layers=[0, 1])}
+# PEFT adds LoRA on the routed experts by itself when gate/up projections are targeted (0.21: Qwen3-MoE;
+# 0.22 also Qwen2-MoE, through its weight-conversion map), a LoRA type that refuses dropout: those families'
+# tiny models run dense MLPs in every layer here (the experts' probe is tests/patching/test_moe.py's).
+DENSE = {"qwen3_moe": dict(mlp_only_layers=[0, 1]), "qwen2_moe": dict(mlp_only_layers=[0, 1])}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
