@@ -184,18 +184,21 @@ def _norm_rotate_backward(
     dy_sb, dy_st, dy_sh, dy_sd, x_sb, x_st, x_sh, x_sd,
     cos_sb, cos_st, cos_sd, sin_sb, sin_st, sin_sd, pos_sb, pos_st,
     INTERLEAVED: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_WEIGHT_GRAD: tl.constexpr,
-    CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr, ROUND_BF16: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr, INT64_OFFSETS: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     # Rows first .. last of one head block of q or k; writes dx and (HAS_WEIGHT_GRAD) the partial dw row
-    # at dw_ptr. Masked lanes load 0 for x, dy and rstd, so they add nothing to dw.
+    # at dw_ptr. Masked lanes load 0 for x, dy and rstd, so they add nothing to dw. The dw terms add up
+    # elementwise in tile-shaped fp32 accumulators and are reduced over tokens and heads once, after the
+    # loop: a reduction across the tile's warps per iteration (through shared memory, with barriers)
+    # would sit on the loop's critical path.
     lane_mask, offs_a, offs_b, offs_t, tail_mask = _lanes(half_rotary, head_dim, INTERLEAVED, BLOCK_R, BLOCK_TAIL)
     wa = tl.load(w_ptr + offs_a, mask=lane_mask, other=0.0).to(tl.float32)[None, None, :] + weight_offset
     wb = tl.load(w_ptr + offs_b, mask=lane_mask, other=0.0).to(tl.float32)[None, None, :] + weight_offset
     wt = tl.load(w_ptr + offs_t, mask=tail_mask, other=0.0).to(tl.float32)[None, None, :] + weight_offset
-    dw_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    dw_b = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    dw_t = tl.zeros((BLOCK_TAIL,), dtype=tl.float32)
+    dw_a = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_R), dtype=tl.float32)
+    dw_b = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_R), dtype=tl.float32)
+    dw_t = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_TAIL), dtype=tl.float32)
     head_mask = heads < n_heads
     for start in range(first, last, BLOCK_T):
         rows, row_mask, bs, ts, cos_a, cos_b, sin_a, sin_b = _rows_and_tables(
@@ -232,18 +235,18 @@ def _norm_rotate_backward(
             if CAST_BEFORE_WEIGHT:
                 xha = round_to(xha, x_ptr.dtype.element_ty, ROUND_BF16)
                 xhb = round_to(xhb, x_ptr.dtype.element_ty, ROUND_BF16)
-            dw_a += tl.sum(tl.sum(dna * xha, axis=1), axis=0)
-            dw_b += tl.sum(tl.sum(dnb * xhb, axis=1), axis=0)
+            dw_a += dna * xha
+            dw_b += dnb * xhb
             if HAS_TAIL:
                 if CAST_BEFORE_WEIGHT:
                     xht = round_to(xht, x_ptr.dtype.element_ty, ROUND_BF16)
-                dw_t += tl.sum(tl.sum(dnt * xht, axis=1), axis=0)
+                dw_t += dnt * xht
     if HAS_WEIGHT_GRAD:
         # a-lanes, b-lanes and tail lanes together cover the D columns of the partial row once each.
-        tl.store(dw_ptr + offs_a, dw_a, mask=lane_mask)
-        tl.store(dw_ptr + offs_b, dw_b, mask=lane_mask)
+        tl.store(dw_ptr + offs_a, tl.sum(tl.sum(dw_a, axis=1), axis=0), mask=lane_mask)
+        tl.store(dw_ptr + offs_b, tl.sum(tl.sum(dw_b, axis=1), axis=0), mask=lane_mask)
         if HAS_TAIL:
-            tl.store(dw_ptr + offs_t, dw_t, mask=tail_mask)
+            tl.store(dw_ptr + offs_t, tl.sum(tl.sum(dw_t, axis=1), axis=0), mask=tail_mask)
 
 
 @triton.jit
@@ -289,7 +292,7 @@ def rope_qk_norm_backward_kernel(
                               gq_sb, gq_st, gq_sh, gq_sd, q_sb, q_st, q_sh, q_sd,
                               cos_sb, cos_st, cos_sd, sin_sb, sin_st, sin_sd, pos_sb, pos_st,
                               INTERLEAVED, HAS_POSITIONS, HAS_TAIL, HAS_WEIGHT_GRAD, CAST_BEFORE_WEIGHT, BLOCK_T,
-                              BLOCK_R, BLOCK_TAIL,
+                              BLOCK_H, BLOCK_R, BLOCK_TAIL,
                               INT64_OFFSETS, ROUND_BF16)
     else:
         heads = (block - n_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -300,5 +303,5 @@ def rope_qk_norm_backward_kernel(
                               gk_sb, gk_st, gk_sh, gk_sd, k_sb, k_st, k_sh, k_sd,
                               cos_sb, cos_st, cos_sd, sin_sb, sin_st, sin_sd, pos_sb, pos_st,
                               INTERLEAVED, HAS_POSITIONS, HAS_TAIL, HAS_WEIGHT_GRAD, CAST_BEFORE_WEIGHT, BLOCK_T,
-                              BLOCK_R, BLOCK_TAIL,
+                              BLOCK_H, BLOCK_R, BLOCK_TAIL,
                               INT64_OFFSETS, ROUND_BF16)
