@@ -387,40 +387,46 @@ def time_steps(mode: str, patched: bool, layers: int = 16, steps: int = 25, warm
         return statistics.median(_step_times(model, warmup + steps)[warmup:])
 
 
-def time_switched(mode: str, module, attr: str, settings: dict, layers: int = 16, steps: int = 25, rounds: int = 4,
+def time_switched(mode: str, module, settings: dict, layers: int = 16, steps: int = 25, rounds: int = 4,
                   warmup: int = 3, family: str = "llama") -> dict:
-    """The CPU proxy of the host time of one patched model under each value of a module switch
-    (``settings``: name -> value of ``module.attr``), alternating ``rounds`` times so that a drift of the
-    shared machine's speed hits all: per setting, the median over the rounds of each round's median step.
-    The switch is restored afterwards."""
+    """The CPU proxy of the host time of one patched model under each setting of module switches
+    (``settings``: name -> {attribute of ``module``: value}), alternating ``rounds`` times so that a drift
+    of the shared machine's speed hits all: per setting, the median over the rounds of each round's median
+    step. The switches are restored afterwards."""
     model = build(mode, layers, True, family=family)
     medians = {name: [] for name in settings}
-    previous = getattr(module, attr)
+    previous = {attr: getattr(module, attr) for values in settings.values() for attr in values}
     try:
         with _launches_stubbed():
             for _ in range(rounds):
-                for name, value in settings.items():
-                    setattr(module, attr, value)
+                for name, values in settings.items():
+                    for attr, value in values.items():
+                        setattr(module, attr, value)
                     medians[name].append(statistics.median(_step_times(model, warmup + steps)[warmup:]))
     finally:
-        setattr(module, attr, previous)
+        for attr, value in previous.items():
+            setattr(module, attr, value)
     return {name: {"median_ms": statistics.median(v), "round_medians_ms": v} for name, v in medians.items()}
 
 
-# Module switches --grouping and --qk-fusion time: (module, attribute, {setting name: value}, family).
+# Module switches --grouping and --qk-fusion time: (module, {setting name: {attribute: value}}, family).
 SWITCHES = {
     # LoRA projections grouped (fastkern.patching.lora.GROUP_PROJECTIONS, the default) vs one by one
-    "grouping": ("fastkern.patching.lora", "GROUP_PROJECTIONS", {"grouped": True, "separate": False}, "llama"),
-    # Qwen3's per-head q/k norms inside the rope launch vs as their own launches
-    "qk_fusion": ("fastkern.patching.attention", "FUSE_QK_NORM", {"fused": True, "separate": False}, "qwen3"),
+    "grouping": ("fastkern.patching.lora", {"grouped": {"GROUP_PROJECTIONS": True},
+                                            "separate": {"GROUP_PROJECTIONS": False}}, "llama"),
+    # Qwen3's per-head q/k norms inside the rope launch vs as their own launches (trainable norm weights
+    # of full fine-tuning included)
+    "qk_fusion": ("fastkern.patching.attention",
+                  {"fused": {"FUSE_QK_NORM": True, "FUSE_QK_NORM_TRAINABLE": True},
+                   "separate": {"FUSE_QK_NORM": False}}, "qwen3"),
 }
 
 
 def time_switch(name: str, mode: str, layers: int = 16, steps: int = 25, rounds: int = 4, warmup: int = 3) -> dict:
     import importlib
 
-    module, attr, settings, family = SWITCHES[name]
-    return time_switched(mode, importlib.import_module(module), attr, settings, layers, steps, rounds, warmup, family)
+    module, settings, family = SWITCHES[name]
+    return time_switched(mode, importlib.import_module(module), settings, layers, steps, rounds, warmup, family)
 
 
 def time_adapter_casts(layers: int = 16, steps: int = 25, rounds: int = 4, warmup: int = 3) -> dict:

@@ -107,9 +107,11 @@ def test_time_qk_fusion_times_both_settings_and_restores_the_switch(monkeypatch)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(attention, "rope_qk_norm", spy)
-    default = attention.FUSE_QK_NORM
+    default = attention.FUSE_QK_NORM, attention.FUSE_QK_NORM_TRAINABLE
     timed = host_ops.time_switch("qk_fusion", "full", layers=1, steps=1, rounds=2, warmup=0)
     assert set(timed) == {"fused", "separate"}
     assert all(len(t["round_medians_ms"]) == 2 and t["median_ms"] > 0 for t in timed.values())
-    # only the fused rounds called the fused op (a Qwen3 model was built); the switch is back as it was
-    assert calls[True] > 0 and calls[False] == 0 and attention.FUSE_QK_NORM is default
+    # only the fused rounds called the fused op (a Qwen3 model was built; its norm weights train in this
+    # mode); the switches are back as they were
+    assert calls[True] > 0 and calls[False] == 0
+    assert (attention.FUSE_QK_NORM, attention.FUSE_QK_NORM_TRAINABLE) == default

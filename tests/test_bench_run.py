@@ -62,3 +62,21 @@ def test_unknown_op_is_refused(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--ops", "glu,nope", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown ops ['nope']" in done.stderr
+
+
+def test_moe_lora_case_builds_each_adapted_weight_once_per_call(monkeypatch):
+    # transformers' eager experts read gate_up_proj[e] per expert; without caching the parametrization,
+    # each read would rebuild (and keep for backward) the whole adapted [E, out, in] weight.
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from cases import moe_experts as case
+
+    shape = case.TINY["qwen3_30b_a3b_lora_r16"]
+    module = case.experts_module(shape, "eager", torch.float32, "cpu")
+    calls = []
+    adapted = case.ExpertLoRA.forward
+    monkeypatch.setattr(case.ExpertLoRA, "forward", lambda self, weight: calls.append(1) or adapted(self, weight))
+    out, *grads = case.fwd_bwd(module, module, *case.routing(shape, torch.float32, "cpu"))
+    assert len(calls) == 2  # gate_up_proj and down_proj, once each
+    assert torch.isfinite(out).all() and len(grads) == 2 + 4 and all(g is not None for g in grads)

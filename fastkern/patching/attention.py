@@ -55,10 +55,14 @@ _QK_NORM_SCOPES = ("head", "projection")
 #     R/2 entries repeat-interleaved (GLM, GLM-4);
 #   half_split_from_half: pairs (i, i + R/2), cos = f, only R/2 wide (gpt-oss).
 _ROPE_LAYOUTS = ("half_split", "interleaved", "interleaved_from_half_split", "half_split_from_half")
-# Per-head q/k norms inside the rope launch (``fastkern.ops.rope_qk_norm``) where both are patched. Off by
-# default: tested on CPU (interpreter) only, not yet compiled or timed on a GPU; the commands that decide
-# it are in docs/rope_qk_norm.md ("Measurements"). Benchmarks switch it per step (bench/e2e/grpo_dpo.py).
-FUSE_QK_NORM = False
+# Per-head q/k norms inside the rope launch (``fastkern.ops.rope_qk_norm``) where both are patched.
+# Measured on an H100 (docs/rope_qk_norm.md): with the norm weights frozen (LoRA, QLoRA) the fused
+# fwd+bwd takes 0.61-0.64x the separate launches' GPU time and the GRPO/DPO steps ran faster with it;
+# with trainable norm weights (full fine-tuning) its weight-gradient reduction measured 1.5x slower than
+# the separate launches, so those keep the separate norms (FUSE_QK_NORM_TRAINABLE) until a GPU times
+# the reworked reduction. Benchmarks switch FUSE_QK_NORM per step (bench/e2e/grpo_dpo.py).
+FUSE_QK_NORM = True
+FUSE_QK_NORM_TRAINABLE = False
 
 
 @dataclass(frozen=True)
@@ -137,10 +141,13 @@ def _fusable_qk_norm(module: nn.Module, config: AttentionConfig):
 
 
 def _fuses_in(fused, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether q, k and both norm weights share one dtype. Otherwise the norms run as their own modules:
+    """Whether q, k and both norm weights share one dtype (and the weights are frozen, unless
+    FUSE_QK_NORM_TRAINABLE). Otherwise the norms run as their own modules:
     the llama form then falls back to the class forward (which promotes the output dtype), and mixed
     dtypes are rare enough (fp32 norms under an fp16/bf16 base) to leave to the unfused path."""
     q_norm, k_norm = fused[0], fused[1]
+    if not FUSE_QK_NORM_TRAINABLE and (q_norm.weight.requires_grad or k_norm.weight.requires_grad):
+        return False
     return q.dtype == k.dtype == q_norm.weight.dtype == k_norm.weight.dtype
 
 
@@ -368,6 +375,8 @@ class AttentionPatcher:
                 mode += f", {config.rope_layout}"
             if config.rotary is None and _fusable_qk_norm(module, config) is not None:
                 mode = "with the per-head q/k norms in the same launch, out of place"
+                if not FUSE_QK_NORM_TRAINABLE:
+                    mode += " (while the norm weights are frozen)"
             detail = f"{type(module).__name__} -> fused q+k rope ({mode})"
             if not _rotates(module, config):
                 detail = f"{type(module).__name__} -> no rope in this layer ({config.rope_if} is off); same attention"

@@ -1,8 +1,9 @@
 """Per-head q/k norms run inside the rope launch (fastkern.ops.rope_qk_norm) when rope and norm are both on.
 
 Which attention modules fuse is decided per call (patching/attention.py, ``_fusable_qk_norm``): only where
-fastkern's norm patcher bound both norms, with one form and eps, no hooks on them, and one dtype for q,
-k and both weights. Everything else takes the three-launch path, with the same result up to rounding.
+fastkern's norm patcher bound both norms, with one form and eps, no hooks on them, one dtype for q, k
+and both weights, and (by default, ``FUSE_QK_NORM_TRAINABLE``) both weights frozen. Everything else takes
+the three-launch path, with the same result up to rounding.
 """
 
 import pytest
@@ -18,9 +19,12 @@ ROPE_AND_NORM = dict(mlp=False, loss=False, norm=True, rope=True)
 
 
 @pytest.fixture(autouse=True)
-def fusion_on(monkeypatch):
-    """Every test here runs with the fusion switched on (whatever the module's default)."""
-    monkeypatch.setattr(attention_module, "FUSE_QK_NORM", True)
+def fusion_on(request, monkeypatch):
+    """Every test here runs with the fusion switched on, trainable norm weights included (whatever the
+    module's defaults), except those marked ``module_defaults``."""
+    if "module_defaults" not in request.keywords:
+        monkeypatch.setattr(attention_module, "FUSE_QK_NORM", True)
+        monkeypatch.setattr(attention_module, "FUSE_QK_NORM_TRAINABLE", True)
 FUSED_DETAIL = "per-head q/k norms in the same launch"
 
 
@@ -214,3 +218,34 @@ def test_fused_launch_under_compiled_layers(monkeypatch):
     assert grads1.keys() == grads0.keys()
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.module_defaults
+def test_by_default_frozen_norms_fuse_and_trainable_ones_do_not(monkeypatch):
+    # patch_model's defaults: LoRA / QLoRA (norm weights frozen) take the fused launch; full fine-tuning
+    # (norm weights trainable) keeps the separate norms, decided per call from requires_grad.
+    ids = batch()
+    model = tiny_model("qwen3")
+    fastkern.patch_model(model)
+    spy = CountingFusedCalls(monkeypatch)
+    train_step(model, ids)
+    assert spy.calls == 0
+    for layer in model.model.layers:
+        layer.self_attn.q_norm.weight.requires_grad_(False)
+        layer.self_attn.k_norm.weight.requires_grad_(False)
+    want, _ = train_step(tiny_model("qwen3"), ids)
+    got, _ = train_step(model, ids)
+    assert spy.calls == len(model.model.layers)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.module_defaults
+def test_by_default_a_lora_model_fuses(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("qwen3"), LoraConfig(r=4, target_modules="all-linear"))
+    report = fastkern.patch_model(model)
+    assert any(FUSED_DETAIL in e.detail for e in report.patched if e.kind == "rope"), report
+    spy = CountingFusedCalls(monkeypatch)
+    train_step(model, batch())
+    assert spy.calls == len(model.base_model.model.model.layers)
