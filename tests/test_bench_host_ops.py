@@ -1,7 +1,5 @@
-"""bench/host_ops.py on a tiny model: the counters see the step's host work and attribute it per layer."""
-
-import importlib.util
-from pathlib import Path
+"""bench/host_ops.py and bench/host_time.py on a tiny model: the counters see the step's host work and attribute it per
+layer; the CPU proxy times steps with the launches stubbed."""
 
 import pytest
 import torch
@@ -13,10 +11,15 @@ pytest.importorskip("peft")
 
 
 def _host_ops():
-    spec = importlib.util.spec_from_file_location("bench_host_ops", Path(__file__).resolve().parents[1] / "bench" / "host_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import host_ops
+
+    return host_ops
+
+
+def _host_time():
+    from bench import host_time
+
+    return host_time
 
 
 @pytest.mark.skipif(runtime.path_for(torch.empty(0)) != "interpreter", reason="needs TRITON_INTERPRET=1")
@@ -47,7 +50,7 @@ def test_time_steps_stubs_launches_and_restores_them():
     host_ops = _host_ops()
     runs = [(cls, cls.run) for cls in host_ops._kernel_classes()]
     threads = torch.get_num_threads()
-    ms = host_ops.time_steps("full", True, layers=1, steps=1, warmup=1)
+    ms = _host_time().time_steps("full", True, layers=1, steps=1, warmup=1)
     assert ms > 0
     assert [(cls, cls.run) for cls, _ in runs] == runs and torch.get_num_threads() == threads
 
@@ -58,11 +61,10 @@ def test_time_steps_times_a_fully_patched_model(monkeypatch):
     # and time a model with mlp / norm / rope skipped.
     import fastkern
 
-    host_ops = _host_ops()
     reports = []
     patch = fastkern.patch_model
     monkeypatch.setattr(fastkern, "patch_model", lambda model, **kw: reports.append(patch(model, **kw)) or reports[-1])
-    host_ops.time_steps("lora", True, layers=1, steps=1, warmup=0)
+    _host_time().time_steps("lora", True, layers=1, steps=1, warmup=0)
     assert len(reports) == 1 and not reports[0].skipped, reports[0]
     assert {"mlp", "norm", "rope", "lora"} <= {e.kind for e in reports[0].patched}
 
@@ -71,7 +73,6 @@ def test_time_steps_times_a_fully_patched_model(monkeypatch):
 def test_time_grouping_times_both_settings_and_restores_the_switch(monkeypatch):
     from fastkern.patching import lora
 
-    host_ops = _host_ops()
     groups = {True: 0, False: 0}
     real = lora.lora_linear_group
 
@@ -80,7 +81,7 @@ def test_time_grouping_times_both_settings_and_restores_the_switch(monkeypatch):
         return real(x, calls)
 
     monkeypatch.setattr(lora, "lora_linear_group", spy)
-    timed = host_ops.time_switch("grouping", "lora", layers=1, steps=1, rounds=2, warmup=0)
+    timed = _host_time().time_switch("grouping", "lora", layers=1, steps=1, rounds=2, warmup=0)
     assert set(timed) == {"grouped", "separate"}
     assert all(len(t["round_medians_ms"]) == 2 and t["median_ms"] > 0 for t in timed.values())
     # grouped rounds went through the group op, separate ones never did; the switch is back on
@@ -89,7 +90,7 @@ def test_time_grouping_times_both_settings_and_restores_the_switch(monkeypatch):
 
 @pytest.mark.skipif(runtime.path_for(torch.empty(0)) != "interpreter", reason="needs TRITON_INTERPRET=1")
 def test_time_adapter_casts_times_both_dtypes():
-    timed = _host_ops().time_adapter_casts(layers=1, steps=1, rounds=1, warmup=0)
+    timed = _host_time().time_adapter_casts(layers=1, steps=1, rounds=1, warmup=0)
     assert set(timed) == {"fp32 adapters", "bf16 adapters"}
     assert all(len(t["round_medians_ms"]) == 1 and t["median_ms"] > 0 for t in timed.values())
 
@@ -98,7 +99,6 @@ def test_time_adapter_casts_times_both_dtypes():
 def test_time_qk_fusion_times_both_settings_and_restores_the_switch(monkeypatch):
     from fastkern.patching import attention
 
-    host_ops = _host_ops()
     calls = {True: 0, False: 0}
     real = attention.rope_qk_norm
 
@@ -108,7 +108,7 @@ def test_time_qk_fusion_times_both_settings_and_restores_the_switch(monkeypatch)
 
     monkeypatch.setattr(attention, "rope_qk_norm", spy)
     default = attention.FUSE_QK_NORM, attention.FUSE_QK_NORM_TRAINABLE
-    timed = host_ops.time_switch("qk_fusion", "full", layers=1, steps=1, rounds=2, warmup=0)
+    timed = _host_time().time_switch("qk_fusion", "full", layers=1, steps=1, rounds=2, warmup=0)
     assert set(timed) == {"fused", "separate"}
     assert all(len(t["round_medians_ms"]) == 2 and t["median_ms"] > 0 for t in timed.values())
     # only the fused rounds called the fused op (a Qwen3 model was built; its norm weights train in this
