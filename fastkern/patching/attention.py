@@ -373,10 +373,13 @@ class AttentionPatcher:
             mode = "out of place: q, k are slices of a fused qkv" if config.fused_qkv else "in place"
             if config.rope_layout != "half_split":
                 mode += f", {config.rope_layout}"
-            if config.rotary is None and _fusable_qk_norm(module, config) is not None:
-                mode = "with the per-head q/k norms in the same launch, out of place"
-                if not FUSE_QK_NORM_TRAINABLE:
-                    mode += " (while the norm weights are frozen)"
+            fusable = _fusable_qk_norm(module, config) if config.rotary is None else None
+            if fusable is not None:
+                trainable = fusable[0].weight.requires_grad or fusable[1].weight.requires_grad
+                if FUSE_QK_NORM_TRAINABLE or not trainable:
+                    mode = "with the per-head q/k norms in the same launch, out of place"
+                else:  # decided per call: freezing the norms later moves them into the launch
+                    mode += "; the per-head q/k norms join the launch while their weights are frozen"
             detail = f"{type(module).__name__} -> fused q+k rope ({mode})"
             if not _rotates(module, config):
                 detail = f"{type(module).__name__} -> no rope in this layer ({config.rope_if} is off); same attention"
