@@ -192,7 +192,7 @@ def test_distributed_runs_pass_the_layer_parameters_through_the_checkpoint(monke
     # Under DDP (plain replicated parameters) the reentrant form is kept, with the layer's parameters as
     # checkpoint inputs and the rerun computing on the checkpoint's copies of them: each parameter's
     # gradient reaches it once, through the checkpoint node (tests/distributed/ check DDP itself).
-    import fastkern.patching.checkpointing as module
+    import fastkern.patching.checkpoint_functions as module
 
     layer = torch.nn.Linear(4, 4)
     weight, bias = layer.weight, layer.bias
@@ -218,7 +218,7 @@ def test_distributed_runs_pass_the_layer_parameters_through_the_checkpoint(monke
 def test_distributed_runs_with_sharded_parameters_keep_the_requested_function(monkeypatch, mark):
     # ZeRO-3 (ds_id) and FSDP1 (_fsdp_flattened) parameters, like FSDP2's DTensors, are not plain
     # replicated ones: the requested checkpoint runs.
-    import fastkern.patching.checkpointing as module
+    import fastkern.patching.checkpoint_functions as module
 
     layer = torch.nn.Linear(4, 4)
     setattr(layer.weight, mark, True)
