@@ -17,6 +17,9 @@ process gives each variant its own peak memory):
                        (torch's non-reentrant) instead of fastkern's "recompute"
   fastkern-separate-projections  the defaults, but q/k/v and gate/up LoRA projections run as separate
                        calls instead of one group each (attribution of that grouping; lora/qlora modes)
+  fastkern-cudnn-attention  the defaults with cuDNN put first among SDPA's backends for the patched
+                       attention calls (fastkern/patching/sdpa_backend.py, PREFER_CUDNN); fastkern-flash-attention
+                       the defaults with torch's own order (FlashAttention first)
   fastkern-dequantize-again  the defaults, but NF4 projections dequantize their weight again in backward
                        instead of reusing the checkpoint rerun's (attribution of that reuse; qlora mode)
   reference            unpatched, fp32 weights, TF32 off: the high-precision run the loss rule uses
@@ -51,7 +54,7 @@ from bench.e2e import common
 
 VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
             "fastkern-offload", "fastkern-torch-checkpoint", "fastkern-dequantize-again", "fastkern-full-rerun",
-            "fastkern-separate-projections", "reference"]
+            "fastkern-separate-projections", "fastkern-cudnn-attention", "fastkern-flash-attention", "reference"]
 # Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
 # compiles the whole model) always get their own process; with --shared-process the others share one.
 ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
@@ -107,7 +110,8 @@ def worker(args) -> dict:
     patch_options = {"fastkern-offload": {"checkpointing": "offload"}, "fastkern-compile": {"compile": True},
                      "fastkern-torch-checkpoint": {"checkpointing": False}}.get(variant, {})
     if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-torch-checkpoint",
-                   "fastkern-dequantize-again", "fastkern-full-rerun", "fastkern-separate-projections"):
+                   "fastkern-dequantize-again", "fastkern-full-rerun", "fastkern-separate-projections",
+                   "fastkern-cudnn-attention", "fastkern-flash-attention"):
         report = fastkern.patch_model(model, **patch_options)
     callbacks = [timer := step_timer()]
     if args.profile:
@@ -138,13 +142,15 @@ def worker(args) -> dict:
     # (fastkern/patching/rerun_tail.py, SKIP_LAST_PROJECTION), and "fastkern-separate-projections": each
     # LoRA projection its own call (fastkern/patching/lora.py, GROUP_PROJECTIONS).
     lora_ops = importlib.import_module("fastkern.ops.lora_linear")
-    from fastkern.patching import lora as lora_patching, rerun_tail
-    reuse_rows = lora_ops.REUSE_MAX_ROWS
+    from fastkern.patching import lora as lora_patching, rerun_tail, sdpa_backend
+    reuse_rows, prefer_cudnn = lora_ops.REUSE_MAX_ROWS, sdpa_backend.PREFER_CUDNN
     try:
         if variant == "fastkern-dequantize-again":
             lora_ops.REUSE_MAX_ROWS = 0
         rerun_tail.SKIP_LAST_PROJECTION = variant != "fastkern-full-rerun"
         lora_patching.GROUP_PROJECTIONS = variant != "fastkern-separate-projections"
+        if variant in ("fastkern-cudnn-attention", "fastkern-flash-attention"):
+            sdpa_backend.PREFER_CUDNN = variant == "fastkern-cudnn-attention"
         trainer.train()
     except Exception as exc:  # a variant that fails is reported as such, not hidden
         error = common.error_text(exc)
@@ -152,6 +158,7 @@ def worker(args) -> dict:
         lora_ops.REUSE_MAX_ROWS = reuse_rows
         rerun_tail.SKIP_LAST_PROJECTION = True
         lora_patching.GROUP_PROJECTIONS = True
+        sdpa_backend.PREFER_CUDNN = prefer_cudnn
     shutil.rmtree(out_dir, ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     warm = timer.times[2:] if len(timer.times) > 4 else timer.times

@@ -38,7 +38,7 @@ from torch.nn.modules import module as nn_module
 
 from ..ops.rope import rope
 from ..ops.rope_qk_norm import rope_qk_norm
-from . import packing
+from . import packing, sdpa_backend
 from .lora import call_projections
 from .context import PatchContext, instance_forward
 from .probe import ProbeVerdict, meta_skip, probe_generator, run_probe, tolerance
@@ -230,15 +230,19 @@ def _attention(module, config: AttentionConfig, hidden_states, position_embeddin
     implementation = module.config._attn_implementation
     attention_function = _attention_function(config, implementation)
     documents = kwargs.pop(packing.DOCUMENTS_KWARG, None)
-    if documents is not None or packing.is_packed_mask(attention_mask):
+    packed = documents is not None or packing.is_packed_mask(attention_mask)
+    if packed:
         attention_function = packing.packed_attention_function(attention_function, implementation, documents)
-    out, weights = attention_function(
-        module, q, k, v, attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout,
-        scaling=module.scaling,
-        **extra,
-        **kwargs,
-    )
+    # cuDNN first only for the unmasked, unpacked call (the case measured; docs/e2e.md).
+    plain = not packed and attention_mask is None
+    with sdpa_backend.preferred_backends(q, implementation if plain else ""):
+        out, weights = attention_function(
+            module, q, k, v, attention_mask,
+            dropout=0.0 if not module.training else module.attention_dropout,
+            scaling=module.scaling,
+            **extra,
+            **kwargs,
+        )
     out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
     return module.o_proj(out), weights
 
