@@ -57,8 +57,13 @@ TINY_CONFIGS = {
         linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)),
     # partial rotary (rotary_dim = head_dim / 2), fused qkv_proj and gate_up_proj
     "phi3": (transformers.Phi3Config, dict(_SPECIAL, partial_rotary_factor=0.5)),
+    "helium": (transformers.HeliumConfig, dict(_SPECIAL, head_dim=16)),
+    "seed_oss": (transformers.SeedOssConfig, dict(_SPECIAL, head_dim=16, attention_dropout=0.0, residual_dropout=0.0)),
+    "hunyuan_v1_dense": (transformers.HunYuanDenseV1Config, dict(_SPECIAL, head_dim=16)),  # q/k norms after rope
     "exaone4": (transformers.Exaone4Config, dict(_SPECIAL, layer_types=["sliding_attention", "full_attention"],
                                                  sliding_window=4)),
+    "ernie4_5": (transformers.Ernie4_5Config, dict(_SPECIAL, head_dim=16)),
+    "arcee": (transformers.ArceeConfig, dict(_SPECIAL, head_dim=16)),  # relu2 MLP, not gated
     "mixtral": (transformers.MixtralConfig, dict(_SPECIAL, num_local_experts=4, **_MOE)),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(_SPECIAL, num_experts=4, moe_intermediate_size=32,
                                                     shared_expert_intermediate_size=48, **_MOE)),

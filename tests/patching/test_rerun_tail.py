@@ -18,8 +18,8 @@ DENSE = [f for f in FAMILIES if f not in MOE]
 # Layers whose MLP output goes straight into the final residual add (cohere adds attention and MLP
 # outputs to the residual in one expression, which still ends in an add of the MLP's node).
 # Phi-3's dropout on the MLP output is p = 0 in these configs (no autograd node).
-ENDS_IN_ADD = {"cohere", "cohere2", "gemma", "glm", "llama", "mistral", "phi3", "qwen2", "qwen3", "qwen3_5",
-               "smollm3"}
+ENDS_IN_ADD = {"cohere", "cohere2", "ernie4_5", "gemma", "glm", "helium", "hunyuan_v1_dense", "llama", "mistral",
+               "phi3", "qwen2", "qwen3", "qwen3_5", "smollm3"}
 
 
 def _lora(model, seed=1):
