@@ -45,9 +45,10 @@ from .probe import ProbeVerdict, meta_skip, probe_generator, run_probe, toleranc
 from .report import PatchReport
 
 _SLIDING_WINDOW = ("none", "config", "attribute")
-# Where q_norm/k_norm apply: per head on the [B, T, H, D] view (Qwen3, Gemma3, Cohere) or over the whole
-# projection output before the view (OLMo 2/3 normalise all heads together).
-_QK_NORM_SCOPES = ("head", "projection")
+# Where q_norm/k_norm apply: per head on the [B, T, H, D] view (Qwen3, Gemma3, Cohere), over the whole
+# projection output before the view (OLMo 2/3 normalise all heads together), or per head after the
+# rotation (HunYuan dense: the norms see rotated q and k).
+_QK_NORM_SCOPES = ("head", "projection", "head_after_rope")
 # How the family pairs the elements it rotates and how its cos/sin arrive (R = rotary dim):
 #   half_split: pairs (i, i + R/2), cos = cat(f, f) (Llama and most families);
 #   interleaved: pairs (2i, 2i + 1), cos = repeat_interleave(f, 2) (Cohere, Cohere2);
@@ -215,6 +216,8 @@ def _attention(module, config: AttentionConfig, hidden_states, position_embeddin
         # views autograd refuses to see modified (below).
         inplace = config.fused_qkv is None and _autograd_allows_in_place(q, k)
         q, k = rope(q, k, cos, sin, interleaved=interleaved, inplace=inplace)
+    if config.qk_norm_scope == "head_after_rope":
+        q, k = _qk_norm(module, config, q, k)  # RMSNorm over head_dim: any layout of the heads
     if cache is not None:
         k, v = cache.update(k, v, module.layer_idx)
     extra = {}
