@@ -236,7 +236,7 @@ def _attention(module, config: AttentionConfig, hidden_states, position_embeddin
     packed = documents is not None or packing.is_packed_mask(attention_mask)
     if packed:
         attention_function = packing.packed_attention_function(attention_function, implementation, documents)
-    # cuDNN first only for the unmasked, unpacked call (the case measured; docs/e2e.md).
+    # cuDNN first only for unmasked, unpacked calls (the training case it is for; docs/e2e.md).
     plain = not packed and attention_mask is None
     with sdpa_backend.preferred_backends(q, implementation if plain else ""):
         out, weights = attention_function(

@@ -8,7 +8,7 @@ cuDNN first for one call, as a *priority* (``sdpa_kernel(..., set_priority=True)
 take falls through to FlashAttention, memory-efficient and math exactly as it would unpatched. The choice
 is per call and per patched module: nothing process-wide changes, other models keep torch's order.
 
-``PREFER_CUDNN`` is the switch (docs/e2e.md gives the measurement that decides its default; benchmarks
+``PREFER_CUDNN`` is the switch, off until a GPU measures it (docs/e2e.md names the measurement; benchmarks
 set it around their steps).
 """
 
