@@ -9,8 +9,12 @@ projections, optional q_norm/k_norm, the attention function looked up per call i
 softcap and attention sinks where the family passes them) with the fused in-place rope in the middle.
 Spec keys beyond the attribute names: ``qk_norm_scope`` (per head or over the whole projection),
 ``rope_layout`` (which elements pair and how cos/sin arrive; see _ROPE_LAYOUTS), ``rope_if`` /
-``qk_norm_if`` (attributes that turn rope / the q,k norms off in some layers or configs) and ``sinks``
-(attention sink logits passed as ``s_aux``), each validated when the spec is resolved.
+``qk_norm_if`` (attributes that turn rope / the q,k norms off in some layers or configs; ``rope_if`` may
+list conditions of which any turns rope on, each an attribute or "<attribute> is None"),
+``sliding_window_if`` (an attribute that says whether this layer passes its window on at all: EXAONE 4
+keeps the window on every layer but passes it in its sliding ones only), ``sinks`` (attention sink logits
+passed as ``s_aux``) and ``output_dropout`` (an attribute holding the dropout probability the family
+applies to o_proj's output, as Seed-OSS's ``residual_dropout``), each validated when the spec is resolved.
 
 Validation, per attention class found in the model:
   1. the spec's class, ``eager_attention_forward`` and ``ALL_ATTENTION_FUNCTIONS`` resolve in the
@@ -32,15 +36,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import re
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
 from ..ops.rope import rope
 from ..ops.rope_qk_norm import rope_qk_norm
 from . import packing, sdpa_backend
 from .lora import call_projections
-from .context import PatchContext, instance_forward
+from .context import PatchContext, instance_forward, is_dropout_probability
 from .probe import ProbeVerdict, meta_skip, probe_generator, run_probe, tolerance
 from .report import PatchReport
 
@@ -56,6 +63,8 @@ _QK_NORM_SCOPES = ("head", "projection", "head_after_rope")
 #     R/2 entries repeat-interleaved (GLM, GLM-4);
 #   half_split_from_half: pairs (i, i + R/2), cos = f, only R/2 wide (gpt-oss).
 _ROPE_LAYOUTS = ("half_split", "interleaved", "interleaved_from_half_split", "half_split_from_half")
+# One rope_if condition: an attribute (true when its value is) or "<attribute> is None".
+_CONDITION = re.compile(r"^([A-Za-z_]\w*)( is None)?$")
 # Per-head q/k norms inside the rope launch (``fastkern.ops.rope_qk_norm``) where both are patched.
 # Measured on an H100 (docs/rope_qk_norm.md): with the norm weights frozen (LoRA, QLoRA) the fused
 # fwd+bwd takes 0.61-0.64x the separate launches' GPU time and the GRPO/DPO steps ran faster with it;
@@ -74,12 +83,16 @@ class AttentionConfig:
     q_norm: str | None  # RMSNorm over head_dim applied to q and k before rope (Qwen3, Gemma3)
     k_norm: str | None
     sliding_window: str  # "none": not passed; "config": config.sliding_window; "attribute": self.sliding_window
+    sliding_window_if: str | None  # attribute that says whether this layer passes the window (else None is passed)
     softcap: str | None  # attribute holding the attention logit softcap (Gemma2), passed as softcap=
     qk_norm_scope: str  # one of _QK_NORM_SCOPES
     qk_norm_if: str | None  # attribute that says whether this layer has q_norm/k_norm at all (Cohere: use_qk_norm)
     rope_layout: str  # one of _ROPE_LAYOUTS
-    rope_if: str | None  # attribute that says whether this layer rotates at all (NoPE layers: SmolLM3, Cohere2)
+    # Conditions of which any says this layer rotates, as (attribute, is_none) pairs; None: every layer rotates
+    # (NoPE layers: SmolLM3, Cohere2; EXAONE 4 rotates where sliding_window is None or in its sliding layers).
+    rope_if: tuple[tuple[str, bool], ...] | None
     sinks: str | None  # attribute holding per-head attention sink logits (gpt-oss), passed as s_aux=
+    output_dropout: str | None  # attribute holding the dropout probability applied to o_proj's output (Seed-OSS)
     eager_forward: object  # the family's eager_attention_forward
     attention_functions: object  # transformers' ALL_ATTENTION_FUNCTIONS
     rotary: object = None  # None: fastkern's fused rope; else the family's apply_rotary_pos_emb (rope off)
@@ -175,7 +188,18 @@ def _rope_tables(layout: str, cos: torch.Tensor, sin: torch.Tensor):
 
 
 def _rotates(module: nn.Module, config: AttentionConfig) -> bool:
-    return config.rope_if is None or bool(getattr(module, config.rope_if))
+    if config.rope_if is None:
+        return True
+    return any((getattr(module, name) is None) if is_none else bool(getattr(module, name))
+               for name, is_none in config.rope_if)
+
+
+def _sliding_window(module: nn.Module, config: AttentionConfig):
+    if config.sliding_window_if is not None and not getattr(module, config.sliding_window_if):
+        return None
+    if config.sliding_window == "config":
+        return getattr(module.config, "sliding_window", None)
+    return module.sliding_window
 
 
 _get_creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
@@ -221,10 +245,8 @@ def _attention(module, config: AttentionConfig, hidden_states, position_embeddin
     if cache is not None:
         k, v = cache.update(k, v, module.layer_idx)
     extra = {}
-    if config.sliding_window == "config":
-        extra["sliding_window"] = getattr(module.config, "sliding_window", None)
-    elif config.sliding_window == "attribute":
-        extra["sliding_window"] = module.sliding_window
+    if config.sliding_window != "none":
+        extra["sliding_window"] = _sliding_window(module, config)
     if config.softcap is not None:
         extra["softcap"] = getattr(module, config.softcap)
     if config.sinks is not None:
@@ -246,8 +268,10 @@ def _attention(module, config: AttentionConfig, hidden_states, position_embeddin
             **extra,
             **kwargs,
         )
-    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
-    return module.o_proj(out), weights
+    out = module.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
+    if config.output_dropout is not None and module.training:
+        out = F.dropout(out, p=getattr(module, config.output_dropout), training=True)
+    return out, weights
 
 
 @instance_forward("rope")
@@ -311,6 +335,18 @@ def _probe(module: nn.Module, config: AttentionConfig) -> ProbeVerdict:
                      tolerance("rope", dtype))
 
 
+def _rope_conditions(spec, value) -> tuple[tuple[str, bool], ...] | None:
+    """rope_if as (attribute, is_none) pairs: a string or a non-empty list of strings, each "<attribute>" or
+    "<attribute> is None"."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and _CONDITION.match(i) for i in items):
+        raise ValueError(f"{spec.source} [attention]: rope_if must be an attribute name, \"<attribute> is None\", "
+                         f"or a non-empty list of those (any of which turns rope on), got {value!r}")
+    return tuple((m.group(1), m.group(2) is not None) for m in map(_CONDITION.match, items))
+
+
 def _config_from_section(spec, section, fused_rope: bool = True) -> AttentionConfig:
     """Resolve the spec's symbols; raises LookupError (spec problem) or ValueError (bad section).
     ``fused_rope=False``: rotate with the family's own apply_rotary_pos_emb (packing with rope off)."""
@@ -320,6 +356,9 @@ def _config_from_section(spec, section, fused_rope: bool = True) -> AttentionCon
     for key, allowed, default in (("qk_norm_scope", _QK_NORM_SCOPES, "head"), ("rope_layout", _ROPE_LAYOUTS, "half_split")):
         if section.get(key, default) not in allowed:
             raise ValueError(f"{spec.source} [attention]: {key} must be one of {allowed}, got {section[key]!r}")
+    if section.get("sliding_window_if") is not None and sliding == "none":
+        raise ValueError(f"{spec.source} [attention]: sliding_window_if needs sliding_window = \"config\" or "
+                         "\"attribute\"")
     return AttentionConfig(
         fused_qkv=section.get("fused_qkv"),
         q_norm=section.get("q_norm"),
@@ -329,8 +368,10 @@ def _config_from_section(spec, section, fused_rope: bool = True) -> AttentionCon
         qk_norm_scope=section.get("qk_norm_scope", "head"),
         qk_norm_if=section.get("qk_norm_if"),
         rope_layout=section.get("rope_layout", "half_split"),
-        rope_if=section.get("rope_if"),
+        rope_if=_rope_conditions(spec, section.get("rope_if")),
         sinks=section.get("sinks"),
+        output_dropout=section.get("output_dropout"),
+        sliding_window_if=section.get("sliding_window_if"),
         eager_forward=spec.resolve("eager_attention_forward"),
         attention_functions=spec.resolve("ALL_ATTENTION_FUNCTIONS"),
         rotary=None if fused_rope else spec.resolve("apply_rotary_pos_emb"),
@@ -345,10 +386,24 @@ def _required_attributes(module: nn.Module, config: AttentionConfig) -> list[str
     if config.qk_norm_if is not None:
         names.append(config.qk_norm_if)
         norms = norms if getattr(module, config.qk_norm_if, False) else ()
-    names += [n for n in (*norms, config.softcap, config.rope_if, config.sinks) if n]
+    conditions = [name for name, _ in config.rope_if or ()]
+    names += [n for n in (*norms, config.softcap, *conditions, config.sinks, config.output_dropout,
+                          config.sliding_window_if) if n]
     if config.sliding_window == "attribute":
         names.append("sliding_window")
     return names
+
+
+def dropout_problem(module: nn.Module, config: AttentionConfig) -> str | None:
+    """Why the output dropout attribute cannot be applied as a dropout probability, or None."""
+    if config.output_dropout is None or is_dropout_probability(getattr(module, config.output_dropout)):
+        return None
+    return (f"{config.output_dropout} = {getattr(module, config.output_dropout)!r} is not a dropout probability "
+            "in [0, 1]")
+
+
+def _conditions_text(config: AttentionConfig) -> str:
+    return " or ".join(f"{name} is None" if is_none else name for name, is_none in config.rope_if or ())
 
 
 class AttentionPatcher:
@@ -372,6 +427,9 @@ class AttentionPatcher:
             if absent:
                 ctx.report.add_skipped(name, "rope", f"{type(module).__name__} has no attribute(s) {absent}")
                 continue
+            if (why := dropout_problem(module, config)) is not None:
+                ctx.report.add_skipped(name, "rope", why)
+                continue
             param = next(module.parameters(), None)
             # Layers that skip rope (NoPE) are probed apart from those that rotate.
             key = (type(module), param.dtype if param is not None else None, _rotates(module, config))
@@ -389,7 +447,7 @@ class AttentionPatcher:
                     mode += "; the per-head q/k norms join the launch while their weights are frozen"
             detail = f"{type(module).__name__} -> fused q+k rope ({mode})"
             if not _rotates(module, config):
-                detail = f"{type(module).__name__} -> no rope in this layer ({config.rope_if} is off); same attention"
+                detail = f"{type(module).__name__} -> no rope in this layer (rope_if {_conditions_text(config)}); same attention"
             ctx.replace_forward_probed(module, name, fused_rope_attention_forward, detail, {"attention": config},
                                        probed[key])
 

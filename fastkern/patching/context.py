@@ -65,6 +65,11 @@ def signed_forward(fn: Callable, cls: type) -> Callable:
     return copy
 
 
+def is_dropout_probability(value) -> bool:
+    """Whether a module attribute named by a spec's ``output_dropout`` holds a dropout probability."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
 def fastkern_forward_kind(module: nn.Module) -> str | None:
     """The patcher kind whose forward is bound on this instance, or None."""
     fwd = module.__dict__.get("forward")

@@ -8,17 +8,22 @@ Validation, per MLP class found in the model:
   4. (fused ``gate_up`` only) the projection's output width is even;
   5. the patched forward is compared with the original on a small random input; a mismatch
      (transformers changed the MLP) skips the class with the measured error in the report.
+
+``output_dropout`` names the module attribute holding the dropout probability a family applies to the
+MLP's output (Seed-OSS: ``residual_dropout``); the patched forward applies it as the class does,
+``dropout(down(...), p, training)``, drawing its mask from the same RNG at the same point of the forward.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops.glu import geglu, swiglu
 from ..reference.glu import activation_reference
 from . import rerun_tail
-from .context import PatchContext, instance_forward
+from .context import PatchContext, instance_forward, is_dropout_probability
 from .lora import call_projections
 from .probe import ProbeVerdict, meta_skip, not_probed, probe_generator, run_probe, tolerance
 from .report import PatchReport
@@ -53,8 +58,9 @@ def _fused(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tenso
     return geglu(gate, up, approximate, overwrite_inputs_in_backward=True)
 
 
-def _glu_mlp(module: nn.Module, config: tuple[str, str, str, str], x: torch.Tensor) -> torch.Tensor:
-    gate_name, up_name, down_name, activation = config
+def _glu_mlp(module: nn.Module, config: tuple, x: torch.Tensor) -> torch.Tensor:
+    """config: (gate or fused gate_up, up or None, down, activation, output dropout attribute or None)."""
+    gate_name, up_name, down_name, activation, dropout_name = config
     if up_name is None:
         # One fused projection: the first half of its output is the gate, the second the up projection
         # (what the family's chunk(2, dim=-1) takes); the halves are strided views the kernel reads as such.
@@ -62,6 +68,10 @@ def _glu_mlp(module: nn.Module, config: tuple[str, str, str, str], x: torch.Tens
     else:
         gate, up = call_projections((getattr(module, gate_name), getattr(module, up_name)), x)
     h = _fused(activation, gate, up)
+    if dropout_name is not None and module.training and getattr(module, dropout_name):
+        # A dropout after the down projection: its mask reads the product's values, so no rerun skip
+        # (rerun_tail sees the dropout's node between the MLP output and the residual add anyway).
+        return F.dropout(getattr(module, down_name)(h), p=getattr(module, dropout_name), training=True)
     if rerun_tail.state.mode is None:
         return getattr(module, down_name)(h)
     # Inside a checkpoint's rerun the last call may skip its product (patching/rerun_tail.py).
@@ -108,9 +118,14 @@ class MLPPatcher:
             if section is None:
                 continue
             names = _projection_names(section)
-            absent = [n for n in (*names, section["act"]) if n is not None and not hasattr(module, n)]
+            dropout_name = section.get("output_dropout")
+            absent = [n for n in (*names, section["act"], dropout_name) if n is not None and not hasattr(module, n)]
             if absent:
                 ctx.report.add_skipped(name, "mlp", f"{type(module).__name__} has no attribute(s) {absent}")
+                continue
+            if dropout_name is not None and not is_dropout_probability(getattr(module, dropout_name)):
+                ctx.report.add_skipped(name, "mlp", f"{dropout_name} = {getattr(module, dropout_name)!r} is not a "
+                                                    "dropout probability in [0, 1]")
                 continue
             fused_width = getattr(getattr(module, names[0]), "out_features", 0) if names[1] is None else 0
             if fused_width % 2:
@@ -123,7 +138,7 @@ class MLPPatcher:
                     name, "mlp", f"{section['act']} is not silu, gelu(tanh) or gelu(erf); no fused kernel for it"
                 )
                 continue
-            config = (*names, activation)
+            config = (*names, activation, dropout_name)
             in_features = getattr(getattr(module, names[0]), "in_features", None)
             param = next(module.parameters(), None)
             key = (type(module), param.dtype if param is not None else None)
@@ -132,6 +147,7 @@ class MLPPatcher:
                                else not_probed("gate has no in_features"))
             detail = f"{type(module).__name__} -> {_KERNEL_NAMES[activation]}"
             detail += f" (fused {names[0]} split in halves)" if names[1] is None else ""
+            detail += f", then dropout({dropout_name}) as the class applies it" if dropout_name else ""
             ctx.replace_forward_probed(module, name, fused_glu_mlp_forward, detail, {"mlp": config}, probed[key])
 
     def remove(self, model: nn.Module, report: PatchReport) -> None:

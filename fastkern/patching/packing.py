@@ -272,7 +272,7 @@ def _attention_plan(ctx: PatchContext, spec, backbone: nn.Module, backbone_name:
     """([(name, attention module, AttentionConfig, probe verdict)] to bind, None) when every attention module of the
     backbone can route a packed call, else ([], why not). Attention modules the rope patcher bound already
     route packed calls; the others get the same forward with the family's own rotation, probed first."""
-    from .attention import _config_from_section, _probe, _required_attributes, _rotates
+    from .attention import _config_from_section, _probe, _required_attributes, _rotates, dropout_problem
 
     section = spec.sections.get("attention")
     if section is None or "class" not in section:
@@ -294,6 +294,8 @@ def _attention_plan(ctx: PatchContext, spec, backbone: nn.Module, backbone_name:
         absent = [n for n in _required_attributes(attn, config) if not hasattr(attn, n)]
         if absent:
             return [], f"{attn_name}: {cls.__name__} has no attribute(s) {absent}"
+        if (why := dropout_problem(attn, config)) is not None:
+            return [], f"{attn_name}: {why}"
         param = next(attn.parameters(), None)
         key = (param.dtype if param is not None else None, _rotates(attn, config))
         if key not in probed:

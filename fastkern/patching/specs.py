@@ -27,12 +27,12 @@ SECTION_KEYS: dict[str, dict[str, Any]] = {
     # fastkern/patching/mlp.py and tiled_mlp.py. gate/up are not filled in when gate_up (one fused
     # [gate | up] projection) is given: see _DEFAULT_UNLESS.
     "mlp": {"class": None, "gate": "gate_proj", "up": "up_proj", "gate_up": None, "down": "down_proj",
-            "act": "act_fn", "activation": "silu"},
+            "act": "act_fn", "activation": "silu", "output_dropout": None},
     # fastkern/patching/attention.py (and packing.py, which reads this section too); that patcher owns
     # the defaults of its optional keys (no sliding window, per-head qk norm, half-split rope layout).
     "attention": {"class": None, "fused_qkv": None, "q_norm": None, "k_norm": None, "qk_norm_scope": None,
-                  "qk_norm_if": None, "sliding_window": None, "softcap": None, "rope_layout": None,
-                  "rope_if": None, "sinks": None},
+                  "qk_norm_if": None, "sliding_window": None, "sliding_window_if": None, "softcap": None,
+                  "rope_layout": None, "rope_if": None, "sinks": None, "output_dropout": None},
     "packing": {"class": None},  # fastkern/patching/packing.py
     "causal_lm": {"class": None, "backbone": "model", "head": "lm_head", "router_logits": None},  # loss.py
     "norm": {"class": None, "form": "llama", "eps": "variance_epsilon"},  # fastkern/patching/norm.py

@@ -113,6 +113,8 @@ WINDOWED = [
     ("qwen2", dict(sliding_window=3, use_sliding_window=True, max_window_layers=0)),
     ("gemma2", dict(sliding_window=3)),
     ("gemma3", dict(sliding_window=3)),
+    # sliding layer 0, full layer 1: the window reaches the attention function in layer 0 only (sliding_window_if)
+    ("exaone4", dict(sliding_window=3)),
 ]
 
 

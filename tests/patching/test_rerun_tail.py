@@ -17,9 +17,10 @@ from tests.patching.test_checkpointing import enable, grads, layers
 DENSE = [f for f in FAMILIES if f not in MOE]
 # Layers whose MLP output goes straight into the final residual add (cohere adds attention and MLP
 # outputs to the residual in one expression, which still ends in an add of the MLP's node).
-# Phi-3's dropout on the MLP output is p = 0 in these configs (no autograd node).
+# Phi-3's dropout on the MLP output, and Seed-OSS's residual_dropout, are p = 0 in these configs (no
+# autograd node; test_output_dropout_keeps_the_last_projection covers p > 0).
 ENDS_IN_ADD = {"cohere", "cohere2", "ernie4_5", "gemma", "glm", "helium", "hunyuan_v1_dense", "llama", "mistral",
-               "phi3", "qwen2", "qwen3", "qwen3_5", "smollm3"}
+               "phi3", "qwen2", "qwen3", "qwen3_5", "seed_oss", "smollm3"}
 
 
 def _lora(model, seed=1):
@@ -58,6 +59,25 @@ def test_full_model_gradients_and_which_layers_skip(family):
     assert verdicts == {family in ENDS_IN_ADD}, (family, verdicts)
     _assert_close(first, ref)
     _assert_close(second, ref)
+
+
+def test_output_dropout_keeps_the_last_projection():
+    """Seed-OSS with residual_dropout > 0: the dropout reads the down projection's values, so no layer skips
+    it, and the rerun draws the forward's masks (the checkpoint restores the RNG) as torch's checkpoint does."""
+    ids = batch()
+    model = tiny_model("seed_oss", residual_dropout=0.25)
+    fastkern.patch_model(model, checkpointing=False)
+    enable(model, gc_kwargs={"use_reentrant": False})
+    ref = grads(model, ids)
+    fastkern.unpatch_model(model)
+    fastkern.patch_model(model)
+    enable(model, gc_kwargs={"use_reentrant": False})
+    first, second = _two_steps(model, ids)
+    assert {rerun_tail.layer_skips(layer) for layer in layers(model)} == {False}
+    _assert_close(first, ref)
+    _assert_close(second, ref)
+    # The dropout is live: another seed draws other masks and another loss.
+    assert not torch.equal(grads(model, ids, seed=8)[0], ref[0])
 
 
 def test_lora_and_frozen_down_projection_skip():
