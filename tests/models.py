@@ -64,6 +64,12 @@ TINY_CONFIGS = {
                                                  sliding_window=4)),
     "ernie4_5": (transformers.Ernie4_5Config, dict(_SPECIAL, head_dim=16)),
     "arcee": (transformers.ArceeConfig, dict(_SPECIAL, head_dim=16)),  # relu2 MLP, not gated
+    # layer 1 MoE (shared expert + 4 experts, top 1), layer 0 dense; layer 1 NoPE with chunked attention in
+    # layer 0 (chunk 4 of the 11-token batches)
+    "llama4": (transformers.Llama4TextConfig, dict(_SPECIAL, head_dim=16, intermediate_size=32,
+                                                   intermediate_size_mlp=96, num_local_experts=4,
+                                                   num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                                   no_rope_layer_interval=2, attention_chunk_size=4)),
     "mixtral": (transformers.MixtralConfig, dict(_SPECIAL, num_local_experts=4, **_MOE)),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(_SPECIAL, num_experts=4, moe_intermediate_size=32,
                                                     shared_expert_intermediate_size=48, **_MOE)),

@@ -90,7 +90,13 @@ def _reference_logprobs(model, ids, labels, temperature):
     return logp, entropy
 
 
-@pytest.mark.parametrize("family", FLOAT64_FAMILIES)
+# TRL 1.16's fused head runs `model.base_model` as the backbone; Llama4ForCausalLM's base_model_prefix
+# ("language_model") names no attribute of it, so base_model is the whole model and TRL's forward fails
+# on it, patched or not (AttributeError: no last_hidden_state).
+TRL_FUSED_HEAD_FAMILIES = [f for f in FLOAT64_FAMILIES if f != "llama4"]
+
+
+@pytest.mark.parametrize("family", TRL_FUSED_HEAD_FAMILIES)
 def test_fused_head_logprobs_match_log_softmax(family):
     from trl.trainer.utils import add_fused_lm_head
 
