@@ -44,28 +44,8 @@ def _assert_close(got, ref, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(got[1][name], ref[1][name], rtol=rtol, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("family", DENSE)
-def test_full_model_gradients_and_which_layers_skip(family):
-    ids = batch()
-    model = tiny_model(family)
-    fastkern.patch_model(model, checkpointing=False)  # torch's non-reentrant checkpoint: the reference
-    enable(model, gc_kwargs={"use_reentrant": False})
-    ref = grads(model, ids)
-    fastkern.unpatch_model(model)
-    fastkern.patch_model(model)
-    enable(model, gc_kwargs={"use_reentrant": False})
-    first, second = _two_steps(model, ids)
-    verdicts = {rerun_tail.layer_skips(layer) for layer in layers(model)}
-    assert verdicts == {family in ENDS_IN_ADD}, (family, verdicts)
-    _assert_close(first, ref)
-    _assert_close(second, ref)
-
-
-def test_output_dropout_keeps_the_last_projection():
-    """Seed-OSS with residual_dropout > 0: the dropout reads the down projection's values, so no layer skips
-    it, and the rerun draws the forward's masks (the checkpoint restores the RNG) as torch's checkpoint does."""
-    ids = batch()
-    model = tiny_model("seed_oss", residual_dropout=0.25)
+def _reference_and_patched(model, ids):
+    """Gradients under torch's non-reentrant checkpoint (the reference), then two steps patched."""
     fastkern.patch_model(model, checkpointing=False)
     enable(model, gc_kwargs={"use_reentrant": False})
     ref = grads(model, ids)
@@ -73,9 +53,24 @@ def test_output_dropout_keeps_the_last_projection():
     fastkern.patch_model(model)
     enable(model, gc_kwargs={"use_reentrant": False})
     first, second = _two_steps(model, ids)
-    assert {rerun_tail.layer_skips(layer) for layer in layers(model)} == {False}
     _assert_close(first, ref)
     _assert_close(second, ref)
+    return ref, {rerun_tail.layer_skips(layer) for layer in layers(model)}
+
+
+@pytest.mark.parametrize("family", DENSE)
+def test_full_model_gradients_and_which_layers_skip(family):
+    _, verdicts = _reference_and_patched(tiny_model(family), batch())
+    assert verdicts == {family in ENDS_IN_ADD}, (family, verdicts)
+
+
+def test_output_dropout_keeps_the_last_projection():
+    """Seed-OSS with residual_dropout > 0: the dropout reads the down projection's values, so no layer skips
+    it, and the rerun draws the forward's masks (the checkpoint restores the RNG) as torch's checkpoint does."""
+    ids = batch()
+    model = tiny_model("seed_oss", residual_dropout=0.25)
+    ref, verdicts = _reference_and_patched(model, ids)
+    assert verdicts == {False}
     # The dropout is live: another seed draws other masks and another loss.
     assert not torch.equal(grads(model, ids, seed=8)[0], ref[0])
 
