@@ -70,6 +70,11 @@ TINY_CONFIGS = {
                                                    intermediate_size_mlp=96, num_local_experts=4,
                                                    num_experts_per_tok=1, interleave_moe_layer_step=2,
                                                    no_rope_layer_interval=2, attention_chunk_size=4)),
+    # layer 0 linear attention, layer 1 full attention, both MoE (4 experts + a shared one)
+    "qwen3_next": (transformers.Qwen3NextConfig, dict(
+        _SPECIAL, head_dim=16, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, **_MOE)),
     "mixtral": (transformers.MixtralConfig, dict(_SPECIAL, num_local_experts=4, **_MOE)),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(_SPECIAL, num_experts=4, moe_intermediate_size=32,
                                                     shared_expert_intermediate_size=48, **_MOE)),
