@@ -34,9 +34,8 @@ forward with the family's own ``apply_rotary_pos_emb`` (``AttentionConfig.rotary
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -269,7 +268,7 @@ def _attention(module, config: AttentionConfig, hidden_states, position_embeddin
             **kwargs,
         )
     out = module.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
-    if config.output_dropout is not None and module.training:
+    if config.output_dropout is not None and module.training and getattr(module, config.output_dropout):
         out = F.dropout(out, p=getattr(module, config.output_dropout), training=True)
     return out, weights
 
