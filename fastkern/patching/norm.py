@@ -8,7 +8,8 @@ Validation, per RMSNorm class found in the model:
   1. the spec's class resolves in the installed transformers (else a spec problem);
   2. the spec's ``form`` is "llama" (weight * normed.to(dtype)), "gemma" ((1 + weight) in fp32) or
      "olmo" (weight in fp32)
-     and the instance has ``weight`` and the spec's eps attribute;
+     and the instance has ``weight`` and the spec's eps attribute (``eps`` may list several names, the
+     first the instance has is read: a class that renamed the attribute between transformers releases);
   3. the patched forward is compared with the class forward on a random input in the module's
      dtype, forward and backward; a mismatch (transformers changed the norm) skips the class with
      the measured error in the report.
@@ -72,21 +73,34 @@ def _probe(module: nn.Module, config: tuple) -> ProbeVerdict:
                      names=("output", "grad x", "grad weight"), grad=True)
 
 
+def _eps_names(section) -> list[str]:
+    return [section["eps"]] if isinstance(section["eps"], str) else list(section["eps"])
+
+
+def _check_section(section) -> str | None:
+    if section["form"] not in _FORMS:
+        return f"form {section['form']!r} is not one of {sorted(_FORMS)}"
+    eps = section["eps"]
+    if not (isinstance(eps, str) or (isinstance(eps, list) and eps and all(isinstance(n, str) for n in eps))):
+        return f"eps must be an attribute name or a non-empty list of them, got {eps!r}"
+    return None
+
+
 class NormPatcher:
     def apply(self, ctx: PatchContext, value) -> None:
-        classes = ctx.section_classes(
-            "norm", _REQUIRED_KEYS, "norms",
-            check=lambda s: None if s["form"] in _FORMS else f"form {s['form']!r} is not one of {sorted(_FORMS)}")
+        classes = ctx.section_classes("norm", _REQUIRED_KEYS, "norms", check=_check_section)
         probed: dict[tuple[type, torch.dtype], ProbeVerdict] = {}
         for name, module in ctx.named_modules():
             section = classes.get(type(module))
             if section is None:
                 continue
             weight = getattr(module, "weight", None)
-            if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not hasattr(module, section["eps"]):
-                ctx.report.add_skipped(name, "norm", f"{type(module).__name__} has no 1-D weight or no {section['eps']!r}")
+            eps_name = next((n for n in _eps_names(section) if hasattr(module, n)), None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps_name is None:
+                wanted = " or ".join(repr(n) for n in _eps_names(section))
+                ctx.report.add_skipped(name, "norm", f"{type(module).__name__} has no 1-D weight or no {wanted}")
                 continue
-            config = (section["eps"], *_FORMS[section["form"]])
+            config = (eps_name, *_FORMS[section["form"]])
             key = (type(module), weight.dtype)
             if key not in probed:
                 probed[key] = _probe(module, config)

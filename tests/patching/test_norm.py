@@ -133,11 +133,35 @@ def test_unknown_form_and_missing_class_are_problems_not_crashes(monkeypatch):
         ('[norm]\nclass = "LlamaRMSNorm"\nform = "layer"\neps = "variance_epsilon"\n', "form 'layer' is not one of"),
         ('[norm]\nclass = "LlamaRMSNormRenamed"\nform = "llama"\neps = "variance_epsilon"\n', "not found in the installed"),
         ('[norm]\nform = "llama"\neps = "variance_epsilon"\n', "missing keys ['class']"),
+        ('[norm]\nclass = "LlamaRMSNorm"\nform = "llama"\neps = []\n', "eps must be an attribute name or a non-empty"),
+        ('[norm]\nclass = "LlamaRMSNorm"\nform = "llama"\neps = 3\n', "eps must be an attribute name or a non-empty"),
     ):
         monkeypatch.setattr(spec_module, "load_specs", lambda s=spec(section): (s,))
         report = fastkern.patch_model(tiny_model("llama"), norm=True)
         assert not report.patched_names("norm")
         assert any(expected in p for p in report.problems), report
+
+
+def test_eps_names_the_first_attribute_the_instance_has(monkeypatch):
+    """A list of eps names (a class renamed its attribute between transformers releases): the first one the
+    instance has is read; none of them is a reported skip."""
+    def patched_with(eps):
+        spec = spec_module.parse_spec(
+            'family = "llama"\nmodel_types = ["llama"]\nmodule = "transformers.models.llama.modeling_llama"\n'
+            f'[norm]\nclass = "LlamaRMSNorm"\nform = "llama"\neps = {eps}\n', "patches/llama.toml")
+        monkeypatch.setattr(spec_module, "load_specs", lambda: (spec,))
+        model = tiny_model("llama")
+        for _, m in norm_modules(model):
+            m.variance_epsilon = 0.25  # large enough that reading another eps would show in the probe
+        return model, fastkern.patch_model(model, norm=True)
+
+    model, report = patched_with('["renamed_eps", "variance_epsilon"]')
+    norms = norm_modules(model)
+    assert sorted(report.patched_names("norm")) == sorted(n for n, _ in norms), report
+    assert all(m._fastkern_norm[0] == "variance_epsilon" for _, m in norms)
+    _, report = patched_with('["renamed_eps", "other_eps"]')
+    assert not report.patched_names("norm")
+    assert all("no 'renamed_eps' or 'other_eps'" in e.detail for e in report.skipped if e.kind == "norm"), report
 
 
 def test_every_shipped_spec_names_a_norm_class_that_resolves():
