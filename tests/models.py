@@ -15,10 +15,11 @@ FAMILIES = [s.family for s in load_specs()]
 # Families whose attention runs under eager only in these tests: transformers' sdpa refuses Gemma2's logit
 # softcap, and gpt-oss's attention sinks exist only in its eager function (and flash/flex kernels).
 EAGER_ONLY = {"gemma2", "gpt_oss"}
-# The MoE families (their loss section passes the router logits on). transformers' MoE experts run
-# grouped_mm, which has no float64 kernel: these families have no float64 reference run (the
-# accuracy-rule tests use the others).
-MOE = {s.family for s in load_specs() if "router_logits" in s.sections.get("causal_lm", {})}
+# The MoE families (stacked experts in [moe_experts], or a loss section that passes the router logits on).
+# transformers' MoE experts run grouped_mm, which has no float64 kernel: these families have no float64
+# reference run (the accuracy-rule tests use the others).
+MOE = {s.family for s in load_specs()
+       if "moe_experts" in s.sections or "router_logits" in s.sections.get("causal_lm", {})}
 FLOAT64_FAMILIES = [f for f in FAMILIES if f not in MOE]
 # Token ids inside the tiny vocabulary (some configs default to ids past it, e.g. GLM's pad 151329).
 _SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -75,6 +76,16 @@ TINY_CONFIGS = {
         _SPECIAL, head_dim=16, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
         linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
         num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, **_MOE)),
+    # layer 0 dense, layer 1 MoE (4 routed experts in 2 groups, a shared one); q/k norms, partial rotary
+    "glm4_moe": (transformers.Glm4MoeConfig, dict(
+        _SPECIAL, head_dim=16, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
+        moe_intermediate_size=32, n_group=2, topk_group=1, use_qk_norm=True, **_MOE)),
+    # layer 0 dense, layer 1 MoE; multi-head latent attention (not patched; as many kv heads as heads)
+    "deepseek_v3": (transformers.DeepseekV3Config, dict(
+        _SPECIAL, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
+        moe_intermediate_size=32,
+        n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, **_MOE)),
     "mixtral": (transformers.MixtralConfig, dict(_SPECIAL, num_local_experts=4, **_MOE)),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(_SPECIAL, num_experts=4, moe_intermediate_size=32,
                                                     shared_expert_intermediate_size=48, **_MOE)),

@@ -37,11 +37,13 @@ def _patched_kinds(report) -> dict[str, int]:
     return kinds
 
 
-# PEFT adds LoRA on the routed experts by itself when gate/up projections are targeted (0.21: Qwen3-MoE;
-# 0.22 also Qwen2-MoE, through its weight-conversion map; Qwen3-Next), a LoRA type that refuses dropout: those families'
-# tiny models run dense MLPs in every layer here (the experts' probe is tests/patching/test_moe.py's).
+# PEFT adds LoRA on the routed experts by itself when gate/up projections are targeted (0.21: Qwen3-MoE,
+# Qwen3-Next, GLM-4-MoE, DeepSeek-V3; 0.22 also Qwen2-MoE, through its weight-conversion map), a LoRA type
+# that refuses dropout: those families' tiny models run dense MLPs in every layer here (the experts' probe
+# is tests/patching/test_moe.py's).
 DENSE = {"qwen3_moe": dict(mlp_only_layers=[0, 1]), "qwen2_moe": dict(mlp_only_layers=[0, 1]),
-         "qwen3_next": dict(mlp_only_layers=[0, 1])}
+         "qwen3_next": dict(mlp_only_layers=[0, 1]), "glm4_moe": dict(first_k_dense_replace=2),
+         "deepseek_v3": dict(first_k_dense_replace=2)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
