@@ -46,7 +46,7 @@ from ..ops.rope import rope
 from ..ops.rope_qk_norm import rope_qk_norm
 from . import packing, sdpa_backend
 from .lora import call_projections
-from .context import PatchContext, instance_forward, is_dropout_probability
+from .context import PatchContext, instance_forward, output_dropout_problem
 from .probe import ProbeVerdict, meta_skip, probe_generator, run_probe, tolerance
 from .report import PatchReport
 
@@ -393,14 +393,6 @@ def _required_attributes(module: nn.Module, config: AttentionConfig) -> list[str
     return names
 
 
-def dropout_problem(module: nn.Module, config: AttentionConfig) -> str | None:
-    """Why the output dropout attribute cannot be applied as a dropout probability, or None."""
-    if config.output_dropout is None or is_dropout_probability(getattr(module, config.output_dropout)):
-        return None
-    return (f"{config.output_dropout} = {getattr(module, config.output_dropout)!r} is not a dropout probability "
-            "in [0, 1]")
-
-
 def _conditions_text(config: AttentionConfig) -> str:
     return " or ".join(f"{name} is None" if is_none else name for name, is_none in config.rope_if or ())
 
@@ -426,7 +418,7 @@ class AttentionPatcher:
             if absent:
                 ctx.report.add_skipped(name, "rope", f"{type(module).__name__} has no attribute(s) {absent}")
                 continue
-            if (why := dropout_problem(module, config)) is not None:
+            if (why := output_dropout_problem(module, config.output_dropout)) is not None:
                 ctx.report.add_skipped(name, "rope", why)
                 continue
             param = next(module.parameters(), None)

@@ -65,9 +65,15 @@ def signed_forward(fn: Callable, cls: type) -> Callable:
     return copy
 
 
-def is_dropout_probability(value) -> bool:
-    """Whether a module attribute named by a spec's ``output_dropout`` holds a dropout probability."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+def output_dropout_problem(module: nn.Module, attribute: str | None) -> str | None:
+    """Why the attribute a spec's ``output_dropout`` names does not hold a dropout probability, or None
+    (also None when the spec names none)."""
+    if attribute is None:
+        return None
+    value = getattr(module, attribute)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return None
+    return f"{attribute} = {value!r} is not a dropout probability in [0, 1]"
 
 
 def fastkern_forward_kind(module: nn.Module) -> str | None:

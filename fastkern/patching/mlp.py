@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..ops.glu import geglu, swiglu
 from ..reference.glu import activation_reference
 from . import rerun_tail
-from .context import PatchContext, instance_forward, is_dropout_probability
+from .context import PatchContext, instance_forward, output_dropout_problem
 from .lora import call_projections
 from .probe import ProbeVerdict, meta_skip, not_probed, probe_generator, run_probe, tolerance
 from .report import PatchReport
@@ -123,9 +123,8 @@ class MLPPatcher:
             if absent:
                 ctx.report.add_skipped(name, "mlp", f"{type(module).__name__} has no attribute(s) {absent}")
                 continue
-            if dropout_name is not None and not is_dropout_probability(getattr(module, dropout_name)):
-                ctx.report.add_skipped(name, "mlp", f"{dropout_name} = {getattr(module, dropout_name)!r} is not a "
-                                                    "dropout probability in [0, 1]")
+            if (why := output_dropout_problem(module, dropout_name)) is not None:
+                ctx.report.add_skipped(name, "mlp", why)
                 continue
             fused_width = getattr(getattr(module, names[0]), "out_features", 0) if names[1] is None else 0
             if fused_width % 2:
