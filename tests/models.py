@@ -92,6 +92,8 @@ TINY_CONFIGS = {
     # layer 0 dense (mlp_only_layers), layer 1 MoE
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(_SPECIAL, head_dim=16, num_experts=4, moe_intermediate_size=32,
                                                     mlp_only_layers=[0], **_MOE)),
+    # every layer MoE; q, k, v clamped at 1.0 (about a third of the normalised q and k entries)
+    "olmoe": (transformers.OlmoeConfig, dict(_SPECIAL, num_experts=4, clip_qkv=1.0, **_MOE)),
     "gpt_oss": (transformers.GptOssConfig, dict(_SPECIAL, head_dim=16, num_local_experts=4, sliding_window=4,
                                                 layer_types=["sliding_attention", "full_attention"], **_MOE)),
 }

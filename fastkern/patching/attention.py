@@ -14,7 +14,8 @@ list conditions of which any turns rope on, each an attribute or "<attribute> is
 ``sliding_window_if`` (an attribute that says whether this layer passes its window on at all: EXAONE 4
 keeps the window on every layer but passes it in its sliding ones only), ``sinks`` (attention sink logits
 passed as ``s_aux``) and ``output_dropout`` (an attribute holding the dropout probability the family
-applies to o_proj's output, as Seed-OSS's ``residual_dropout``), each validated when the spec is resolved.
+applies to o_proj's output, as Seed-OSS's ``residual_dropout``) and ``clip_qkv`` (a config attribute holding
+a bound q, k and v are clamped to after the projections, OLMoE), each validated when the spec is resolved.
 
 Validation, per attention class found in the model:
   1. the spec's class, ``eager_attention_forward`` and ``ALL_ATTENTION_FUNCTIONS`` resolve in the
@@ -92,6 +93,7 @@ class AttentionConfig:
     rope_if: tuple[tuple[str, bool], ...] | None
     sinks: str | None  # attribute holding per-head attention sink logits (gpt-oss), passed as s_aux=
     output_dropout: str | None  # attribute holding the dropout probability applied to o_proj's output (Seed-OSS)
+    clip_qkv: str | None  # config attribute holding a bound q, k and v are clamped to (OLMoE); None there: no clamp
     eager_forward: object  # the family's eager_attention_forward
     attention_functions: object  # transformers' ALL_ATTENTION_FUNCTIONS
     rotary: object = None  # None: fastkern's fused rope; else the family's apply_rotary_pos_emb (rope off)
@@ -117,6 +119,11 @@ def _project(module: nn.Module, config: AttentionConfig, hidden_states: torch.Te
         q, k, v = call_projections((module.q_proj, module.k_proj, module.v_proj), hidden_states)
     if config.qk_norm_scope == "projection":
         q, k = _qk_norm(module, config, q, k)
+    if config.clip_qkv is not None and (bound := getattr(module.config, config.clip_qkv)) is not None:
+        # As OLMoE: after the projection-wide norms, before the per-head view. Out of place (the class
+        # clamps in place), so fused-qkv slices and hooked projection outputs need no care; same values
+        # and the same gradient (zero where clamped).
+        q, k, v = q.clamp(-bound, bound), k.clamp(-bound, bound), v.clamp(-bound, bound)
     q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
     # RMSNorm over head_dim: the same on [B, T, H, D] as on its [B, H, T, D] transpose.
     if config.qk_norm_scope == "head" and norm:
@@ -370,6 +377,7 @@ def _config_from_section(spec, section, fused_rope: bool = True) -> AttentionCon
         rope_if=_rope_conditions(spec, section.get("rope_if")),
         sinks=section.get("sinks"),
         output_dropout=section.get("output_dropout"),
+        clip_qkv=section.get("clip_qkv"),
         sliding_window_if=section.get("sliding_window_if"),
         eager_forward=spec.resolve("eager_attention_forward"),
         attention_functions=spec.resolve("ALL_ATTENTION_FUNCTIONS"),
@@ -393,6 +401,24 @@ def _required_attributes(module: nn.Module, config: AttentionConfig) -> list[str
     return names
 
 
+def module_problem(module: nn.Module, config: AttentionConfig) -> str | None:
+    """Why this attention module cannot take the patched forward (a missing attribute, an output dropout
+    that is not a probability, a clip bound that is not a positive number), or None. Shared with the
+    packing patcher, which binds the same forward."""
+    absent = [n for n in _required_attributes(module, config) if not hasattr(module, n)]
+    if absent:
+        return f"{type(module).__name__} has no attribute(s) {absent}"
+    if (why := output_dropout_problem(module, config.output_dropout)) is not None:
+        return why
+    if config.clip_qkv is not None:
+        if not hasattr(module.config, config.clip_qkv):
+            return f"{type(module).__name__}'s config has no attribute {config.clip_qkv!r} (clip_qkv)"
+        bound = getattr(module.config, config.clip_qkv)
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
+            return f"config.{config.clip_qkv} = {bound!r} is not a positive clip bound"
+    return None
+
+
 def _conditions_text(config: AttentionConfig) -> str:
     return " or ".join(f"{name} is None" if is_none else name for name, is_none in config.rope_if or ())
 
@@ -414,11 +440,7 @@ class AttentionPatcher:
             config = classes.get(type(module))
             if config is None:
                 continue
-            absent = [n for n in _required_attributes(module, config) if not hasattr(module, n)]
-            if absent:
-                ctx.report.add_skipped(name, "rope", f"{type(module).__name__} has no attribute(s) {absent}")
-                continue
-            if (why := output_dropout_problem(module, config.output_dropout)) is not None:
+            if (why := module_problem(module, config)) is not None:
                 ctx.report.add_skipped(name, "rope", why)
                 continue
             param = next(module.parameters(), None)

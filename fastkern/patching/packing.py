@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.document_attention import document_attention
-from .context import PatchContext, fastkern_forward_kind, instance_forward, output_dropout_problem
+from .context import PatchContext, fastkern_forward_kind, instance_forward
 from .report import PatchReport
 
 _KIND = "packing"
@@ -272,7 +272,7 @@ def _attention_plan(ctx: PatchContext, spec, backbone: nn.Module, backbone_name:
     """([(name, attention module, AttentionConfig, probe verdict)] to bind, None) when every attention module of the
     backbone can route a packed call, else ([], why not). Attention modules the rope patcher bound already
     route packed calls; the others get the same forward with the family's own rotation, probed first."""
-    from .attention import _config_from_section, _probe, _required_attributes, _rotates
+    from .attention import _config_from_section, _probe, _rotates, module_problem
 
     section = spec.sections.get("attention")
     if section is None or "class" not in section:
@@ -291,10 +291,7 @@ def _attention_plan(ctx: PatchContext, spec, backbone: nn.Module, backbone_name:
             continue
         if "forward" in attn.__dict__:
             return [], f"{attn_name}: forward already overridden on this instance; packed calls could not reach it"
-        absent = [n for n in _required_attributes(attn, config) if not hasattr(attn, n)]
-        if absent:
-            return [], f"{attn_name}: {cls.__name__} has no attribute(s) {absent}"
-        if (why := output_dropout_problem(attn, config.output_dropout)) is not None:
+        if (why := module_problem(attn, config)) is not None:
             return [], f"{attn_name}: {why}"
         param = next(attn.parameters(), None)
         key = (param.dtype if param is not None else None, _rotates(attn, config))

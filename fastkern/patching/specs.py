@@ -32,7 +32,7 @@ SECTION_KEYS: dict[str, dict[str, Any]] = {
     # the defaults of its optional keys (no sliding window, per-head qk norm, half-split rope layout).
     "attention": {"class": None, "fused_qkv": None, "q_norm": None, "k_norm": None, "qk_norm_scope": None,
                   "qk_norm_if": None, "sliding_window": None, "sliding_window_if": None, "softcap": None,
-                  "rope_layout": None, "rope_if": None, "sinks": None, "output_dropout": None},
+                  "rope_layout": None, "rope_if": None, "sinks": None, "output_dropout": None, "clip_qkv": None},
     "packing": {"class": None},  # fastkern/patching/packing.py
     "causal_lm": {"class": None, "backbone": "model", "head": "lm_head", "router_logits": None},  # loss.py
     "norm": {"class": None, "form": "llama", "eps": "variance_epsilon"},  # fastkern/patching/norm.py

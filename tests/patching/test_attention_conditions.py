@@ -1,7 +1,8 @@
 """Spec keys for what a family's attention and MLP do only in some layers or only in training:
 ``output_dropout`` (Seed-OSS's residual_dropout after o_proj and down_proj), ``rope_if`` as a list of
 conditions and ``sliding_window_if`` (EXAONE 4: rope where the config has no window or in sliding layers,
-the window passed in sliding layers only). The packed-batch side of sliding_window_if is
+the window passed in sliding layers only), ``clip_qkv`` (OLMoE's clamp of q, k and v to a config bound).
+The packed-batch side of sliding_window_if is
 tests/patching/test_packing.py (exaone4 in WINDOWED); the rerun side of output_dropout is
 tests/patching/test_rerun_tail.py."""
 
@@ -131,3 +132,43 @@ def test_sliding_window_if_needs_a_window_source():
     spec = _attention_section(sliding_window_if='"is_sliding"')
     with pytest.raises(ValueError, match="sliding_window_if needs sliding_window"):
         attention._config_from_section(spec, spec.sections["attention"])
+
+
+@pytest.mark.parametrize("bound", [0.5, None], ids=["clamped", "no-clip"])
+def test_clip_qkv_as_the_family_clamps(bound):
+    ids = batch()
+    plain = tiny_model("olmoe", clip_qkv=bound).train()
+    model = copy.deepcopy(plain)
+    report = fastkern.patch_model(model)
+    assert len(report.patched_names("rope")) == 2, report
+    want, got = _loss_and_grads(plain, ids, seed=0), _loss_and_grads(model, ids, seed=0)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert (got[1] - want[1]).norm() <= 1e-5 * want[1].norm()
+
+
+def test_clip_qkv_matters_and_leaving_it_out_is_refused_by_the_probe():
+    """The tiny config's bound clamps part of q, k and v: the same attention without the clamp differs from
+    the class forward, and the probe refuses it (a spec that forgot the key cannot give wrong numbers)."""
+    spec = family_spec("olmoe")
+    config = attention._config_from_section(spec, spec.sections["attention"])
+    attn = tiny_model("olmoe", clip_qkv=0.5).model.layers[0].self_attn
+    assert not attention._probe(attn, config).skips
+    verdict = attention._probe(attn, dataclasses.replace(config, clip_qkv=None))
+    assert verdict.skips and "differs" in verdict.reason, verdict
+
+
+@pytest.mark.parametrize("bound", [-1.0, 0.0, "1", True])
+def test_clip_qkv_that_is_not_a_positive_bound_is_skipped(bound):
+    model = tiny_model("olmoe")
+    vars(model.config)["clip_qkv"] = bound  # past the config's own type check (a config edited by hand)
+    report = fastkern.patch_model(model)
+    reasons = {(e.kind, e.detail) for e in report.skipped}
+    assert ("rope", f"config.clip_qkv = {bound!r} is not a positive clip bound") in reasons, report
+    assert not report.patched_names("rope") and not report.patched_names("packing"), report
+
+
+def test_clip_qkv_naming_a_missing_config_attribute_is_skipped():
+    spec = _attention_section(clip_qkv='"qkv_bound"')
+    config = attention._config_from_section(spec, spec.sections["attention"])
+    attn = tiny_model("exaone4").model.layers[0].self_attn
+    assert attention.module_problem(attn, config) == "Exaone4Attention's config has no attribute 'qkv_bound' (clip_qkv)"
