@@ -94,6 +94,53 @@ TINY_CONFIGS = {
                                                     mlp_only_layers=[0], **_MOE)),
     # every layer MoE; q, k, v clamped at 1.0 (about a third of the normalised q and k entries)
     "olmoe": (transformers.OlmoeConfig, dict(_SPECIAL, num_experts=4, clip_qkv=1.0, **_MOE)),
+    # layer 0 dense, layer 1 MoE (4 routed experts, a shared one)
+    "ernie4_5_moe": (transformers.Ernie4_5_MoeConfig, dict(
+        _SPECIAL, head_dim=16, moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+        moe_layer_start_index=1, moe_layer_end_index=1)),
+    # every layer MoE (4 experts + the shared MLP); q/k norms after the rotation
+    "hunyuan_v1_moe": (transformers.HunYuanMoEV1Config, dict(_SPECIAL, head_dim=16, num_experts=4, moe_topk=2)),
+    # every layer MoE; q/k norms over the whole projection as olmo2
+    "flex_olmo": (transformers.FlexOlmoConfig, dict(_SPECIAL, num_experts=4, **_MOE)),
+    # layer 0 dense and sliding (window 4), layer 1 MoE (4 routed experts in 2 groups, a shared one); q/k norms
+    "dots1": (transformers.Dots1Config, dict(
+        _SPECIAL, head_dim=16, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
+        moe_intermediate_size=32, n_group=2, topk_group=1, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], **_MOE)),
+    # every layer MoE (4 routed experts in 2 groups, a shared one)
+    "solar_open": (transformers.SolarOpenConfig, dict(
+        _SPECIAL, head_dim=16, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32, n_group=2,
+        topk_group=1, **_MOE)),
+    # layer 0 dense and sliding (window 4, rope), layer 1 MoE (4 routed experts in 2 groups, a shared one) and
+    # full (NoPE); q/k norms
+    "exaone_moe": (transformers.ExaoneMoeConfig, dict(
+        _SPECIAL, head_dim=16, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+        mlp_layer_types=["dense", "sparse"], num_experts=4, num_shared_experts=1, moe_intermediate_size=32,
+        n_group=2, topk_group=1, **_MOE)),
+    # layer 0 linear attention, layer 1 full attention, both MoE (4 experts + a gated shared one)
+    "qwen3_5_moe": (transformers.Qwen3_5MoeTextConfig, dict(
+        _SPECIAL, head_dim=16, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, **_MOE)),
+    # layer 0 dense and full attention with forced rope (force_rope), layer 1 MoE (4 experts + a shared one,
+    # averaged) and sliding (window 4, rope); RMSNorm (rms_norm_eps set). NoPE full layers: as cohere2
+    "cohere2_moe": (transformers.Cohere2MoeConfig, dict(
+        _SPECIAL, layer_types=["full_attention", "sliding_attention"], mlp_layer_types=["dense", "sparse"],
+        prefix_dense_intermediate_size=96, sliding_window=4, num_experts=4, num_shared_experts=1,
+        rms_norm_eps=1e-5, logit_scale=0.5, **_MOE)),
+    # layer 0 dense, layer 1 MoE (4 routed experts, a shared one); multi-head latent attention (not patched)
+    "deepseek_v2": (transformers.DeepseekV2Config, dict(
+        _SPECIAL, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
+        moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, **_MOE)),
+    # every layer MoE (4 experts); Granite's multipliers as in granite
+    "granitemoe": (transformers.GraniteMoeConfig, dict(
+        _SPECIAL, num_local_experts=4, embedding_multiplier=2.0, residual_multiplier=0.5,
+        attention_multiplier=0.2, logits_scaling=4.0, **_MOE)),
+    # as granitemoe, plus the shared expert (a fused gate|up MLP) in every layer
+    "granitemoeshared": (transformers.GraniteMoeSharedConfig, dict(
+        _SPECIAL, num_local_experts=4, shared_intermediate_size=48, embedding_multiplier=2.0,
+        residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0, **_MOE)),
     "gpt_oss": (transformers.GptOssConfig, dict(_SPECIAL, head_dim=16, num_local_experts=4, sliding_window=4,
                                                 layer_types=["sliding_attention", "full_attention"], **_MOE)),
 }

@@ -21,10 +21,11 @@ peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _lora(model, dropout):
+def _lora(model, dropout, attention_only=False):
     # The decoder's nn.Linear projections by full name (a string is one regular expression matched
     # against whole module names).
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")
+             and (not attention_only or n.rsplit(".", 1)[-1] in TARGETS[:4])]
     targets = "|".join(re.escape(n) for n in names)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout, init_lora_weights=False)
     return peft.get_peft_model(model, cfg)
@@ -43,15 +44,22 @@ def _patched_kinds(report) -> dict[str, int]:
 # is tests/patching/test_moe.py's).
 DENSE = {"qwen3_moe": dict(mlp_only_layers=[0, 1]), "qwen2_moe": dict(mlp_only_layers=[0, 1]),
          "qwen3_next": dict(mlp_only_layers=[0, 1]), "glm4_moe": dict(first_k_dense_replace=2),
-         "deepseek_v3": dict(first_k_dense_replace=2)}
+         "deepseek_v3": dict(first_k_dense_replace=2), "deepseek_v2": dict(first_k_dense_replace=2),
+         "ernie4_5_moe": dict(moe_layer_start_index=2), "dots1": dict(first_k_dense_replace=2),
+         "exaone_moe": dict(mlp_layer_types=["dense", "dense"]),
+         "cohere2_moe": dict(mlp_layer_types=["dense", "dense"])}
+# Every layer MoE and no dense-only config: LoRA on the attention projections only (the gate/up
+# projections would bring PEFT's expert LoRA in).
+ATTENTION_ONLY = {"hunyuan_v1_moe", "solar_open"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_mode_with_lora_dropout_patches_as_in_eval_mode(family):
     # Reference: the same model in eval mode, where no dropout is active.
-    reference = _lora(tiny_model(family, **DENSE.get(family, {})), dropout=0.1).eval()
+    only = family in ATTENTION_ONLY
+    reference = _lora(tiny_model(family, **DENSE.get(family, {})), dropout=0.1, attention_only=only).eval()
     want = _patched_kinds(fastkern.patch_model(reference))
-    model = _lora(tiny_model(family, **DENSE.get(family, {})), dropout=0.1).train()
+    model = _lora(tiny_model(family, **DENSE.get(family, {})), dropout=0.1, attention_only=only).train()
     flags = [m.training for m in model.modules()]
     torch.manual_seed(1234)
     rng = torch.get_rng_state()
