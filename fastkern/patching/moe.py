@@ -186,7 +186,7 @@ def _probe_inputs(module: nn.Module, layout: ExpertsLayout, gen: torch.Generator
     hidden = gate_up.shape[1] if layout.transposed else gate_up.shape[2]
     k = min(2, n_experts)
     x = torch.randn(5, hidden, generator=gen, device="cpu").to(device=gate_up.device, dtype=gate_up.dtype)
-    ids = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(5)]).to(gate_up.device)
+    ids = torch.stack([torch.randperm(n_experts, generator=gen, device="cpu")[:k] for _ in range(5)]).to(gate_up.device)
     w = torch.rand(5, k, generator=gen, device="cpu").to(device=gate_up.device, dtype=gate_up.dtype)
     inputs = [(x, ids, w)]
     if layout.activation == "clamped_swiglu":
@@ -212,9 +212,9 @@ def _probe(module: nn.Module, layout: ExpertsLayout) -> ProbeVerdict:
         except Exception as exc:  # an original that cannot run here (a dtype without a kernel): not probed
             raise NotProbed(f"the original forward failed ({type(exc).__name__})") from exc
 
-    # Drawn under the device and grad modes the runs use: randperm lands on the experts' device and the
-    # clamp scaling records no graph.
-    with torch.no_grad(), torch.device(gate_up.device):
+    # Every draw on the CPU generator, then moved to the experts' device, whatever the default device (a
+    # CUDA default device with a CPU generator is an error in randperm); the clamp scaling records no graph.
+    with torch.no_grad():
         inputs = _probe_inputs(module, layout, probe_generator())
     for x, ids, w in inputs:
         verdict = run_probe(module, lambda: expected(x, ids, w), lambda: _grouped(module, layout, x, ids, w), tol)

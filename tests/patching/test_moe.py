@@ -334,3 +334,23 @@ def test_set_experts_implementation_after_patching_is_honoured(monkeypatch):
         model.set_experts_implementation(at_patch)
         model(input_ids=ids)
         assert calls
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_probe_inputs_do_not_follow_the_default_device(family):
+    """The probe draws every input from its CPU generator on the CPU and moves it to the experts' device:
+    under another default device (a CUDA default with a CPU generator is an error in randperm; here meta,
+    which CPU-only machines have) the inputs are the same real values."""
+    from fastkern.patching import moe
+    from fastkern.patching.probe import probe_generator
+    from fastkern.patching.specs import load_specs
+
+    spec = next(s for s in load_specs() if s.family == family)
+    module = _experts(tiny_model(family))[0][1]
+    layout = moe._layout(spec.sections["moe_experts"], type(module))
+    want = moe._probe_inputs(module, layout, probe_generator())
+    with torch.device("meta"):
+        got = moe._probe_inputs(module, layout, probe_generator())
+    for w, g in zip(want, got, strict=True):
+        for a, b in zip(w, g, strict=True):
+            assert b.device.type == "cpu" and torch.equal(a, b)
