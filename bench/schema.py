@@ -75,6 +75,10 @@ def fastkern_commit(commit: str | None = None) -> str | None:
         import fastkern
 
         where = os.path.dirname(os.path.dirname(os.path.abspath(fastkern.__file__)))
+        top = subprocess.run(["git", "-C", where, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not top or os.path.realpath(top) != os.path.realpath(where):
+            return None  # not a checkout of its own (an unpacked archive inside another repository's tree)
         head = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", "fastkern"], capture_output=True,

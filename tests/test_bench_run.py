@@ -4,6 +4,7 @@ the cases run and their checks pass is asserted."""
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -80,3 +81,26 @@ def test_moe_lora_case_builds_each_adapted_weight_once_per_call(monkeypatch):
     out, *grads = case.fwd_bwd(module, module, *case.routing(shape, torch.float32, "cpu"))
     assert len(calls) == 2  # gate_up_proj and down_proj, once each
     assert torch.isfinite(out).all() and len(grads) == 2 + 4 and all(g is not None for g in grads)
+
+
+def test_commit_is_the_checkout_of_fastkern_itself(tmp_path):
+    """A fastkern tree unpacked inside another repository's checkout (a copy in a subfolder)
+    records no commit rather than the outer repository's HEAD; its own checkout records its HEAD."""
+    from bench import schema
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                      text=True).stdout.strip() != str(root):
+        pytest.skip("this fastkern is not a git checkout of its own")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert schema.fastkern_commit().removesuffix("+dirty") == head
+    outer = tmp_path / "outer"
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    nested = outer / "snap"
+    for part in ("fastkern", "bench"):
+        shutil.copytree(root / part, nested / part, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import sys; sys.path.insert(0, '.'); from bench import schema; print(schema.fastkern_commit())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=nested, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
+    assert schema.fastkern_commit("abc123") == "abc123"

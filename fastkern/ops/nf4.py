@@ -28,9 +28,9 @@ from ..reference.nf4 import (  # noqa: F401  (NF4State is re-exported)
 from ._common import INT32_MAX, KERNEL_DTYPES, cdiv, check_tensor, device_guard, output_buffer
 
 # Weight elements per program and warps: 2048 elements = 1 KiB of codes in, 4 KiB of bf16 out, two
-# warps. The best of the bench/cases/nf4.py sweep with double quantization on the H100 (0.0551 ms for
-# 14336x4096, against 0.0566 for 8192 / 8 warps) and on the H200, and within 1% of the best without
-# it (docs/benchmarks.md has the numbers).
+# warps. Among the best of the bench/cases/nf4.py sweep with double quantization on the H100 (2048 to
+# 8192 elements with 2 or 4 warps all 0.056-0.057 ms for 14336x4096; 8 warps at 1024 elements 0.091)
+# and on the H200 (docs/benchmarks.md has the numbers).
 _DEQUANT_BLOCK = 2048
 _DEQUANT_WARPS = 2
 

@@ -66,13 +66,12 @@ _ROPE_LAYOUTS = ("half_split", "interleaved", "interleaved_from_half_split", "ha
 # One rope_if condition: an attribute (true when its value is) or "<attribute> is None".
 _CONDITION = re.compile(r"^([A-Za-z_]\w*)( is None)?$")
 # Per-head q/k norms inside the rope launch (``fastkern.ops.rope_qk_norm``) where both are patched.
-# Measured on an H100 (docs/rope_qk_norm.md): with the norm weights frozen (LoRA, QLoRA) the fused
-# fwd+bwd takes 0.61-0.64x the separate launches' GPU time and the GRPO/DPO steps ran faster with it;
-# with trainable norm weights (full fine-tuning) its weight-gradient reduction measured 1.5x slower than
-# the separate launches, so those keep the separate norms (FUSE_QK_NORM_TRAINABLE) until a GPU times
-# the reworked reduction. Benchmarks switch FUSE_QK_NORM per step (bench/e2e/grpo_dpo.py).
+# Measured on an H100 (docs/rope_qk_norm.md, GPU time of fwd+bwd): 0.61-0.64x the separate launches with
+# the norm weights frozen (LoRA, QLoRA), 0.66-0.72x with them trainable (full fine-tuning; the
+# weight-gradient reduction reworked after an earlier 1.5x-slower measurement). Both on; the switches
+# stay for benchmarks, which flip FUSE_QK_NORM per step (bench/e2e/grpo_dpo.py).
 FUSE_QK_NORM = True
-FUSE_QK_NORM_TRAINABLE = False
+FUSE_QK_NORM_TRAINABLE = True
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,16 @@
 """Which SDPA backend a patched attention call prefers.
 
 ``torch.nn.functional.scaled_dot_product_attention`` picks the first backend of a fixed priority list
-that accepts the inputs, FlashAttention-2 first on Hopper. On Hopper (compute capability 9.x) cuDNN's
-attention kernels accept the training shapes (bf16/fp16, causal, no mask, head_dim up to 128, GQA) and
+that accepts the inputs; the order differs between torch versions (torch 2.11 chooses cuDNN for the
+training shapes on an H100, docs/e2e.md). On Hopper (compute capability 9.x) cuDNN's attention kernels accept
+the training shapes (bf16/fp16, causal, no mask, head_dim up to 128, GQA) and
 are reported faster for fwd+bwd. ``preferred_backends(q, implementation)`` gives the context that puts
 cuDNN first for one call, as a *priority* (``sdpa_kernel(..., set_priority=True)``): a call cuDNN cannot
 take falls through to FlashAttention, memory-efficient and math exactly as it would unpatched. The choice
 is per call and per patched module: nothing process-wide changes, other models keep torch's order.
 
-``PREFER_CUDNN`` is the switch, off until a GPU measures it (docs/e2e.md names the measurement; benchmarks
-set it around their steps).
+``PREFER_CUDNN`` is the switch, off: on an H100 with torch 2.11 SDPA already chooses cuDNN for these calls,
+and the per-call context measured no faster end to end (docs/e2e.md; benchmarks set it around their steps).
 """
 
 from __future__ import annotations

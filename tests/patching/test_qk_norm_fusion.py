@@ -2,7 +2,7 @@
 
 Which attention modules fuse is decided per call (patching/attention.py, ``_fusable_qk_norm``): only where
 fastkern's norm patcher bound both norms, with one form and eps, no hooks on them, one dtype for q, k
-and both weights, and (by default, ``FUSE_QK_NORM_TRAINABLE``) both weights frozen. Everything else takes
+and both weights (trainable weights too unless ``FUSE_QK_NORM_TRAINABLE`` is off). Everything else takes
 the three-launch path, with the same result up to rounding.
 """
 
@@ -221,21 +221,22 @@ def test_fused_launch_under_compiled_layers(monkeypatch):
 
 
 @pytest.mark.module_defaults
-def test_by_default_frozen_norms_fuse_and_trainable_ones_do_not(monkeypatch):
-    # patch_model's defaults: LoRA / QLoRA (norm weights frozen) take the fused launch; full fine-tuning
-    # (norm weights trainable) keeps the separate norms, decided per call from requires_grad.
+def test_by_default_trainable_and_frozen_norms_fuse(monkeypatch):
+    # patch_model's defaults: the fused launch whether the norm weights train (full fine-tuning) or are
+    # frozen (LoRA, QLoRA); decided per call from requires_grad, same loss either way.
     ids = batch()
     model = tiny_model("qwen3")
     fastkern.patch_model(model)
     spy = CountingFusedCalls(monkeypatch)
-    train_step(model, ids)
-    assert spy.calls == 0
-    for layer in model.model.layers:
-        layer.self_attn.q_norm.weight.requires_grad_(False)
-        layer.self_attn.k_norm.weight.requires_grad_(False)
     want, _ = train_step(tiny_model("qwen3"), ids)
     got, _ = train_step(model, ids)
     assert spy.calls == len(model.model.layers)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for layer in model.model.layers:
+        layer.self_attn.q_norm.weight.requires_grad_(False)
+        layer.self_attn.k_norm.weight.requires_grad_(False)
+    got, _ = train_step(model, ids)
+    assert spy.calls == 2 * len(model.model.layers)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
