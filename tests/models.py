@@ -12,9 +12,10 @@ import transformers
 from fastkern.patching.specs import load_specs
 
 FAMILIES = [s.family for s in load_specs()]
-# Families whose attention runs under eager only in these tests: transformers' sdpa refuses Gemma2's logit
-# softcap, and gpt-oss's attention sinks exist only in its eager function (and flash/flex kernels).
-EAGER_ONLY = {"gemma2", "gpt_oss"}
+# Families whose attention runs under eager only in these tests: transformers' sdpa refuses Gemma2's and
+# VaultGemma's logit softcap, and gpt-oss's attention sinks exist only in its eager function (and
+# flash/flex kernels).
+EAGER_ONLY = {"gemma2", "gpt_oss", "vaultgemma"}
 # The MoE families (stacked experts in [moe_experts], or a loss section that passes the router logits on).
 # transformers' MoE experts run grouped_mm, which has no float64 kernel: these families have no float64
 # reference run (the accuracy-rule tests use the others).
@@ -42,6 +43,7 @@ TINY_CONFIGS = {
     "gemma": (transformers.GemmaConfig, dict(head_dim=16)),
     "gemma2": (transformers.Gemma2Config, dict(head_dim=16)),
     "gemma3": (transformers.Gemma3TextConfig, dict(head_dim=16)),
+    "olmo": (transformers.OlmoConfig, dict(_SPECIAL, clip_qkv=1.0)),  # q, k, v clamped at 1.0; LayerNorm
     "olmo2": (transformers.Olmo2Config, dict(_SPECIAL)),
     "olmo3": (transformers.Olmo3Config, dict(_SPECIAL, layer_types=["sliding_attention", "full_attention"],
                                              sliding_window=4)),
@@ -63,8 +65,22 @@ TINY_CONFIGS = {
     "hunyuan_v1_dense": (transformers.HunYuanDenseV1Config, dict(_SPECIAL, head_dim=16)),  # q/k norms after rope
     "exaone4": (transformers.Exaone4Config, dict(_SPECIAL, layer_types=["sliding_attention", "full_attention"],
                                                  sliding_window=4)),
+    # one window (4) for every layer; biases on q/k/v/o; LayerNorm and a plain MLP (not patched)
+    "starcoder2": (transformers.Starcoder2Config, dict(_SPECIAL, sliding_window=4, attention_dropout=0.0,
+                                                       residual_dropout=0.0, embedding_dropout=0.0)),
+    # partial rotary (0.25 by default), q/k/v biases; LayerNorm (not patched)
+    "stablelm": (transformers.StableLmConfig, dict(_SPECIAL, use_qkv_bias=True)),
+    # dense MLPs (is_moe off); dynamic mask attention (not patched)
+    "doge": (transformers.DogeConfig, dict(_SPECIAL, head_dim=16, keep_window_size=4)),
     "ernie4_5": (transformers.Ernie4_5Config, dict(_SPECIAL, head_dim=16)),
     "arcee": (transformers.ArceeConfig, dict(_SPECIAL, head_dim=16)),  # relu2 MLP, not gated
+    # layer 0 sliding (window 4), layer 1 full; attention logit softcap, final logit softcap
+    "vaultgemma": (transformers.VaultGemmaConfig, dict(_SPECIAL, head_dim=16, sliding_window=4,
+                                                       layer_types=["sliding_attention", "full_attention"])),
+    "ministral": (transformers.MinistralConfig, dict(_SPECIAL, head_dim=16, sliding_window=4,
+                                                     layer_types=["sliding_attention", "full_attention"])),
+    "ministral3": (transformers.Ministral3Config, dict(_SPECIAL, head_dim=16)),  # attention not patched
+    "apertus": (transformers.ApertusConfig, dict(_SPECIAL, head_dim=16)),  # xIELU MLP, not gated; q/k norms
     # layer 1 MoE (shared expert + 4 experts, top 1), layer 0 dense; layer 1 NoPE with chunked attention in
     # layer 0 (chunk 4 of the 11-token batches)
     "llama4": (transformers.Llama4TextConfig, dict(_SPECIAL, head_dim=16, intermediate_size=32,
@@ -141,6 +157,25 @@ TINY_CONFIGS = {
     "granitemoeshared": (transformers.GraniteMoeSharedConfig, dict(
         _SPECIAL, num_local_experts=4, shared_intermediate_size=48, embedding_multiplier=2.0,
         residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0, **_MOE)),
+    # every layer MoE (4 experts, sparsemixer top 2); sliding window 4; LayerNorm (not patched). Sparsemixer's
+    # routing weight is a softmax over the logits within 2 * router_jitter_noise (relative) of the best, a
+    # threshold where rounding differences change a weight: 0 here keeps patched and unpatched routing equal
+    "phimoe": (transformers.PhimoeConfig, dict(_SPECIAL, num_local_experts=4, sliding_window=4,
+                                               router_jitter_noise=0.0, **_MOE)),
+    # every layer MoE (4 experts, sigmoid router); q/k norms over the whole projection, partial rotary
+    "minimax_m2": (transformers.MiniMaxM2Config, dict(_SPECIAL, head_dim=16, partial_rotary_factor=0.5,
+                                                      num_local_experts=4, intermediate_size=32, **_MOE)),
+    # layer 0 dense, layer 1 MoE (4 routed experts in 2 groups, a shared one); multi-head latent attention
+    # (not patched; as many kv heads as heads)
+    "glm4_moe_lite": (transformers.Glm4MoeLiteConfig, dict(
+        _SPECIAL, num_key_value_heads=4, mlp_layer_types=["dense", "sparse"], n_routed_experts=4,
+        n_shared_experts=1, moe_intermediate_size=32, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **_MOE)),
+    # layer 0 dense and sliding (window 4, rope), layer 1 MoE (4 experts, a shared one) and full (NoPE);
+    # attention not patched (gated output)
+    "afmoe": (transformers.AfmoeConfig, dict(
+        _SPECIAL, head_dim=16, num_dense_layers=1, num_experts=4, num_shared_experts=1, moe_intermediate_size=32,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4, **_MOE)),
     "gpt_oss": (transformers.GptOssConfig, dict(_SPECIAL, head_dim=16, num_local_experts=4, sliding_window=4,
                                                 layer_types=["sliding_attention", "full_attention"], **_MOE)),
 }

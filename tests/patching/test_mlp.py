@@ -12,7 +12,8 @@ from tests.models import batch, families_with, family_spec, tiny_model
 from tests.models import logits_loss_grads as run
 from tests.oracle import assert_close, assert_same_fp32_run
 
-EXPECTED = {f: "swiglu" for f in ("llama", "mistral", "qwen2", "qwen3")} | {f: "geglu(tanh)" for f in ("gemma", "gemma2", "gemma3")}
+EXPECTED = {f: "swiglu" for f in ("llama", "mistral", "qwen2", "qwen3")} | {
+    f: "geglu(tanh)" for f in ("gemma", "gemma2", "gemma3", "vaultgemma")}
 
 
 def mlp_modules(model):

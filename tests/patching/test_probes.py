@@ -47,7 +47,8 @@ DENSE = {"qwen3_moe": dict(mlp_only_layers=[0, 1]), "qwen2_moe": dict(mlp_only_l
          "deepseek_v3": dict(first_k_dense_replace=2), "deepseek_v2": dict(first_k_dense_replace=2),
          "ernie4_5_moe": dict(moe_layer_start_index=2), "dots1": dict(first_k_dense_replace=2),
          "exaone_moe": dict(mlp_layer_types=["dense", "dense"]),
-         "cohere2_moe": dict(mlp_layer_types=["dense", "dense"])}
+         "cohere2_moe": dict(mlp_layer_types=["dense", "dense"]),
+         "glm4_moe_lite": dict(mlp_layer_types=["dense", "dense"]), "afmoe": dict(num_dense_layers=2)}
 # Every layer MoE and no dense-only config: LoRA on the attention projections only (the gate/up
 # projections would bring PEFT's expert LoRA in).
 ATTENTION_ONLY = {"hunyuan_v1_moe", "solar_open"}

@@ -17,10 +17,11 @@ from tests.patching.test_checkpointing import enable, grads, layers
 DENSE = [f for f in FAMILIES if f not in MOE]
 # Layers whose MLP output goes straight into the final residual add (cohere adds attention and MLP
 # outputs to the residual in one expression, which still ends in an add of the MLP's node).
-# Phi-3's dropout on the MLP output, and Seed-OSS's residual_dropout, are p = 0 in these configs (no
-# autograd node; test_output_dropout_keeps_the_last_projection covers p > 0).
-ENDS_IN_ADD = {"cohere", "cohere2", "ernie4_5", "gemma", "glm", "helium", "hunyuan_v1_dense", "llama", "mistral",
-               "phi3", "qwen2", "qwen3", "qwen3_5", "seed_oss", "smollm3"}
+# Phi-3's dropout on the MLP output, Seed-OSS's residual_dropout and StableLM's hidden_dropout are p = 0 in
+# these configs (no autograd node; test_output_dropout_keeps_the_last_projection covers p > 0).
+ENDS_IN_ADD = {"cohere", "cohere2", "ernie4_5", "gemma", "glm", "helium", "hunyuan_v1_dense", "llama", "ministral",
+               "ministral3", "mistral", "olmo", "phi3", "qwen2", "qwen3", "qwen3_5", "seed_oss", "smollm3", "stablelm",
+               "vaultgemma"}
 
 
 def _lora(model, seed=1):
