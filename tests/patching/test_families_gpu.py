@@ -15,6 +15,7 @@ import torch
 
 import fastkern
 from tests.models import FAMILIES, batch, tiny_model
+from tests.oracle import rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -27,10 +28,6 @@ def _logits_loss_grads(model, ids):
     loss.backward()
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
     return logits, loss.detach().float(), grads
-
-
-def _relative(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -46,5 +43,5 @@ def test_bf16_patched_family_on_the_gpu(family):
     got = _logits_loss_grads(patched, ids)
     for what, w, b, g in zip(("logits", "loss", "grads"), want, base, got):
         assert torch.isfinite(g).all(), f"{family}: non-finite {what}"
-        bound = 2.0 * _relative(b, w) + 2e-3
-        assert _relative(g, w) <= bound, f"{family} {what}: patched {_relative(g, w):.3e} vs fp32, bound {bound:.3e}"
+        bound = 2.0 * rel_err(b, w) + 2e-3
+        assert rel_err(g, w) <= bound, f"{family} {what}: patched {rel_err(g, w):.3e} vs fp32, bound {bound:.3e}"
