@@ -20,6 +20,8 @@ process gives each variant its own peak memory):
   fastkern-cudnn-attention  the defaults with cuDNN put first among SDPA's backends for the patched
                        attention calls (fastkern/patching/sdpa_backend.py, PREFER_CUDNN); fastkern-flash-attention
                        the defaults with torch's own order (FlashAttention first)
+  fastkern-separate-qk-norm  the defaults, but trainable per-head q/k norms (Qwen3, ``--family qwen3``) run as
+                       their own modules instead of inside the rope launch (FUSE_QK_NORM_TRAINABLE off)
   fastkern-dequantize-again  the defaults, but NF4 projections dequantize their weight again in backward
                        instead of reusing the checkpoint rerun's (attribution of that reuse; qlora mode)
   reference            unpatched, fp32 weights, TF32 off: the high-precision run the loss rule uses
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import shutil
 import statistics
@@ -54,7 +57,8 @@ from bench.e2e import common
 
 VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
             "fastkern-offload", "fastkern-torch-checkpoint", "fastkern-dequantize-again", "fastkern-full-rerun",
-            "fastkern-separate-projections", "fastkern-cudnn-attention", "fastkern-flash-attention", "reference"]
+            "fastkern-separate-projections", "fastkern-cudnn-attention", "fastkern-flash-attention", "fastkern-separate-qk-norm",
+            "reference"]
 # Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
 # compiles the whole model) always get their own process; with --shared-process the others share one.
 ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
@@ -67,6 +71,10 @@ def _model(args, mode, dtype, device):
 
     from fastkern.demo import build_model
 
+    if args.family == "qwen3":
+        if mode == "qlora":
+            raise SystemExit("--family qwen3 runs the lora, full and packed modes")
+        return _qwen3_model(args.size, args.vocab, dtype).to(device)
     if mode != "qlora":
         return build_model(args.size, args.vocab, dtype).to(device)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -80,8 +88,24 @@ def _model(args, mode, dtype, device):
     return AutoModelForCausalLM.from_pretrained(saved, quantization_config=quant, dtype=dtype, device_map={"": place})
 
 
+def _qwen3_model(size: str, vocab: int, dtype):
+    """A Qwen3-shaped model of the demo's size: the Llama dimensions plus Qwen3's per-head q/k RMSNorms
+    (what ``fastkern-separate-qk-norm`` is measured on)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fastkern.demo_common import SIZES
+
+    dims = SIZES[size]
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=vocab, max_position_embeddings=8192, head_dim=dims["hidden_size"] // dims["num_attention_heads"],
+                         tie_word_embeddings=False, **dims)
+    return Qwen3ForCausalLM(config).to(dtype)
+
+
 def shape_text(args) -> str:
-    return f"{args.size} B{args.batch} T{args.length}"
+    family = "" if args.family == "llama" else f"{args.family} "
+    return f"{family}{args.size} B{args.batch} T{args.length}"
 
 
 def worker(args) -> dict:
@@ -107,11 +131,16 @@ def worker(args) -> dict:
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     report = None
+    # "fastkern-separate-qk-norm": trainable per-head q/k norms run as their own modules instead of inside
+    # the rope launch (fastkern/patching/attention.py, FUSE_QK_NORM_TRAINABLE, read per call); restored
+    # after the variant like the attribution switches below.
+    attention_patching = importlib.import_module("fastkern.patching.attention")
+    attention_patching.FUSE_QK_NORM_TRAINABLE = variant != "fastkern-separate-qk-norm"
     patch_options = {"fastkern-offload": {"checkpointing": "offload"}, "fastkern-compile": {"compile": True},
                      "fastkern-torch-checkpoint": {"checkpointing": False}}.get(variant, {})
     if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-torch-checkpoint",
                    "fastkern-dequantize-again", "fastkern-full-rerun", "fastkern-separate-projections",
-                   "fastkern-cudnn-attention", "fastkern-flash-attention"):
+                   "fastkern-cudnn-attention", "fastkern-flash-attention", "fastkern-separate-qk-norm"):
         report = fastkern.patch_model(model, **patch_options)
     callbacks = [timer := step_timer()]
     if args.profile:
@@ -159,6 +188,7 @@ def worker(args) -> dict:
         rerun_tail.SKIP_LAST_PROJECTION = True
         lora_patching.GROUP_PROJECTIONS = True
         sdpa_backend.PREFER_CUDNN = prefer_cudnn
+        attention_patching.FUSE_QK_NORM_TRAINABLE = True
     shutil.rmtree(out_dir, ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     warm = timer.times[2:] if len(timer.times) > 4 else timer.times
@@ -200,6 +230,14 @@ def _profiler_callback(base, out, label, first=4, steps=3):
                 print(f"[profile {label}] wall {wall * 1e3:.1f} ms/step, device busy {device:.1f} ms/step, "
                       f"CPU ops {sum(e.count for e in events if e.device_type.name == 'CPU') / steps:.0f}/step")
                 print(events.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60))
+                if out:  # every kernel and operator, per step, to diff two variants row by row
+                    rows = [{"name": e.key, "kind": e.device_type.name, "count": e.count / steps,
+                             "self_device_ms": e.self_device_time_total / steps / 1e3,
+                             "device_ms": e.device_time_total / steps / 1e3,
+                             "self_cpu_ms": e.self_cpu_time_total / steps / 1e3} for e in events]
+                    os.makedirs(out, exist_ok=True)
+                    with open(os.path.join(out, f"profile-{label}.json"), "w") as f:
+                        json.dump({"label": label, "wall_ms": wall * 1e3, "device_busy_ms": device, "rows": rows}, f)
                 self.prof = None
 
     return ProfileSteps()
@@ -283,6 +321,8 @@ def parse_args(argv=None):
     parser.add_argument("--reference-steps", type=int, default=30)
     parser.add_argument("--accuracy", action="store_true", help="every variant runs --reference-steps steps")
     parser.add_argument("--size", default="1b")
+    parser.add_argument("--family", default="llama", choices=["llama", "qwen3"],
+                        help="llama (Llama-3.2-1B shape at --size 1b) or qwen3 (the same dimensions with per-head q/k norms)")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=2)
@@ -313,7 +353,7 @@ def parse_args(argv=None):
 def worker_command(args, mode: str, group: list[str], result: str) -> list[str]:
     cmd = [sys.executable, "-m", "bench.e2e.sft", "--mode", mode, "--variant", ",".join(group), "--result", result,
            "--work", args.work, "--steps", str(args.steps), "--reference-steps", str(args.reference_steps),
-           "--size", args.size, "--vocab", str(args.vocab), "--length", str(args.length), "--batch", str(args.batch)]
+           "--size", args.size, "--family", args.family, "--vocab", str(args.vocab), "--length", str(args.length), "--batch", str(args.batch)]
     cmd += ["--accuracy"] if args.accuracy else []
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--profile", "--out", args.out] if args.profile else []
