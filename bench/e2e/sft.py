@@ -210,9 +210,31 @@ def _profiler_callback(base, out, label, first=4, steps=3):
 
     class ProfileSteps(base):
         def __init__(self):
-            self.prof, self.t0 = None, 0.0
+            self.prof, self.t0, self.trace, self.handles = None, 0.0, [], []
+
+        def _mark(self, what):
+            self.trace.append((what, torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30))
+
+        def _trace_memory(self, model):
+            """Allocated memory at each decoder layer's forward (and checkpoint rerun) and at the start of its
+            backward, for one step: where in the step the peak sits, and what the checkpoints cost."""
+            layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+            for i, layer in enumerate(layers):
+                def hook(module, args, out, i=i):
+                    # a layer's second forward in the step is its checkpoint rerun in backward
+                    self._mark(f"{'rerun' if any(w == f'fwd {i}' for w, _, _ in self.trace) else 'fwd'} {i}")
+                    t = out[0] if isinstance(out, tuple) else out
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        t.register_hook(lambda g, i=i: self._mark(f"bwd {i}"))
+                self.handles.append(layer.register_forward_hook(hook))
 
         def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == first - 1 and out:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                self.trace = []
+                self._mark("step begin")
+                self._trace_memory(kw["model"])
             if state.global_step == first:
                 torch.cuda.synchronize()
                 self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
@@ -220,6 +242,19 @@ def _profiler_callback(base, out, label, first=4, steps=3):
                 self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            if self.handles:
+                torch.cuda.synchronize()
+                self._mark("step end")
+                for h in self.handles:
+                    h.remove()
+                self.handles = []
+                peak = max(t[2] for t in self.trace)
+                at_peak = next(t[0] for t in self.trace if t[2] >= peak)
+                print(f"[memory {label}] step peak {peak:.2f} GiB, first reached by '{at_peak}'; allocated at "
+                      + ", ".join(f"{w} {a:.2f}" for w, a, _ in self.trace if not w.startswith("rerun")))
+                os.makedirs(out, exist_ok=True)
+                with open(os.path.join(out, f"memory-{label}.json"), "w") as f:
+                    json.dump({"label": label, "trace": self.trace}, f)
             if self.prof is not None and state.global_step == first + steps:
                 torch.cuda.synchronize()
                 wall = (time.perf_counter() - self.t0) / steps
