@@ -59,3 +59,17 @@ def test_tiny_run_writes_schema_rows(tmp_path):
     assert "swiglu" in rows[1]["extra"]["report"] and rows[0]["extra"]["report"] == ""
     assert "| fastkern |" in (tmp_path / "sft.md").read_text()
     assert json.loads((tmp_path / "sft.json").read_text())["schema"] == schema.SCHEMA
+
+
+@pytest.mark.slow
+def test_tiny_qwen3_run_separates_the_qk_norms_only_in_its_variant(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.e2e.sft", "--tiny", "--family", "qwen3", "--modes", "full",
+                           "--variants", "fastkern,fastkern-separate-qk-norm", "--shared-process", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    fused, separate = schema.read(tmp_path / "sft.json")
+    assert fused["shape"].startswith("qwen3 ") and fused["error"] is None and separate["error"] is None
+    # Full fine-tuning: the q/k norm weights are trainable, so only the default variant fuses them into rope.
+    assert "with the per-head q/k norms in the same launch" in fused["extra"]["report"]
+    assert "join the launch while their weights are frozen" in separate["extra"]["report"]
+    assert math.isfinite(fused["loss"]) and math.isfinite(separate["loss"])
