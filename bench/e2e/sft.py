@@ -22,6 +22,8 @@ process gives each variant its own peak memory):
                        the defaults with torch's own order (FlashAttention first)
   fastkern-separate-qk-norm  the defaults, but trainable per-head q/k norms (Qwen3, ``--family qwen3``) run as
                        their own modules instead of inside the rope launch (FUSE_QK_NORM_TRAINABLE off)
+  fastkern-keep-last-2, fastkern-keep-last-4  the defaults, with the last 2 / 4 decoder layers not
+                       checkpointed (attribution: the recompute they skip, the peak they add)
   fastkern-dequantize-again  the defaults, but NF4 projections dequantize their weight again in backward
                        instead of reusing the checkpoint rerun's (attribution of that reuse; qlora mode)
   reference            unpatched, fp32 weights, TF32 off: the high-precision run the loss rule uses
@@ -58,7 +60,7 @@ from bench.e2e import common
 VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
             "fastkern-offload", "fastkern-torch-checkpoint", "fastkern-dequantize-again", "fastkern-full-rerun",
             "fastkern-separate-projections", "fastkern-cudnn-attention", "fastkern-flash-attention", "fastkern-separate-qk-norm",
-            "reference"]
+            "fastkern-keep-last-2", "fastkern-keep-last-4", "reference"]
 # Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
 # compiles the whole model) always get their own process; with --shared-process the others share one.
 ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
@@ -140,9 +142,12 @@ def worker(args) -> dict:
                      "fastkern-torch-checkpoint": {"checkpointing": False}}.get(variant, {})
     if variant in ("fastkern", "fastkern+compile", "fastkern-offload", "fastkern-compile", "fastkern-torch-checkpoint",
                    "fastkern-dequantize-again", "fastkern-full-rerun", "fastkern-separate-projections",
-                   "fastkern-cudnn-attention", "fastkern-flash-attention", "fastkern-separate-qk-norm"):
+                   "fastkern-cudnn-attention", "fastkern-flash-attention", "fastkern-separate-qk-norm",
+                   "fastkern-keep-last-2", "fastkern-keep-last-4"):
         report = fastkern.patch_model(model, **patch_options)
     callbacks = [timer := step_timer()]
+    if variant.startswith("fastkern-keep-last-"):
+        callbacks.append(_keep_last_callback(int(variant.rsplit("-", 1)[1])))
     if args.profile:
         from transformers import TrainerCallback
 
@@ -200,6 +205,21 @@ def worker(args) -> dict:
         throughput=tokens / step_s if step_s else None, throughput_unit="tokens/s",
         loss=losses[-1] if losses else None, error=error, losses=losses, step_times_s=list(timer.times),
         report=str(report) if report is not None else "", **(common.peak(device) if error is None else {}))
+
+
+def _keep_last_callback(k: int):
+    """Attribution only: once the Trainer has turned gradient checkpointing on, the last ``k`` decoder
+    layers run without it (their activations are kept from forward to backward; they are the first
+    freed in backward). What skipping their recompute saves, and whether the step's peak moves."""
+    from transformers import TrainerCallback
+
+    class KeepLast(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+            for layer in layers[len(layers) - k:]:
+                layer.gradient_checkpointing = False
+
+    return KeepLast()
 
 
 def _profiler_callback(base, out, label, first=4, steps=3):
