@@ -73,3 +73,37 @@ def test_tiny_qwen3_run_separates_the_qk_norms_only_in_its_variant(tmp_path):
     assert "with the per-head q/k norms in the same launch" in fused["extra"]["report"]
     assert "join the launch while their weights are frozen" in separate["extra"]["report"]
     assert math.isfinite(fused["loss"]) and math.isfinite(separate["loss"])
+
+
+def test_profile_memory_trace_marks_each_layer_forward_rerun_and_backward(tmp_path, monkeypatch):
+    """The --profile memory trace (CUDA counters, faked here): one mark per decoder layer's forward and at
+    the start of its backward, written to memory-<label>.json, hooks removed afterwards."""
+    import torch
+    from transformers import TrainerCallback
+
+    from tests.models import tiny_model
+
+    allocated = iter(range(10_000))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: next(allocated) * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 5 * 2**30)
+    model = tiny_model("llama", dtype=torch.float32).train()
+    model.gradient_checkpointing_enable()
+    callback = sft._profiler_callback(TrainerCallback, str(tmp_path), "full-x", first=1, steps=1)
+    state = type("State", (), {"global_step": 0})()
+    callback.on_step_begin(None, state, None, model=model)
+    ids = torch.randint(0, 100, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    state.global_step = 1
+    callback.on_step_end(None, state, None, model=model)
+    trace = [w for w, _, _ in json.loads((tmp_path / "memory-full-x.json").read_text())["trace"]]
+    layers = model.config.num_hidden_layers
+    assert trace[0] == "step begin" and trace[-1] == "step end"
+    assert trace[1:1 + layers] == [f"fwd {i}" for i in range(layers)]
+    backward = [w for w in trace if w.startswith("bwd")]
+    assert backward == [f"bwd {i}" for i in reversed(range(layers))]  # each layer's backward, last layer first
+    # A checkpoint rerun shows as a second forward of a layer where transformers' checkpoint wraps the module
+    # call (5.17); where it wraps `forward` (5.23+) the hooks see only the first.
+    assert all(w.startswith(("fwd", "bwd", "rerun")) for w in trace[1:-1])
+    assert not callback.handles  # hooks removed after the traced step
