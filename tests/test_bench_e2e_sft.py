@@ -64,7 +64,8 @@ def test_tiny_run_writes_schema_rows(tmp_path):
 @pytest.mark.slow
 def test_tiny_qwen3_run_separates_the_qk_norms_only_in_its_variant(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.e2e.sft", "--tiny", "--family", "qwen3", "--modes", "full",
-                           "--variants", "fastkern,fastkern-separate-qk-norm", "--shared-process", "--out", str(tmp_path)],
+                           "--variants", "fastkern,fastkern-separate-qk-norm", "--shared-process",
+                           "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     fused, separate = schema.read(tmp_path / "sft.json")

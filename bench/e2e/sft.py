@@ -59,8 +59,8 @@ from bench.e2e import common
 
 VARIANTS = ["trl", "trl+liger", "fastkern", "fastkern-after-init", "fastkern-compile", "fastkern+compile",
             "fastkern-offload", "fastkern-torch-checkpoint", "fastkern-dequantize-again", "fastkern-full-rerun",
-            "fastkern-separate-projections", "fastkern-cudnn-attention", "fastkern-flash-attention", "fastkern-separate-qk-norm",
-            "fastkern-keep-last-2", "fastkern-keep-last-4", "reference"]
+            "fastkern-separate-projections", "fastkern-cudnn-attention", "fastkern-flash-attention",
+            "fastkern-separate-qk-norm", "fastkern-keep-last-2", "fastkern-keep-last-4", "reference"]
 # Variants that change process-wide state (Liger patches transformers' classes; TRL's torch_compile
 # compiles the whole model) always get their own process; with --shared-process the others share one.
 ISOLATED = {"trl+liger", "fastkern+compile", "reference"}
@@ -100,8 +100,9 @@ def _qwen3_model(size: str, vocab: int, dtype):
 
     dims = SIZES[size]
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=vocab, max_position_embeddings=8192, head_dim=dims["hidden_size"] // dims["num_attention_heads"],
-                         tie_word_embeddings=False, **dims)
+    head_dim = dims["hidden_size"] // dims["num_attention_heads"]
+    config = Qwen3Config(vocab_size=vocab, max_position_embeddings=8192, head_dim=head_dim, tie_word_embeddings=False,
+                         **dims)
     return Qwen3ForCausalLM(config).to(dtype)
 
 
@@ -377,7 +378,8 @@ def parse_args(argv=None):
     parser.add_argument("--accuracy", action="store_true", help="every variant runs --reference-steps steps")
     parser.add_argument("--size", default="1b")
     parser.add_argument("--family", default="llama", choices=["llama", "qwen3"],
-                        help="llama (Llama-3.2-1B shape at --size 1b) or qwen3 (the same dimensions with per-head q/k norms)")
+                        help="llama (Llama-3.2-1B shape at --size 1b) or qwen3 (the same dimensions with per-head "
+                             "q/k norms)")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=2)
@@ -408,7 +410,8 @@ def parse_args(argv=None):
 def worker_command(args, mode: str, group: list[str], result: str) -> list[str]:
     cmd = [sys.executable, "-m", "bench.e2e.sft", "--mode", mode, "--variant", ",".join(group), "--result", result,
            "--work", args.work, "--steps", str(args.steps), "--reference-steps", str(args.reference_steps),
-           "--size", args.size, "--family", args.family, "--vocab", str(args.vocab), "--length", str(args.length), "--batch", str(args.batch)]
+           "--size", args.size, "--family", args.family, "--vocab", str(args.vocab), "--length", str(args.length),
+           "--batch", str(args.batch)]
     cmd += ["--accuracy"] if args.accuracy else []
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--profile", "--out", args.out] if args.profile else []
