@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .offload.offloader import DEFAULT_MIN_BYTES
 from .ops.linear_cross_entropy import CHUNK_BYTES_CAP
 from .ops.tiled_mlp import DEFAULT_TILE_BYTES, ROW_MULTIPLE
 from .patching.tiled_mlp import AUTO_BYTES
@@ -191,18 +192,20 @@ def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
         raise ValueError(f"fastkern.plan_memory: {name} must be {what}, got {value!r}")
 
 
-def _options(options: dict | None) -> tuple[str | None, Any, bool, int | None, bool]:
+def _options(options: dict | None) -> tuple[str | None, Any, bool, int | None, bool, int]:
     """(checkpointing: "offload" / "device" / None, tiled_mlp, fused mlp, host_bytes from the option, fused
-    loss). patch_model's "recompute" keeps the checkpoints on the device: "device" here."""
+    loss, min_bytes from the option). patch_model's "recompute" keeps the checkpoints on the device: "device"
+    here."""
     merged = {**DEFAULT_OPTIONS, **(options or {})}
     unknown = set(merged) - set(DEFAULT_OPTIONS)
     if unknown:
         raise ValueError(f"fastkern.plan_memory: unknown options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
-    ckpt, option_host = merged["checkpointing"], None
+    ckpt, option_host, option_min = merged["checkpointing"], None, DEFAULT_MIN_BYTES
     if isinstance(ckpt, dict):
         from .patching.checkpointing import _offloader_kwargs
 
-        option_host = _offloader_kwargs(ckpt).get("host_bytes")  # validates like patch_model
+        kwargs = _offloader_kwargs(ckpt)  # validates like patch_model
+        option_host, option_min = kwargs.get("host_bytes"), kwargs.get("min_bytes", DEFAULT_MIN_BYTES)
         ckpt = "offload"
     if ckpt == "recompute":
         ckpt = "device"
@@ -214,7 +217,7 @@ def _options(options: dict | None) -> tuple[str | None, Any, bool, int | None, b
     tiled = merged["tiled_mlp"]
     if not (tiled in ("auto", True, False, None) or (isinstance(tiled, int) and not isinstance(tiled, bool) and tiled >= 0)):
         raise ValueError(f'fastkern.plan_memory: options["tiled_mlp"] must be "auto", True, False or an int >= 0, got {tiled!r}')
-    return (ckpt or None), tiled, bool(merged["mlp"]), option_host, bool(merged["loss"])
+    return (ckpt or None), tiled, bool(merged["mlp"]), option_host, bool(merged["loss"]), option_min
 
 
 def _tiled(tiled, tokens: int, shape: Shape) -> bool:
@@ -236,7 +239,8 @@ def _tiling_threshold(tiled, shape: Shape) -> int | None:
 
 
 def _evaluate(shape: Shape, seq_len: int, batch: int, rank: int | None, qlora: bool, ckpt: str | None, tiled_opt,
-              fused_mlp: bool, host_bytes: int | None, fused_loss: bool = True) -> tuple[int, int, int, bool, dict[str, int]]:
+              fused_mlp: bool, host_bytes: int | None, fused_loss: bool = True,
+              min_bytes: int = 0) -> tuple[int, int, int, bool, dict[str, int]]:
     a, h, i, hd = ACT_BYTES, shape.hidden, shape.intermediate, shape.head_dim
     q_width, kv_width = shape.heads * hd, shape.kv_heads * hd
     t = batch * seq_len  # one padding-free row or a batch: what counts is the tokens per step
@@ -269,6 +273,8 @@ def _evaluate(shape: Shape, seq_len: int, batch: int, rank: int | None, qlora: b
         layer_saved += t * 3 * i * a
     checkpoint = t * h * a
     layers_on_host = 0
+    if ckpt == "offload" and checkpoint < min_bytes:
+        ckpt = "device"  # the offloader keeps saved tensors below min_bytes on the device
     if ckpt == "offload":
         per_layer_host = pinned_bytes(checkpoint)
         layers_on_host = shape.layers if host_bytes is None else min(shape.layers, host_bytes // per_layer_host)
@@ -338,17 +344,23 @@ def plan_memory(model_or_config, seq_len: int, *, batch: int = 1, lora_rank: int
     _check_int("host_bytes", host_bytes, 0, optional=True)
     if qlora and lora_rank is None:
         raise ValueError("fastkern.plan_memory: qlora=True trains LoRA adapters on the NF4 weights; pass lora_rank")
-    ckpt, tiled_opt, fused, option_host, fused_loss = _options(options)
+    ckpt, tiled_opt, fused, option_host, fused_loss, min_bytes = _options(options)
     if host_bytes is None:
         host_bytes = option_host
 
     def evaluate(length: int):
-        return _evaluate(shape, length, batch, lora_rank, qlora, ckpt, tiled_opt, fused, host_bytes, fused_loss)
+        return _evaluate(shape, length, batch, lora_rank, qlora, ckpt, tiled_opt, fused, host_bytes, fused_loss,
+                         min_bytes)
 
     device, host, on_host, tiled, terms = evaluate(seq_len)
     longest = None
     if device_bytes is not None:
-        longest = _longest(lambda n: evaluate(n)[0] <= device_bytes, _tiling_threshold(tiled_opt, shape), batch)
+        # The prediction drops where the MLP starts tiling and where offloading starts (the layer inputs
+        # reach min_bytes): the last token counts before each switch.
+        switches = [_tiling_threshold(tiled_opt, shape)]
+        if ckpt == "offload" and min_bytes > 0:
+            switches.append((min_bytes - 1) // (shape.hidden * ACT_BYTES))
+        longest = _longest(lambda n: evaluate(n)[0] <= device_bytes, switches, batch)
     return MemoryPlan(seq_len=seq_len, batch=batch, device_peak_bytes=device, host_peak_bytes=host,
                       layers_on_host=on_host, layers_on_device=shape.layers - on_host if ckpt == "offload" else
                       (shape.layers if ckpt == "device" else 0), tiled_mlp=tiled, terms=terms,
@@ -359,14 +371,15 @@ def plan_memory(model_or_config, seq_len: int, *, batch: int = 1, lora_rank: int
 SEARCH_LIMIT = 1 << 31
 
 
-def _longest(fits, threshold_tokens: int | None, batch: int) -> int:
+def _longest(fits, threshold_tokens: list[int | None], batch: int) -> int:
     """Largest seq_len in [1, SEARCH_LIMIT] with ``fits``, 0 if none. ``fits`` is monotone (true then false)
-    on each side of the tiled-MLP switch, where the prediction drops (the MLP stops holding [T, I]
-    tensors), so each side is searched on its own and the longer answer is kept."""
-    pieces = [(1, SEARCH_LIMIT)]
-    if threshold_tokens is not None:
-        cut = threshold_tokens // batch  # the last seq_len whose batch x seq_len tokens run untiled
-        pieces = [(1, cut), (cut + 1, SEARCH_LIMIT)] if cut >= 1 else [(1, SEARCH_LIMIT)]
+    between the switches where the prediction drops (the tiled-MLP switch: the MLP stops holding [T, I]
+    tensors; the offload switch: the checkpoints leave the device), so each piece is searched on its own and
+    the longest answer is kept. ``threshold_tokens``: the last token count before each switch (None: none)."""
+    # the last seq_len whose batch x seq_len tokens are before each switch
+    cuts = sorted({t // batch for t in threshold_tokens if t is not None and 1 <= t // batch < SEARCH_LIMIT})
+    starts = [1] + [c + 1 for c in cuts]
+    pieces = list(zip(starts, cuts + [SEARCH_LIMIT]))
     best = 0
     for lo, hi in pieces:
         if lo > hi or not fits(lo):

@@ -72,6 +72,8 @@ def test_patch_options_per_variant():
     assert long_context.patch_options("defaults", "off") == {"tiled_mlp": False}
     assert long_context.patch_options("long") == {"tiled_mlp": "auto", "checkpointing": "offload"}
     assert long_context.patch_options("long", "on", 2.0)["checkpointing"] == {"offload": True, "host_bytes": 2 << 30}
+    assert long_context.patch_options("long", "auto", None, 256)["checkpointing"] == {"offload": True,
+                                                                                  "min_bytes": 256 << 20}
 
 
 def test_qwen3_8b_shape_is_built_as_named():

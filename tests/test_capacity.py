@@ -141,6 +141,28 @@ def test_host_budget_overflows_checkpoints_to_the_device():
     assert device.host_peak_bytes == 0 and device.device_peak_bytes - free.device_peak_bytes == 32 * per_layer
 
 
+def test_min_bytes_keeps_short_checkpoints_on_the_device_and_the_search_sees_the_drop():
+    """checkpointing={"offload": True, "min_bytes": N}: layer inputs below N stay on the device (as the
+    offloader keeps them, and as the default recompute does), from N they go to the host; the prediction
+    drops at that switch, so the search looks on both sides of it."""
+    long_recipe = {"checkpointing": {"offload": True, "min_bytes": 256 << 20}}
+    cut = (256 << 20) // (4096 * 2) - 1  # the last token count whose [T, 4096] bf16 input stays below 256 MiB
+    short = plan_memory("8b", cut, lora_rank=16, qlora=True, options=long_recipe)
+    device = plan_memory("8b", cut, lora_rank=16, qlora=True, options={"checkpointing": "recompute"})
+    assert (short.layers_on_host, short.host_peak_bytes) == (0, 0)
+    assert short.device_peak_bytes == device.device_peak_bytes
+    offloaded = plan_memory("8b", cut + 1, lora_rank=16, qlora=True, options=long_recipe)
+    assert offloaded.layers_on_host == 32 and offloaded.device_peak_bytes < short.device_peak_bytes
+    assert offloaded.device_peak_bytes == plan_memory("8b", cut + 1, lora_rank=16, qlora=True).device_peak_bytes
+    budget = (short.device_peak_bytes + offloaded.device_peak_bytes) // 2
+    plan = plan_memory("8b", 1024, lora_rank=16, qlora=True, options=long_recipe, device_bytes=budget)
+    assert plan.max_seq_len > cut
+    at = plan_memory("8b", plan.max_seq_len, lora_rank=16, qlora=True, options=long_recipe)
+    assert at.device_peak_bytes <= budget
+    assert plan_memory("8b", plan.max_seq_len + 1, lora_rank=16, qlora=True,
+                       options=long_recipe).device_peak_bytes > budget
+
+
 def test_terms_are_explicit_and_sum_to_the_peak():
     plan = plan_memory("1b", 65536, lora_rank=8, device_bytes=80 << 30, host_bytes=100 << 30)
     assert sum(plan.terms.values()) == plan.device_peak_bytes

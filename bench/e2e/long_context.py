@@ -127,23 +127,29 @@ def add_lora(model, r: int):
 TILED = {"auto": "auto", "on": True, "off": False}
 
 
-def patch_options(variant: str, tiled: str = "auto", host_gib: float | None = None) -> dict | None:
+def patch_options(variant: str, tiled: str = "auto", host_gib: float | None = None,
+                  min_mib: float | None = None) -> dict | None:
     """patch_model's keyword arguments for a variant (None: not patched)."""
     if variant == "unpatched":
         return None
     options = dict(tiled_mlp=TILED[tiled])
     if variant == "long":
-        options["checkpointing"] = ("offload" if host_gib is None else
-                                    {"offload": True, "host_bytes": int(host_gib * GIB)})
+        offload = {"offload": True}
+        if host_gib is not None:
+            offload["host_bytes"] = int(host_gib * GIB)
+        if min_mib is not None:
+            offload["min_bytes"] = int(min_mib * (1 << 20))
+        options["checkpointing"] = offload if len(offload) > 1 else "offload"
     return options
 
 
-def prepare(model, variant: str, tiled: str = "auto", trainer: str = "loop", host_gib: float | None = None) -> str:
+def prepare(model, variant: str, tiled: str = "auto", trainer: str = "loop", host_gib: float | None = None,
+            min_mib: float | None = None) -> str:
     """Patch (or not) and, for the plain loop, turn transformers' checkpointing on (TRL turns it on itself,
     through the offloading setter where the long variant installed it); returns the report text."""
     import fastkern
 
-    options = patch_options(variant, tiled, host_gib)
+    options = patch_options(variant, tiled, host_gib, min_mib)
     if trainer == "loop" and variant != "long":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return "unpatched" if options is None else str(fastkern.patch_model(model, **options))
@@ -226,13 +232,13 @@ def setup(args, max_len: int):
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
     model = build_model(args.size, args.layers, max_len, device, args.qlora)
     model = add_lora(model, args.lora_r)
-    report = prepare(model, args.variant, args.tiled_mlp, args.trainer, args.host_gib)
+    report = prepare(model, args.variant, args.tiled_mlp, args.trainer, args.host_gib, args.min_mib)
     model.train()
     stepper = STEPPERS[args.trainer](model, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out = dict(size=args.size, layers=model.config.num_hidden_layers, full_layers=SIZES[args.size]["num_hidden_layers"],
                hidden=SIZES[args.size]["hidden_size"], qlora=args.qlora, lora_r=args.lora_r, variant=args.variant,
-               trainer=args.trainer, tiled_mlp=args.tiled_mlp, host_gib=args.host_gib,
+               trainer=args.trainer, tiled_mlp=args.tiled_mlp, host_gib=args.host_gib, min_mib=args.min_mib,
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                device_type=device.type, torch=torch.__version__, memory_cap_gib=None if cap is None else cap / GIB,
                trainable_params=trainable, report=report, results=[])
@@ -306,6 +312,9 @@ def parse_args(argv=None):
     p.add_argument("--tiled-mlp", choices=sorted(TILED), default="auto", help="patch_model's tiled_mlp option")
     p.add_argument("--host-gib", type=float, default=None,
                    help="long variant: host budget of the offloaded checkpoints (default: the offloader's own)")
+    p.add_argument("--min-mib", type=float, default=None,
+                   help="long variant: layer inputs below this many MiB stay on the device, run as the default "
+                        "recompute (the long-context recipe uses 256; default: the offloader's own, 1 MiB)")
     p.add_argument("--memory-cap-gib", type=float, default=None)
     p.add_argument("--memory-cap-mib", type=float, default=None, help="the cap in MiB (the CPU's simulated cap)")
     p.add_argument("--time-budget-s", type=float, default=540.0)
@@ -348,7 +357,8 @@ def schema_rows(result: dict) -> list[dict]:
     where = dict(size=result["size"], layers=result["layers"], full_layers=result.get("full_layers"),
                  hidden=result.get("hidden"), variant=result["variant"], trainer=result.get("trainer", "loop"))
     common_extra = dict(memory_cap_gib=result["memory_cap_gib"], trainable_params=result["trainable_params"],
-                        report=result["report"], host_gib=result.get("host_gib"), **where)
+                        report=result["report"], host_gib=result.get("host_gib"), min_mib=result.get("min_mib"),
+                        **where)
     rows = []
     for r in result["results"]:
         if r.get("summary"):

@@ -266,6 +266,11 @@ class ActivationOffloader:
                 stream = self._streams[device] = torch.cuda.Stream(device=device)
             return stream
 
+    def would_offload(self, t: torch.Tensor) -> bool:
+        """Whether a saved ``t`` would go to host memory (device, kind and ``min_bytes``; the host budget
+        is not consulted: a full pool keeps it on the device at pack time)."""
+        return self._worth_moving(t)
+
     def _worth_moving(self, t: torch.Tensor) -> bool:
         if type(t) is not torch.Tensor or t.layout != torch.strided or t.numel() == 0:
             return False  # parameters, subclasses (DTensor, fake tensors), sparse: not ours to move

@@ -146,6 +146,11 @@ class OffloadRecomputeFunction(RecomputeCheckpointFunction):
         self.fallback = fallback
 
     def _reentrant(self, function, *args):
+        # When no argument would leave the device (all below the offloader's min_bytes, e.g. short sequences
+        # under checkpointing={"offload": True, "min_bytes": 256 << 20}), the call is the default recompute
+        # checkpoint itself, without the offloader's hooks: such layers cost what they cost without offload.
+        if not any(isinstance(t, torch.Tensor) and self.offloader.would_offload(t) for t in args):
+            return super()._reentrant(function, *args)
         return self.offloader.recompute(function, *args, **self.checkpoint_kwargs)
 
     def __repr__(self) -> str:

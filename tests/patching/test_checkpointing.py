@@ -373,3 +373,32 @@ def test_offload_with_context_fn_keeps_the_nonreentrant_offloading_checkpoint():
     enable(model, gc_kwargs={"use_reentrant": False, "context_fn": policy})
     func = layers(model)[0]._gradient_checkpointing_func
     assert isinstance(func, OffloadCheckpointFunction) and "context_fn" in func.checkpoint_kwargs
+
+
+def test_inputs_below_min_bytes_take_the_default_recompute_unhooked(monkeypatch):
+    """checkpointing={"offload": True, "min_bytes": N}: a layer whose inputs would all stay on the device runs
+    the default recompute checkpoint itself (the offloader sees no call); from N down it offloads. The same
+    gradients either way."""
+    from fastkern.patching.checkpoint_functions import RecomputeCheckpointFunction
+    from fastkern.patching.core import _patchers
+
+    ids = batch()
+    model = tiny_model("llama")
+    enable(model, gc_kwargs={"use_reentrant": False})
+    plain = grads(model, ids)
+    layer_input_bytes = ids.numel() * model.config.hidden_size * 4  # fp32 [B, T, H]
+    calls = []
+    original = RecomputeCheckpointFunction._reentrant
+    monkeypatch.setattr(RecomputeCheckpointFunction, "_reentrant",
+                        lambda self, *a: calls.append(type(self)) or original(self, *a))
+    option = {"offload": True, "min_bytes": layer_input_bytes + 1}
+    fastkern.patch_model(model, **({p.option: None for p in _patchers()} | {"checkpointing": option}))
+    offloader = model_offloader(model)
+    offloader.offload_cpu_tensors = True
+    kept = grads(model, ids)
+    assert offloader.stats.calls == 0 and calls == [OffloadRecomputeFunction] * 2
+    offloader.min_bytes = layer_input_bytes  # now the layer inputs qualify: the offloader's own path
+    moved = grads(model, ids)
+    assert offloader.stats.calls == 2 and offloader.stats.offloaded >= 2 and len(calls) == 2
+    assert_same(kept, plain)
+    assert_same(moved, plain)
