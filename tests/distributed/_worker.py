@@ -197,18 +197,24 @@ def _checkpointed(m):
 
 
 class _ReentrantCount:
-    """Counts the layer calls that took checkpointing="recompute"'s reentrant form."""
+    """Counts the layer calls that took checkpointing="recompute"'s reentrant form (once per call: the offload
+    form hands a layer without inputs to move to the recompute form's own ``_reentrant``)."""
 
     def __init__(self):
         from fastkern.patching.checkpointing import OffloadRecomputeFunction, RecomputeCheckpointFunction
 
-        self.calls, self._undo = 0, []
+        self.calls, self._undo, self._inside = 0, [], False
         for cls in (RecomputeCheckpointFunction, OffloadRecomputeFunction):
             real = cls.__dict__["_reentrant"]
 
             def count(this, *args, _real=real):
-                self.calls += 1
-                return _real(this, *args)
+                if self._inside:
+                    return _real(this, *args)
+                self.calls, self._inside = self.calls + 1, True
+                try:
+                    return _real(this, *args)
+                finally:
+                    self._inside = False
 
             cls._reentrant = count
             self._undo.append((cls, real))
