@@ -208,6 +208,13 @@ def worker(args) -> dict:
         report=str(report) if report is not None else "", **(common.peak(device) if error is None else {}))
 
 
+def _decoder_layers(model) -> list:
+    """The model's checkpointable decoder layers, first to last."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def _keep_last_callback(k: int):
     """Attribution only: once the Trainer has turned gradient checkpointing on, the last ``k`` decoder
     layers run without it (their activations are kept from forward to backward; they are the first
@@ -216,7 +223,7 @@ def _keep_last_callback(k: int):
 
     class KeepLast(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
-            layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+            layers = _decoder_layers(model)
             for layer in layers[len(layers) - k:]:
                 layer.gradient_checkpointing = False
 
@@ -239,7 +246,7 @@ def _profiler_callback(base, out, label, first=4, steps=3):
         def _trace_memory(self, model):
             """Allocated memory at each decoder layer's forward (and checkpoint rerun) and at the start of its
             backward, for one step: where in the step the peak sits, and what the checkpoints cost."""
-            layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+            layers = _decoder_layers(model)
             for i, layer in enumerate(layers):
                 def hook(module, args, out, i=i):
                     # a layer's second forward in the step is its checkpoint rerun in backward

@@ -230,7 +230,7 @@ class ActivationOffloader:
         started: dict[int, tuple[torch.Tensor, object]] = {}
         try:
             for t in early:
-                if isinstance(t, torch.Tensor) and self._worth_moving(t) and id(t) not in started:
+                if isinstance(t, torch.Tensor) and self.would_offload(t) and id(t) not in started:
                     started[id(t)] = (t, self._pack(copied_out, t))  # an item, or t kept on the device
             pack = (functools.partial(self._pack_started, started, copied_out) if started
                     else functools.partial(self._pack, copied_out))
@@ -269,9 +269,6 @@ class ActivationOffloader:
     def would_offload(self, t: torch.Tensor) -> bool:
         """Whether a saved ``t`` would go to host memory (device, kind and ``min_bytes``; the host budget
         is not consulted: a full pool keeps it on the device at pack time)."""
-        return self._worth_moving(t)
-
-    def _worth_moving(self, t: torch.Tensor) -> bool:
         if type(t) is not torch.Tensor or t.layout != torch.strided or t.numel() == 0:
             return False  # parameters, subclasses (DTensor, fake tensors), sparse: not ours to move
         if not _streamed(t.device) and not (t.device.type == "cpu" and self.offload_cpu_tensors):
@@ -279,7 +276,7 @@ class ActivationOffloader:
         return t.numel() * t.element_size() >= self.min_bytes
 
     def _pack(self, copied_out: list, t: torch.Tensor):
-        if not self._worth_moving(t):
+        if not self.would_offload(t):
             self.stats.kept += 1
             return t
         nbytes = t.numel() * t.element_size()
